@@ -1,0 +1,32 @@
+//! # unacloud-core
+//!
+//! The domain of a desktop cloud — VMs, disks, hardware profiles, lab hosts — and the
+//! pieces every backend and service shares:
+//!
+//! * [`model`]: identifiers and serde-serialisable model types;
+//! * [`tree`]: an arena-backed snapshot tree with text, DOT and JSON renderers;
+//! * [`hypervisor`]: the object-safe async [`hypervisor::Hypervisor`] trait, and
+//!   [`hypervisor::WithTimeouts`] to bound every call;
+//! * [`placement`]: the thesis's seven placement algorithms and a disk-aware one.
+//!
+//! ```
+//! use unacloud_core::model::HardwareProfile;
+//! use unacloud_core::tree::{Snapshot, SnapshotTree};
+//!
+//! let profile: HardwareProfile = "large".parse().unwrap();
+//! assert_eq!((profile.cores(), profile.memory_mb()), (3, 4096));
+//!
+//! let mut tree = SnapshotTree::new();
+//! let root = tree.add_root(Snapshot::new("1", "installed")).unwrap();
+//! tree.set_current(Some(root));
+//! assert!(tree.render_text().contains("installed [1] *"));
+//! ```
+#![deny(missing_docs)]
+
+pub mod error;
+pub mod hypervisor;
+pub mod model;
+pub mod placement;
+pub mod tree;
+
+pub use error::{Error, Result};

@@ -1,0 +1,2 @@
+//! Python bindings.
+#![deny(missing_docs)]
