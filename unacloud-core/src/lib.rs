@@ -7,6 +7,8 @@
 //! * [`tree`]: an arena-backed snapshot tree with text, DOT and JSON renderers;
 //! * [`hypervisor`]: the object-safe async [`hypervisor::Hypervisor`] trait, and
 //!   [`hypervisor::WithTimeouts`] to bound every call;
+//! * [`files`]: the files of a VM and the [`files::MigrationSet`] needed to resume it
+//!   elsewhere;
 //! * [`placement`]: the thesis's seven placement algorithms and a disk-aware one.
 //!
 //! ```
@@ -24,6 +26,7 @@
 #![deny(missing_docs)]
 
 pub mod error;
+pub mod files;
 pub mod hypervisor;
 pub mod model;
 pub mod placement;

@@ -1,2 +1,8 @@
-//! placeholder
+//! # unacloud-vbox
+//!
+//! The VirtualBox backend of unacloud.
 #![deny(missing_docs)]
+
+pub mod error;
+
+pub use error::{Error, Result};
