@@ -7,6 +7,8 @@
 //! * [`tree`]: an arena-backed snapshot tree with text, DOT and JSON renderers;
 //! * [`hypervisor`]: the object-safe async [`hypervisor::Hypervisor`] trait, and
 //!   [`hypervisor::WithTimeouts`] to bound every call;
+//! * [`memory`]: an in-memory reference implementation of the trait for tests, and
+//!   [`conformance`], the suite every backend must pass;
 //! * [`files`]: the files of a VM and the [`files::MigrationSet`] needed to resume it
 //!   elsewhere;
 //! * [`placement`]: the thesis's seven placement algorithms and a disk-aware one.
@@ -25,9 +27,11 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod conformance;
 pub mod error;
 pub mod files;
 pub mod hypervisor;
+pub mod memory;
 pub mod model;
 pub mod placement;
 pub mod tree;

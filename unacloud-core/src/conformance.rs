@@ -1,0 +1,341 @@
+//! A conformance suite that every [`Hypervisor`] backend must pass.
+//!
+//! Like `object_store`'s integration tests, the checks are written once against the
+//! trait and run against every backend: the in-memory double, the QEMU backend on real
+//! images, and the VirtualBox backend with a replaying command runner. Users who write
+//! their own backend can run it too.
+//!
+//! The functions **panic** with a message naming the broken rule when a backend does not
+//! conform: they are meant to be called from tests. Operations a backend reports as
+//! [`Error::Unsupported`] are skipped (and the skip is returned in the report).
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! use unacloud_core::conformance::{run_all, ConformanceEnv};
+//! use unacloud_core::memory::InMemoryHypervisor;
+//!
+//! let report = run_all(&InMemoryHypervisor::new(), &ConformanceEnv::new("/templates/base.vdi")).await;
+//! assert!(report.skipped.is_empty());
+//! # });
+//! ```
+
+use std::path::PathBuf;
+
+use crate::error::Error;
+use crate::hypervisor::{AttachSpec, CloneSpec, DiskRef, Hypervisor, StartMode};
+use crate::model::{DiskType, HardwareProfile, PowerState, VmId, VmSpec};
+
+/// What a backend needs to run the suite.
+#[derive(Debug, Clone)]
+pub struct ConformanceEnv {
+    /// An existing disk image the suite may register, turn into a multiattach template
+    /// and unregister again (it is never deleted).
+    pub template: PathBuf,
+    /// Folder for the VMs the suite creates (`None`: the backend's default).
+    pub base_folder: Option<PathBuf>,
+    /// Prefix of the VM names the suite creates, so runs do not collide.
+    pub prefix: String,
+}
+
+impl ConformanceEnv {
+    /// An environment with a template image and default folder and prefix.
+    pub fn new(template: impl Into<PathBuf>) -> Self {
+        ConformanceEnv {
+            template: template.into(),
+            base_folder: None,
+            prefix: "conformance".to_owned(),
+        }
+    }
+
+    fn spec(&self, suffix: &str, profile: HardwareProfile) -> VmSpec {
+        let mut spec = VmSpec::new(format!("{}-{suffix}", self.prefix), profile);
+        spec.base_folder = self.base_folder.clone();
+        spec
+    }
+}
+
+/// Which checks ran and which were skipped as unsupported.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConformanceReport {
+    /// Checks that ran and passed.
+    pub passed: Vec<&'static str>,
+    /// Checks skipped, with the backend's reason.
+    pub skipped: Vec<(&'static str, String)>,
+}
+
+fn unsupported(e: &Error) -> Option<String> {
+    match e {
+        Error::Unsupported { reason, .. } => Some(reason.clone()),
+        _ => None,
+    }
+}
+
+/// Runs every check in order and returns what ran.
+pub async fn run_all(hv: &dyn Hypervisor, env: &ConformanceEnv) -> ConformanceReport {
+    let mut report = ConformanceReport::default();
+    vm_registry(hv, env).await;
+    report.passed.push("vm registry");
+    multiattach_and_snapshots(hv, env).await;
+    report.passed.push("multiattach and snapshots");
+    match power_cycle(hv, env).await {
+        None => report.passed.push("power cycle"),
+        Some(reason) => report.skipped.push(("power cycle", reason)),
+    }
+    report
+}
+
+/// Creating, listing, inspecting and deleting VMs; typed errors for unknown and
+/// duplicate names.
+pub async fn vm_registry(hv: &dyn Hypervisor, env: &ConformanceEnv) {
+    let spec = env.spec("registry", HardwareProfile::Medium);
+    let id = VmId::new(spec.name.clone());
+    let created = hv.create_vm(&spec).await.expect("create_vm must succeed");
+    assert_eq!(created.name, spec.name, "create_vm returns the VM's name");
+    assert_eq!(created.cores, 2, "Medium profile means 2 cores");
+    assert_eq!(created.memory_mb, 2048, "Medium profile means 2048 MiB");
+    assert_eq!(
+        created.state,
+        PowerState::PoweredOff,
+        "a new VM is powered off"
+    );
+    assert!(
+        matches!(hv.create_vm(&spec).await, Err(Error::AlreadyExists { .. })),
+        "creating a VM twice must fail with AlreadyExists"
+    );
+    let listed = hv.list_vms().await.expect("list_vms must succeed");
+    assert!(
+        listed.iter().any(|v| v.name == spec.name),
+        "list_vms shows a new VM"
+    );
+    let info = hv.vm_info(&id).await.expect("vm_info must find a new VM");
+    assert_eq!(info.cores, 2);
+    assert!(
+        matches!(
+            hv.vm_info(&VmId::new(format!("{}-no-such-vm", env.prefix)))
+                .await,
+            Err(Error::NotFound { .. })
+        ),
+        "vm_info of an unknown VM must fail with NotFound"
+    );
+    hv.unregister_vm(&id, true)
+        .await
+        .expect("unregister_vm must succeed");
+    assert!(
+        !hv.list_vms()
+            .await
+            .expect("list_vms")
+            .iter()
+            .any(|v| v.name == spec.name),
+        "an unregistered VM is no longer listed"
+    );
+}
+
+/// The Multiattach Manager's semantics: one template, several VMs each with its own
+/// differencing child; the template cannot be unregistered while used; snapshots of a
+/// stopped VM form a tree with a current position; deleting VMs keeps the template.
+pub async fn multiattach_and_snapshots(hv: &dyn Hypervisor, env: &ConformanceEnv) {
+    let template = hv
+        .register_disk(&env.template)
+        .await
+        .expect("register_disk of the template must succeed");
+    let tref = DiskRef::Uuid(template.uuid);
+    hv.set_disk_type(&tref, DiskType::MultiAttach)
+        .await
+        .expect("set_disk_type multiattach must succeed on an unused base image");
+
+    let mut children = Vec::new();
+    let mut vms = Vec::new();
+    for i in 0..3 {
+        let spec = env.spec(&format!("ma{i}"), HardwareProfile::Small);
+        hv.create_vm(&spec).await.expect("create_vm");
+        let id = VmId::new(spec.name.clone());
+        let child = hv
+            .attach_disk(&id, &AttachSpec::sata(tref.clone()))
+            .await
+            .expect("attach_disk of a multiattach template must succeed");
+        assert_ne!(
+            child.uuid, template.uuid,
+            "a VM never attaches the template itself"
+        );
+        assert_eq!(
+            child.parent,
+            Some(template.uuid),
+            "each VM's child has the template as parent"
+        );
+        let info = hv.vm_info(&id).await.expect("vm_info");
+        assert!(
+            info.disks.iter().any(|a| a.disk == child.uuid),
+            "the VM's attachment names its own child"
+        );
+        children.push(child.uuid);
+        vms.push(id);
+    }
+    children.sort();
+    children.dedup();
+    assert_eq!(
+        children.len(),
+        3,
+        "every VM gets a distinct differencing child"
+    );
+
+    match hv.unregister_disk(&tref, false).await {
+        Err(Error::InUse { .. }) => {}
+        other => panic!("unregistering a template in use must fail with InUse, got {other:?}"),
+    }
+
+    // Snapshots of a stopped VM.
+    let vm = &vms[0];
+    let s1 = hv
+        .take_snapshot(vm, "first", None, false)
+        .await
+        .expect("take_snapshot");
+    let s2 = hv
+        .take_snapshot(vm, "second", Some("after s1"), false)
+        .await
+        .expect("take_snapshot");
+    let tree = hv.snapshot_tree(vm).await.expect("snapshot_tree");
+    assert_eq!(tree.len(), 2, "two snapshots taken");
+    let n1 = tree.find_by_id(&s1.id).expect("first snapshot in tree");
+    let n2 = tree.find_by_id(&s2.id).expect("second snapshot in tree");
+    assert_eq!(
+        tree.parent(n2),
+        Some(n1),
+        "the second snapshot hangs below the first"
+    );
+    assert_eq!(
+        tree.current(),
+        Some(n2),
+        "the current state hangs below the newest snapshot"
+    );
+    hv.restore_snapshot(vm, &s1.id)
+        .await
+        .expect("restore_snapshot of a stopped VM");
+    let tree = hv.snapshot_tree(vm).await.expect("snapshot_tree");
+    assert_eq!(
+        tree.current()
+            .and_then(|c| tree.get(c))
+            .map(|s| s.id.clone()),
+        Some(s1.id.clone()),
+        "after a restore the current state hangs below the restored snapshot"
+    );
+    assert!(
+        matches!(
+            hv.restore_snapshot(vm, "no such snapshot").await,
+            Err(Error::NotFound { .. })
+        ),
+        "restoring an unknown snapshot fails with NotFound"
+    );
+
+    // A linked clone from a snapshot shares the chain through a new child.
+    let clone_name = format!("{}-clone", env.prefix);
+    let clone = hv
+        .clone_vm(
+            vm,
+            &CloneSpec {
+                name: clone_name.clone(),
+                snapshot: Some(s1.id.clone()),
+                linked: true,
+            },
+        )
+        .await;
+    match clone {
+        Ok(info) => {
+            assert_eq!(info.disks.len(), 1, "the clone has the source's disk");
+            vms.push(VmId::new(clone_name));
+        }
+        Err(e) if unsupported(&e).is_some() => {}
+        Err(e) => panic!("clone_vm failed: {e}"),
+    }
+
+    for vm in &vms {
+        hv.unregister_vm(vm, true)
+            .await
+            .expect("unregister_vm with delete");
+    }
+    let disks = hv.list_disks().await.expect("list_disks");
+    assert!(
+        disks.iter().any(|d| d.uuid == template.uuid),
+        "deleting VMs never deletes their multiattach template"
+    );
+    hv.unregister_disk(&tref, false)
+        .await
+        .expect("an unused template can be unregistered");
+}
+
+/// Power states: start, pause, resume, save, power off, a live snapshot, and the
+/// refusals of illegal transitions. Returns `Some(reason)` if the backend cannot start
+/// VMs on this machine.
+pub async fn power_cycle(hv: &dyn Hypervisor, env: &ConformanceEnv) -> Option<String> {
+    let spec = env.spec("power", HardwareProfile::Small);
+    let id = VmId::new(spec.name.clone());
+    hv.create_vm(&spec).await.expect("create_vm");
+    if let Err(e) = hv.start_vm(&id, StartMode::Headless).await {
+        let reason = unsupported(&e);
+        hv.unregister_vm(&id, true).await.expect("unregister_vm");
+        return Some(reason.unwrap_or_else(|| panic!("start_vm failed: {e}")));
+    }
+    assert_eq!(
+        hv.vm_info(&id).await.expect("vm_info").state,
+        PowerState::Running
+    );
+    assert!(
+        matches!(
+            hv.start_vm(&id, StartMode::Headless).await,
+            Err(Error::InvalidState { .. })
+        ),
+        "starting a running VM fails with InvalidState"
+    );
+    assert!(
+        matches!(
+            hv.unregister_vm(&id, true).await,
+            Err(Error::InvalidState { .. })
+        ),
+        "a running VM cannot be unregistered"
+    );
+    hv.pause(&id).await.expect("pause");
+    assert_eq!(
+        hv.vm_info(&id).await.expect("vm_info").state,
+        PowerState::Paused
+    );
+    hv.resume(&id).await.expect("resume");
+    let live = hv
+        .take_snapshot(&id, "live", None, true)
+        .await
+        .expect("live snapshot");
+    let tree = hv.snapshot_tree(&id).await.expect("snapshot_tree");
+    let node = tree.find_by_id(&live.id).expect("live snapshot in tree");
+    assert!(
+        tree.get(node).and_then(|s| s.state_file.clone()).is_some(),
+        "a snapshot of a running VM has a saved-state file"
+    );
+    assert!(
+        matches!(
+            hv.restore_snapshot(&id, &live.id).await,
+            Err(Error::InvalidState { .. })
+        ),
+        "a running VM cannot restore a snapshot"
+    );
+    hv.save_state(&id).await.expect("save_state");
+    assert_eq!(
+        hv.vm_info(&id).await.expect("vm_info").state,
+        PowerState::Saved
+    );
+    hv.start_vm(&id, StartMode::Headless)
+        .await
+        .expect("start from saved state");
+    hv.power_off(&id).await.expect("power_off");
+    assert_eq!(
+        hv.vm_info(&id).await.expect("vm_info").state,
+        PowerState::PoweredOff
+    );
+    hv.restore_snapshot(&id, &live.id)
+        .await
+        .expect("restore after power off");
+    assert_eq!(
+        hv.vm_info(&id).await.expect("vm_info").state,
+        PowerState::Saved,
+        "restoring a live snapshot brings back its saved state"
+    );
+    hv.unregister_vm(&id, true).await.expect("unregister_vm");
+    None
+}

@@ -1,0 +1,888 @@
+//! An in-memory [`Hypervisor`]: the reference semantics, for tests.
+//!
+//! [`InMemoryHypervisor`] keeps VMs, disks and snapshot trees in memory and behaves the
+//! way VirtualBox does where the family depends on it:
+//!
+//! * power states follow the hypervisor's rules (only a powered-off, saved or aborted VM
+//!   starts; only a running VM pauses or saves its state; a running VM cannot restore a
+//!   snapshot or be unregistered);
+//! * taking a snapshot freezes every attached image and attaches a fresh differencing
+//!   child per disk, and a snapshot of a running VM records a saved-state file;
+//! * restoring a snapshot discards the current-state differencing images and attaches new
+//!   children of the snapshot's images;
+//! * a [`DiskType::MultiAttach`] base is never attached itself: each VM gets its own
+//!   differencing child, and the base cannot be unregistered while children exist;
+//! * deleting a VM's files removes its own images, never a multiattach template.
+//!
+//! It is a test double for users' own tests and for the family's conformance suite
+//! ([`crate::conformance`]); it touches no files and runs no guest. Failures can be
+//! injected with [`InMemoryHypervisor::fail_on`] to test all-or-nothing code paths.
+//!
+//! ```
+//! # tokio_test_block_on(async {
+//! use std::path::Path;
+//! use unacloud_core::hypervisor::{AttachSpec, DiskRef, Hypervisor};
+//! use unacloud_core::memory::InMemoryHypervisor;
+//! use unacloud_core::model::{DiskType, HardwareProfile, VmId, VmSpec};
+//!
+//! let hv = InMemoryHypervisor::new();
+//! let template = hv.register_disk(Path::new("/templates/ubuntu.vdi")).await.unwrap();
+//! hv.set_disk_type(&DiskRef::Uuid(template.uuid), DiskType::MultiAttach).await.unwrap();
+//! hv.create_vm(&VmSpec::new("web1", HardwareProfile::Small)).await.unwrap();
+//! let child = hv
+//!     .attach_disk(&VmId::from("web1"), &AttachSpec::sata(DiskRef::Uuid(template.uuid)))
+//!     .await
+//!     .unwrap();
+//! assert_eq!(child.parent, Some(template.uuid)); // the VM writes to its own child
+//! # });
+//! # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+//! #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+//! # }
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result};
+use crate::hypervisor::{
+    AttachSpec, CloneSpec, DiskRef, GuestCommand, GuestOutput, Hypervisor, SnapshotRef, StartMode,
+};
+use crate::model::{
+    DiskAttachment, DiskFormat, DiskInfo, DiskSpace, DiskType, PowerState, Uuid, VmId, VmInfo,
+    VmSpec,
+};
+use crate::tree::{Snapshot, SnapshotTree};
+
+const BACKEND: &str = "in-memory";
+
+/// What a snapshot remembers: the images attached when it was taken.
+#[derive(Debug, Clone)]
+struct SnapshotState {
+    attachments: Vec<DiskAttachment>,
+    had_state: bool,
+}
+
+#[derive(Debug, Clone)]
+struct VmRecord {
+    info: VmInfo,
+    folder: PathBuf,
+    tree: SnapshotTree,
+    snapshot_states: HashMap<String, SnapshotState>,
+    /// Sequence number of the next snapshot (used for its time stamp).
+    next_snapshot: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    vms: BTreeMap<String, VmRecord>,
+    /// VMs unregistered without deleting their files, by settings path.
+    unregistered: HashMap<PathBuf, VmRecord>,
+    disks: BTreeMap<Uuid, DiskInfo>,
+    failures: Vec<(String, usize)>,
+    guest_log: Vec<(String, GuestCommand)>,
+    disk_space: Option<DiskSpace>,
+    uuid_counter: u128,
+}
+
+impl State {
+    fn new_uuid(&mut self) -> Uuid {
+        self.uuid_counter += 1;
+        // Deterministic, readable and distinct from real (random) uuids.
+        Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0000 | self.uuid_counter)
+    }
+
+    fn check_failure(&mut self, operation: &str) -> Result<()> {
+        if let Some(pos) = self.failures.iter().position(|(op, _)| op == operation) {
+            let (_, remaining) = &mut self.failures[pos];
+            if *remaining == 0 {
+                self.failures.remove(pos);
+                return Err(Error::Backend {
+                    backend: BACKEND.to_owned(),
+                    message: format!("injected failure in {operation}"),
+                });
+            }
+            *remaining -= 1;
+        }
+        Ok(())
+    }
+
+    fn vm_key(&self, vm: &VmId) -> Result<String> {
+        if self.vms.contains_key(vm.as_str()) {
+            return Ok(vm.0.clone());
+        }
+        self.vms
+            .iter()
+            .find(|(_, r)| r.info.uuid.map(|u| u.to_string()) == Some(vm.0.to_ascii_lowercase()))
+            .map(|(k, _)| k.clone())
+            .ok_or_else(|| Error::NotFound {
+                kind: "vm",
+                id: vm.0.clone(),
+            })
+    }
+
+    fn vm_mut(&mut self, vm: &VmId) -> Result<&mut VmRecord> {
+        let key = self.vm_key(vm)?;
+        self.vms.get_mut(&key).ok_or_else(|| Error::NotFound {
+            kind: "vm",
+            id: vm.0.clone(),
+        })
+    }
+
+    fn disk_uuid(&self, disk: &DiskRef) -> Result<Uuid> {
+        match disk {
+            DiskRef::Uuid(u) if self.disks.contains_key(u) => Ok(*u),
+            DiskRef::Path(p) => self
+                .disks
+                .values()
+                .find(|d| &d.location == p)
+                .map(|d| d.uuid)
+                .ok_or_else(|| Error::NotFound {
+                    kind: "disk",
+                    id: p.display().to_string(),
+                }),
+            DiskRef::Uuid(u) => Err(Error::NotFound {
+                kind: "disk",
+                id: u.to_string(),
+            }),
+        }
+    }
+
+    fn children_of(&self, disk: Uuid) -> Vec<Uuid> {
+        self.disks
+            .values()
+            .filter(|d| d.parent == Some(disk))
+            .map(|d| d.uuid)
+            .collect()
+    }
+
+    /// VMs whose current state or snapshots use `disk` directly.
+    fn users_of(&self, disk: Uuid) -> Vec<String> {
+        self.vms
+            .values()
+            .filter(|r| {
+                r.info.disks.iter().any(|a| a.disk == disk)
+                    || r.snapshot_states
+                        .values()
+                        .any(|s| s.attachments.iter().any(|a| a.disk == disk))
+            })
+            .map(|r| r.info.name.clone())
+            .collect()
+    }
+
+    fn new_child(&mut self, parent: Uuid, folder: &Path) -> Result<DiskInfo> {
+        let p = self
+            .disks
+            .get(&parent)
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
+                kind: "disk",
+                id: parent.to_string(),
+            })?;
+        let uuid = self.new_uuid();
+        let ext = match p.format {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Vmdk => "vmdk",
+            DiskFormat::Vhd => "vhd",
+            _ => "vdi",
+        };
+        let child = DiskInfo {
+            uuid,
+            location: folder.join("Snapshots").join(format!("{{{uuid}}}.{ext}")),
+            format: p.format.clone(),
+            disk_type: DiskType::Normal,
+            parent: Some(parent),
+            logical_size: p.logical_size,
+        };
+        self.disks.insert(uuid, child.clone());
+        Ok(child)
+    }
+
+    /// Removes a differencing image nobody refers to any more.
+    fn drop_if_orphan(&mut self, disk: Uuid) {
+        let is_diff = self.disks.get(&disk).is_some_and(|d| d.parent.is_some());
+        if is_diff && self.users_of(disk).is_empty() && self.children_of(disk).is_empty() {
+            self.disks.remove(&disk);
+        }
+    }
+}
+
+/// The in-memory reference implementation of [`Hypervisor`]. See the module docs.
+#[derive(Debug, Default)]
+pub struct InMemoryHypervisor {
+    state: Mutex<State>,
+}
+
+impl InMemoryHypervisor {
+    /// An empty hypervisor: no VMs, no disks, 1 TiB of free disk space.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means another test thread panicked; the state is still
+        // consistent because every mutation is completed before returning.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the `(skip + 1)`-th next call of `operation` fail with [`Error::Backend`].
+    ///
+    /// `operation` is the trait method's name (`"attach_disk"`, `"start_vm"`, …).
+    pub fn fail_on(&self, operation: &str, skip: usize) {
+        self.lock().failures.push((operation.to_owned(), skip));
+    }
+
+    /// Sets what [`Hypervisor::host_disk_space`] reports.
+    pub fn set_disk_space(&self, space: DiskSpace) {
+        self.lock().disk_space = Some(space);
+    }
+
+    /// Every guest command run so far, with the VM it ran in.
+    pub fn guest_log(&self) -> Vec<(String, GuestCommand)> {
+        self.lock().guest_log.clone()
+    }
+
+    /// Forces a VM into a power state, as a host crash would (e.g. `Aborted`).
+    pub fn force_state(&self, vm: &VmId, state: PowerState) -> Result<()> {
+        self.lock().vm_mut(vm)?.info.state = state;
+        Ok(())
+    }
+}
+
+fn invalid(operation: &'static str, vm: &VmRecord) -> Error {
+    Error::InvalidState {
+        operation,
+        id: vm.info.name.clone(),
+        state: vm.info.state.to_string(),
+    }
+}
+
+#[async_trait]
+impl Hypervisor for InMemoryHypervisor {
+    fn backend(&self) -> &str {
+        BACKEND
+    }
+
+    async fn list_vms(&self) -> Result<Vec<VmInfo>> {
+        let mut s = self.lock();
+        s.check_failure("list_vms")?;
+        Ok(s.vms.values().map(|r| r.info.clone()).collect())
+    }
+
+    async fn vm_info(&self, vm: &VmId) -> Result<VmInfo> {
+        let mut s = self.lock();
+        s.check_failure("vm_info")?;
+        Ok(s.vm_mut(vm)?.info.clone())
+    }
+
+    async fn create_vm(&self, spec: &VmSpec) -> Result<VmInfo> {
+        let mut s = self.lock();
+        s.check_failure("create_vm")?;
+        if spec.name.is_empty() {
+            return Err(Error::InvalidInput("a VM needs a name".to_owned()));
+        }
+        if s.vms.contains_key(&spec.name) {
+            return Err(Error::AlreadyExists {
+                kind: "vm",
+                id: spec.name.clone(),
+            });
+        }
+        let folder = spec
+            .base_folder
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/vms"))
+            .join(&spec.name);
+        let uuid = s.new_uuid();
+        let info = VmInfo {
+            name: spec.name.clone(),
+            uuid: Some(uuid),
+            state: PowerState::PoweredOff,
+            cores: spec.profile.cores(),
+            memory_mb: spec.profile.memory_mb(),
+            disks: Vec::new(),
+            current_snapshot: None,
+            settings_file: Some(folder.join(format!("{}.vbox", spec.name))),
+            template: None,
+        };
+        s.vms.insert(
+            spec.name.clone(),
+            VmRecord {
+                info: info.clone(),
+                folder,
+                tree: SnapshotTree::new(),
+                snapshot_states: HashMap::new(),
+                next_snapshot: 1,
+            },
+        );
+        Ok(info)
+    }
+
+    async fn register_vm(&self, settings: &Path) -> Result<VmInfo> {
+        let mut s = self.lock();
+        s.check_failure("register_vm")?;
+        let record = s
+            .unregistered
+            .remove(settings)
+            .ok_or_else(|| Error::NotFound {
+                kind: "settings file",
+                id: settings.display().to_string(),
+            })?;
+        if s.vms.contains_key(&record.info.name) {
+            let name = record.info.name.clone();
+            s.unregistered.insert(settings.to_path_buf(), record);
+            return Err(Error::AlreadyExists {
+                kind: "vm",
+                id: name,
+            });
+        }
+        let info = record.info.clone();
+        s.vms.insert(info.name.clone(), record);
+        Ok(info)
+    }
+
+    async fn unregister_vm(&self, vm: &VmId, delete_files: bool) -> Result<()> {
+        let mut s = self.lock();
+        s.check_failure("unregister_vm")?;
+        let key = s.vm_key(vm)?;
+        let record = s.vms.get(&key).cloned().ok_or_else(|| Error::NotFound {
+            kind: "vm",
+            id: key.clone(),
+        })?;
+        if !record.info.state.is_startable() {
+            return Err(invalid("unregister", &record));
+        }
+        s.vms.remove(&key);
+        if delete_files {
+            // Its own images: everything it or its snapshots attach, and their ancestors
+            // up to (excluding) the first image shared with someone else or multiattach.
+            let mut own: Vec<Uuid> = record.info.disks.iter().map(|a| a.disk).collect();
+            for st in record.snapshot_states.values() {
+                own.extend(st.attachments.iter().map(|a| a.disk));
+            }
+            let mut frontier = own.clone();
+            while let Some(d) = frontier.pop() {
+                if let Some(p) = s.disks.get(&d).and_then(|x| x.parent) {
+                    if !own.contains(&p) {
+                        own.push(p);
+                        frontier.push(p);
+                    }
+                }
+            }
+            // Delete leaves first, repeatedly, never touching multiattach or shared bases.
+            loop {
+                let removable: Vec<Uuid> = own
+                    .iter()
+                    .copied()
+                    .filter(|d| {
+                        s.disks
+                            .get(d)
+                            .is_some_and(|x| x.disk_type != DiskType::MultiAttach)
+                            && s.children_of(*d).is_empty()
+                            && s.users_of(*d).is_empty()
+                    })
+                    .collect();
+                if removable.is_empty() {
+                    break;
+                }
+                for d in removable {
+                    s.disks.remove(&d);
+                    own.retain(|x| *x != d);
+                }
+            }
+        } else if let Some(path) = record.info.settings_file.clone() {
+            s.unregistered.insert(path, record);
+        }
+        Ok(())
+    }
+
+    async fn clone_vm(&self, source: &VmId, spec: &CloneSpec) -> Result<VmInfo> {
+        let mut s = self.lock();
+        s.check_failure("clone_vm")?;
+        if s.vms.contains_key(&spec.name) {
+            return Err(Error::AlreadyExists {
+                kind: "vm",
+                id: spec.name.clone(),
+            });
+        }
+        let src = s.vm_mut(source)?.clone();
+        let attachments = match &spec.snapshot {
+            Some(sel) => {
+                let node = src.tree.resolve(sel)?;
+                let id = src.tree.get(node).map(|n| n.id.clone()).unwrap_or_default();
+                src.snapshot_states
+                    .get(&id)
+                    .map(|st| st.attachments.clone())
+                    .unwrap_or_default()
+            }
+            None if spec.linked => {
+                return Err(Error::InvalidInput(
+                    "a linked clone needs a snapshot to branch from".to_owned(),
+                ))
+            }
+            None => src.info.disks.clone(),
+        };
+        let folder = src
+            .folder
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+            .join(&spec.name);
+        let mut disks = Vec::new();
+        for a in attachments {
+            let new_disk = if spec.linked {
+                s.new_child(a.disk, &folder)?
+            } else {
+                let orig = s
+                    .disks
+                    .get(&a.disk)
+                    .cloned()
+                    .ok_or_else(|| Error::NotFound {
+                        kind: "disk",
+                        id: a.disk.to_string(),
+                    })?;
+                let uuid = s.new_uuid();
+                let full = DiskInfo {
+                    uuid,
+                    location: folder.join(format!("{}-disk{}.vdi", spec.name, a.port)),
+                    format: orig.format,
+                    disk_type: DiskType::Normal,
+                    parent: None,
+                    logical_size: orig.logical_size,
+                };
+                s.disks.insert(uuid, full.clone());
+                full
+            };
+            disks.push(DiskAttachment {
+                disk: new_disk.uuid,
+                ..a
+            });
+        }
+        let uuid = s.new_uuid();
+        let info = VmInfo {
+            name: spec.name.clone(),
+            uuid: Some(uuid),
+            state: PowerState::PoweredOff,
+            disks,
+            current_snapshot: None,
+            settings_file: Some(folder.join(format!("{}.vbox", spec.name))),
+            ..src.info.clone()
+        };
+        s.vms.insert(
+            spec.name.clone(),
+            VmRecord {
+                info: info.clone(),
+                folder,
+                tree: SnapshotTree::new(),
+                snapshot_states: HashMap::new(),
+                next_snapshot: 1,
+            },
+        );
+        Ok(info)
+    }
+
+    async fn start_vm(&self, vm: &VmId, _mode: StartMode) -> Result<()> {
+        let mut s = self.lock();
+        s.check_failure("start_vm")?;
+        let key = s.vm_key(vm)?;
+        let record = s.vms.get(&key).cloned().ok_or_else(|| Error::NotFound {
+            kind: "vm",
+            id: key.clone(),
+        })?;
+        if !record.info.state.is_startable() {
+            return Err(invalid("start", &record));
+        }
+        // A normal image may be attached to several VMs but only one of them may run.
+        for a in &record.info.disks {
+            let running_user = s.vms.values().find(|o| {
+                o.info.name != record.info.name
+                    && !o.info.state.is_startable()
+                    && o.info.disks.iter().any(|b| b.disk == a.disk)
+            });
+            if let Some(o) = running_user {
+                return Err(Error::InUse {
+                    id: a.disk.to_string(),
+                    users: vec![o.info.name.clone()],
+                });
+            }
+        }
+        s.vm_mut(vm)?.info.state = PowerState::Running;
+        Ok(())
+    }
+
+    async fn power_off(&self, vm: &VmId) -> Result<()> {
+        let mut s = self.lock();
+        s.check_failure("power_off")?;
+        let r = s.vm_mut(vm)?;
+        match r.info.state {
+            PowerState::Running | PowerState::Paused | PowerState::Stuck => {
+                r.info.state = PowerState::PoweredOff;
+                Ok(())
+            }
+            _ => Err(invalid("power off", r)),
+        }
+    }
+
+    async fn save_state(&self, vm: &VmId) -> Result<()> {
+        let mut s = self.lock();
+        s.check_failure("save_state")?;
+        let r = s.vm_mut(vm)?;
+        match r.info.state {
+            PowerState::Running | PowerState::Paused => {
+                r.info.state = PowerState::Saved;
+                Ok(())
+            }
+            _ => Err(invalid("save the state of", r)),
+        }
+    }
+
+    async fn pause(&self, vm: &VmId) -> Result<()> {
+        let mut s = self.lock();
+        s.check_failure("pause")?;
+        let r = s.vm_mut(vm)?;
+        if r.info.state != PowerState::Running {
+            return Err(invalid("pause", r));
+        }
+        r.info.state = PowerState::Paused;
+        Ok(())
+    }
+
+    async fn resume(&self, vm: &VmId) -> Result<()> {
+        let mut s = self.lock();
+        s.check_failure("resume")?;
+        let r = s.vm_mut(vm)?;
+        if r.info.state != PowerState::Paused {
+            return Err(invalid("resume", r));
+        }
+        r.info.state = PowerState::Running;
+        Ok(())
+    }
+
+    async fn take_snapshot(
+        &self,
+        vm: &VmId,
+        name: &str,
+        description: Option<&str>,
+        live: bool,
+    ) -> Result<SnapshotRef> {
+        let mut s = self.lock();
+        s.check_failure("take_snapshot")?;
+        let key = s.vm_key(vm)?;
+        let mut r = s.vms.get(&key).cloned().ok_or_else(|| Error::NotFound {
+            kind: "vm",
+            id: key.clone(),
+        })?;
+        let running = matches!(r.info.state, PowerState::Running | PowerState::Paused);
+        if !running && !r.info.state.is_startable() {
+            return Err(invalid("take a snapshot of", &r));
+        }
+        let uuid = s.new_uuid();
+        let id = uuid.to_string();
+        let had_state = running || r.info.state == PowerState::Saved;
+        let snapshot = Snapshot {
+            id: id.clone(),
+            name: name.to_owned(),
+            description: description.map(str::to_owned),
+            time_stamp: Some(format!("t{}", r.next_snapshot)),
+            state_file: had_state.then(|| {
+                r.folder
+                    .join("Snapshots")
+                    .join(format!("{{{uuid}}}.sav"))
+                    .display()
+                    .to_string()
+            }),
+        };
+        let node = match r.tree.current() {
+            Some(parent) => r.tree.add_child(parent, snapshot)?,
+            None => r.tree.add_root(snapshot)?,
+        };
+        r.tree.set_current(Some(node));
+        r.next_snapshot += 1;
+        // Freeze the attached images; the VM continues on fresh differencing children
+        // (write-through and shareable images are not part of snapshots).
+        let frozen = r.info.disks.clone();
+        let mut continued = Vec::new();
+        for a in &frozen {
+            let ty = s.disks.get(&a.disk).map(|d| d.disk_type);
+            let disk = match ty {
+                Some(DiskType::Writethrough | DiskType::Shareable | DiskType::Readonly) => a.disk,
+                _ => s.new_child(a.disk, &r.folder)?.uuid,
+            };
+            continued.push(DiskAttachment { disk, ..a.clone() });
+        }
+        r.info.disks = continued;
+        r.snapshot_states.insert(
+            id.clone(),
+            SnapshotState {
+                attachments: frozen,
+                had_state,
+            },
+        );
+        r.info.current_snapshot = Some(id.clone());
+        // A non-live snapshot of a running VM pauses it while the state is written; the
+        // VM is running again afterwards either way.
+        let _ = live;
+        s.vms.insert(key, r);
+        Ok(SnapshotRef {
+            id,
+            name: name.to_owned(),
+        })
+    }
+
+    async fn restore_snapshot(&self, vm: &VmId, snapshot: &str) -> Result<()> {
+        let mut s = self.lock();
+        s.check_failure("restore_snapshot")?;
+        let key = s.vm_key(vm)?;
+        let mut r = s.vms.get(&key).cloned().ok_or_else(|| Error::NotFound {
+            kind: "vm",
+            id: key.clone(),
+        })?;
+        if !r.info.state.is_startable() {
+            return Err(invalid("restore a snapshot of", &r));
+        }
+        let node = r.tree.resolve(snapshot)?;
+        let id = r.tree.get(node).map(|n| n.id.clone()).unwrap_or_default();
+        let st = r
+            .snapshot_states
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
+                kind: "snapshot",
+                id: id.clone(),
+            })?;
+        let old = std::mem::take(&mut r.info.disks);
+        let mut fresh = Vec::new();
+        for a in &st.attachments {
+            let ty = s.disks.get(&a.disk).map(|d| d.disk_type);
+            let disk = match ty {
+                Some(DiskType::Writethrough | DiskType::Shareable | DiskType::Readonly) => a.disk,
+                _ => s.new_child(a.disk, &r.folder)?.uuid,
+            };
+            fresh.push(DiskAttachment { disk, ..a.clone() });
+        }
+        r.info.disks = fresh;
+        r.tree.set_current(Some(node));
+        r.info.current_snapshot = Some(id);
+        r.info.state = if st.had_state {
+            PowerState::Saved
+        } else {
+            PowerState::PoweredOff
+        };
+        s.vms.insert(key, r);
+        for a in old {
+            s.drop_if_orphan(a.disk);
+        }
+        Ok(())
+    }
+
+    async fn delete_snapshot(&self, vm: &VmId, snapshot: &str) -> Result<()> {
+        let mut s = self.lock();
+        s.check_failure("delete_snapshot")?;
+        let key = s.vm_key(vm)?;
+        let r = s.vms.get(&key).cloned().ok_or_else(|| Error::NotFound {
+            kind: "vm",
+            id: key.clone(),
+        })?;
+        let node = r.tree.resolve(snapshot)?;
+        if r.tree.children(node).len() > 1 {
+            return Err(Error::InvalidState {
+                operation: "delete snapshot",
+                id: snapshot.to_owned(),
+                state: "it has more than one child snapshot".to_owned(),
+            });
+        }
+        let id = r.tree.get(node).map(|n| n.id.clone()).unwrap_or_default();
+        // Rebuild the tree without the node, its single child taking its place.
+        let mut tree = SnapshotTree::new();
+        let mut map = HashMap::new();
+        for (n, _) in r.tree.iter() {
+            if n == node {
+                continue;
+            }
+            let mut parent = r.tree.parent(n);
+            if parent == Some(node) {
+                parent = r.tree.parent(node);
+            }
+            let snap = r.tree.get(n).cloned().unwrap_or_default();
+            let new = match parent.and_then(|p| map.get(&p).copied()) {
+                Some(p) => tree.add_child(p, snap)?,
+                None => tree.add_root(snap)?,
+            };
+            map.insert(n, new);
+        }
+        let current = match r.tree.current() {
+            Some(c) if c == node => r.tree.parent(node).and_then(|p| map.get(&p).copied()),
+            Some(c) => map.get(&c).copied(),
+            None => None,
+        };
+        tree.set_current(current);
+        let mut r = r;
+        r.info.current_snapshot = current.and_then(|c| tree.get(c)).map(|n| n.id.clone());
+        r.tree = tree;
+        let removed = r.snapshot_states.remove(&id);
+        s.vms.insert(key, r);
+        // Merge: a frozen image used by no one else is folded into its single child.
+        if let Some(st) = removed {
+            for a in st.attachments {
+                let children = s.children_of(a.disk);
+                let parent = s.disks.get(&a.disk).and_then(|d| d.parent);
+                if children.len() == 1 && s.users_of(a.disk).is_empty() {
+                    if let Some(parent) = parent {
+                        if let Some(c) = s.disks.get_mut(&children[0]) {
+                            c.parent = Some(parent);
+                        }
+                        s.disks.remove(&a.disk);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn snapshot_tree(&self, vm: &VmId) -> Result<SnapshotTree> {
+        let mut s = self.lock();
+        s.check_failure("snapshot_tree")?;
+        Ok(s.vm_mut(vm)?.tree.clone())
+    }
+
+    async fn list_disks(&self) -> Result<Vec<DiskInfo>> {
+        let mut s = self.lock();
+        s.check_failure("list_disks")?;
+        Ok(s.disks.values().cloned().collect())
+    }
+
+    async fn register_disk(&self, path: &Path) -> Result<DiskInfo> {
+        let mut s = self.lock();
+        s.check_failure("register_disk")?;
+        if s.disks.values().any(|d| d.location == path) {
+            return Err(Error::AlreadyExists {
+                kind: "disk",
+                id: path.display().to_string(),
+            });
+        }
+        let uuid = s.new_uuid();
+        let format = DiskFormat::parse(path.extension().and_then(|e| e.to_str()).unwrap_or("raw"));
+        let info = DiskInfo {
+            uuid,
+            location: path.to_path_buf(),
+            format,
+            disk_type: DiskType::Normal,
+            parent: None,
+            logical_size: None,
+        };
+        s.disks.insert(uuid, info.clone());
+        Ok(info)
+    }
+
+    async fn unregister_disk(&self, disk: &DiskRef, _delete_file: bool) -> Result<()> {
+        let mut s = self.lock();
+        s.check_failure("unregister_disk")?;
+        let uuid = s.disk_uuid(disk)?;
+        let mut users = s.users_of(uuid);
+        for c in s.children_of(uuid) {
+            users.push(format!("differencing image {c}"));
+        }
+        if !users.is_empty() {
+            return Err(Error::InUse {
+                id: uuid.to_string(),
+                users,
+            });
+        }
+        s.disks.remove(&uuid);
+        Ok(())
+    }
+
+    async fn set_disk_type(&self, disk: &DiskRef, disk_type: DiskType) -> Result<()> {
+        let mut s = self.lock();
+        s.check_failure("set_disk_type")?;
+        let uuid = s.disk_uuid(disk)?;
+        let users = s.users_of(uuid);
+        if !users.is_empty() {
+            return Err(Error::InUse {
+                id: uuid.to_string(),
+                users,
+            });
+        }
+        let d = s.disks.get_mut(&uuid).ok_or_else(|| Error::NotFound {
+            kind: "disk",
+            id: uuid.to_string(),
+        })?;
+        if d.parent.is_some() && disk_type != DiskType::Normal {
+            return Err(Error::InvalidState {
+                operation: "change the type of",
+                id: uuid.to_string(),
+                state: "a differencing image".to_owned(),
+            });
+        }
+        d.disk_type = disk_type;
+        Ok(())
+    }
+
+    async fn attach_disk(&self, vm: &VmId, spec: &AttachSpec) -> Result<DiskInfo> {
+        let mut s = self.lock();
+        s.check_failure("attach_disk")?;
+        let uuid = s.disk_uuid(&spec.disk)?;
+        let key = s.vm_key(vm)?;
+        let r = s.vms.get(&key).cloned().ok_or_else(|| Error::NotFound {
+            kind: "vm",
+            id: key.clone(),
+        })?;
+        if !r.info.state.is_startable() {
+            return Err(invalid("attach a disk to", &r));
+        }
+        if r.info.disks.iter().any(|a| {
+            a.controller == spec.controller && a.port == spec.port && a.device == spec.device
+        }) {
+            return Err(Error::AlreadyExists {
+                kind: "attachment",
+                id: format!(
+                    "{} port {} device {}",
+                    spec.controller, spec.port, spec.device
+                ),
+            });
+        }
+        let disk = s.disks.get(&uuid).cloned().ok_or_else(|| Error::NotFound {
+            kind: "disk",
+            id: uuid.to_string(),
+        })?;
+        let attached = if disk.disk_type == DiskType::MultiAttach {
+            s.new_child(uuid, &r.folder)?
+        } else {
+            disk
+        };
+        let a = DiskAttachment {
+            controller: spec.controller.clone(),
+            port: spec.port,
+            device: spec.device,
+            disk: attached.uuid,
+        };
+        s.vm_mut(vm)?.info.disks.push(a);
+        Ok(attached)
+    }
+
+    async fn guest_run(&self, vm: &VmId, command: &GuestCommand) -> Result<GuestOutput> {
+        let mut s = self.lock();
+        s.check_failure("guest_run")?;
+        let r = s.vm_mut(vm)?;
+        if r.info.state != PowerState::Running {
+            return Err(invalid("run a command in", r));
+        }
+        let name = r.info.name.clone();
+        s.guest_log.push((name, command.clone()));
+        Ok(GuestOutput {
+            exit_code: 0,
+            stdout: String::new(),
+            stderr: String::new(),
+        })
+    }
+
+    async fn host_disk_space(&self, _path: &Path) -> Result<DiskSpace> {
+        let mut s = self.lock();
+        s.check_failure("host_disk_space")?;
+        Ok(s.disk_space.unwrap_or(DiskSpace {
+            available: 1 << 40,
+            total: 1 << 40,
+        }))
+    }
+}
