@@ -1,6 +1,12 @@
 //! The crate's one error type.
+//!
+//! Parse errors carry the 1-based line of the offending element and name the element,
+//! attribute or uuid involved. Errors raised while loading a file are wrapped in
+//! [`Error::InFile`], which names the file; [`Error::innermost`] peels that layer off.
 
 use std::path::PathBuf;
+
+use uuid::Uuid;
 
 /// Everything that can go wrong in `unacloud-vbox`.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +21,161 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An error found while reading a settings or registry file; the cause says what.
+    #[error("in {}", path.display())]
+    InFile {
+        /// The file being read.
+        path: PathBuf,
+        /// What was wrong with it.
+        #[source]
+        source: Box<Error>,
+    },
+    /// The input is not well-formed XML.
+    #[error("malformed XML at line {line}")]
+    Xml {
+        /// 1-based line where the reader stopped.
+        line: u64,
+        /// The XML reader's diagnosis.
+        #[source]
+        source: quick_xml::Error,
+    },
+    /// The input ended before the named element was closed.
+    #[error("input ends inside <{element}> (line {line}): the file is truncated")]
+    Truncated {
+        /// The innermost element still open.
+        element: String,
+        /// 1-based line of the end of input.
+        line: u64,
+    },
+    /// Elements or text follow the closing tag of the root element.
+    #[error(
+        "content after the root element at line {line}: the file was edited by hand or is corrupt"
+    )]
+    TrailingContent {
+        /// 1-based line of the extra content.
+        line: u64,
+    },
+    /// The document's root element is not what was expected.
+    #[error("root element is <{found}>, expected <{expected}>{hint}")]
+    WrongRoot {
+        /// The local name of the element found.
+        found: String,
+        /// What the caller asked for (`VirtualBox/Machine` or `VirtualBox/Global`).
+        expected: &'static str,
+        /// A suggestion, possibly empty.
+        hint: &'static str,
+    },
+    /// The settings format version is not one this crate reads.
+    #[error("unsupported settings version {version:?}: {reason}")]
+    UnsupportedVersion {
+        /// The `version` attribute of `<VirtualBox>`.
+        version: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// A required element is absent or appears more often than allowed.
+    #[error("<{parent}> {problem} <{element}>")]
+    Structure {
+        /// The element concerned.
+        element: &'static str,
+        /// Where it was expected.
+        parent: &'static str,
+        /// `has no` or `has more than one`.
+        problem: &'static str,
+    },
+    /// A required attribute is absent.
+    #[error("<{element}> at line {line} has no {attribute:?} attribute")]
+    MissingAttribute {
+        /// The element's local name.
+        element: &'static str,
+        /// The attribute's name.
+        attribute: &'static str,
+        /// 1-based line of the element.
+        line: u64,
+    },
+    /// An attribute value cannot be understood.
+    #[error(
+        "<{element}> at line {line}: attribute {attribute:?} = {value:?} is invalid: {reason}"
+    )]
+    InvalidAttribute {
+        /// The element's local name.
+        element: &'static str,
+        /// The attribute's name.
+        attribute: &'static str,
+        /// The value (shortened to 80 characters).
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+        /// 1-based line of the element.
+        line: u64,
+    },
+    /// A safety limit on the input was exceeded (see
+    /// [`ParseLimits`](crate::settings::ParseLimits)).
+    #[error("{limit} limit of {max} exceeded at <{element}> (line {line}); raise ParseLimits::{field} if the file is genuine")]
+    LimitExceeded {
+        /// Which limit, in words.
+        limit: &'static str,
+        /// The `ParseLimits` field that sets it.
+        field: &'static str,
+        /// The limit's value.
+        max: u64,
+        /// The element being read.
+        element: String,
+        /// 1-based line.
+        line: u64,
+    },
+    /// Two snapshots or two media share one uuid.
+    #[error("duplicate {kind} uuid {uuid}")]
+    DuplicateUuid {
+        /// `snapshot` or `medium`.
+        kind: &'static str,
+        /// The repeated uuid.
+        uuid: Uuid,
+    },
+    /// A reference names a uuid that is defined nowhere it must be.
+    #[error(
+        "<{element}> attribute {attribute:?} refers to {uuid}, which does not exist in the file"
+    )]
+    DanglingReference {
+        /// The referring element.
+        element: &'static str,
+        /// The referring attribute.
+        attribute: &'static str,
+        /// The uuid that was not found.
+        uuid: Uuid,
+    },
+    /// Following differencing parents comes back to the same image (possible only when
+    /// a machine registry and a global registry disagree).
+    #[error("differencing-parent cycle through medium {uuid}")]
+    ParentCycle {
+        /// A medium on the cycle.
+        uuid: Uuid,
+    },
+    /// No snapshot matches the selector.
+    #[error("machine {machine:?} has no snapshot {selector:?} (use a uuid, a snapshot name or `current`)")]
+    SnapshotNotFound {
+        /// What the user asked for.
+        selector: String,
+        /// The machine's name.
+        machine: String,
+    },
+    /// Several snapshots carry the requested name.
+    #[error("snapshot name {name:?} is ambiguous; use one of the uuids: {}", candidates.join(", "))]
+    AmbiguousSnapshotName {
+        /// The ambiguous name.
+        name: String,
+        /// Uuids (without braces) of every snapshot with that name, in tree order.
+        candidates: Vec<String>,
+    },
+    /// A disk the selected state needs is registered in no registry this crate was
+    /// given (typically a template in the global `VirtualBox.xml`).
+    #[error("unresolved dependency: medium {uuid} ({needed_by}) is not in the machine's media registry; pass the global VirtualBox.xml that registers it")]
+    UnresolvedDependency {
+        /// The medium's uuid.
+        uuid: Uuid,
+        /// Who needs it, in words.
+        needed_by: String,
+    },
     /// The file is not a VDI image (wrong signature at offset 0x40).
     #[error("{} is not a VDI image: signature is {found:#010x}, expected 0xbeda107f (check the medium's format)", crate::vdi::origin(path))]
     NotVdi {
@@ -24,7 +185,10 @@ pub enum Error {
         found: u32,
     },
     /// The VDI file is shorter than its header says it must be.
-    #[error("VDI image {} is truncated: {len} bytes, at least {needed} needed for the {what}", crate::vdi::origin(path))]
+    #[error(
+        "VDI image {} is truncated: {len} bytes, at least {needed} needed for the {what}",
+        crate::vdi::origin(path)
+    )]
     VdiTruncated {
         /// The file (`None` for an in-memory header).
         path: Option<PathBuf>,
@@ -36,7 +200,10 @@ pub enum Error {
         what: &'static str,
     },
     /// The VDI header version is not 1.x or 0.2.
-    #[error("VDI image {} has header version {major}.{minor}; only 1.x and 0.2 exist", crate::vdi::origin(path))]
+    #[error(
+        "VDI image {} has header version {major}.{minor}; only 1.x and 0.2 exist",
+        crate::vdi::origin(path)
+    )]
     VdiUnsupportedVersion {
         /// The file (`None` for an in-memory header).
         path: Option<PathBuf>,
@@ -46,7 +213,10 @@ pub enum Error {
         minor: u16,
     },
     /// A VDI header field holds an impossible value: the image is corrupt.
-    #[error("VDI image {} is corrupt: {field} = {value}: {reason}", crate::vdi::origin(path))]
+    #[error(
+        "VDI image {} is corrupt: {field} = {value}: {reason}",
+        crate::vdi::origin(path)
+    )]
     VdiInvalidHeader {
         /// The file (`None` for an in-memory header).
         path: Option<PathBuf>,
@@ -63,6 +233,35 @@ pub enum Error {
         /// Every problem found.
         problems: Vec<crate::vdi::ChainProblem>,
     },
+    /// An error from the shared core (snapshot tree construction).
+    #[error(transparent)]
+    Core(#[from] unacloud_core::Error),
+}
+
+impl Error {
+    /// Builds an [`Error::Io`] for `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The error without any [`Error::InFile`] wrapper.
+    pub fn innermost(&self) -> &Error {
+        let mut e = self;
+        while let Error::InFile { source, .. } = e {
+            e = source;
+        }
+        e
+    }
+
+    pub(crate) fn in_file(path: impl Into<PathBuf>, source: Error) -> Self {
+        Error::InFile {
+            path: path.into(),
+            source: Box::new(source),
+        }
+    }
 }
 
 /// `Result` with [`Error`].

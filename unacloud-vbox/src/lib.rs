@@ -4,6 +4,9 @@
 #![deny(missing_docs)]
 
 pub mod error;
+pub mod location;
+pub mod settings;
+pub mod tracker;
 pub mod vdi;
 
 pub use error::{Error, Result};

@@ -1,0 +1,266 @@
+//! Locations of media and saved states, as written in settings files.
+//!
+//! VirtualBox writes `location` and `stateFile` values relative to the folder of the
+//! file that holds them (the machine folder for a `.vbox`, the folder of
+//! `VirtualBox.xml` for the global registry), or as absolute paths of the host that
+//! wrote them — on the lab hosts that is Windows: `C:\Users\…`, `C:/Users/…`, or shares
+//! such as `//host/share/…`.
+//!
+//! [`Location::resolve`] classifies such a string and resolves it **lexically**: it
+//! never touches the file system, never follows symbolic links, turns `\` into `/`,
+//! drops `.` components and folds `..` into the preceding component. The original
+//! string is kept for display and for writing settings back.
+//!
+//! ```
+//! use std::path::Path;
+//! use unacloud_vbox::location::{Location, LocationKind};
+//!
+//! let base = Path::new("/vms/TM");
+//! let l = Location::resolve("Snapshots\\{0a1b}.vdi", base);
+//! assert_eq!(l.kind(), LocationKind::Relative);
+//! assert_eq!(l.path(), Path::new("/vms/TM/Snapshots/{0a1b}.vdi"));
+//!
+//! let w = Location::resolve(r"C:\Users\lab\VirtualBox VMs\TM\TM.vdi", base);
+//! assert_eq!(w.kind(), LocationKind::WindowsDrive);
+//! assert_eq!(w.path(), Path::new("C:/Users/lab/VirtualBox VMs/TM/TM.vdi"));
+//! assert_eq!(w.original(), r"C:\Users\lab\VirtualBox VMs\TM\TM.vdi");
+//!
+//! let escape = Location::resolve("../../etc/passwd", base);
+//! assert_eq!(escape.path(), Path::new("/etc/passwd"));
+//! assert!(escape.strip_base(base).is_none());
+//! ```
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// How a location string was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LocationKind {
+    /// Relative to the folder of the file that holds it.
+    Relative,
+    /// An absolute POSIX path (`/home/…`).
+    UnixAbsolute,
+    /// A Windows path with a drive letter (`C:\…` or `C:/…`).
+    WindowsDrive,
+    /// A network share (`//host/share/…` or `\\host\share\…`).
+    Unc,
+}
+
+impl LocationKind {
+    /// Whether the location does not depend on the folder it was read from.
+    pub fn is_absolute(self) -> bool {
+        !matches!(self, LocationKind::Relative)
+    }
+}
+
+/// A location string together with its lexical resolution.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Location {
+    original: String,
+    kind: LocationKind,
+    resolved: PathBuf,
+}
+
+impl Location {
+    /// Classifies `original` and resolves it against `base` (the folder of the file
+    /// the string was read from) without touching the file system.
+    ///
+    /// Windows locations keep their drive letter and get `/` separators
+    /// (`C:/Users/…`); on a non-Windows host they name no local file, so size look-ups
+    /// report them as missing. Shares keep their leading `//`.
+    pub fn resolve(original: &str, base: &Path) -> Location {
+        let bytes = original.as_bytes();
+        let is_sep = |b: u8| b == b'/' || b == b'\\';
+        let (kind, resolved) = if bytes.len() >= 2 && is_sep(bytes[0]) && is_sep(bytes[1]) {
+            let mut parts = Vec::new();
+            push_components(&mut parts, &original[2..], 2);
+            (LocationKind::Unc, format!("//{}", parts.join("/")))
+        } else if bytes.len() >= 2
+            && bytes[0].is_ascii_alphabetic()
+            && bytes[1] == b':'
+            && (bytes.len() == 2 || is_sep(bytes[2]))
+        {
+            let drive = &original[..2];
+            let mut parts = Vec::new();
+            push_components(&mut parts, &original[2..], 0);
+            (
+                LocationKind::WindowsDrive,
+                format!("{}/{}", drive.to_ascii_uppercase(), parts.join("/")),
+            )
+        } else if bytes.first().copied().is_some_and(is_sep) {
+            let mut parts = Vec::new();
+            push_components(&mut parts, original, 0);
+            (LocationKind::UnixAbsolute, format!("/{}", parts.join("/")))
+        } else {
+            let base_str = base.to_string_lossy().replace('\\', "/");
+            let absolute_base = base_str.starts_with('/');
+            let mut parts = Vec::new();
+            push_components(&mut parts, &base_str, 0);
+            let floor = if absolute_base { 0 } else { usize::MAX };
+            push_relative(&mut parts, original, floor);
+            let joined = parts.join("/");
+            let s = if absolute_base {
+                format!("/{joined}")
+            } else if joined.is_empty() {
+                ".".to_owned()
+            } else {
+                joined
+            };
+            (LocationKind::Relative, s)
+        };
+        Location {
+            original: original.to_owned(),
+            kind,
+            resolved: PathBuf::from(resolved),
+        }
+    }
+
+    /// The string as written in the settings file.
+    pub fn original(&self) -> &str {
+        &self.original
+    }
+
+    /// How the string was written.
+    pub fn kind(&self) -> LocationKind {
+        self.kind
+    }
+
+    /// The lexically resolved path.
+    pub fn path(&self) -> &Path {
+        &self.resolved
+    }
+
+    /// The resolved path relative to `base`, or `None` if it lies outside `base`
+    /// (compared lexically, component by component). Use this to keep a folder
+    /// structure when copying and to refuse locations that escape a folder.
+    pub fn strip_base(&self, base: &Path) -> Option<PathBuf> {
+        let b = Location::resolve("", base);
+        let rel = self.resolved.strip_prefix(b.path()).ok()?;
+        if rel.as_os_str().is_empty() {
+            return None;
+        }
+        Some(rel.to_path_buf())
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.resolved.to_string_lossy())
+    }
+}
+
+/// Pushes the components of an absolute path, folding `.` and `..`; `..` never climbs
+/// above the first `keep` components (the share's host and name for UNC paths).
+fn push_components(parts: &mut Vec<String>, s: &str, keep: usize) {
+    for c in s.split(['/', '\\']) {
+        match c {
+            "" | "." => {}
+            ".." => {
+                if parts.len() > keep {
+                    parts.pop();
+                }
+            }
+            other => parts.push(other.to_owned()),
+        }
+    }
+}
+
+/// Pushes a relative path onto `parts`; with `floor == usize::MAX` (relative base)
+/// leading `..` that cannot be folded are kept.
+fn push_relative(parts: &mut Vec<String>, s: &str, floor: usize) {
+    for c in s.split(['/', '\\']) {
+        match c {
+            "" | "." => {}
+            ".." => {
+                let can_pop = parts.last().is_some_and(|l| l != "..");
+                if can_pop {
+                    parts.pop();
+                } else if floor == usize::MAX {
+                    parts.push("..".to_owned());
+                }
+            }
+            other => parts.push(other.to_owned()),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn r(s: &str, base: &str) -> (LocationKind, String) {
+        let l = Location::resolve(s, Path::new(base));
+        (l.kind(), l.path().to_string_lossy().into_owned())
+    }
+
+    #[test]
+    fn classifies_and_resolves() {
+        use LocationKind::*;
+        assert_eq!(
+            r("Ubuntu.vdi", "/vms/U"),
+            (Relative, "/vms/U/Ubuntu.vdi".into())
+        );
+        assert_eq!(
+            r("Snapshots/{1}.vdi", "/vms/U/"),
+            (Relative, "/vms/U/Snapshots/{1}.vdi".into())
+        );
+        assert_eq!(r("./a/./b", "/x"), (Relative, "/x/a/b".into()));
+        assert_eq!(
+            r("/home/l/a.iso", "/x"),
+            (UnixAbsolute, "/home/l/a.iso".into())
+        );
+        assert_eq!(
+            r("C:/Users/a.vmdk", "/x"),
+            (WindowsDrive, "C:/Users/a.vmdk".into())
+        );
+        assert_eq!(
+            r("c:\\Users\\a.vdi", "/x"),
+            (WindowsDrive, "C:/Users/a.vdi".into())
+        );
+        assert_eq!(
+            r("F:/Datastore.vmdk", "/x"),
+            (WindowsDrive, "F:/Datastore.vmdk".into())
+        );
+        assert_eq!(
+            r("//UNKNOWN/Users/Public/T.iso", "/x"),
+            (Unc, "//UNKNOWN/Users/Public/T.iso".into())
+        );
+        assert_eq!(
+            r("\\\\srv\\share\\a.vdi", "/x"),
+            (Unc, "//srv/share/a.vdi".into())
+        );
+        assert_eq!(
+            r("//srv/share/../../a", "/x"),
+            (Unc, "//srv/share/a".into())
+        );
+        assert_eq!(r("C:/../a", "/x"), (WindowsDrive, "C:/a".into()));
+        assert_eq!(r("a/../../b", "rel/dir"), (Relative, "rel/b".into()));
+        assert_eq!(r("../../../b", "rel"), (Relative, "../../b".into()));
+        assert_eq!(r("../../../../b", "/a/b"), (Relative, "/b".into()));
+        assert_eq!(r("a.vdi", ""), (Relative, "a.vdi".into()));
+        // A relative path that happens to contain a colon later is still relative.
+        assert_eq!(r("disk:1.vdi", "/x"), (Relative, "/x/disk:1.vdi".into()));
+    }
+
+    #[test]
+    fn strip_base_refuses_escapes() {
+        let base = Path::new("/vms/TM");
+        let inside = Location::resolve("Snapshots/../TM.vdi", base);
+        assert_eq!(inside.strip_base(base).unwrap(), PathBuf::from("TM.vdi"));
+        assert!(Location::resolve("../Other/x.vdi", base)
+            .strip_base(base)
+            .is_none());
+        assert!(Location::resolve("/etc/passwd", base)
+            .strip_base(base)
+            .is_none());
+        // A sibling folder sharing a prefix is outside.
+        assert!(Location::resolve("/vms/TM2/x.vdi", base)
+            .strip_base(base)
+            .is_none());
+        assert!(Location::resolve(".", base).strip_base(base).is_none());
+    }
+}

@@ -1,0 +1,892 @@
+//! The Global Snapshot File Tracker: which files resume a machine from a snapshot.
+//!
+//! A [`Machine`] is a parsed `.vbox` (plus, optionally, the global `VirtualBox.xml`)
+//! with every medium indexed by uuid. For a chosen state — a snapshot by uuid or name,
+//! or `current` — [`Machine::migration_set`] lists exactly what another host needs
+//! (SPEC §4, state *Sᵢ*):
+//!
+//! * the settings file;
+//! * for every hard disk attached in that state, the attached image and all its
+//!   ancestors up the differencing chain, base first;
+//! * the state's saved memory (`stateFile` of the snapshot; for `current` the
+//!   machine's own `stateFile`, if it is in saved state).
+//!
+//! Images the destination already has (a preloaded multiattach template, by uuid) are
+//! listed in `expected_at_destination` together with their own ancestors, never
+//! silently dropped. DVD and floppy images are listed as external dependencies unless
+//! [`MigrationOptions::include_removable`] is set. Media registered only in the global
+//! registry are followed when it is given and reported as unresolved (naming the uuid)
+//! when it is not. Files are de-duplicated by resolved path (two snapshots may share
+//! one `.sav`), and each file's length is read from the file system when it exists;
+//! a missing file is reported per file.
+//!
+//! ```
+//! use unacloud_vbox::settings::MachineSettings;
+//! use unacloud_vbox::tracker::{Machine, MigrationOptions};
+//!
+//! let xml = r#"<VirtualBox version="1.19-windows">
+//!   <Machine uuid="{11111111-1111-1111-1111-111111111111}" name="TM" OSType="Ubuntu_64"
+//!            currentSnapshot="{22222222-2222-2222-2222-222222222222}">
+//!     <MediaRegistry><HardDisks>
+//!       <HardDisk uuid="{aaaaaaaa-0000-0000-0000-000000000001}" location="TM.vdi" format="VDI" type="Normal">
+//!         <HardDisk uuid="{aaaaaaaa-0000-0000-0000-000000000002}" location="Snapshots/{aaaaaaaa-0000-0000-0000-000000000002}.vdi" format="VDI"/>
+//!       </HardDisk>
+//!     </HardDisks></MediaRegistry>
+//!     <Snapshot uuid="{22222222-2222-2222-2222-222222222222}" name="installed"
+//!               timeStamp="2024-01-01T00:00:00Z" stateFile="Snapshots/s1.sav">
+//!       <Hardware><StorageControllers><StorageController name="SATA" type="AHCI" PortCount="1">
+//!         <AttachedDevice type="HardDisk" port="0" device="0"><Image uuid="{aaaaaaaa-0000-0000-0000-000000000001}"/></AttachedDevice>
+//!       </StorageController></StorageControllers></Hardware>
+//!     </Snapshot>
+//!     <Hardware><StorageControllers><StorageController name="SATA" type="AHCI" PortCount="1">
+//!       <AttachedDevice type="HardDisk" port="0" device="0"><Image uuid="{aaaaaaaa-0000-0000-0000-000000000002}"/></AttachedDevice>
+//!     </StorageController></StorageControllers></Hardware>
+//!   </Machine>
+//! </VirtualBox>"#;
+//! let settings = MachineSettings::parse_str(xml)?;
+//! let m = Machine::from_settings(settings, "/vms/TM/TM.vbox", None)?;
+//! let set = m.migration_set("installed", &MigrationOptions::default())?;
+//! let paths: Vec<_> = set.files.iter().map(|f| f.path.to_string_lossy().into_owned()).collect();
+//! assert_eq!(paths, ["/vms/TM/TM.vbox", "/vms/TM/TM.vdi", "/vms/TM/Snapshots/s1.sav"]);
+//! assert_eq!(m.all_files().expected_count, 4); // Eq. 5.4: (d+1)(s+1) = 2·2
+//! # Ok::<(), unacloud_vbox::Error>(())
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use unacloud_core::files::{ExpectedFile, FileRole, MigrationSet, VmFile};
+use unacloud_core::model::DiskType;
+use unacloud_core::tree::SnapshotTree;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::location::Location;
+use crate::settings::{
+    DeviceType, GlobalRegistry, Hardware, MachineSettings, MediaRegistry, SnapshotSettings,
+};
+
+/// Which registry a medium was found in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RegistrySource {
+    /// The machine's own `.vbox`.
+    Machine,
+    /// The global `VirtualBox.xml`.
+    Global,
+}
+
+/// What kind of medium.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MediumKind {
+    /// A hard disk (base or differencing).
+    HardDisk,
+    /// An optical disc image.
+    Dvd,
+    /// A floppy image.
+    Floppy,
+}
+
+/// A medium known to a [`Machine`], from its own or the global registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Medium {
+    /// The medium's uuid.
+    pub uuid: Uuid,
+    /// Hard disk, DVD or floppy.
+    pub kind: MediumKind,
+    /// Where it is (resolved against the folder of the registry that lists it).
+    pub location: Location,
+    /// `format` as written, when written.
+    pub format: Option<String>,
+    /// `type` as written (base images only).
+    pub disk_type: Option<DiskType>,
+    /// Index of the differencing parent in [`Machine::media`].
+    pub parent: Option<usize>,
+    /// Which registry lists it.
+    pub source: RegistrySource,
+}
+
+/// A state of the machine a migration set can be computed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StateRef {
+    /// The current state (what runs when the VM is started now).
+    Current,
+    /// A snapshot, by index into [`Machine::snapshots`].
+    Snapshot(usize),
+}
+
+/// Options of [`Machine::migration_set`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationOptions {
+    /// Images the destination already has (e.g. preloaded multiattach templates).
+    /// They and their ancestors go to `expected_at_destination` instead of `files`.
+    pub preloaded: HashSet<Uuid>,
+    /// Copy DVD and floppy images too (default: list them as external dependencies).
+    pub include_removable: bool,
+    /// Fail with [`Error::UnresolvedDependency`] when an attached hard disk is in no
+    /// registry (default: report it in `warnings` and `external`).
+    pub strict: bool,
+    /// Read each file's length from the file system (default: true). Without it every
+    /// `bytes` is `None` and nothing is reported missing.
+    pub measure_sizes: bool,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        MigrationOptions {
+            preloaded: HashSet::new(),
+            include_removable: false,
+            strict: false,
+            measure_sizes: true,
+        }
+    }
+}
+
+impl MigrationOptions {
+    /// Adds preloaded images (by uuid).
+    pub fn with_preloaded(mut self, uuids: impl IntoIterator<Item = Uuid>) -> Self {
+        self.preloaded.extend(uuids);
+        self
+    }
+}
+
+/// Every file of a machine, with the file count predicted by the thesis's Eq. 5.4.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllFiles {
+    /// The files, de-duplicated by path: settings, disks, saved states.
+    pub files: Vec<VmFile>,
+    /// `d`: hard disks attached in the current state.
+    pub disks: usize,
+    /// `s`: snapshots.
+    pub snapshots: usize,
+    /// Eq. 5.4: `d + 1` if `s = 0`, else `(d + 1)(s + 1)` — exact when every snapshot
+    /// was taken while running and nothing is shared or orphaned.
+    pub expected_count: u64,
+    /// Missing files and similar findings.
+    pub warnings: Vec<String>,
+}
+
+impl AllFiles {
+    /// Sum of the known file lengths.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().filter_map(|f| f.bytes).sum()
+    }
+}
+
+/// The thesis's Eq. 5.4: files of one VM with `d` disks and `s` snapshots taken while
+/// running.
+pub fn eq_5_4(d: u64, s: u64) -> u64 {
+    if s == 0 {
+        d + 1
+    } else {
+        (d + 1) * (s + 1)
+    }
+}
+
+/// How [`Machine::render_snapshot_tree`] writes the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TreeFormat {
+    /// Indented text, the current state's snapshot marked with `*`.
+    Text,
+    /// Graphviz DOT.
+    Dot,
+    /// JSON (`{"current": uuid, "snapshots": [...]}`).
+    Json,
+}
+
+impl std::str::FromStr for TreeFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "text" | "txt" => Ok(TreeFormat::Text),
+            "dot" => Ok(TreeFormat::Dot),
+            "json" => Ok(TreeFormat::Json),
+            _ => Err(Error::Core(unacloud_core::Error::InvalidInput(format!(
+                "unknown tree format {s:?}; expected text, dot or json"
+            )))),
+        }
+    }
+}
+
+/// A machine ready for file tracking: settings, their location and a uuid index of
+/// every medium it can see.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    settings: MachineSettings,
+    settings_path: PathBuf,
+    machine_dir: PathBuf,
+    global: Option<GlobalRegistry>,
+    media: Vec<Medium>,
+    media_by_uuid: HashMap<Uuid, usize>,
+    snapshot_by_uuid: HashMap<Uuid, usize>,
+}
+
+/// The same type under the thesis's name.
+pub type FileTracker = Machine;
+
+impl Machine {
+    /// Loads a `.vbox` file, and the global registry if given.
+    pub fn load(path: impl AsRef<Path>, global_registry: Option<&Path>) -> Result<Machine> {
+        let path = path.as_ref();
+        let settings = MachineSettings::load(path)?;
+        let global = match global_registry {
+            Some(g) => Some(GlobalRegistry::load(g)?),
+            None => None,
+        };
+        Machine::from_settings(settings, path, global).map_err(|e| match e {
+            e @ Error::InFile { .. } => e,
+            e => Error::in_file(path, e),
+        })
+    }
+
+    /// Builds a machine from parsed settings; `settings_path` is where the `.vbox`
+    /// is (relative locations resolve against its folder). Fails on inconsistent
+    /// registries: a medium listed under different parents, or a parent cycle.
+    pub fn from_settings(
+        settings: MachineSettings,
+        settings_path: impl Into<PathBuf>,
+        global: Option<GlobalRegistry>,
+    ) -> Result<Machine> {
+        let settings_path = settings_path.into();
+        let machine_dir = settings_path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let mut m = Machine {
+            snapshot_by_uuid: settings
+                .snapshots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.uuid, i))
+                .collect(),
+            settings,
+            settings_path,
+            machine_dir,
+            global: None,
+            media: Vec::new(),
+            media_by_uuid: HashMap::new(),
+        };
+        let dir = m.machine_dir.clone();
+        let own = std::mem::take(&mut m.settings.media);
+        m.index_registry(&own, &dir, RegistrySource::Machine)?;
+        m.settings.media = own;
+        if let Some(g) = global {
+            m.index_registry(&g.media, &g.base_dir, RegistrySource::Global)?;
+            m.global = Some(g);
+        }
+        m.check_acyclic()?;
+        Ok(m)
+    }
+
+    fn index_registry(
+        &mut self,
+        reg: &MediaRegistry,
+        base: &Path,
+        source: RegistrySource,
+    ) -> Result<()> {
+        for d in &reg.hard_disks {
+            self.add_medium(Medium {
+                uuid: d.uuid,
+                kind: MediumKind::HardDisk,
+                location: Location::resolve(&d.location, base),
+                format: Some(d.format.clone()).filter(|f| !f.is_empty()),
+                disk_type: d.disk_type,
+                parent: None,
+                source,
+            })?;
+        }
+        for (kind, list) in [
+            (MediumKind::Dvd, &reg.dvd_images),
+            (MediumKind::Floppy, &reg.floppy_images),
+        ] {
+            for i in list {
+                self.add_medium(Medium {
+                    uuid: i.uuid,
+                    kind,
+                    location: Location::resolve(&i.location, base),
+                    format: i.format.clone(),
+                    disk_type: None,
+                    parent: None,
+                    source,
+                })?;
+            }
+        }
+        // Resolve parent uuids to indices now that the whole registry is indexed.
+        for d in &reg.hard_disks {
+            if let Some(p) = d.parent.and_then(|p| reg.hard_disks.get(p)) {
+                let (Some(&ci), Some(&pi)) = (
+                    self.media_by_uuid.get(&d.uuid),
+                    self.media_by_uuid.get(&p.uuid),
+                ) else {
+                    continue;
+                };
+                match self.media[ci].parent {
+                    None => self.media[ci].parent = Some(pi),
+                    Some(existing) if existing == pi => {}
+                    Some(_) => {
+                        return Err(Error::DuplicateUuid {
+                            kind: "medium (the machine and global registries list it under different parents)",
+                            uuid: d.uuid,
+                        })
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a medium or merges it with an entry of the same uuid from another registry.
+    fn add_medium(&mut self, m: Medium) -> Result<usize> {
+        if let Some(&i) = self.media_by_uuid.get(&m.uuid) {
+            let existing = &mut self.media[i];
+            if existing.source == m.source || existing.kind != m.kind {
+                return Err(Error::DuplicateUuid {
+                    kind: "medium",
+                    uuid: m.uuid,
+                });
+            }
+            // Listed by both registries: keep the machine's entry, take the type if only
+            // the global one has it.
+            if existing.disk_type.is_none() {
+                existing.disk_type = m.disk_type;
+            }
+            return Ok(i);
+        }
+        let i = self.media.len();
+        self.media_by_uuid.insert(m.uuid, i);
+        self.media.push(m);
+        Ok(i)
+    }
+
+    /// Every medium has at most one parent, so a cycle is found by walking each chain
+    /// once and colouring what was seen (linear time).
+    fn check_acyclic(&self) -> Result<()> {
+        // 0 = unvisited, 1 = on the current walk, 2 = done.
+        let mut colour = vec![0u8; self.media.len()];
+        for start in 0..self.media.len() {
+            let mut walk = Vec::new();
+            let mut cur = Some(start);
+            while let Some(i) = cur {
+                match colour[i] {
+                    2 => break,
+                    1 => {
+                        return Err(Error::ParentCycle {
+                            uuid: self.media[i].uuid,
+                        })
+                    }
+                    _ => {}
+                }
+                colour[i] = 1;
+                walk.push(i);
+                cur = self.media[i].parent;
+            }
+            for i in walk {
+                colour[i] = 2;
+            }
+        }
+        Ok(())
+    }
+
+    // ----- accessors --------------------------------------------------------------
+
+    /// The parsed settings.
+    pub fn settings(&self) -> &MachineSettings {
+        &self.settings
+    }
+
+    /// Where the `.vbox` is.
+    pub fn settings_path(&self) -> &Path {
+        &self.settings_path
+    }
+
+    /// The machine folder (relative locations resolve against it).
+    pub fn machine_dir(&self) -> &Path {
+        &self.machine_dir
+    }
+
+    /// The global registry, if one was given.
+    pub fn global_registry(&self) -> Option<&GlobalRegistry> {
+        self.global.as_ref()
+    }
+
+    /// The machine's name.
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// The machine's uuid.
+    pub fn uuid(&self) -> Uuid {
+        self.settings.uuid
+    }
+
+    /// Snapshots in tree pre-order (parents before children).
+    pub fn snapshots(&self) -> &[SnapshotSettings] {
+        &self.settings.snapshots
+    }
+
+    /// The snapshot the current state hangs below.
+    pub fn current_snapshot(&self) -> Option<&SnapshotSettings> {
+        let cur = self.settings.current_snapshot?;
+        self.snapshot(&cur)
+    }
+
+    /// A snapshot by uuid.
+    pub fn snapshot(&self, uuid: &Uuid) -> Option<&SnapshotSettings> {
+        self.snapshot_by_uuid
+            .get(uuid)
+            .and_then(|&i| self.settings.snapshots.get(i))
+    }
+
+    /// The parent of a snapshot.
+    pub fn snapshot_parent(&self, s: &SnapshotSettings) -> Option<&SnapshotSettings> {
+        s.parent.and_then(|p| self.settings.snapshots.get(p))
+    }
+
+    /// Every medium the machine can see (own registry first, then global).
+    pub fn media(&self) -> &[Medium] {
+        &self.media
+    }
+
+    /// A medium by uuid.
+    pub fn medium(&self, uuid: &Uuid) -> Option<&Medium> {
+        self.media_by_uuid.get(uuid).map(|&i| &self.media[i])
+    }
+
+    /// The medium's chain from the base down to it (indices into [`Machine::media`]).
+    pub fn chain(&self, uuid: &Uuid) -> Option<Vec<usize>> {
+        let start = *self.media_by_uuid.get(uuid)?;
+        let mut chain = vec![start];
+        let mut cur = self.media[start].parent;
+        while let Some(p) = cur {
+            if chain.len() > self.media.len() {
+                break; // unreachable: cycles are refused at construction
+            }
+            chain.push(p);
+            cur = self.media[p].parent;
+        }
+        chain.reverse();
+        Some(chain)
+    }
+
+    /// The effective type of a medium: its own, or its base's for differencing images.
+    pub fn effective_disk_type(&self, uuid: &Uuid) -> Option<DiskType> {
+        let chain = self.chain(uuid)?;
+        chain
+            .first()
+            .and_then(|&b| self.media[b].disk_type)
+            .or(Some(DiskType::Normal))
+    }
+
+    /// The snapshot tree for `unacloud_core` (ids are uuids without braces).
+    pub fn snapshot_tree(&self) -> Result<SnapshotTree> {
+        self.settings.snapshot_tree()
+    }
+
+    /// The snapshot tree as text, DOT or JSON.
+    pub fn render_snapshot_tree(&self, format: TreeFormat) -> Result<String> {
+        let tree = self.snapshot_tree()?;
+        Ok(match format {
+            TreeFormat::Text => tree.render_text(),
+            TreeFormat::Dot => tree.render_dot(),
+            TreeFormat::Json => serde_json::to_string_pretty(&tree.to_json()).map_err(|e| {
+                Error::Core(unacloud_core::Error::InvalidInput(format!(
+                    "cannot serialise the snapshot tree: {e}"
+                )))
+            })?,
+        })
+    }
+
+    // ----- selection ----------------------------------------------------------------
+
+    /// Resolves a user's selector: `current` (any case), a uuid (with or without
+    /// braces), or a snapshot name, which must be unique.
+    pub fn select(&self, selector: &str) -> Result<StateRef> {
+        let sel = selector.trim();
+        if sel.eq_ignore_ascii_case("current") {
+            return Ok(StateRef::Current);
+        }
+        let inner = sel
+            .strip_prefix('{')
+            .and_then(|s| s.strip_suffix('}'))
+            .unwrap_or(sel);
+        if let Ok(u) = Uuid::try_parse(inner) {
+            if let Some(&i) = self.snapshot_by_uuid.get(&u) {
+                return Ok(StateRef::Snapshot(i));
+            }
+        }
+        let matches: Vec<usize> = self
+            .settings
+            .snapshots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.name == sel)
+            .map(|(i, _)| i)
+            .collect();
+        match matches.as_slice() {
+            [] => Err(Error::SnapshotNotFound {
+                selector: selector.to_owned(),
+                machine: self.settings.name.clone(),
+            }),
+            [one] => Ok(StateRef::Snapshot(*one)),
+            many => Err(Error::AmbiguousSnapshotName {
+                name: sel.to_owned(),
+                candidates: many
+                    .iter()
+                    .map(|&i| self.settings.snapshots[i].uuid.to_string())
+                    .collect(),
+            }),
+        }
+    }
+
+    fn state_parts(&self, state: StateRef) -> (&Hardware, Option<&str>, String) {
+        match state {
+            StateRef::Current => (
+                &self.settings.hardware,
+                self.settings.state_file.as_deref(),
+                "the current state".to_owned(),
+            ),
+            StateRef::Snapshot(i) => {
+                let s = &self.settings.snapshots[i];
+                (
+                    &s.hardware,
+                    s.state_file.as_deref(),
+                    format!("snapshot {:?} {{{}}}", s.name, s.uuid),
+                )
+            }
+        }
+    }
+
+    // ----- the file tracker ---------------------------------------------------------
+
+    /// The files needed to resume `selector` (see [`Machine::select`]) on another host.
+    pub fn migration_set(
+        &self,
+        selector: &str,
+        options: &MigrationOptions,
+    ) -> Result<MigrationSet> {
+        let state = self.select(selector)?;
+        self.migration_set_for(state, options)
+    }
+
+    /// [`Machine::migration_set`] for an already selected state.
+    pub fn migration_set_for(
+        &self,
+        state: StateRef,
+        options: &MigrationOptions,
+    ) -> Result<MigrationSet> {
+        if let StateRef::Snapshot(i) = state {
+            if i >= self.settings.snapshots.len() {
+                return Err(Error::SnapshotNotFound {
+                    selector: format!("#{i}"),
+                    machine: self.settings.name.clone(),
+                });
+            }
+        }
+        let (hw, state_file, what) = self.state_parts(state);
+        let mut b = SetBuilder::new(options.measure_sizes);
+        b.push(VmFile::new(
+            self.settings_path.clone(),
+            FileRole::Settings,
+            None,
+            None,
+        ));
+        let mut expected_seen: HashSet<Uuid> = HashSet::new();
+        for (ctrl, dev) in hw.attachments() {
+            let slot = format!("{} port {} device {}", ctrl.name, dev.port, dev.device);
+            match (dev.device_type, dev.image, &dev.host_drive) {
+                (DeviceType::HardDisk, Some(u), _) => {
+                    let Some(chain) = self.chain(&u) else {
+                        let needed_by = format!("hard disk at {slot} in {what}");
+                        if options.strict {
+                            return Err(Error::UnresolvedDependency { uuid: u, needed_by });
+                        }
+                        b.set.warnings.push(format!(
+                            "unresolved dependency: hard disk {u} ({needed_by}) is in no registry given; pass the global VirtualBox.xml that registers it"
+                        ));
+                        b.set
+                            .external
+                            .push(format!("unresolved hard disk {u} ({needed_by})"));
+                        continue;
+                    };
+                    let cut = chain
+                        .iter()
+                        .rposition(|&i| options.preloaded.contains(&self.media[i].uuid))
+                        .map_or(0, |k| k + 1);
+                    for &i in &chain[..cut] {
+                        let m = &self.media[i];
+                        if expected_seen.insert(m.uuid) {
+                            b.set.expected_at_destination.push(ExpectedFile {
+                                uuid: m.uuid.to_string(),
+                                path: Some(m.location.path().to_path_buf()),
+                            });
+                        }
+                    }
+                    for &i in &chain[cut..] {
+                        let m = &self.media[i];
+                        b.push(VmFile::new(
+                            m.location.path(),
+                            FileRole::Disk,
+                            Some(m.uuid.to_string()),
+                            None,
+                        ));
+                    }
+                }
+                (DeviceType::Dvd | DeviceType::Floppy, Some(u), _) => {
+                    let kind = if dev.device_type == DeviceType::Dvd {
+                        "DVD"
+                    } else {
+                        "floppy"
+                    };
+                    match self.medium(&u) {
+                        Some(m) if options.include_removable => {
+                            b.push(VmFile::new(
+                                m.location.path(),
+                                FileRole::Disk,
+                                Some(m.uuid.to_string()),
+                                None,
+                            ));
+                        }
+                        Some(m) => b.set.external.push(format!(
+                            "{kind} image {u} at {} ({slot}; not copied)",
+                            m.location.path().display()
+                        )),
+                        None => {
+                            b.set
+                                .external
+                                .push(format!("{kind} image {u} ({slot}; in no registry given)"));
+                            if options.include_removable {
+                                b.set.warnings.push(format!(
+                                    "unresolved dependency: {kind} image {u} at {slot} is in no registry given"
+                                ));
+                            }
+                        }
+                    }
+                }
+                (_, None, Some(src)) => b.set.external.push(format!(
+                    "host drive {src:?} ({slot}; passthrough, not a file)"
+                )),
+                _ => {}
+            }
+        }
+        if let Some(sf) = state_file {
+            let loc = Location::resolve(sf, &self.machine_dir);
+            b.push(VmFile::new(loc.path(), FileRole::SavedState, None, None));
+        }
+        Ok(b.finish())
+    }
+
+    /// Every file of the machine: the settings, every hard disk of its own registry
+    /// and the global-registry disks its states use, and every saved state; with the
+    /// count Eq. 5.4 predicts.
+    pub fn all_files(&self) -> AllFiles {
+        let mut b = SetBuilder::new(true);
+        b.push(VmFile::new(
+            self.settings_path.clone(),
+            FileRole::Settings,
+            None,
+            None,
+        ));
+        let used = self.used_media();
+        for (i, m) in self.media.iter().enumerate() {
+            if m.kind != MediumKind::HardDisk {
+                continue;
+            }
+            if m.source == RegistrySource::Machine || used[i] {
+                b.push(VmFile::new(
+                    m.location.path(),
+                    FileRole::Disk,
+                    Some(m.uuid.to_string()),
+                    None,
+                ));
+            }
+        }
+        for sf in self.state_files() {
+            b.push(VmFile::new(
+                Location::resolve(sf, &self.machine_dir).path(),
+                FileRole::SavedState,
+                None,
+                None,
+            ));
+        }
+        let set = b.finish();
+        let disks = self
+            .settings
+            .hardware
+            .hard_disk_uuids()
+            .collect::<HashSet<_>>()
+            .len();
+        let snapshots = self.settings.snapshots.len();
+        AllFiles {
+            files: set.files,
+            disks,
+            snapshots,
+            expected_count: eq_5_4(disks as u64, snapshots as u64),
+            warnings: set.warnings,
+        }
+    }
+
+    /// Files of [`Machine::all_files`] that no snapshot and not the current state
+    /// needs: what a clean-up could delete.
+    pub fn unneeded_files(&self) -> Vec<VmFile> {
+        let used = self.used_media();
+        let needed_states: HashSet<PathBuf> = self
+            .state_files()
+            .map(|sf| {
+                Location::resolve(sf, &self.machine_dir)
+                    .path()
+                    .to_path_buf()
+            })
+            .collect();
+        let needed_disks: HashSet<PathBuf> = self
+            .media
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| used[*i])
+            .map(|(_, m)| m.location.path().to_path_buf())
+            .collect();
+        self.all_files()
+            .files
+            .into_iter()
+            .filter(|f| match f.role {
+                FileRole::Settings => false,
+                FileRole::SavedState => !needed_states.contains(&f.path),
+                FileRole::Disk => !needed_disks.contains(&f.path),
+            })
+            .collect()
+    }
+
+    /// Files of [`Machine::all_files`] that resuming `selector` does not need (the
+    /// thesis's comparison for one snapshot: older saved states, the current state's
+    /// image, …).
+    pub fn files_not_needed_for(
+        &self,
+        selector: &str,
+        options: &MigrationOptions,
+    ) -> Result<Vec<VmFile>> {
+        let set = self.migration_set(selector, options)?;
+        let needed: HashSet<&Path> = set
+            .files
+            .iter()
+            .map(|f| f.path.as_path())
+            .chain(
+                set.expected_at_destination
+                    .iter()
+                    .filter_map(|e| e.path.as_deref()),
+            )
+            .collect();
+        Ok(self
+            .all_files()
+            .files
+            .into_iter()
+            .filter(|f| !needed.contains(f.path.as_path()))
+            .collect())
+    }
+
+    /// Saved-state files of every snapshot and of the machine (may repeat).
+    fn state_files(&self) -> impl Iterator<Item = &str> {
+        self.settings
+            .snapshots
+            .iter()
+            .filter_map(|s| s.state_file.as_deref())
+            .chain(self.settings.state_file.as_deref())
+    }
+
+    /// Marks every medium on the chain of a hard disk attached in any state. Each
+    /// walk stops at the first medium already marked, so the cost is linear.
+    fn used_media(&self) -> Vec<bool> {
+        let mut used = vec![false; self.media.len()];
+        let states = std::iter::once(&self.settings.hardware)
+            .chain(self.settings.snapshots.iter().map(|s| &s.hardware));
+        for hw in states {
+            for u in hw.hard_disk_uuids() {
+                let mut cur = self.media_by_uuid.get(&u).copied();
+                while let Some(i) = cur {
+                    if used[i] {
+                        break;
+                    }
+                    used[i] = true;
+                    cur = self.media[i].parent;
+                }
+            }
+        }
+        used
+    }
+}
+
+/// Accumulates a [`MigrationSet`] with O(1) de-duplication by path.
+struct SetBuilder {
+    set: MigrationSet,
+    seen: HashSet<PathBuf>,
+    measure: bool,
+}
+
+impl SetBuilder {
+    fn new(measure: bool) -> Self {
+        SetBuilder {
+            set: MigrationSet::default(),
+            seen: HashSet::new(),
+            measure,
+        }
+    }
+
+    fn push(&mut self, file: VmFile) {
+        if self.seen.insert(file.path.clone()) {
+            self.set.files.push(file);
+        }
+    }
+
+    fn finish(mut self) -> MigrationSet {
+        if self.measure {
+            for f in &mut self.set.files {
+                match std::fs::metadata(&f.path) {
+                    Ok(meta) if meta.is_file() => f.bytes = Some(meta.len()),
+                    Ok(_) => self.set.warnings.push(format!(
+                        "not a regular file: {} ({})",
+                        f.path.display(),
+                        f.role
+                    )),
+                    Err(e) => self.set.warnings.push(format!(
+                        "missing file: {} ({}{}): {e}",
+                        f.path.display(),
+                        f.role,
+                        f.uuid
+                            .as_deref()
+                            .map(|u| format!(" {u}"))
+                            .unwrap_or_default()
+                    )),
+                }
+            }
+        }
+        self.set
+    }
+}
+
+impl MachineSettings {
+    /// The snapshot tree for `unacloud_core` (ids are uuids without braces), with the
+    /// current state's snapshot marked.
+    pub fn snapshot_tree(&self) -> Result<SnapshotTree> {
+        use unacloud_core::tree::{NodeId, Snapshot};
+        let mut tree = SnapshotTree::new();
+        let mut ids: Vec<NodeId> = Vec::with_capacity(self.snapshots.len());
+        for s in &self.snapshots {
+            let node = Snapshot {
+                id: s.uuid.to_string(),
+                name: s.name.clone(),
+                description: s.description.clone(),
+                time_stamp: s.time_stamp.clone(),
+                state_file: s.state_file.clone(),
+            };
+            let id = match s.parent.and_then(|p| ids.get(p).copied()) {
+                Some(p) => tree.add_child(p, node)?,
+                None => tree.add_root(node)?,
+            };
+            ids.push(id);
+        }
+        if let Some(c) = self.current_snapshot_index() {
+            tree.set_current(ids.get(c).copied());
+        }
+        Ok(tree)
+    }
+}
