@@ -233,6 +233,51 @@ pub enum Error {
         /// Every problem found.
         problems: Vec<crate::vdi::ChainProblem>,
     },
+    /// A copy was refused before anything was written.
+    #[error("refusing to copy into {}: {}", dest_root.display(), rejected.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("; "))]
+    CopyRefused {
+        /// The destination root.
+        dest_root: PathBuf,
+        /// Every refused file, with the reason.
+        rejected: Vec<crate::copy::RejectedPath>,
+    },
+    /// Copying a file failed; temporary files were removed.
+    #[error("copying {} to {} failed while {step}", from.display(), to.display())]
+    CopyFailed {
+        /// The source file.
+        from: PathBuf,
+        /// The final destination.
+        to: PathBuf,
+        /// The step that failed, in words.
+        step: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The copied file does not have the source's size.
+    #[error("copy of {} to {} has {actual} bytes, expected {expected}", from.display(), to.display())]
+    CopySizeMismatch {
+        /// The source file.
+        from: PathBuf,
+        /// The final destination.
+        to: PathBuf,
+        /// The source's size.
+        expected: u64,
+        /// The size written.
+        actual: u64,
+    },
+    /// The copied file's BLAKE3 hash differs from the source's.
+    #[error("copy of {} to {} is corrupt: BLAKE3 {dest_hash} differs from the source's {source_hash}", from.display(), to.display())]
+    ChecksumMismatch {
+        /// The source file.
+        from: PathBuf,
+        /// The final destination.
+        to: PathBuf,
+        /// The source's hash (hex).
+        source_hash: String,
+        /// The destination's hash (hex).
+        dest_hash: String,
+    },
     /// An error from the shared core (snapshot tree construction).
     #[error(transparent)]
     Core(#[from] unacloud_core::Error),

@@ -3,6 +3,7 @@
 //! The VirtualBox backend of unacloud.
 #![deny(missing_docs)]
 
+pub mod copy;
 pub mod error;
 pub mod location;
 pub mod settings;
