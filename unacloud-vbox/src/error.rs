@@ -281,6 +281,42 @@ pub enum Error {
     /// An error from the shared core (snapshot tree construction).
     #[error(transparent)]
     Core(#[from] unacloud_core::Error),
+    /// `VBoxManage` could not be started (not installed, not on `PATH`, not executable).
+    #[error("cannot start {}: install VirtualBox or give the full path of VBoxManage", program.display())]
+    ToolMissing {
+        /// The program that was looked for.
+        program: PathBuf,
+        /// Why it could not be started.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `VBoxManage` command exited with an error; the failure holds what it printed
+    /// and how it was classified.
+    #[error("`{command}` failed: {failure}")]
+    VBoxManage {
+        /// The command line, quoted for a POSIX shell (never contains a password).
+        command: String,
+        /// What `VBoxManage` reported.
+        failure: Box<crate::manage::Failure>,
+    },
+    /// A `VBoxManage` command did not finish within its time limit and was killed.
+    #[error("`{command}` did not finish within {after:?} and was killed")]
+    VBoxManageTimeout {
+        /// The command line, quoted for a POSIX shell.
+        command: String,
+        /// Short name of the operation (`snapshot take`, `startvm`, …).
+        operation: &'static str,
+        /// The limit.
+        after: std::time::Duration,
+    },
+    /// `VBoxManage` printed something this library cannot interpret.
+    #[error("unexpected output from `{command}`: {message}")]
+    UnexpectedOutput {
+        /// The command line, quoted for a POSIX shell.
+        command: String,
+        /// What was expected and what was found.
+        message: String,
+    },
 }
 
 impl Error {

@@ -5,6 +5,7 @@
 
 pub mod copy;
 pub mod error;
+pub mod manage;
 pub mod location;
 pub mod settings;
 pub mod tracker;

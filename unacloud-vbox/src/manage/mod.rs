@@ -1,0 +1,48 @@
+//! Driving VirtualBox through `VBoxManage`, as the thesis's agent did.
+//!
+//! * [`command`] builds every command line (one function per operation) and quotes it
+//!   for a POSIX shell;
+//! * [`runner`] runs commands: [`TokioRunner`] starts the real `VBoxManage` with a time
+//!   limit per call, [`ReplayRunner`] answers with canned outputs and records the
+//!   command lines;
+//! * [`failure`] reads VBoxManage's error lines and classifies them (not found, invalid
+//!   state, in use, access denied, timeout, other);
+//! * [`parse`] reads the outputs (`list`, `showvminfo --machinereadable`,
+//!   `snapshot list --machinereadable`, `list hdds`/`showmediuminfo`, …);
+//! * [`VBoxManageHypervisor`] implements [`unacloud_core::hypervisor::Hypervisor`] on top;
+//!
+//! Guest passwords never appear on a command line or in `Debug` output (see
+//! [`Secret`], [`PasswordSource`]).
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! use std::sync::Arc;
+//! use unacloud_core::hypervisor::Hypervisor;
+//! use unacloud_vbox::manage::{ReplayRunner, VBoxManageHypervisor};
+//!
+//! let runner = Arc::new(ReplayRunner::new().then_ok("\"Ubuntu\" {2e16b1fc-675d-4a7a-a9a1-e89a8bde7874}\n"));
+//! let vbox = VBoxManageHypervisor::new(runner.clone());
+//! // `list vms` then `showvminfo` per VM: the second reply is missing, so this fails…
+//! assert!(vbox.list_vms().await.is_err());
+//! // …after running exactly these commands:
+//! assert_eq!(runner.lines(), vec![
+//!     "VBoxManage list vms",
+//!     "VBoxManage showvminfo 2e16b1fc-675d-4a7a-a9a1-e89a8bde7874 --machinereadable",
+//! ]);
+//! # });
+//! ```
+
+mod backend;
+pub mod command;
+pub mod failure;
+pub mod parse;
+pub mod runner;
+mod secret;
+
+pub use backend::{create_vm_commands, guest_exit, GuestExit, VBoxManageHypervisor};
+pub use command::{shell_quote, VBoxCommand};
+pub use failure::{ErrorReport, Failure, FailureKind};
+pub use runner::{
+    locate_vboxmanage, CommandOutput, CommandRunner, RecordedCall, ReplayRunner, TokioRunner,
+};
+pub use secret::{PasswordSource, Secret};
