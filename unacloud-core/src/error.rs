@@ -109,6 +109,35 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A stored file (a template catalog, a VM's settings) could not be parsed. The file
+    /// is left as it is; `backup` names the last good copy when one exists.
+    #[error("{what} at {} is corrupt: {reason}{}", path.display(), backup.as_ref().map(|b| format!("; the previous good copy is at {}", b.display())).unwrap_or_default())]
+    Corrupt {
+        /// What the file holds ("template catalog", "VM settings", …).
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+        /// The last good copy, if one was kept.
+        backup: Option<PathBuf>,
+    },
+    /// A file's content does not match its recorded checksum.
+    #[error("checksum mismatch for {}: expected {expected}, got {actual}", path.display())]
+    ChecksumMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The recorded checksum.
+        expected: String,
+        /// The checksum of the content found.
+        actual: String,
+    },
+    /// The operation was cancelled by the caller before it finished.
+    #[error("{operation} was cancelled")]
+    Cancelled {
+        /// What was cancelled.
+        operation: String,
+    },
     /// Any other backend failure, with the backend's raw message.
     #[error("{backend}: {message}")]
     Backend {

@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::files::MigrationSet;
 use crate::model::{DiskInfo, DiskSpace, DiskType, Uuid, VmId, VmInfo, VmSpec};
 use crate::tree::SnapshotTree;
 
@@ -214,6 +215,20 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// Free space of the file system that holds `path` on the host.
     async fn host_disk_space(&self, path: &Path) -> Result<DiskSpace> {
         crate::model::disk_space(path)
+    }
+    /// The VM's own files (settings, its disks and differencing images, saved states)
+    /// that must be copied to run it on another host in its current state. Multiattach
+    /// templates it uses are listed in [`MigrationSet::expected_at_destination`], never
+    /// in [`MigrationSet::files`].
+    ///
+    /// The default returns [`Error::Unsupported`].
+    async fn vm_files(&self, vm: &VmId) -> Result<MigrationSet> {
+        let _ = vm;
+        Err(Error::Unsupported {
+            backend: self.backend().to_owned(),
+            operation: "list a VM's files",
+            reason: "this backend cannot list the files of a VM".to_owned(),
+        })
     }
 }
 
@@ -444,6 +459,9 @@ impl<H: Hypervisor> Hypervisor for WithTimeouts<H> {
         )
         .await
     }
+    async fn vm_files(&self, vm: &VmId) -> Result<MigrationSet> {
+        bounded("list VM files", self.limits.query, self.inner.vm_files(vm)).await
+    }
 }
 
 #[async_trait]
@@ -522,5 +540,8 @@ impl<H: Hypervisor + ?Sized> Hypervisor for Arc<H> {
     }
     async fn host_disk_space(&self, path: &Path) -> Result<DiskSpace> {
         (**self).host_disk_space(path).await
+    }
+    async fn vm_files(&self, vm: &VmId) -> Result<MigrationSet> {
+        (**self).vm_files(vm).await
     }
 }

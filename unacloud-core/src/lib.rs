@@ -34,6 +34,8 @@ pub mod hypervisor;
 pub mod memory;
 pub mod model;
 pub mod placement;
+pub mod provision;
+pub mod qemu;
 pub mod tree;
 
 pub use error::{Error, Result};

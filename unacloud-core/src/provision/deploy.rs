@@ -1,0 +1,549 @@
+//! Executing a deployment from a placement plan.
+//!
+//! [`DeploymentPlan::from_placement`] groups a [`Placement`]'s VMs by host;
+//! [`deploy`] then provisions hosts in parallel (at most
+//! [`DeployOptions::max_parallel_hosts`] at a time) and the VMs of one host one after
+//! another, as the thesis measured (Table 4.1). Each VM goes through the provisioning
+//! states of the thesis's life cycle (Fig. 2.6) — Requested → Transmitting → Configuring
+//! → Deploying → Deployed, or Failed — each bounded by its time limit (Transmitting
+//! 20 min, Deploying 8 min by default). Transient errors (time-outs, interrupted I/O) are
+//! retried with back-off; each attempt is all-or-nothing, so a failed attempt leaves no
+//! VM behind. Cancellation stops new work at once and rolls back the VMs that were in
+//! progress; VMs already deployed stay.
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! use std::collections::HashMap;
+//! use std::sync::Arc;
+//! use unacloud_core::hypervisor::{DiskRef, Hypervisor};
+//! use unacloud_core::memory::InMemoryHypervisor;
+//! use unacloud_core::model::{HardwareProfile, Host};
+//! use unacloud_core::placement::{place, Algorithm, VmRequest};
+//! use unacloud_core::provision::deploy::{deploy, DeployOptions, DeploymentPlan, HostTarget};
+//! use unacloud_core::provision::multiattach::MultiattachManager;
+//!
+//! let hosts = vec![Host::new("pc-1", 4, 8192, 1 << 40), Host::new("pc-2", 4, 8192, 1 << 40)];
+//! let vms: Vec<VmRequest> = (0..4)
+//!     .map(|i| VmRequest::new(format!("vm-{i}"), "ubuntu@1", HardwareProfile::Small))
+//!     .collect();
+//! let placement = place(&hosts, &vms, Algorithm::RoundRobin, None).unwrap();
+//! let plan = DeploymentPlan::from_placement(&placement, &vms).unwrap();
+//!
+//! let mut targets = HashMap::new();
+//! for h in &hosts {
+//!     let hv: Arc<dyn Hypervisor> = Arc::new(InMemoryHypervisor::new());
+//!     let t = MultiattachManager::new(hv.as_ref()).register_template("/t/ubuntu-1.vdi".as_ref()).await.unwrap();
+//!     let mut target = HostTarget::new(hv);
+//!     target.templates.insert("ubuntu@1".into(), DiskRef::Uuid(t.uuid));
+//!     targets.insert(h.id.clone(), target);
+//! }
+//! let report = deploy(&plan, &targets, &DeployOptions::default(), None, None).await;
+//! assert_eq!(report.created(), 4);
+//! # });
+//! ```
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::catalog::Catalog;
+use super::multiattach::{remove_vm_quietly, MultiattachManager};
+use crate::error::{Error, Result};
+use crate::hypervisor::{DiskRef, Hypervisor, StartMode};
+use crate::model::{DiskType, HostId, VmId, VmSpec};
+use crate::placement::{Placement, VmRequest};
+
+/// One VM to create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedVm {
+    /// Name, hardware profile, folder.
+    pub spec: VmSpec,
+    /// The template id (`name@version` for templates from the catalog).
+    pub template: String,
+}
+
+/// The VMs of one host, in creation order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPlan {
+    /// The host.
+    pub host: HostId,
+    /// Its VMs.
+    pub vms: Vec<PlannedVm>,
+}
+
+/// A deployment grouped by host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DeploymentPlan {
+    /// Hosts in the order their first VM was placed.
+    pub hosts: Vec<HostPlan>,
+}
+
+impl DeploymentPlan {
+    /// Groups a placement's assignments by host, keeping request order within a host.
+    /// `requests` are the requests the placement was computed from.
+    pub fn from_placement(placement: &Placement, requests: &[VmRequest]) -> Result<Self> {
+        let by_name: HashMap<&str, &VmRequest> =
+            requests.iter().map(|r| (r.name.as_str(), r)).collect();
+        let mut index: HashMap<&HostId, usize> = HashMap::new();
+        let mut plan = DeploymentPlan::default();
+        for a in &placement.assignments {
+            let req = by_name.get(a.vm.as_str()).ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "the placement assigns VM {} that is not among the requests",
+                    a.vm
+                ))
+            })?;
+            let i = *index.entry(&a.host).or_insert_with(|| {
+                plan.hosts.push(HostPlan {
+                    host: a.host.clone(),
+                    vms: Vec::new(),
+                });
+                plan.hosts.len() - 1
+            });
+            plan.hosts[i].vms.push(PlannedVm {
+                spec: VmSpec::new(req.name.clone(), req.profile),
+                template: req.template.clone(),
+            });
+        }
+        Ok(plan)
+    }
+
+    /// Number of VMs in the plan.
+    pub fn len(&self) -> usize {
+        self.hosts.iter().map(|h| h.vms.len()).sum()
+    }
+
+    /// Whether the plan has no VM.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A host the deployment provisions on.
+#[derive(Debug, Clone)]
+pub struct HostTarget {
+    /// Its hypervisor.
+    pub hypervisor: Arc<dyn Hypervisor>,
+    /// Template id → the preloaded multiattach disk on this host.
+    pub templates: HashMap<String, DiskRef>,
+    /// Folder for the VMs (the backend's default when `None`).
+    pub vm_folder: Option<PathBuf>,
+}
+
+impl HostTarget {
+    /// A target with no templates and the default VM folder.
+    pub fn new(hypervisor: Arc<dyn Hypervisor>) -> Self {
+        HostTarget {
+            hypervisor,
+            templates: HashMap::new(),
+            vm_folder: None,
+        }
+    }
+}
+
+/// The provisioning states of the thesis's deployment life cycle (Fig. 2.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProvisionState {
+    /// Asked for, not started.
+    Requested,
+    /// The image is being made available on the host (a preloaded template: nothing
+    /// to copy).
+    Transmitting,
+    /// The VM and its differencing disk are being created and configured.
+    Configuring,
+    /// The VM is being started.
+    Deploying,
+    /// Created (and started, if asked).
+    Deployed,
+    /// Gave up; whatever was created was removed.
+    Failed,
+    /// Not attempted or rolled back because the deployment was cancelled.
+    Cancelled,
+}
+
+/// Time limits per provisioning state (thesis §2.4: Transmitting 20 min, Deploying
+/// 8 min). Configuring shares the Deploying limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateTimeouts {
+    /// Limit for Transmitting.
+    pub transmitting: Duration,
+    /// Limit for Configuring and for Deploying.
+    pub deploying: Duration,
+}
+
+impl Default for StateTimeouts {
+    fn default() -> Self {
+        StateTimeouts {
+            transmitting: Duration::from_secs(20 * 60),
+            deploying: Duration::from_secs(8 * 60),
+        }
+    }
+}
+
+/// When to try a VM again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Attempts per VM, including the first (1: no retry).
+    pub max_attempts: u32,
+    /// Wait before the second attempt; doubled before each further one.
+    pub backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Whether an error may go away if the same step is tried again: time-outs and
+/// interrupted or resource-busy I/O.
+pub fn is_transient(e: &Error) -> bool {
+    match e {
+        Error::Timeout { .. } => true,
+        Error::Io { source, .. } => matches!(
+            source.kind(),
+            std::io::ErrorKind::Interrupted
+                | std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::WouldBlock
+                | std::io::ErrorKind::ResourceBusy
+        ),
+        _ => false,
+    }
+}
+
+/// How to run a deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeployOptions {
+    /// Hosts provisioned at the same time.
+    pub max_parallel_hosts: usize,
+    /// Retries of transient failures.
+    pub retry: RetryPolicy,
+    /// State time limits.
+    pub timeouts: StateTimeouts,
+    /// Start each VM after creating it (Deploying); off for backends that cannot run
+    /// VMs here.
+    pub start: bool,
+}
+
+impl Default for DeployOptions {
+    fn default() -> Self {
+        DeployOptions {
+            max_parallel_hosts: 16,
+            retry: RetryPolicy::default(),
+            timeouts: StateTimeouts::default(),
+            start: false,
+        }
+    }
+}
+
+/// What happened to one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmOutcome {
+    /// The VM's name.
+    pub vm: String,
+    /// Its host.
+    pub host: HostId,
+    /// The template id.
+    pub template: String,
+    /// Final state: Deployed, Failed or Cancelled.
+    pub state: ProvisionState,
+    /// States entered, with the time since this VM's provisioning began.
+    pub history: Vec<(ProvisionState, Duration)>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Why it failed or was cancelled.
+    pub error: Option<String>,
+    /// Time from the first attempt to the final state.
+    pub elapsed: Duration,
+}
+
+/// The final report of a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DeploymentReport {
+    /// Per-VM outcomes, grouped by host in plan order.
+    pub outcomes: Vec<VmOutcome>,
+    /// Wall-clock time of the whole deployment.
+    pub elapsed: Duration,
+    /// Whether the deployment was cancelled.
+    pub cancelled: bool,
+}
+
+impl DeploymentReport {
+    /// VMs deployed.
+    pub fn created(&self) -> usize {
+        self.count(ProvisionState::Deployed)
+    }
+
+    /// VMs that failed.
+    pub fn failed(&self) -> usize {
+        self.count(ProvisionState::Failed)
+    }
+
+    fn count(&self, s: ProvisionState) -> usize {
+        self.outcomes.iter().filter(|o| o.state == s).count()
+    }
+
+    /// Records every deployed VM whose template id is `name@version` in the catalog
+    /// (so the version cannot be removed while they exist).
+    pub fn record_in(&self, catalog: &mut Catalog) -> Result<()> {
+        for o in self
+            .outcomes
+            .iter()
+            .filter(|o| o.state == ProvisionState::Deployed)
+        {
+            if let Some((name, v)) = o.template.rsplit_once('@') {
+                if let Ok(version) = v.parse::<u32>() {
+                    catalog.record_use(name, version, &o.host.0, &o.vm)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Called after each VM reaches its final state.
+pub type OutcomeCallback = Arc<dyn Fn(&VmOutcome) + Send + Sync>;
+
+/// Executes `plan` on `targets`. See the [module documentation](self).
+///
+/// Never fails as a whole: every VM gets an outcome (a host missing from `targets`, or a
+/// template missing on a host, fails that host's VMs with the reason).
+pub async fn deploy(
+    plan: &DeploymentPlan,
+    targets: &HashMap<HostId, HostTarget>,
+    options: &DeployOptions,
+    cancel: Option<CancellationToken>,
+    on_outcome: Option<OutcomeCallback>,
+) -> DeploymentReport {
+    let start = Instant::now();
+    let cancel = cancel.unwrap_or_default();
+    let sem = Arc::new(tokio::sync::Semaphore::new(
+        options.max_parallel_hosts.max(1),
+    ));
+    let mut set = tokio::task::JoinSet::new();
+    for (i, hp) in plan.hosts.iter().enumerate() {
+        let hp = hp.clone();
+        let target = targets.get(&hp.host).cloned();
+        let sem = sem.clone();
+        let cancel = cancel.clone();
+        let options = *options;
+        let cb = on_outcome.clone();
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let out = run_host(&hp, target.as_ref(), &options, &cancel, cb.as_ref()).await;
+            (i, out)
+        });
+    }
+    let mut per_host: Vec<Vec<VmOutcome>> = vec![Vec::new(); plan.hosts.len()];
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok((i, out)) => per_host[i] = out,
+            Err(e) => tracing::error!("a host task failed: {e}"),
+        }
+    }
+    DeploymentReport {
+        outcomes: per_host.into_iter().flatten().collect(),
+        elapsed: start.elapsed(),
+        cancelled: cancel.is_cancelled(),
+    }
+}
+
+async fn run_host(
+    hp: &HostPlan,
+    target: Option<&HostTarget>,
+    options: &DeployOptions,
+    cancel: &CancellationToken,
+    cb: Option<&OutcomeCallback>,
+) -> Vec<VmOutcome> {
+    let mut out = Vec::with_capacity(hp.vms.len());
+    for vm in &hp.vms {
+        let o = run_vm(&hp.host, vm, target, options, cancel).await;
+        if let Some(cb) = cb {
+            cb(&o);
+        }
+        out.push(o);
+    }
+    out
+}
+
+async fn run_vm(
+    host: &HostId,
+    vm: &PlannedVm,
+    target: Option<&HostTarget>,
+    options: &DeployOptions,
+    cancel: &CancellationToken,
+) -> VmOutcome {
+    let t0 = Instant::now();
+    let mut o = VmOutcome {
+        vm: vm.spec.name.clone(),
+        host: host.clone(),
+        template: vm.template.clone(),
+        state: ProvisionState::Requested,
+        history: vec![(ProvisionState::Requested, Duration::ZERO)],
+        attempts: 0,
+        error: None,
+        elapsed: Duration::ZERO,
+    };
+    let finish = |mut o: VmOutcome, state, error: Option<String>| {
+        o.state = state;
+        o.history.push((state, t0.elapsed()));
+        o.error = error;
+        o.elapsed = t0.elapsed();
+        o
+    };
+    if cancel.is_cancelled() {
+        return finish(
+            o,
+            ProvisionState::Cancelled,
+            Some("deployment cancelled before this VM started".into()),
+        );
+    }
+    let Some(target) = target else {
+        return finish(
+            o,
+            ProvisionState::Failed,
+            Some(format!("no hypervisor for host {host}")),
+        );
+    };
+    let hv = target.hypervisor.as_ref();
+    let mut spec = vm.spec.clone();
+    if spec.base_folder.is_none() {
+        spec.base_folder = target.vm_folder.clone();
+    }
+    let id = VmId::new(spec.name.clone());
+
+    // Transmitting: the template must be preloaded on the host.
+    o.history.push((ProvisionState::Transmitting, t0.elapsed()));
+    let template = match target.templates.get(&vm.template) {
+        None => {
+            return finish(
+                o,
+                ProvisionState::Failed,
+                Some(format!(
+                    "template {} is not preloaded on host {host}",
+                    vm.template
+                )),
+            )
+        }
+        Some(r) => {
+            let look = async {
+                let disks = hv.list_disks().await?;
+                disks
+                    .into_iter()
+                    .find(|d| match r {
+                        DiskRef::Uuid(u) => d.uuid == *u,
+                        DiskRef::Path(p) => d.location == *p,
+                    })
+                    .filter(|d| d.disk_type == DiskType::MultiAttach)
+                    .ok_or_else(|| Error::NotFound {
+                        kind: "multiattach template",
+                        id: format!("{r} on host {host}"),
+                    })
+            };
+            match bounded("transmit template", options.timeouts.transmitting, look).await {
+                Ok(d) => d,
+                Err(e) => return finish(o, ProvisionState::Failed, Some(e.to_string())),
+            }
+        }
+    };
+
+    // Never touch a VM this deployment did not create.
+    if hv.vm_info(&id).await.is_ok() {
+        return finish(
+            o,
+            ProvisionState::Failed,
+            Some(format!(
+                "a VM named {} already exists on host {host}",
+                spec.name
+            )),
+        );
+    }
+
+    let mut backoff = options.retry.backoff;
+    loop {
+        o.attempts += 1;
+        o.history.push((ProvisionState::Configuring, t0.elapsed()));
+        let manager = MultiattachManager::new(hv);
+        let attempt = async {
+            bounded(
+                "configure VM",
+                options.timeouts.deploying,
+                manager.create_vm_from(&spec, &template),
+            )
+            .await?;
+            if options.start {
+                bounded(
+                    "start VM",
+                    options.timeouts.deploying,
+                    hv.start_vm(&id, StartMode::Headless),
+                )
+                .await?;
+            }
+            Ok::<(), Error>(())
+        };
+        let result = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => None,
+            r = attempt => Some(r),
+        };
+        match result {
+            Some(Ok(())) => {
+                if options.start {
+                    o.history.push((ProvisionState::Deploying, t0.elapsed()));
+                }
+                return finish(o, ProvisionState::Deployed, None);
+            }
+            None => {
+                remove_vm_quietly(hv, &id).await;
+                return finish(
+                    o,
+                    ProvisionState::Cancelled,
+                    Some(
+                        "deployment cancelled while this VM was being created; rolled back".into(),
+                    ),
+                );
+            }
+            Some(Err(e)) => {
+                // A time-out drops the operation half-way: remove what it created.
+                if !matches!(e, Error::AlreadyExists { .. }) {
+                    remove_vm_quietly(hv, &id).await;
+                }
+                if is_transient(&e)
+                    && o.attempts < options.retry.max_attempts
+                    && !cancel.is_cancelled()
+                {
+                    tracing::info!(
+                        "retrying VM {} on {host} after transient error: {e}",
+                        spec.name
+                    );
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = backoff.saturating_mul(2);
+                    continue;
+                }
+                return finish(o, ProvisionState::Failed, Some(e.to_string()));
+            }
+        }
+    }
+}
+
+async fn bounded<T>(
+    operation: &'static str,
+    after: Duration,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(after, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout { operation, after }),
+    }
+}
