@@ -8,6 +8,7 @@ pub mod error;
 pub mod manage;
 pub mod location;
 pub mod settings;
+pub mod synth;
 pub mod tracker;
 pub mod vdi;
 
