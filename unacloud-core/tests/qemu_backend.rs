@@ -1,0 +1,227 @@
+//! The QEMU backend against the real `qemu-img`.
+#![allow(clippy::unwrap_used)]
+
+mod provision_support;
+
+use std::path::Path;
+
+use provision_support::{make_template, require_qemu_img};
+use unacloud_core::conformance::{run_all, ConformanceEnv};
+use unacloud_core::files::FileRole;
+use unacloud_core::hypervisor::{DiskRef, Hypervisor, StartMode};
+use unacloud_core::model::{DiskType, HardwareProfile, VmId, VmSpec};
+use unacloud_core::provision::catalog::{checksum_file, ChecksumAlgorithm};
+use unacloud_core::provision::multiattach::MultiattachManager;
+use unacloud_core::qemu::{parse_info, QemuHypervisor};
+use unacloud_core::Error;
+
+#[test]
+fn parses_real_backing_chain_json() {
+    let text = include_str!("qemu_data/info-backing-chain.json");
+    let chain = parse_info(text).unwrap();
+    assert_eq!(chain.len(), 2);
+    assert_eq!(chain[0].filename, "ov.qcow2");
+    assert_eq!(chain[0].format, "qcow2");
+    assert_eq!(chain[0].virtual_size, 64 << 20);
+    assert_eq!(
+        chain[0].full_backing_filename.as_deref(),
+        Some("/srv/templates/base.qcow2")
+    );
+    assert_eq!(chain[0].backing_filename_format.as_deref(), Some("qcow2"));
+    let names: Vec<&str> = chain[0].snapshots.iter().map(|s| s.name.as_str()).collect();
+    // qemu-img accepts a tag twice (which is why the backend uses unique tags).
+    assert_eq!(names, ["s1", "s2", "s1"]);
+    assert_eq!(chain[0].snapshots[1].id, "2");
+    assert_eq!(chain[0].snapshots[2].id, "3");
+    assert!(chain[1].backing_filename.is_none());
+    assert!(chain[1].snapshots.is_empty());
+}
+
+#[test]
+fn garbage_json_is_a_typed_error() {
+    assert!(matches!(parse_info("not json"), Err(Error::Backend { .. })));
+    assert!(matches!(parse_info("42"), Err(Error::Backend { .. })));
+    assert!(matches!(
+        parse_info(r#"{"format": "qcow2"}"#),
+        Err(Error::Backend { .. })
+    ));
+}
+
+#[tokio::test]
+async fn passes_the_conformance_suite() {
+    require_qemu_img();
+    let dir = tempfile::tempdir().unwrap();
+    let template = make_template(dir.path(), "conf", 16 << 20, 1 << 20).await;
+    let hv = QemuHypervisor::open(dir.path().join("host")).await.unwrap();
+    let report = run_all(&hv, &ConformanceEnv::new(&template)).await;
+    assert!(report.passed.contains(&"multiattach and snapshots"));
+    // qemu-system is not driven by this backend: the power cycle is reported, not faked.
+    assert_eq!(report.skipped.len(), 1, "{report:?}");
+    assert_eq!(report.skipped[0].0, "power cycle");
+}
+
+#[tokio::test]
+async fn fifty_vms_from_one_template_keep_it_unchanged() {
+    require_qemu_img();
+    let dir = tempfile::tempdir().unwrap();
+    let template = make_template(dir.path(), "ubuntu-1", 64 << 20, 4 << 20).await;
+    let before = checksum_file(&template, ChecksumAlgorithm::Blake3).unwrap();
+    let hv = QemuHypervisor::open(dir.path().join("host")).await.unwrap();
+    let m = MultiattachManager::new(&hv);
+    let t = m.register_template(&template).await.unwrap();
+    assert_eq!(t.disk_type, DiskType::MultiAttach);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&template).unwrap().permissions().mode();
+        assert_eq!(mode & 0o222, 0, "a multiattach template is read-only");
+    }
+    let tref = DiskRef::Uuid(t.uuid);
+    let canon_template = std::fs::canonicalize(&template).unwrap();
+
+    for i in 0..50 {
+        let vm = m
+            .create_vm(
+                &VmSpec::new(format!("vm-{i:02}"), HardwareProfile::Small),
+                &tref,
+            )
+            .await
+            .unwrap();
+        assert_eq!(vm.disks.len(), 1);
+    }
+    assert_eq!(hv.list_vms().await.unwrap().len(), 50);
+
+    // Snapshots of some VMs: a small tree, a restore and a delete.
+    for i in (0..50).step_by(10) {
+        let id = VmId::new(format!("vm-{i:02}"));
+        let a = hv
+            .take_snapshot(&id, "installed", None, false)
+            .await
+            .unwrap();
+        let b = hv
+            .take_snapshot(&id, "configured", Some("after a"), false)
+            .await
+            .unwrap();
+        hv.restore_snapshot(&id, &a.id).await.unwrap();
+        let c = hv.take_snapshot(&id, "branch", None, false).await.unwrap();
+        let tree = hv.snapshot_tree(&id).await.unwrap();
+        assert_eq!(tree.len(), 3);
+        let (na, nb, nc) = (
+            tree.find_by_id(&a.id).unwrap(),
+            tree.find_by_id(&b.id).unwrap(),
+            tree.find_by_id(&c.id).unwrap(),
+        );
+        assert_eq!(tree.children(na), &[nb, nc], "a has two children");
+        assert_eq!(tree.current(), Some(nc));
+        assert!(tree.get(na).unwrap().time_stamp.is_some());
+        // The tags are really in the qcow2 image.
+        let chains = hv.backing_chains(&id).await.unwrap();
+        let tags: Vec<&str> = chains[0][0]
+            .snapshots
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(tags, [a.id.as_str(), b.id.as_str(), c.id.as_str()]);
+        hv.delete_snapshot(&id, &b.id).await.unwrap();
+        assert_eq!(hv.snapshot_tree(&id).await.unwrap().len(), 2);
+        // Ambiguity and absence are typed errors.
+        assert!(matches!(
+            hv.restore_snapshot(&id, "nope").await,
+            Err(Error::NotFound { .. })
+        ));
+    }
+
+    // Every overlay's backing chain ends at the template; each VM's files are its own.
+    for vm in hv.list_vms().await.unwrap() {
+        let id = VmId::new(vm.name.clone());
+        let chains = hv.backing_chains(&id).await.unwrap();
+        assert_eq!(chains.len(), 1);
+        let chain = &chains[0];
+        assert_eq!(chain.len(), 2, "overlay then template");
+        assert_eq!(Path::new(&chain[1].filename), canon_template);
+        assert_eq!(chain[0].backing_filename_format.as_deref(), Some("qcow2"));
+        let on_disk =
+            unacloud_core::provision::allocated_bytes(Path::new(&chain[0].filename)).unwrap();
+        assert!(
+            on_disk < 1 << 20,
+            "overlay of {} uses {on_disk} bytes",
+            vm.name
+        );
+        let set = hv.vm_files(&id).await.unwrap();
+        assert_eq!(set.files.len(), 2);
+        assert_eq!(set.files[0].role, FileRole::Settings);
+        assert!(set.files.iter().all(|f| f.path != canon_template));
+        assert_eq!(set.expected_at_destination.len(), 1);
+        assert_eq!(set.expected_at_destination[0].uuid, t.uuid.to_string());
+    }
+
+    // The template cannot go while VMs use it.
+    match m.unregister_template(&tref, false).await {
+        Err(Error::InUse { users, .. }) => assert_eq!(users.len(), 50),
+        other => panic!("expected InUse, got {other:?}"),
+    }
+
+    // Running VMs is not supported here, and says so.
+    let id = VmId::new("vm-01");
+    assert!(matches!(
+        hv.start_vm(&id, StartMode::Headless).await,
+        Err(Error::Unsupported { .. })
+    ));
+
+    // A reopened backend sees the same state.
+    drop(hv);
+    let hv = QemuHypervisor::open(dir.path().join("host")).await.unwrap();
+    assert_eq!(hv.list_vms().await.unwrap().len(), 50);
+    let m = MultiattachManager::new(&hv);
+    for i in 0..50 {
+        m.delete_vm(&VmId::new(format!("vm-{i:02}"))).await.unwrap();
+    }
+    assert!(hv.list_vms().await.unwrap().is_empty());
+    let leftovers = provision_support::files_below(&dir.path().join("host/vms"));
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(
+        checksum_file(&template, ChecksumAlgorithm::Blake3).unwrap(),
+        before
+    );
+    m.unregister_template(&tref, false).await.unwrap();
+    assert!(template.exists(), "unregistering keeps the file");
+}
+
+#[tokio::test]
+async fn corrupt_registry_and_settings_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("registry.json"), b"{ not json").unwrap();
+    match QemuHypervisor::open(&root).await {
+        Err(Error::Corrupt { what, .. }) => assert_eq!(what, "QEMU backend registry"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    let hv = QemuHypervisor::open(dir.path().join("other"))
+        .await
+        .unwrap();
+    let bad = dir.path().join("bad.vm.json");
+    std::fs::write(&bad, br#"{"format": "something else"}"#).unwrap();
+    assert!(matches!(
+        hv.register_vm(&bad).await,
+        Err(Error::Corrupt { .. })
+    ));
+    assert!(matches!(
+        hv.create_vm(&VmSpec::new("../escape", HardwareProfile::Small))
+            .await,
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        hv.register_disk(&dir.path().join("missing.qcow2")).await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn missing_qemu_img_is_reported_as_unsupported() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = unacloud_core::qemu::QemuImg::new().with_program(dir.path().join("no-qemu-img"));
+    match img.version().await {
+        Err(Error::Unsupported { reason, .. }) => assert!(reason.contains("qemu-utils")),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+}
