@@ -784,6 +784,96 @@ impl Machine {
             .collect())
     }
 
+    // ----- verification and copy ---------------------------------------------------
+
+    /// Checks every VDI image of `set` against the registries before anything is
+    /// copied: the file exists, is a VDI, carries the registry's uuid, and names the
+    /// registry's parent (for the image directly above a preloaded template too).
+    /// Images in other formats (VMDK, VHD) cannot be checked this way and are listed
+    /// in [`VerifyReport::not_checked`]. Every problem is reported, not just the first.
+    pub fn verify(&self, set: &MigrationSet) -> VerifyReport {
+        let mut links = Vec::new();
+        let mut not_checked = Vec::new();
+        let mut unknown = Vec::new();
+        for f in set.files.iter().filter(|f| f.role == FileRole::Disk) {
+            let medium = f
+                .uuid
+                .as_deref()
+                .and_then(|u| Uuid::try_parse(u).ok())
+                .and_then(|u| self.medium(&u));
+            match medium {
+                Some(m) if m.kind == MediumKind::HardDisk && is_vdi(m.format.as_deref()) => {
+                    let parent = m.parent.map(|p| self.media[p].uuid);
+                    links.push(crate::vdi::ChainLink::new(f.path.clone(), m.uuid, parent));
+                }
+                Some(_) => not_checked.push(f.clone()),
+                None => unknown.push(f.clone()),
+            }
+        }
+        VerifyReport {
+            chain: crate::vdi::verify_chain(&links),
+            not_checked,
+            unknown,
+        }
+    }
+
+    /// Computes the migration set of `selector` (unresolved dependencies are errors),
+    /// verifies its VDI chain, and copies it with [`Machine::copy_set_to`].
+    pub fn copy_to<F>(
+        &self,
+        selector: &str,
+        options: &MigrationOptions,
+        dest_root: &Path,
+        copy_options: &crate::copy::CopyOptions,
+        progress: F,
+    ) -> Result<crate::copy::CopyReport>
+    where
+        F: FnMut(&crate::copy::CopyProgress<'_>),
+    {
+        let strict = MigrationOptions {
+            strict: true,
+            measure_sizes: false,
+            ..options.clone()
+        };
+        let set = self.migration_set(selector, &strict)?;
+        self.copy_set_to(&set, dest_root, copy_options, progress)
+    }
+
+    /// Verifies `set` ([`Machine::verify`]; a broken chain fails before anything is
+    /// written) and copies its files into `dest_root`, which becomes the machine
+    /// folder at the destination: every file keeps its path relative to this
+    /// machine's folder. A file outside the machine folder (an absolute location, a
+    /// `..` path, a template elsewhere) is refused together with every other
+    /// offending file, before anything is written — preload such images and list them
+    /// in [`MigrationOptions::preloaded`] instead. Copies go to temporary names, are
+    /// checked and renamed into place (see [`crate::copy`]).
+    pub fn copy_set_to<F>(
+        &self,
+        set: &MigrationSet,
+        dest_root: &Path,
+        copy_options: &crate::copy::CopyOptions,
+        progress: F,
+    ) -> Result<crate::copy::CopyReport>
+    where
+        F: FnMut(&crate::copy::CopyProgress<'_>),
+    {
+        self.verify(set).into_result()?;
+        let base = Location::resolve("", &self.machine_dir);
+        let pairs: Vec<(PathBuf, PathBuf)> = set
+            .files
+            .iter()
+            .map(|f| {
+                let rel = Location::resolve(&f.path.to_string_lossy(), &self.machine_dir)
+                    .strip_base(base.path())
+                    // Outside the machine folder: hand over the path as it is, so the
+                    // copier refuses it and names it.
+                    .unwrap_or_else(|| f.path.clone());
+                (f.path.clone(), rel)
+            })
+            .collect();
+        crate::copy::copy_files(&pairs, dest_root, copy_options, progress)
+    }
+
     /// Saved-state files of every snapshot and of the machine (may repeat).
     fn state_files(&self) -> impl Iterator<Item = &str> {
         self.settings
@@ -813,6 +903,45 @@ impl Machine {
         }
         used
     }
+}
+
+/// The outcome of [`Machine::verify`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// The VDI chain check (every problem found).
+    pub chain: crate::vdi::ChainReport,
+    /// Disk images in formats whose headers are not checked (VMDK, VHD, …).
+    pub not_checked: Vec<VmFile>,
+    /// Disk files of the set whose uuid this machine does not know (the set was
+    /// computed for another machine).
+    pub unknown: Vec<VmFile>,
+}
+
+impl VerifyReport {
+    /// Whether every checked image is intact and every disk is known.
+    pub fn is_ok(&self) -> bool {
+        self.chain.is_ok() && self.unknown.is_empty()
+    }
+
+    /// `Ok(())` when intact; [`Error::BrokenChain`] listing every problem otherwise,
+    /// or [`Error::UnresolvedDependency`] for a disk this machine does not know.
+    pub fn into_result(self) -> Result<()> {
+        if let Some(f) = self.unknown.first() {
+            return Err(Error::UnresolvedDependency {
+                uuid: f
+                    .uuid
+                    .as_deref()
+                    .and_then(|u| Uuid::try_parse(u).ok())
+                    .unwrap_or_else(Uuid::nil),
+                needed_by: format!("disk file {} of the migration set", f.path.display()),
+            });
+        }
+        self.chain.into_result()
+    }
+}
+
+fn is_vdi(format: Option<&str>) -> bool {
+    format.is_some_and(|f| f.eq_ignore_ascii_case("vdi"))
 }
 
 /// Accumulates a [`MigrationSet`] with O(1) de-duplication by path.
