@@ -416,6 +416,10 @@ struct CatalogData {
     templates: Vec<TemplateVersion>,
     /// `name@version` → VMs built from it.
     usage: BTreeMap<String, Vec<VmUse>>,
+    /// Highest version number ever given to each name, so removed numbers are never
+    /// reused.
+    #[serde(default)]
+    last_versions: BTreeMap<String, u32>,
 }
 
 /// The template catalog, stored in one JSON file. Every change is saved before the call
@@ -583,8 +587,9 @@ impl Catalog {
         Ok(())
     }
 
-    /// Adds a new draft version of `new.name` (version = highest so far + 1), reading the
-    /// image once for its size and checksum. Returns the version number.
+    /// Adds a new draft version of `new.name` (version = highest ever given + 1, so a
+    /// removed version's number is never reused), reading the image once for its size
+    /// and checksum. Returns the version number.
     pub fn add_draft(&mut self, new: NewTemplate) -> Result<u32> {
         if new.name.is_empty() || new.name.contains(['/', '\\', '@', '\0']) {
             return Err(Error::InvalidInput(format!(
@@ -602,6 +607,7 @@ impl Catalog {
             .iter()
             .filter(|t| t.name == new.name)
             .map(|t| t.version)
+            .chain(self.data.last_versions.get(&new.name).copied())
             .max()
             .unwrap_or(0)
             + 1;
@@ -624,6 +630,7 @@ impl Catalog {
             description: new.description,
         };
         let mut data = self.data.clone();
+        data.last_versions.insert(t.name.clone(), version);
         data.templates.push(t);
         self.commit(data)?;
         Ok(version)

@@ -35,6 +35,15 @@ pub struct Faulty {
     faults: Mutex<HashMap<&'static str, (usize, Fault, usize)>>,
     pub space: Mutex<Option<DiskSpace>>,
     pub calls: Mutex<HashMap<&'static str, usize>>,
+    /// Counts `create_vm` calls in flight across every wrapper sharing it.
+    pub tracker: Option<Arc<Tracker>>,
+}
+
+/// Concurrency of `create_vm` calls: now and at most.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    pub now: std::sync::atomic::AtomicUsize,
+    pub max: std::sync::atomic::AtomicUsize,
 }
 
 impl Faulty {
@@ -44,6 +53,7 @@ impl Faulty {
             faults: Mutex::new(HashMap::new()),
             space: Mutex::new(None),
             calls: Mutex::new(HashMap::new()),
+            tracker: None,
         }
     }
 
@@ -104,8 +114,20 @@ impl Hypervisor for Faulty {
         self.inner.vm_info(vm).await
     }
     async fn create_vm(&self, spec: &VmSpec) -> Result<VmInfo> {
-        self.gate("create_vm").await?;
-        self.inner.create_vm(spec).await
+        use std::sync::atomic::Ordering;
+        if let Some(t) = &self.tracker {
+            let n = t.now.fetch_add(1, Ordering::SeqCst) + 1;
+            t.max.fetch_max(n, Ordering::SeqCst);
+        }
+        let r = async {
+            self.gate("create_vm").await?;
+            self.inner.create_vm(spec).await
+        }
+        .await;
+        if let Some(t) = &self.tracker {
+            t.now.fetch_sub(1, Ordering::SeqCst);
+        }
+        r
     }
     async fn register_vm(&self, settings: &Path) -> Result<VmInfo> {
         self.gate("register_vm").await?;
