@@ -11,6 +11,9 @@
 //!   `snapshot list --machinereadable`, `list hdds`/`showmediuminfo`, …);
 //! * [`VBoxManageHypervisor`] implements [`unacloud_core::hypervisor::Hypervisor`] on top;
 //!
+//! * [`resume`] resumes a VM from a snapshot on the same host or on another one;
+//! * [`cli`] is the logic of the `vbox` remote-control example.
+//!
 //! Guest passwords never appear on a command line or in `Debug` output (see
 //! [`Secret`], [`PasswordSource`]).
 //!
@@ -33,9 +36,11 @@
 //! ```
 
 mod backend;
+pub mod cli;
 pub mod command;
 pub mod failure;
 pub mod parse;
+pub mod resume;
 pub mod runner;
 mod secret;
 
