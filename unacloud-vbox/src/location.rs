@@ -98,8 +98,12 @@ impl Location {
             let base_str = base.to_string_lossy().replace('\\', "/");
             let absolute_base = base_str.starts_with('/');
             let mut parts = Vec::new();
-            push_components(&mut parts, &base_str, 0);
             let floor = if absolute_base { 0 } else { usize::MAX };
+            if absolute_base {
+                push_components(&mut parts, &base_str, 0);
+            } else {
+                push_relative(&mut parts, &base_str, floor);
+            }
             push_relative(&mut parts, original, floor);
             let joined = parts.join("/");
             let s = if absolute_base {
@@ -242,6 +246,15 @@ mod tests {
         assert_eq!(r("../../../b", "rel"), (Relative, "../../b".into()));
         assert_eq!(r("../../../../b", "/a/b"), (Relative, "/b".into()));
         assert_eq!(r("a.vdi", ""), (Relative, "a.vdi".into()));
+        assert_eq!(
+            r("Snapshots/a.vdi", "../f/vbox"),
+            (Relative, "../f/vbox/Snapshots/a.vdi".into())
+        );
+        assert_eq!(
+            r("../../../a.vdi", "../f/vbox"),
+            (Relative, "../../a.vdi".into())
+        );
+        assert_eq!(r("a.vdi", "./x/../y"), (Relative, "y/a.vdi".into()));
         // A relative path that happens to contain a colon later is still relative.
         assert_eq!(r("disk:1.vdi", "/x"), (Relative, "/x/disk:1.vdi".into()));
     }
