@@ -1,0 +1,106 @@
+//! Persistence of the coordinator's [`Catalog`]: one JSON file, replaced atomically.
+//!
+//! This is the only module of the crate's protocol side that touches the file system; the
+//! protocol core ([`crate::protocol`]) stays free of I/O.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::protocol::{Catalog, ClusterId};
+
+/// A catalog file. Writes go to a temporary file in the same directory, are flushed to
+/// disk, then renamed over the old file, so a crash leaves either the old or the new
+/// catalog, never a torn one.
+#[derive(Debug, Clone)]
+pub struct CatalogStore {
+    path: PathBuf,
+}
+
+impl CatalogStore {
+    /// A store for the file at `path` (created on the first save).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// The catalog file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Loads the catalog, or `None` if the file does not exist yet.
+    pub fn load(&self) -> Result<Option<Catalog>> {
+        let bytes = match fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(Error::CatalogIo {
+                    path: self.path.clone(),
+                    action: "read",
+                    source,
+                })
+            }
+        };
+        Catalog::from_json(&bytes)
+            .map(Some)
+            .map_err(|source| Error::CatalogCorrupt {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Loads the catalog, or an empty one for `cluster` if the file does not exist yet.
+    /// A catalog of another cluster is rejected with [`Error::InvalidConfig`].
+    pub fn load_or_new(&self, cluster: ClusterId) -> Result<Catalog> {
+        match self.load()? {
+            Some(c) if c.cluster == cluster => Ok(c),
+            Some(c) => Err(Error::InvalidConfig {
+                reason: format!(
+                    "catalog file {} belongs to {}, not {cluster}; give each cluster its own catalog file",
+                    self.path.display(),
+                    c.cluster
+                ),
+            }),
+            None => Ok(Catalog::new(cluster)),
+        }
+    }
+
+    /// Replaces the file with `catalog`, atomically.
+    pub fn save(&self, catalog: &Catalog) -> Result<()> {
+        let io = |action: &'static str| {
+            let path = self.path.clone();
+            move |source| Error::CatalogIo {
+                path,
+                action,
+                source,
+            }
+        };
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "catalog".into());
+        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let result = (|| {
+            let mut file = fs::File::create(&tmp).map_err(io("create temporary file"))?;
+            file.write_all(&catalog.to_json())
+                .map_err(io("write temporary file"))?;
+            file.sync_all().map_err(io("flush temporary file"))?;
+            fs::rename(&tmp, &self.path).map_err(io("rename temporary file"))?;
+            // Make the rename itself durable; not every platform can open a directory.
+            if let Ok(d) = fs::File::open(&dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+}

@@ -1,0 +1,894 @@
+//! The coordinator (participant 0): drives phase 1, phase 2 and the resume protocol, and
+//! runs the six steps on its own host.
+//!
+//! Cost: every incoming message is handled in O(1) (an index lookup and a counter); only
+//! starting a phase (sending to everybody), a deadline and the completion (building the
+//! report) touch every participant.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::catalog::{Catalog, CompletedSnapshot};
+use super::config::CoordinatorConfig;
+use super::host::{step_action, step_name, Host, SNAPSHOT_STEP, STEPS};
+use super::ids::{ActionId, GlobalSnapshotId, ParticipantId, ResumeAttempt};
+use super::message::{Envelope, LocalTime, Message};
+use super::output::{ActionOutcome, FailureReason, HostAction, Output, ProtocolEvent};
+use crate::error::{Error, Operation, Result};
+
+const ROLE: &str = "coordinator";
+
+/// What the coordinator's own outstanding host action is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Check(GlobalSnapshotId),
+    Step(GlobalSnapshotId, u8),
+    Cleanup(GlobalSnapshotId, u8),
+    Restore(ResumeAttempt),
+    StartVms(ResumeAttempt),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResumeStage {
+    Poll { rounds: u32, next_poll: Instant },
+    Restore,
+    Start,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Idle,
+    Precheck {
+        gs: GlobalSnapshotId,
+        deadline: Instant,
+        own_ok: bool,
+    },
+    Snapshot {
+        gs: GlobalSnapshotId,
+        started: Instant,
+        deadline: Instant,
+        own_done: bool,
+        own_local_time: Duration,
+    },
+    Resume {
+        gs: GlobalSnapshotId,
+        attempt: ResumeAttempt,
+        stage: ResumeStage,
+        started: Instant,
+        deadline: Instant,
+        own_done: bool,
+    },
+}
+
+/// The coordinator's state machine. See the crate documentation for the driving loop.
+///
+/// Inputs: [`Coordinator::start_global_snapshot`], [`Coordinator::start_resume`],
+/// [`Coordinator::handle_message`], [`Coordinator::handle_action_complete`],
+/// [`Coordinator::handle_timeout`]. Outputs: [`Coordinator::poll_output`] and
+/// [`Coordinator::poll_timeout`].
+#[derive(Debug)]
+pub struct Coordinator {
+    config: CoordinatorConfig,
+    catalog: Catalog,
+    /// Participant id → index into the per-participant vectors.
+    index: HashMap<ParticipantId, usize>,
+    /// Stamp of the phase in which each participant last answered.
+    answered: Vec<u64>,
+    /// Local snapshot time reported in each participant's DONE.
+    local_times: Vec<Duration>,
+    /// Participants that have not answered in the current phase.
+    pending: usize,
+    /// Increases with every phase, so `answered` never needs clearing.
+    stamp: u64,
+    phase: Phase,
+    host: Host<Purpose>,
+    out: VecDeque<Output>,
+}
+
+impl Coordinator {
+    /// A coordinator with the catalog recovered after a restart (or [`Catalog::new`]).
+    ///
+    /// Fails with [`Error::InvalidConfig`] if a participant id is 0, reserved or repeated,
+    /// or if the catalog belongs to another cluster.
+    pub fn new(config: CoordinatorConfig, catalog: Catalog) -> Result<Self> {
+        if catalog.cluster != config.cluster {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "the catalog belongs to {} but the coordinator is configured for {}; use that cluster's catalog file",
+                    catalog.cluster, config.cluster
+                ),
+            });
+        }
+        let mut participants = config.participants.clone();
+        participants.sort_unstable();
+        let mut index = HashMap::with_capacity(participants.len());
+        for (i, &p) in participants.iter().enumerate() {
+            if p.is_coordinator()
+                || p == ParticipantId::METADATA_SERVER
+                || p == ParticipantId::UNREGISTERED
+            {
+                return Err(Error::InvalidConfig {
+                    reason: format!("participant id {p} is reserved; participants are numbered from 1 (0 is the coordinator)"),
+                });
+            }
+            if index.insert(p, i).is_some() {
+                return Err(Error::InvalidConfig {
+                    reason: format!("participant {p} is listed twice"),
+                });
+            }
+        }
+        let n = participants.len();
+        let config = CoordinatorConfig {
+            participants,
+            ..config
+        };
+        Ok(Self {
+            config,
+            catalog,
+            index,
+            answered: vec![0; n],
+            local_times: vec![Duration::ZERO; n],
+            pending: 0,
+            stamp: 0,
+            phase: Phase::Idle,
+            host: Host::new(),
+            out: VecDeque::new(),
+        })
+    }
+
+    /// The catalog of completed global snapshots (persist it on the events that say so).
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// The configuration (participants sorted by id).
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    /// The operation in progress, if any.
+    pub fn running(&self) -> Option<(Operation, GlobalSnapshotId)> {
+        match self.phase {
+            Phase::Idle => None,
+            Phase::Precheck { gs, .. } | Phase::Snapshot { gs, .. } => {
+                Some((Operation::GlobalSnapshot, gs))
+            }
+            Phase::Resume { gs, .. } => Some((Operation::Resume, gs)),
+        }
+    }
+
+    /// Starts a global snapshot: phase 1 (PRECHECK to every participant, and the own VM
+    /// check), then phase 2 once everybody passed.
+    ///
+    /// Refused with [`Error::Busy`] while another global snapshot or a resume runs, or while
+    /// the own host still cleans up after a failed one.
+    pub fn start_global_snapshot(&mut self, now: Instant) -> Result<GlobalSnapshotId> {
+        self.ensure_idle()?;
+        let gs = self.catalog.next_gs();
+        self.catalog.last_started = Some(gs);
+        self.out
+            .push_back(Output::Event(ProtocolEvent::GlobalSnapshotStarted { gs }));
+        self.begin_phase();
+        self.broadcast(Message::Precheck { gs });
+        let deadline = now + self.config.timeouts.precheck;
+        let vms = self.config.vms.clone();
+        self.host.issue(
+            &mut self.out,
+            Purpose::Check(gs),
+            HostAction::CheckVmsRunning { vms },
+            deadline,
+        );
+        self.phase = Phase::Precheck {
+            gs,
+            deadline,
+            own_ok: false,
+        };
+        self.maybe_advance(now);
+        Ok(gs)
+    }
+
+    /// Starts resuming from `gs`, by default the latest completed global snapshot:
+    /// POLL (repeated every `poll_interval` until all answered), RESTORE, START.
+    ///
+    /// Fails with [`Error::NoRestorableSnapshot`] or [`Error::SnapshotNotRestorable`] if
+    /// there is nothing (complete) to restore, [`Error::Busy`] while something runs.
+    pub fn start_resume(
+        &mut self,
+        now: Instant,
+        gs: Option<GlobalSnapshotId>,
+    ) -> Result<GlobalSnapshotId> {
+        self.ensure_idle()?;
+        let gs = match gs {
+            None => self.catalog.latest().ok_or(Error::NoRestorableSnapshot)?.gs,
+            Some(gs) if self.catalog.is_restorable(gs) => gs,
+            Some(gs) => {
+                return Err(Error::SnapshotNotRestorable {
+                    gs,
+                    completed: self.catalog.completed_ids(),
+                })
+            }
+        };
+        let attempt = self.catalog.next_resume_attempt();
+        self.catalog.last_resume_attempt = Some(attempt);
+        self.out
+            .push_back(Output::Event(ProtocolEvent::ResumeStarted { gs, attempt }));
+        self.begin_phase();
+        self.broadcast(Message::Poll { gs, attempt });
+        let give_up = self
+            .config
+            .timeouts
+            .poll_give_up
+            .map_or(far_future(now), |d| now + d);
+        self.phase = Phase::Resume {
+            gs,
+            attempt,
+            stage: ResumeStage::Poll {
+                rounds: 1,
+                next_poll: now + self.config.timeouts.poll_interval,
+            },
+            started: now,
+            deadline: give_up,
+            own_done: true,
+        };
+        self.maybe_advance(now);
+        Ok(gs)
+    }
+
+    /// Feeds a received envelope.
+    ///
+    /// Late and duplicated messages of earlier global snapshots or resume attempts are
+    /// ignored (`Ok`). Errors: [`Error::ForeignCluster`], [`Error::Misaddressed`],
+    /// [`Error::UnknownParticipant`], [`Error::UnexpectedMessage`].
+    pub fn handle_message(&mut self, now: Instant, envelope: Envelope) -> Result<()> {
+        if envelope.cluster != self.config.cluster {
+            return Err(Error::ForeignCluster {
+                expected: self.config.cluster,
+                got: envelope.cluster,
+            });
+        }
+        if envelope.to != ParticipantId::COORDINATOR {
+            return Err(Error::Misaddressed {
+                to: envelope.to,
+                me: ParticipantId::COORDINATOR,
+            });
+        }
+        if envelope.from == ParticipantId::METADATA_SERVER {
+            return match envelope.message {
+                Message::TriggerGlobalSnapshot => {
+                    if let Err(e) = self.start_global_snapshot(now) {
+                        self.out
+                            .push_back(Output::Event(ProtocolEvent::TriggerRefused {
+                                reason: e.to_string(),
+                            }));
+                    }
+                    Ok(())
+                }
+                other => Err(Error::UnexpectedMessage {
+                    role: ROLE,
+                    message: other.kind(),
+                }),
+            };
+        }
+        let Some(&i) = self.index.get(&envelope.from) else {
+            return Err(Error::UnknownParticipant { id: envelope.from });
+        };
+        let from = envelope.from;
+        match envelope.message {
+            Message::PrecheckOk { gs } => {
+                if let Phase::Precheck { gs: cur, .. } = self.phase {
+                    if gs == cur {
+                        self.mark(i);
+                        self.maybe_advance(now);
+                    }
+                }
+            }
+            Message::PrecheckFailed { gs, reason } => {
+                if matches!(self.phase, Phase::Precheck { gs: cur, .. } if cur == gs) {
+                    self.fail_snapshot(
+                        now,
+                        vec![from],
+                        FailureReason::VmsNotRunning { detail: reason },
+                    );
+                }
+            }
+            Message::Done { gs, local_time } => {
+                if matches!(self.phase, Phase::Snapshot { gs: cur, .. } if cur == gs) {
+                    if self.mark(i) {
+                        self.local_times[i] = local_time;
+                    }
+                    self.maybe_advance(now);
+                }
+            }
+            Message::SnapshotFailed { gs, reason } => {
+                if matches!(self.phase, Phase::Snapshot { gs: cur, .. } | Phase::Precheck { gs: cur, .. } if cur == gs)
+                {
+                    self.fail_snapshot(
+                        now,
+                        vec![from],
+                        FailureReason::ActionFailed { detail: reason },
+                    );
+                }
+            }
+            Message::PollOk { gs, attempt } => {
+                if self.is_resume_stage(gs, attempt, |s| matches!(s, ResumeStage::Poll { .. })) {
+                    self.mark(i);
+                    self.maybe_advance(now);
+                }
+            }
+            Message::RestoreOk { gs, attempt } => {
+                if self.is_resume_stage(gs, attempt, |s| s == ResumeStage::Restore) {
+                    self.mark(i);
+                    self.maybe_advance(now);
+                }
+            }
+            Message::StartOk { gs, attempt } => {
+                if self.is_resume_stage(gs, attempt, |s| s == ResumeStage::Start) {
+                    self.mark(i);
+                    self.maybe_advance(now);
+                }
+            }
+            Message::ResumeFailed {
+                gs,
+                attempt,
+                reason,
+            } => {
+                if self.is_resume_stage(gs, attempt, |_| true) {
+                    self.fail_resume(vec![from], FailureReason::ActionFailed { detail: reason });
+                }
+            }
+            other => {
+                return Err(Error::UnexpectedMessage {
+                    role: ROLE,
+                    message: other.kind(),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports the outcome of an action of the coordinator's own host.
+    ///
+    /// Completions of abandoned actions (after a failure) are ignored; an id that was never
+    /// issued is [`Error::UnknownAction`].
+    pub fn handle_action_complete(
+        &mut self,
+        now: Instant,
+        id: ActionId,
+        outcome: ActionOutcome,
+    ) -> Result<()> {
+        let Some(purpose) = self.host.complete(id)? else {
+            return Ok(());
+        };
+        match purpose {
+            Purpose::Check(gs) => {
+                if let Phase::Precheck {
+                    gs: cur,
+                    ref mut own_ok,
+                    ..
+                } = self.phase
+                {
+                    if cur == gs {
+                        match outcome {
+                            ActionOutcome::VmsRunning(true) => {
+                                *own_ok = true;
+                                self.maybe_advance(now);
+                            }
+                            ActionOutcome::VmsRunning(false) => self.fail_snapshot(
+                                now,
+                                vec![ParticipantId::COORDINATOR],
+                                FailureReason::VmsNotRunning {
+                                    detail: "not all VMs of the coordinator's host run".into(),
+                                },
+                            ),
+                            other => self.fail_snapshot(
+                                now,
+                                vec![ParticipantId::COORDINATOR],
+                                FailureReason::ActionFailed {
+                                    detail: outcome_detail(other, "check VMs running"),
+                                },
+                            ),
+                        }
+                    }
+                }
+            }
+            Purpose::Step(gs, step) => self.own_step_done(now, gs, step, outcome),
+            Purpose::Cleanup(gs, tries) => {
+                if matches!(outcome, ActionOutcome::Failed(_)) && tries < 3 {
+                    let deadline = now + self.config.timeouts.snapshot;
+                    self.host.issue(
+                        &mut self.out,
+                        Purpose::Cleanup(gs, tries + 1),
+                        HostAction::ClearAll,
+                        deadline,
+                    );
+                }
+            }
+            Purpose::Restore(attempt) | Purpose::StartVms(attempt) => {
+                if let Phase::Resume {
+                    attempt: cur,
+                    ref mut own_done,
+                    ..
+                } = self.phase
+                {
+                    if cur == attempt {
+                        match outcome {
+                            ActionOutcome::Failed(detail) => self.fail_resume(
+                                vec![ParticipantId::COORDINATOR],
+                                FailureReason::ActionFailed { detail },
+                            ),
+                            _ => {
+                                *own_done = true;
+                                self.maybe_advance(now);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fires deadlines that have passed: silent participants fail the running operation,
+    /// unanswered POLLs are repeated, a hung own action is abandoned and cleaned up.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        // A hung own action during cleanup: abandon it and clear anyway.
+        if let Some(o) = self.host.outstanding() {
+            if let Purpose::Cleanup(..) = o.purpose {
+                // Nothing to do: ClearAll is the last resort, wait for it.
+            } else if now >= o.deadline && matches!(self.phase, Phase::Idle) {
+                let purpose = o.purpose;
+                self.host.abandon();
+                if let Purpose::Step(gs, _) = purpose {
+                    self.issue_cleanup(now, gs);
+                }
+            }
+        }
+        match self.phase {
+            Phase::Idle => {}
+            Phase::Precheck {
+                gs,
+                deadline,
+                own_ok,
+            } if now >= deadline => {
+                let mut who = self.silent();
+                if !own_ok {
+                    who.insert(0, ParticipantId::COORDINATOR);
+                }
+                let deadline = self.config.timeouts.precheck;
+                self.fail_snapshot(
+                    now,
+                    who,
+                    FailureReason::Timeout {
+                        phase: "precheck".into(),
+                        deadline,
+                    },
+                );
+                let _ = gs;
+            }
+            Phase::Snapshot {
+                deadline, own_done, ..
+            } if now >= deadline => {
+                let mut who = self.silent();
+                if !own_done {
+                    who.insert(0, ParticipantId::COORDINATOR);
+                }
+                let deadline = self.config.timeouts.snapshot;
+                self.fail_snapshot(
+                    now,
+                    who,
+                    FailureReason::Timeout {
+                        phase: "snapshot".into(),
+                        deadline,
+                    },
+                );
+            }
+            Phase::Resume {
+                gs,
+                attempt,
+                stage,
+                deadline,
+                own_done,
+                ..
+            } => {
+                if now >= deadline {
+                    let mut who = self.silent();
+                    if !own_done {
+                        who.insert(0, ParticipantId::COORDINATOR);
+                    }
+                    let (phase, limit) = match stage {
+                        ResumeStage::Poll { .. } => (
+                            "poll",
+                            self.config.timeouts.poll_give_up.unwrap_or(Duration::MAX),
+                        ),
+                        ResumeStage::Restore => ("restore", self.config.timeouts.resume_phase),
+                        ResumeStage::Start => ("start", self.config.timeouts.resume_phase),
+                    };
+                    self.fail_resume(
+                        who,
+                        FailureReason::Timeout {
+                            phase: phase.into(),
+                            deadline: limit,
+                        },
+                    );
+                } else if let ResumeStage::Poll { rounds, next_poll } = stage {
+                    if now >= next_poll {
+                        for (i, &p) in self.config.participants.iter().enumerate() {
+                            if self.answered[i] != self.stamp {
+                                self.out.push_back(Output::Transmit(Envelope::new(
+                                    self.config.cluster,
+                                    ParticipantId::COORDINATOR,
+                                    p,
+                                    Message::Poll { gs, attempt },
+                                )));
+                            }
+                        }
+                        if let Phase::Resume { ref mut stage, .. } = self.phase {
+                            *stage = ResumeStage::Poll {
+                                rounds: rounds + 1,
+                                next_poll: now + self.config.timeouts.poll_interval,
+                            };
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The next output to act on, `None` when there is nothing to do.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`Coordinator::handle_timeout`] must be called next, if ever.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let phase = match self.phase {
+            Phase::Idle => None,
+            Phase::Precheck { deadline, .. } | Phase::Snapshot { deadline, .. } => Some(deadline),
+            Phase::Resume {
+                stage: ResumeStage::Poll { next_poll, .. },
+                deadline,
+                ..
+            } => Some(next_poll.min(deadline)),
+            Phase::Resume { deadline, .. } => Some(deadline),
+        };
+        let host = match (self.phase, self.host.outstanding()) {
+            (Phase::Idle, Some(o)) if !matches!(o.purpose, Purpose::Cleanup(..)) => {
+                Some(o.deadline)
+            }
+            _ => None,
+        };
+        match (phase, host) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    // ----- internals -------------------------------------------------------------------
+
+    fn ensure_idle(&self) -> Result<()> {
+        if let Some((running, gs)) = self.running() {
+            return Err(Error::Busy { running, gs });
+        }
+        if let Some(o) = self.host.outstanding() {
+            let gs = match o.purpose {
+                Purpose::Check(gs) | Purpose::Step(gs, _) | Purpose::Cleanup(gs, _) => gs,
+                Purpose::Restore(_) | Purpose::StartVms(_) => {
+                    self.catalog.last_started.unwrap_or(GlobalSnapshotId(0))
+                }
+            };
+            return Err(Error::Busy {
+                running: Operation::GlobalSnapshot,
+                gs,
+            });
+        }
+        Ok(())
+    }
+
+    fn begin_phase(&mut self) {
+        self.stamp += 1;
+        self.pending = self.config.participants.len();
+    }
+
+    /// Marks participant `i` as answered in this phase; false if it already had.
+    fn mark(&mut self, i: usize) -> bool {
+        if self.answered[i] == self.stamp {
+            return false;
+        }
+        self.answered[i] = self.stamp;
+        self.pending -= 1;
+        true
+    }
+
+    fn silent(&self) -> Vec<ParticipantId> {
+        self.config
+            .participants
+            .iter()
+            .zip(&self.answered)
+            .filter(|(_, &s)| s != self.stamp)
+            .map(|(&p, _)| p)
+            .collect()
+    }
+
+    fn broadcast(&mut self, message: Message) {
+        let cluster = self.config.cluster;
+        self.out.reserve(self.config.participants.len());
+        for &p in &self.config.participants {
+            self.out.push_back(Output::Transmit(Envelope::new(
+                cluster,
+                ParticipantId::COORDINATOR,
+                p,
+                message.clone(),
+            )));
+        }
+    }
+
+    fn is_resume_stage(
+        &self,
+        gs: GlobalSnapshotId,
+        attempt: ResumeAttempt,
+        stage_ok: impl Fn(ResumeStage) -> bool,
+    ) -> bool {
+        matches!(self.phase, Phase::Resume { gs: g, attempt: a, stage, .. }
+            if g == gs && a == attempt && stage_ok(stage))
+    }
+
+    fn own_step_done(
+        &mut self,
+        now: Instant,
+        gs: GlobalSnapshotId,
+        step: u8,
+        outcome: ActionOutcome,
+    ) {
+        let Phase::Snapshot {
+            gs: cur,
+            ref mut own_done,
+            ref mut own_local_time,
+            ..
+        } = self.phase
+        else {
+            // The snapshot failed while this step ran: clean up now.
+            self.issue_cleanup(now, gs);
+            return;
+        };
+        if cur != gs {
+            self.issue_cleanup(now, gs);
+            return;
+        }
+        match outcome {
+            ActionOutcome::Failed(detail) => {
+                self.fail_snapshot(
+                    now,
+                    vec![ParticipantId::COORDINATOR],
+                    FailureReason::ActionFailed {
+                        detail: format!("{}: {detail}", step_name(step)),
+                    },
+                );
+            }
+            outcome => {
+                if step == SNAPSHOT_STEP {
+                    if let ActionOutcome::SnapshotTaken { local_time } = outcome {
+                        *own_local_time = local_time;
+                    }
+                }
+                if step + 1 < STEPS {
+                    let action = step_action(step + 1, gs, &self.config.vms);
+                    let deadline = now + self.config.timeouts.snapshot;
+                    self.host
+                        .issue(&mut self.out, Purpose::Step(gs, step + 1), action, deadline);
+                } else {
+                    *own_done = true;
+                    self.maybe_advance(now);
+                }
+            }
+        }
+    }
+
+    /// Moves to the next phase when everybody (and the own host) answered.
+    fn maybe_advance(&mut self, now: Instant) {
+        if self.pending != 0 {
+            return;
+        }
+        match self.phase {
+            Phase::Precheck {
+                gs, own_ok: true, ..
+            } => {
+                self.out
+                    .push_back(Output::Event(ProtocolEvent::PrecheckPassed { gs }));
+                self.begin_phase();
+                self.broadcast(Message::TakeSnapshot { gs });
+                let deadline = now + self.config.timeouts.snapshot;
+                self.phase = Phase::Snapshot {
+                    gs,
+                    started: now,
+                    deadline,
+                    own_done: false,
+                    own_local_time: Duration::ZERO,
+                };
+                let action = step_action(0, gs, &self.config.vms);
+                self.host
+                    .issue(&mut self.out, Purpose::Step(gs, 0), action, deadline);
+                self.maybe_advance(now);
+            }
+            Phase::Snapshot {
+                gs,
+                started,
+                own_done: true,
+                own_local_time,
+                ..
+            } => self.complete_snapshot(now, gs, started, own_local_time),
+            Phase::Resume {
+                gs,
+                attempt,
+                stage,
+                started,
+                own_done: true,
+                ..
+            } => {
+                let deadline = now + self.config.timeouts.resume_phase;
+                let (next_stage, message, action, purpose) = match stage {
+                    ResumeStage::Poll { rounds, .. } => {
+                        self.out
+                            .push_back(Output::Event(ProtocolEvent::PollCompleted { gs, rounds }));
+                        (
+                            ResumeStage::Restore,
+                            Message::Restore { gs, attempt },
+                            HostAction::RestoreLocal {
+                                gs,
+                                vms: self.config.vms.clone(),
+                            },
+                            Purpose::Restore(attempt),
+                        )
+                    }
+                    ResumeStage::Restore => (
+                        ResumeStage::Start,
+                        Message::Start { gs, attempt },
+                        HostAction::StartVms {
+                            vms: self.config.vms.clone(),
+                        },
+                        Purpose::StartVms(attempt),
+                    ),
+                    ResumeStage::Start => {
+                        self.phase = Phase::Idle;
+                        self.out
+                            .push_back(Output::Event(ProtocolEvent::ResumeCompleted { gs }));
+                        return;
+                    }
+                };
+                self.begin_phase();
+                self.broadcast(message);
+                self.phase = Phase::Resume {
+                    gs,
+                    attempt,
+                    stage: next_stage,
+                    started,
+                    deadline,
+                    own_done: false,
+                };
+                self.host.issue(&mut self.out, purpose, action, deadline);
+            }
+            _ => {}
+        }
+    }
+
+    fn complete_snapshot(
+        &mut self,
+        now: Instant,
+        gs: GlobalSnapshotId,
+        started: Instant,
+        own_local_time: Duration,
+    ) {
+        let global_time = now.saturating_duration_since(started);
+        let mut local_times = Vec::with_capacity(self.config.participants.len() + 1);
+        local_times.push(LocalTime {
+            participant: ParticipantId::COORDINATOR,
+            local_time: own_local_time,
+        });
+        let mut participants = Vec::with_capacity(self.config.participants.len() + 1);
+        participants.push(ParticipantId::COORDINATOR);
+        for (&p, &t) in self.config.participants.iter().zip(&self.local_times) {
+            participants.push(p);
+            local_times.push(LocalTime {
+                participant: p,
+                local_time: t,
+            });
+        }
+        self.catalog.completed.insert(
+            gs,
+            CompletedSnapshot {
+                gs,
+                participants,
+                local_times: local_times.clone(),
+                global_time,
+            },
+        );
+        self.phase = Phase::Idle;
+        if self.config.report_to_metadata_server {
+            self.out.push_back(Output::Transmit(Envelope::new(
+                self.config.cluster,
+                ParticipantId::COORDINATOR,
+                ParticipantId::METADATA_SERVER,
+                Message::SnapshotReport {
+                    gs,
+                    global_time,
+                    local_times: local_times.clone(),
+                },
+            )));
+        }
+        self.out
+            .push_back(Output::Event(ProtocolEvent::GlobalSnapshotCompleted {
+                gs,
+                local_times,
+                global_time,
+            }));
+    }
+
+    fn fail_snapshot(&mut self, now: Instant, who: Vec<ParticipantId>, why: FailureReason) {
+        let (gs, steps_started) = match self.phase {
+            Phase::Precheck { gs, .. } => (gs, false),
+            Phase::Snapshot { gs, .. } => (gs, true),
+            _ => return,
+        };
+        self.phase = Phase::Idle;
+        self.broadcast(Message::Abort {
+            gs,
+            reason: why.to_string(),
+        });
+        self.out
+            .push_back(Output::Event(ProtocolEvent::GlobalSnapshotFailed {
+                gs,
+                who,
+                why,
+            }));
+        match self.host.outstanding().map(|o| (o.purpose, o.deadline)) {
+            // The own VM check is harmless: forget it.
+            Some((Purpose::Check(_), _)) => {
+                self.host.abandon();
+            }
+            // A step runs: clean up when it completes, or when it passed its deadline.
+            Some((Purpose::Step(..), deadline)) if now >= deadline => {
+                self.host.abandon();
+                self.issue_cleanup(now, gs);
+            }
+            Some(_) => {}
+            None if steps_started => self.issue_cleanup(now, gs),
+            None => {}
+        }
+    }
+
+    fn issue_cleanup(&mut self, now: Instant, gs: GlobalSnapshotId) {
+        let deadline = now + self.config.timeouts.snapshot;
+        self.host.issue(
+            &mut self.out,
+            Purpose::Cleanup(gs, 1),
+            HostAction::ClearAll,
+            deadline,
+        );
+    }
+
+    fn fail_resume(&mut self, who: Vec<ParticipantId>, why: FailureReason) {
+        let Phase::Resume { gs, .. } = self.phase else {
+            return;
+        };
+        self.phase = Phase::Idle;
+        self.host.abandon();
+        self.out
+            .push_back(Output::Event(ProtocolEvent::ResumeFailed { gs, who, why }));
+    }
+}
+
+fn outcome_detail(outcome: ActionOutcome, what: &str) -> String {
+    match outcome {
+        ActionOutcome::Failed(detail) => format!("{what}: {detail}"),
+        other => format!("{what}: unexpected outcome {other:?}"),
+    }
+}
+
+/// An instant that is never reached in practice (for "no deadline").
+fn far_future(now: Instant) -> Instant {
+    // 100 years; checked_add cannot fail on any supported platform for this span.
+    now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600))
+        .unwrap_or(now)
+}

@@ -1,0 +1,225 @@
+//! The metadata server: registry of participants, external trigger, snapshot times.
+//!
+//! A request/response service: [`MetadataServer::handle_request`] returns the reply to
+//! send back to the requester (on the same connection — the requester may not have an id
+//! yet); the one unsolicited message, the trigger forwarded to the coordinator, comes out
+//! of [`MetadataServer::poll_output`].
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use super::ids::{ClusterId, GlobalSnapshotId, ParticipantId};
+use super::message::{Envelope, LocalTime, Message, Registration};
+use super::output::{Output, ProtocolEvent};
+use crate::error::{Error, Result};
+
+const ROLE: &str = "metadata server";
+
+/// Configuration of a [`MetadataServer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataServerConfig {
+    /// The cluster.
+    pub cluster: ClusterId,
+    /// Participant `id` gets port `base_port + id`.
+    pub base_port: u16,
+}
+
+/// Times recorded for one global snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotTimes {
+    /// The global snapshot.
+    pub gs: GlobalSnapshotId,
+    /// From TAKE_SNAPSHOT to completion at the coordinator.
+    pub global_time: Duration,
+    /// Every participant's local snapshot time.
+    pub local_times: Vec<LocalTime>,
+}
+
+/// The metadata server's state machine.
+#[derive(Debug)]
+pub struct MetadataServer {
+    config: MetadataServerConfig,
+    registrations: Vec<Registration>,
+    times: BTreeMap<GlobalSnapshotId, SnapshotTimes>,
+    out: VecDeque<Output>,
+}
+
+impl MetadataServer {
+    /// An empty registry.
+    pub fn new(config: MetadataServerConfig) -> Self {
+        Self {
+            config,
+            registrations: Vec::new(),
+            times: BTreeMap::new(),
+            out: VecDeque::new(),
+        }
+    }
+
+    /// Every registration, by id (the id is the index).
+    pub fn registrations(&self) -> &[Registration] {
+        &self.registrations
+    }
+
+    /// Ids of every registered participant except the coordinator (what
+    /// [`super::CoordinatorConfig::participants`] needs).
+    pub fn participant_ids(&self) -> Vec<ParticipantId> {
+        self.registrations.iter().skip(1).map(|r| r.id).collect()
+    }
+
+    /// Registers a host: ids from 0 in registration order, port = base port + id.
+    pub fn register(&mut self, addr: String, vms: Vec<String>) -> Result<Registration> {
+        let id = u32::try_from(self.registrations.len()).unwrap_or(u32::MAX);
+        let port = u16::try_from(id)
+            .ok()
+            .and_then(|offset| self.config.base_port.checked_add(offset))
+            .filter(|_| id < ParticipantId::UNREGISTERED.0)
+            .ok_or(Error::PortRangeExhausted {
+                id,
+                base_port: self.config.base_port,
+            })?;
+        let registration = Registration {
+            id: ParticipantId(id),
+            addr,
+            port,
+            vms,
+        };
+        self.registrations.push(registration.clone());
+        Ok(registration)
+    }
+
+    /// The registration of participant `id`.
+    pub fn lookup(&self, id: ParticipantId) -> Result<&Registration> {
+        self.registrations
+            .get(id.0 as usize)
+            .ok_or(Error::NotRegistered { id })
+    }
+
+    /// Records the times of a completed global snapshot (also done on SNAPSHOT_REPORT).
+    pub fn record_times(&mut self, times: SnapshotTimes) {
+        self.times.insert(times.gs, times);
+    }
+
+    /// The recorded times, by global snapshot id.
+    pub fn times(&self) -> impl Iterator<Item = &SnapshotTimes> {
+        self.times.values()
+    }
+
+    /// The recorded times as CSV, one row per participant and global snapshot:
+    /// `global_snapshot,participant,local_time_s,global_time_s` (seconds, microsecond
+    /// precision), ready for a spreadsheet or pandas.
+    pub fn times_csv(&self) -> String {
+        let mut csv = String::from("global_snapshot,participant,local_time_s,global_time_s\n");
+        for t in self.times.values() {
+            for l in &t.local_times {
+                // Writing into a String cannot fail.
+                let _ = writeln!(
+                    csv,
+                    "{},{},{:.6},{:.6}",
+                    t.gs.0,
+                    l.participant.0,
+                    l.local_time.as_secs_f64(),
+                    t.global_time.as_secs_f64()
+                );
+            }
+        }
+        csv
+    }
+
+    /// Handles one request and returns the reply for the requester (`None` for messages
+    /// that need none, such as SNAPSHOT_REPORT).
+    ///
+    /// Errors: [`Error::ForeignCluster`], [`Error::Misaddressed`],
+    /// [`Error::UnexpectedMessage`]. Requests that are well-formed but cannot be served
+    /// (unknown id, port range exhausted) are answered with `REFUSED`, not an error.
+    pub fn handle_request(
+        &mut self,
+        _now: Instant,
+        envelope: Envelope,
+    ) -> Result<Option<Envelope>> {
+        if envelope.cluster != self.config.cluster {
+            return Err(Error::ForeignCluster {
+                expected: self.config.cluster,
+                got: envelope.cluster,
+            });
+        }
+        if envelope.to != ParticipantId::METADATA_SERVER {
+            return Err(Error::Misaddressed {
+                to: envelope.to,
+                me: ParticipantId::METADATA_SERVER,
+            });
+        }
+        let reply = match envelope.message {
+            Message::Insert { addr, vms } => match self.register(addr, vms) {
+                Ok(r) => Message::Inserted {
+                    id: r.id,
+                    port: r.port,
+                },
+                Err(e) => Message::Refused {
+                    reason: e.to_string(),
+                },
+            },
+            Message::TriggerGlobalSnapshot => {
+                if self.registrations.is_empty() {
+                    Message::Refused {
+                        reason: "no participant registered yet, so there is no coordinator".into(),
+                    }
+                } else {
+                    self.out.push_back(Output::Transmit(Envelope::new(
+                        self.config.cluster,
+                        ParticipantId::METADATA_SERVER,
+                        ParticipantId::COORDINATOR,
+                        Message::TriggerGlobalSnapshot,
+                    )));
+                    self.out
+                        .push_back(Output::Event(ProtocolEvent::GlobalSnapshotRequested));
+                    Message::TriggerForwarded
+                }
+            }
+            Message::QueryAddress { id } => match self.lookup(id) {
+                Ok(r) => Message::Address {
+                    registration: r.clone(),
+                },
+                Err(e) => Message::Refused {
+                    reason: e.to_string(),
+                },
+            },
+            Message::QueryList => Message::List {
+                participants: self.registrations.clone(),
+            },
+            Message::QueryCount => Message::Count {
+                count: u32::try_from(self.registrations.len()).unwrap_or(u32::MAX),
+            },
+            Message::SnapshotReport {
+                gs,
+                global_time,
+                local_times,
+            } => {
+                self.record_times(SnapshotTimes {
+                    gs,
+                    global_time,
+                    local_times,
+                });
+                return Ok(None);
+            }
+            other => {
+                return Err(Error::UnexpectedMessage {
+                    role: ROLE,
+                    message: other.kind(),
+                })
+            }
+        };
+        Ok(Some(Envelope::new(
+            self.config.cluster,
+            ParticipantId::METADATA_SERVER,
+            envelope.from,
+            reply,
+        )))
+    }
+
+    /// The next unsolicited output (the trigger forwarded to the coordinator, events).
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+}

@@ -1,0 +1,243 @@
+//! What the state machines ask of their driver: host actions, transmissions and events.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+use super::ids::{ActionId, Colour, GlobalSnapshotId, ParticipantId, ResumeAttempt};
+use super::message::{Envelope, LocalTime};
+
+/// Something a state machine asks its host to do. The driver performs it and reports the
+/// outcome with `handle_action_complete(now, id, outcome)`; a state machine never has more
+/// than one action outstanding per host (except [`HostAction::ClearAll`], see its docs), and
+/// never issues the next step before the previous one's completion was handled.
+///
+/// Phase 2 issues, in this order: `SetOutgoingColour(Pre)` (step 1), `DropIncoming(Post)`
+/// (step 2), `TakeLocalSnapshots` (step 3), `SetOutgoingColour(Post)` (step 4),
+/// `AcceptIncoming(Post)` (step 5), `ClearColour` (step 6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum HostAction {
+    /// Phase 1: check that these VMs are running; answer [`ActionOutcome::VmsRunning`].
+    CheckVmsRunning {
+        /// The host's VMs.
+        vms: Vec<String>,
+    },
+    /// Steps 1 and 4: write this colour's DSCP value into every outgoing IPv4 datagram of
+    /// the VMs (replacing the previous colour rule).
+    SetOutgoingColour(Colour),
+    /// Step 2: drop incoming datagrams carrying this colour's DSCP value.
+    DropIncoming(Colour),
+    /// Step 3: take a live local snapshot of every VM, in parallel; answer
+    /// [`ActionOutcome::SnapshotTaken`] with the time it took (the slowest VM's time).
+    TakeLocalSnapshots {
+        /// The global snapshot the local snapshots belong to (name them after it).
+        gs: GlobalSnapshotId,
+        /// The host's VMs.
+        vms: Vec<String>,
+    },
+    /// Step 5: stop dropping incoming datagrams of this colour.
+    AcceptIncoming(Colour),
+    /// Step 6: stop colouring outgoing datagrams.
+    ClearColour,
+    /// Safety cleanup after an abort, a failed step or a deadline: remove every colour and
+    /// filter rule the protocol may have installed. Must be idempotent, and safe to run
+    /// while a hung earlier action is still outstanding (it is issued then only after that
+    /// action exceeded its deadline).
+    ClearAll,
+    /// Resume: restore every VM to its local snapshot of this global snapshot.
+    RestoreLocal {
+        /// The global snapshot to restore.
+        gs: GlobalSnapshotId,
+        /// The host's VMs.
+        vms: Vec<String>,
+    },
+    /// Resume: start the restored VMs.
+    StartVms {
+        /// The host's VMs.
+        vms: Vec<String>,
+    },
+}
+
+impl HostAction {
+    /// Short name for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HostAction::CheckVmsRunning { .. } => "check VMs running",
+            HostAction::SetOutgoingColour(_) => "set outgoing colour",
+            HostAction::DropIncoming(_) => "drop incoming colour",
+            HostAction::TakeLocalSnapshots { .. } => "take local snapshots",
+            HostAction::AcceptIncoming(_) => "accept incoming colour",
+            HostAction::ClearColour => "clear colour",
+            HostAction::ClearAll => "clear all rules",
+            HostAction::RestoreLocal { .. } => "restore local snapshots",
+            HostAction::StartVms { .. } => "start VMs",
+        }
+    }
+}
+
+/// The outcome of a [`HostAction`], reported by the driver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ActionOutcome {
+    /// The action succeeded (colour, filter, restore and start actions).
+    Done,
+    /// Answer to [`HostAction::CheckVmsRunning`]: whether all VMs run.
+    VmsRunning(bool),
+    /// Answer to [`HostAction::TakeLocalSnapshots`]: the local snapshots exist.
+    SnapshotTaken {
+        /// How long taking them took (all VMs, in parallel).
+        #[serde(with = "super::message::micros", rename = "local_time_us")]
+        local_time: Duration,
+    },
+    /// The action failed; the text says why.
+    Failed(String),
+}
+
+/// Why a global snapshot or a resume failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cause", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FailureReason {
+    /// The listed participants did not answer before the phase's deadline.
+    Timeout {
+        /// The protocol phase (`precheck`, `snapshot`, `restore`, `start`, `poll`).
+        phase: String,
+        /// The deadline that passed.
+        #[serde(with = "super::message::micros", rename = "deadline_us")]
+        deadline: Duration,
+    },
+    /// A participant's VMs were not all running (phase 1).
+    VmsNotRunning {
+        /// The participant's explanation.
+        detail: String,
+    },
+    /// A host action failed (at the coordinator's own host, or reported by a participant).
+    ActionFailed {
+        /// The participant's or host's explanation.
+        detail: String,
+    },
+}
+
+impl std::fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FailureReason::Timeout { phase, deadline } => {
+                write!(f, "no answer in the {phase} phase within {deadline:?}")
+            }
+            FailureReason::VmsNotRunning { detail } => write!(f, "VMs not running: {detail}"),
+            FailureReason::ActionFailed { detail } => write!(f, "host action failed: {detail}"),
+        }
+    }
+}
+
+/// Something that happened, reported to the driver (for logs, persistence, statistics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProtocolEvent {
+    /// Coordinator: a global snapshot attempt started; persist the catalog now so the
+    /// epoch survives a restart.
+    GlobalSnapshotStarted {
+        /// The attempt.
+        gs: GlobalSnapshotId,
+    },
+    /// Coordinator: every participant passed the pre-check; phase 2 starts.
+    PrecheckPassed {
+        /// The attempt.
+        gs: GlobalSnapshotId,
+    },
+    /// Coordinator: the global snapshot is complete and recorded in the catalog; persist
+    /// the catalog now.
+    GlobalSnapshotCompleted {
+        /// The completed global snapshot.
+        gs: GlobalSnapshotId,
+        /// Local snapshot times of every participant, the coordinator's (id 0) first,
+        /// then by ascending id.
+        local_times: Vec<LocalTime>,
+        /// Time from sending TAKE_SNAPSHOT to completion.
+        global_time: Duration,
+    },
+    /// Coordinator: the global snapshot failed; it is never offered for restore. ABORT
+    /// was sent to every participant.
+    GlobalSnapshotFailed {
+        /// The failed attempt.
+        gs: GlobalSnapshotId,
+        /// The participants that caused the failure (id 0 = the coordinator's own host).
+        who: Vec<ParticipantId>,
+        /// Why.
+        why: FailureReason,
+    },
+    /// Coordinator: a trigger from the metadata server was refused.
+    TriggerRefused {
+        /// Why (for the operator).
+        reason: String,
+    },
+    /// Coordinator: a resume started; persist the catalog (it records the attempt).
+    ResumeStarted {
+        /// The global snapshot being restored.
+        gs: GlobalSnapshotId,
+        /// The attempt.
+        attempt: ResumeAttempt,
+    },
+    /// Coordinator: every participant answered POLL; RESTORE was sent.
+    PollCompleted {
+        /// The global snapshot being restored.
+        gs: GlobalSnapshotId,
+        /// How many POLL rounds it took (1 = everybody answered the first POLL).
+        rounds: u32,
+    },
+    /// Coordinator: every participant restored and started its VMs.
+    ResumeCompleted {
+        /// The restored global snapshot.
+        gs: GlobalSnapshotId,
+    },
+    /// Coordinator: the resume failed.
+    ResumeFailed {
+        /// The global snapshot that was being restored.
+        gs: GlobalSnapshotId,
+        /// The participants that caused the failure.
+        who: Vec<ParticipantId>,
+        /// Why.
+        why: FailureReason,
+    },
+    /// Participant: its six steps are done and DONE was sent.
+    LocalSnapshotCompleted {
+        /// The global snapshot.
+        gs: GlobalSnapshotId,
+        /// How long the local snapshot(s) took.
+        local_time: Duration,
+    },
+    /// Participant: the global snapshot was aborted or a step failed; ClearAll was issued
+    /// (or nothing needed cleaning). Its local snapshots of `gs`, if any, are not part of
+    /// a consistent global snapshot and may be deleted.
+    LocalSnapshotAbandoned {
+        /// The global snapshot.
+        gs: GlobalSnapshotId,
+        /// Why.
+        why: String,
+    },
+    /// Participant: its VMs were restored to `gs` and started.
+    Resumed {
+        /// The restored global snapshot.
+        gs: GlobalSnapshotId,
+    },
+    /// Metadata server: the trigger was forwarded to the coordinator.
+    GlobalSnapshotRequested,
+}
+
+/// One output of a state machine; a driver loop is a single `match`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Send this envelope to `envelope.to`.
+    Transmit(Envelope),
+    /// Perform this action on the local host and report the outcome with `id`.
+    Action {
+        /// Hand this back with the outcome.
+        id: ActionId,
+        /// What to do.
+        action: HostAction,
+    },
+    /// Something happened.
+    Event(ProtocolEvent),
+}
