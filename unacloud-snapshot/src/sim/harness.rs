@@ -1,0 +1,1113 @@
+//! The deterministic cluster harness: hosts, their VMs, the simulated LAN and the protocol
+//! state machines, driven on a virtual clock.
+//!
+//! Shaped like quinn-proto's test `Pair`: [`Cluster::step`] advances the virtual clock to
+//! the next thing that happens and handles everything due at that instant;
+//! [`Cluster::drive_bounded`] steps until quiet and fails with [`Error::Livelock`] instead
+//! of hanging. Every random choice comes from one seeded ChaCha RNG, and every collection
+//! iterated is ordered, so a seed replays the same schedule.
+//!
+//! How a host carries out the protocol's actions (the host driver of the simulation):
+//!
+//! * `SetOutgoingColour(c)` writes `c` into the DSCP field of every application datagram
+//!   the VM sends from then on (TCP data, ACKs and retransmissions alike);
+//!   `DropIncoming(Post)` makes the host drop arriving application datagrams coloured POST;
+//!   `AcceptIncoming`, `ClearColour` and `ClearAll` undo them. Protocol traffic travels on
+//!   its own reliable connection, uncoloured and never filtered.
+//! * `TakeLocalSnapshots` lasts a random time; the VM keeps running (a live snapshot) and
+//!   its whole state is captured at the end, the snapshot's consistency point. From that
+//!   point the VM stays paused until the host has applied the POST colour (step 4), so no
+//!   datagram the VM sends after its snapshot leaves with the PRE colour. Datagrams that
+//!   arrive meanwhile wait in the host's queue.
+//! * `RestoreLocal` powers the VM off and replaces its state by the captured one;
+//!   `StartVms` runs it again, with its timers as they were at the capture.
+//! * A crash powers the host off: its VM, its rules and its protocol state machine are
+//!   lost; the snapshots on its disk and the coordinator's catalog file survive.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::checker::{check_global_snapshot, SnapshotVerdict};
+use super::config::RingConfig;
+use super::transport::Segment;
+use super::vm::{Vm, VmOutput};
+use crate::error::{Error, Result};
+use crate::protocol::{
+    decode_frame, encode_frame, ActionId, ActionOutcome, Catalog, ClusterId, Colour, Coordinator,
+    CoordinatorConfig, Envelope, GlobalSnapshotId, HostAction, Message, Output, Participant,
+    ParticipantConfig, ParticipantId, ProtocolEvent,
+};
+
+/// A VM state captured by a local snapshot, as stored on its host's disk.
+#[derive(Clone, Debug)]
+pub struct LocalSnapshot {
+    /// The whole guest state at the consistency point.
+    pub vm: Vm,
+    /// The consistency point.
+    pub captured_at: Instant,
+    /// How long step 3 took.
+    pub took: Duration,
+}
+
+/// The protocol state machine running on a host.
+#[derive(Debug)]
+enum Machine {
+    Coordinator(Box<Coordinator>),
+    Participant(Box<Participant>),
+}
+
+impl Machine {
+    fn handle_message(&mut self, now: Instant, env: Envelope) -> Result<()> {
+        match self {
+            Machine::Coordinator(c) => c.handle_message(now, env),
+            Machine::Participant(p) => p.handle_message(now, env),
+        }
+    }
+    fn handle_action_complete(
+        &mut self,
+        now: Instant,
+        id: ActionId,
+        outcome: ActionOutcome,
+    ) -> Result<()> {
+        match self {
+            Machine::Coordinator(c) => c.handle_action_complete(now, id, outcome),
+            Machine::Participant(p) => p.handle_action_complete(now, id, outcome),
+        }
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        match self {
+            Machine::Coordinator(c) => c.handle_timeout(now),
+            Machine::Participant(p) => p.handle_timeout(now),
+        }
+    }
+    fn poll_output(&mut self) -> Option<Output> {
+        match self {
+            Machine::Coordinator(c) => c.poll_output(),
+            Machine::Participant(p) => p.poll_output(),
+        }
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self {
+            Machine::Coordinator(c) => c.poll_timeout(),
+            Machine::Participant(p) => p.poll_timeout(),
+        }
+    }
+}
+
+/// One simulated physical machine with one VM.
+#[derive(Debug)]
+pub struct Host {
+    /// Host index = ring position = participant id.
+    pub id: usize,
+    /// Powered on.
+    pub up: bool,
+    /// Incremented on every power-on; completions of actions from an earlier boot are lost.
+    boot: u64,
+    /// The VM's state, `None` while it does not exist (after a crash, before a restore).
+    pub vm: Option<Vm>,
+    /// Whether the VM executes.
+    pub vm_running: bool,
+    /// Paused between its snapshot's consistency point and the POST colour.
+    pub frozen: bool,
+    held: Vec<Datagram>,
+    /// Colour written into outgoing application datagrams.
+    pub outgoing: Option<Colour>,
+    /// Colour of incoming application datagrams that are dropped.
+    pub drop_incoming: Option<Colour>,
+    machine: Option<Machine>,
+    /// Local snapshots on the host's disk, by global snapshot id.
+    pub disk: BTreeMap<u64, LocalSnapshot>,
+    /// When the running VM state was captured (to shift its timers at start).
+    restored_capture: Option<Instant>,
+    /// Changes whenever the VM's timeline is replaced (restore, crash).
+    vm_epoch: u64,
+    /// Step 6 ran but the colour is kept until the global snapshot ends.
+    clear_deferred: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Datagram {
+    from: usize,
+    to: usize,
+    dscp: Option<Colour>,
+    seg: Segment,
+    /// The receiver's VM epoch when the datagram was sent.
+    rx_epoch: u64,
+}
+
+#[derive(Debug)]
+enum Ev {
+    Datagram(Datagram),
+    Frame {
+        from: usize,
+        to: usize,
+        bytes: Vec<u8>,
+    },
+    ActionDone {
+        host: usize,
+        boot: u64,
+        id: ActionId,
+        action: HostAction,
+        took: Duration,
+    },
+    Crash {
+        host: usize,
+    },
+    PowerOn {
+        host: usize,
+    },
+    /// End of a global snapshot reaches a host (`release_colour_on_completion`).
+    Release {
+        host: usize,
+    },
+}
+
+#[derive(Debug)]
+struct Scheduled {
+    at: Instant,
+    seq: u64,
+    ev: Ev,
+}
+impl PartialEq for Scheduled {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+/// What happened to one global snapshot attempt.
+#[derive(Clone, Debug, Default)]
+pub struct GsRecord {
+    /// Global snapshot id.
+    pub id: u64,
+    /// When the coordinator started it.
+    pub started: Option<Instant>,
+    /// When it completed.
+    pub completed: Option<Instant>,
+    /// Why it failed, if it did.
+    pub failure: Option<String>,
+    /// Local snapshot times reported by the protocol, coordinator first, then by id.
+    pub local_times: Vec<Duration>,
+    /// The protocol's phase-2 time (TAKE_SNAPSHOT to completion).
+    pub phase2: Option<Duration>,
+    /// Protocol messages of this attempt (pre-check and phase 2).
+    pub protocol_messages: u64,
+    /// The checker's verdict on the captured states, once complete.
+    pub verdict: Option<SnapshotVerdict>,
+}
+
+/// Counters of a run.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Application messages handed to a transport (every timeline).
+    pub app_messages_sent: u64,
+    /// Application datagrams put on the wire (data, ACKs, retransmissions).
+    pub datagrams_sent: u64,
+    /// Datagrams dropped by a host's POST filter.
+    pub dropped_by_filter: u64,
+    /// Datagrams lost by a link.
+    pub lost_by_link: u64,
+    /// Datagrams that reached a host that was off or a VM that was not running.
+    pub dropped_at_dead_host: u64,
+    /// Segments retransmitted by the TCP-like transport.
+    pub retransmissions: u64,
+    /// Protocol frames sent.
+    pub protocol_messages: u64,
+    /// Protocol frames of the resume protocol.
+    pub resume_messages: u64,
+    /// Datagrams of a replaced timeline delivered into a restored VM.
+    pub stale_deliveries: u64,
+    /// Errors the state machines returned for delivered frames or completions.
+    pub protocol_errors: Vec<String>,
+    /// Global snapshot triggers the coordinator refused.
+    pub triggers_refused: u64,
+    /// Resumes started / completed / failed.
+    pub resumes_started: u64,
+    /// Resumes that completed.
+    pub resumes_completed: u64,
+    /// Resumes that failed (and were retried).
+    pub resumes_failed: u64,
+}
+
+#[derive(Debug, Default)]
+struct ResumePlan {
+    /// The operator wants a resume (target: `None` = latest).
+    wanted: Option<Option<GlobalSnapshotId>>,
+    /// Next time to (re)try starting it.
+    retry_at: Option<Instant>,
+    /// A resume runs.
+    running: bool,
+    restored_from: Option<u64>,
+    restarted_from_scratch: bool,
+    attempts: u32,
+}
+
+/// The simulated cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    cfg: RingConfig,
+    base: Instant,
+    now: Instant,
+    rng: ChaCha8Rng,
+    cluster_id: ClusterId,
+    hosts: Vec<Host>,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    next_seq: u64,
+    stream_tail: HashMap<(usize, usize), Instant>,
+    catalog_file: Option<Vec<u8>>,
+    steps: u64,
+    records: BTreeMap<u64, GsRecord>,
+    stats: Stats,
+    resume: ResumePlan,
+    crashed: Vec<(usize, Instant)>,
+    crash_armed: bool,
+    /// Global snapshot triggers waiting for the current instant's handling to finish.
+    trigger_pending: bool,
+}
+
+impl Cluster {
+    /// A cluster for `cfg`, with every VM booted and the ring not yet started.
+    pub fn new(cfg: RingConfig) -> Result<Self> {
+        cfg.validate()?;
+        let base = Instant::now();
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let cluster_id = ClusterId(rng.gen());
+        let n = cfg.nodes;
+        let mut hosts = Vec::with_capacity(n);
+        for id in 0..n {
+            let mut vm = Vm::new(id, n, cfg.tokens, cfg.think, cfg.transport);
+            vm.start(base);
+            hosts.push(Host {
+                id,
+                up: true,
+                boot: 0,
+                vm: Some(vm),
+                vm_running: true,
+                frozen: false,
+                held: Vec::new(),
+                outgoing: None,
+                drop_incoming: None,
+                machine: None,
+                disk: BTreeMap::new(),
+                restored_capture: None,
+                vm_epoch: 0,
+                clear_deferred: false,
+            });
+        }
+        let crash_armed = cfg.crash_at.is_some() || cfg.crash_at_time.is_some();
+        let mut cluster = Self {
+            base,
+            now: base,
+            rng,
+            cluster_id,
+            hosts,
+            queue: BinaryHeap::new(),
+            next_seq: 0,
+            stream_tail: HashMap::new(),
+            catalog_file: None,
+            steps: 0,
+            records: BTreeMap::new(),
+            stats: Stats::default(),
+            resume: ResumePlan::default(),
+            crashed: Vec::new(),
+            crash_armed,
+            trigger_pending: false,
+            cfg,
+        };
+        for id in 0..n {
+            cluster.hosts[id].machine = Some(cluster.boot_machine(id)?);
+        }
+        if let Some(at) = cluster.cfg.crash_at_time {
+            let host = cluster.pick_crash_host();
+            cluster.schedule(base + at, Ev::Crash { host });
+            cluster.crash_armed = false;
+        }
+        Ok(cluster)
+    }
+
+    fn boot_machine(&self, id: usize) -> Result<Machine> {
+        if id == 0 {
+            let catalog = match &self.catalog_file {
+                Some(bytes) => Catalog::from_json(bytes).map_err(|e| Error::InvalidConfig {
+                    reason: format!("the simulated catalog file does not parse: {e}"),
+                })?,
+                None => Catalog::new(self.cluster_id),
+            };
+            let mut config = CoordinatorConfig::new(
+                self.cluster_id,
+                (1..self.cfg.nodes)
+                    .map(|p| ParticipantId(p as u32))
+                    .collect(),
+                vec![vm_name(0)],
+            );
+            config.timeouts = self.cfg.timeouts;
+            Ok(Machine::Coordinator(Box::new(Coordinator::new(
+                config, catalog,
+            )?)))
+        } else {
+            let mut config = ParticipantConfig::new(
+                self.cluster_id,
+                ParticipantId(id as u32),
+                vec![vm_name(id)],
+            );
+            config.timeouts = self.cfg.timeouts;
+            Ok(Machine::Participant(Box::new(Participant::new(config)?)))
+        }
+    }
+
+    fn pick_crash_host(&mut self) -> usize {
+        match self.cfg.crash_host {
+            Some(h) => h,
+            None => self.rng.gen_range(0..self.cfg.nodes),
+        }
+    }
+
+    // ----- observation ------------------------------------------------------------------
+
+    /// The current virtual instant.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// Virtual time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.base
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RingConfig {
+        &self.cfg
+    }
+
+    /// The hosts.
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// Global snapshot attempts by id.
+    pub fn records(&self) -> &BTreeMap<u64, GsRecord> {
+        &self.records
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// The global snapshot the run resumed from, if a resume completed.
+    pub fn restored_from(&self) -> Option<u64> {
+        self.resume.restored_from
+    }
+
+    /// Whether the ring had to restart from its initial state (crash before any completed
+    /// global snapshot).
+    pub fn restarted_from_scratch(&self) -> bool {
+        self.resume.restarted_from_scratch
+    }
+
+    /// Hosts that crashed, with the instant.
+    pub fn crashes(&self) -> &[(usize, Instant)] {
+        &self.crashed
+    }
+
+    /// Whether the coordinator runs an operation.
+    pub fn coordinator_busy(&self) -> bool {
+        match &self.hosts[0].machine {
+            Some(Machine::Coordinator(c)) => c.running().is_some(),
+            _ => false,
+        }
+    }
+
+    /// Whether the ring finished: every peer left and the `Exit` came back.
+    pub fn ring_complete(&self) -> bool {
+        self.hosts
+            .iter()
+            .all(|h| h.vm.as_ref().is_some_and(|vm| vm.app.left_with.is_some()))
+            && self
+                .hosts
+                .iter()
+                .any(|h| h.vm.as_ref().is_some_and(|vm| vm.app.completed))
+    }
+
+    /// Whether the run is over: ring complete, no resume wanted, coordinator idle.
+    pub fn is_finished(&self) -> bool {
+        self.ring_complete()
+            && self.resume.wanted.is_none()
+            && !self.resume.running
+            && !self.coordinator_busy()
+    }
+
+    // ----- external inputs --------------------------------------------------------------
+
+    /// Asks the coordinator for a global snapshot now (the metadata server's `StartGS`).
+    /// Returns the id, or `None` if refused or the coordinator's host is down.
+    pub fn trigger_global_snapshot(&mut self) -> Option<GlobalSnapshotId> {
+        let now = self.now;
+        let result = match &mut self.hosts[0].machine {
+            Some(Machine::Coordinator(c)) => c.start_global_snapshot(now).ok(),
+            _ => None,
+        };
+        if result.is_none() {
+            self.stats.triggers_refused += 1;
+        }
+        self.drain(0);
+        result
+    }
+
+    /// Powers a host off now.
+    pub fn crash(&mut self, host: usize) {
+        self.schedule(self.now, Ev::Crash { host });
+    }
+
+    /// Powers a host on at `now + after` (its VM stays off until a restore).
+    pub fn power_on_after(&mut self, host: usize, after: Duration) {
+        self.schedule(self.now + after, Ev::PowerOn { host });
+    }
+
+    /// Asks for a resume from `gs` (`None` = latest), retried until the coordinator
+    /// accepts it.
+    pub fn request_resume(&mut self, gs: Option<GlobalSnapshotId>, after: Duration) {
+        self.resume.wanted = Some(gs);
+        self.resume.retry_at = Some(self.now + after);
+    }
+
+    // ----- driving ----------------------------------------------------------------------
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        let mut next = self.queue.peek().map(|Reverse(s)| s.at);
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n: Instant| n.min(t)));
+            }
+        };
+        for h in &self.hosts {
+            if !h.up {
+                continue;
+            }
+            if h.vm_running && !h.frozen {
+                consider(h.vm.as_ref().and_then(Vm::poll_timeout));
+            }
+            consider(h.machine.as_ref().and_then(Machine::poll_timeout));
+        }
+        consider(self.resume.retry_at);
+        next
+    }
+
+    /// Advances the virtual clock to the next thing that happens and handles everything
+    /// due then. Returns `Ok(false)` when nothing will ever happen again.
+    pub fn step(&mut self) -> Result<bool> {
+        let Some(next) = self.next_wakeup() else {
+            return Ok(false);
+        };
+        self.steps += 1;
+        if next > self.now {
+            self.now = next;
+        }
+        let now = self.now;
+        while self.queue.peek().is_some_and(|Reverse(s)| s.at <= now) {
+            let Some(Reverse(s)) = self.queue.pop() else {
+                break;
+            };
+            self.handle_event(s.ev)?;
+        }
+        for id in 0..self.hosts.len() {
+            let h = &self.hosts[id];
+            let vm_due = h.up
+                && h.vm_running
+                && !h.frozen
+                && h.vm
+                    .as_ref()
+                    .and_then(Vm::poll_timeout)
+                    .is_some_and(|t| t <= now);
+            if vm_due {
+                self.vm_timeout(id);
+            }
+            let h = &mut self.hosts[id];
+            if h.up {
+                if let Some(m) = &mut h.machine {
+                    if m.poll_timeout().is_some_and(|t| t <= now) {
+                        m.handle_timeout(now);
+                    }
+                }
+                self.drain(id);
+            }
+        }
+        if self.trigger_pending {
+            self.trigger_pending = false;
+            self.trigger_global_snapshot();
+        }
+        if self.resume.retry_at.is_some_and(|t| t <= now) {
+            self.try_resume()?;
+        }
+        Ok(true)
+    }
+
+    /// Steps until nothing happens any more or `until` holds; fails with
+    /// [`Error::Livelock`] after `max_steps` steps.
+    pub fn drive_until(
+        &mut self,
+        max_steps: u64,
+        mut until: impl FnMut(&Cluster) -> bool,
+    ) -> Result<u64> {
+        let start = self.steps;
+        loop {
+            if until(self) {
+                return Ok(self.steps - start);
+            }
+            if self.steps - start >= max_steps {
+                return Err(Error::Livelock {
+                    steps: max_steps,
+                    sim_time: self.elapsed(),
+                });
+            }
+            if !self.step()? {
+                return Ok(self.steps - start);
+            }
+        }
+    }
+
+    /// Steps until the run is finished or quiet; fails with [`Error::Livelock`] after
+    /// `max_steps` steps.
+    pub fn drive_bounded(&mut self, max_steps: u64) -> Result<u64> {
+        self.drive_until(max_steps, Cluster::is_finished)
+    }
+
+    // ----- internals --------------------------------------------------------------------
+
+    fn schedule(&mut self, at: Instant, ev: Ev) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.push(Reverse(Scheduled { at, seq, ev }));
+    }
+
+    fn handle_event(&mut self, ev: Ev) -> Result<()> {
+        match ev {
+            Ev::Datagram(d) => self.arrive(d),
+            Ev::Frame { from, to, bytes } => self.frame_arrives(from, to, &bytes),
+            Ev::ActionDone {
+                host,
+                boot,
+                id,
+                action,
+                took,
+            } => self.action_done(host, boot, id, action, took)?,
+            Ev::Crash { host } => self.power_off(host),
+            Ev::PowerOn { host } => self.power_on(host)?,
+            Ev::Release { host } => {
+                let h = &mut self.hosts[host];
+                if h.clear_deferred {
+                    h.clear_deferred = false;
+                    h.outgoing = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn arrive(&mut self, d: Datagram) {
+        let to = d.to;
+        let host = &mut self.hosts[to];
+        if !host.up || !host.vm_running || host.vm.is_none() {
+            self.stats.dropped_at_dead_host += 1;
+            return;
+        }
+        if host.frozen {
+            host.held.push(d);
+            return;
+        }
+        if d.dscp.is_some() && d.dscp == host.drop_incoming {
+            self.stats.dropped_by_filter += 1;
+            return;
+        }
+        if d.rx_epoch != host.vm_epoch {
+            self.stats.stale_deliveries += 1;
+        }
+        let mut out = VmOutput::default();
+        if let Some(vm) = &mut host.vm {
+            vm.handle_segment(self.now, &self.cfg.tcp, d.from, d.seg, &mut out);
+        }
+        self.vm_output(to, out);
+    }
+
+    fn vm_timeout(&mut self, id: usize) {
+        let mut out = VmOutput::default();
+        if let Some(vm) = &mut self.hosts[id].vm {
+            vm.handle_timeout(self.now, &self.cfg.tcp, &mut out);
+        }
+        self.vm_output(id, out);
+    }
+
+    fn vm_output(&mut self, from: usize, out: VmOutput) {
+        self.stats.app_messages_sent += out.app_sent;
+        self.stats.retransmissions += out.retransmitted;
+        let dscp = self.hosts[from].outgoing;
+        for (to, seg) in out.transmit {
+            self.stats.datagrams_sent += 1;
+            match self.cfg.link.datagram_delay(&mut self.rng) {
+                None => self.stats.lost_by_link += 1,
+                Some(delay) => {
+                    let rx_epoch = self.hosts[to].vm_epoch;
+                    self.schedule(
+                        self.now + delay,
+                        Ev::Datagram(Datagram {
+                            from,
+                            to,
+                            dscp,
+                            seg,
+                            rx_epoch,
+                        }),
+                    );
+                }
+            }
+        }
+        for token in out.tokens {
+            self.on_token(token);
+        }
+    }
+
+    fn on_token(&mut self, token: u64) {
+        let k = self.cfg.snapshot_every;
+        if k > 0 && token > 0 && token % k == 0 {
+            self.trigger_pending = true;
+        }
+        if self.crash_armed && self.cfg.crash_at == Some(token) {
+            self.crash_armed = false;
+            let host = self.pick_crash_host();
+            self.schedule(self.now, Ev::Crash { host });
+        }
+    }
+
+    fn frame_arrives(&mut self, from: usize, to: usize, bytes: &[u8]) {
+        let now = self.now;
+        let host = &mut self.hosts[to];
+        if !host.up {
+            return;
+        }
+        let result = decode_frame(bytes).and_then(|env| match &mut host.machine {
+            Some(m) => m.handle_message(now, env),
+            None => Ok(()),
+        });
+        if let Err(e) = result {
+            self.stats
+                .protocol_errors
+                .push(format!("host {to} rejected a frame from host {from}: {e}"));
+        }
+        self.drain(to);
+    }
+
+    /// Moves a state machine's outputs into the world.
+    fn drain(&mut self, id: usize) {
+        loop {
+            let Some(out) = self.hosts[id]
+                .machine
+                .as_mut()
+                .and_then(Machine::poll_output)
+            else {
+                return;
+            };
+            match out {
+                Output::Transmit(env) => self.transmit(id, env),
+                Output::Action {
+                    id: action_id,
+                    action,
+                } => {
+                    let took = self.action_duration(&action);
+                    let boot = self.hosts[id].boot;
+                    self.schedule(
+                        self.now + took,
+                        Ev::ActionDone {
+                            host: id,
+                            boot,
+                            id: action_id,
+                            action,
+                            took,
+                        },
+                    );
+                }
+                Output::Event(ev) => self.on_protocol_event(ev),
+            }
+        }
+    }
+
+    fn transmit(&mut self, from: usize, env: Envelope) {
+        let to = env.to.0 as usize;
+        if to >= self.hosts.len() {
+            self.stats.protocol_errors.push(format!(
+                "host {from} addressed unknown participant {}",
+                env.to
+            ));
+            return;
+        }
+        self.stats.protocol_messages += 1;
+        if let Some(gs) = env.message.gs() {
+            if is_resume_message(&env.message) {
+                self.stats.resume_messages += 1;
+            } else {
+                self.records.entry(gs.0).or_default().protocol_messages += 1;
+            }
+        }
+        let bytes = match encode_frame(&env) {
+            Ok(b) => b,
+            Err(e) => {
+                self.stats
+                    .protocol_errors
+                    .push(format!("host {from} could not encode a frame: {e}"));
+                return;
+            }
+        };
+        // A reliable, ordered connection: never lost, never overtaken.
+        let delay = self.cfg.link.stream_delay(&mut self.rng);
+        let tail = self.stream_tail.entry((from, to)).or_insert(self.now);
+        let at = (self.now + delay).max(*tail);
+        *tail = at;
+        self.schedule(at, Ev::Frame { from, to, bytes });
+    }
+
+    fn action_duration(&mut self, action: &HostAction) -> Duration {
+        match action {
+            HostAction::TakeLocalSnapshots { .. } => {
+                let (lo, hi) = (self.cfg.local_snapshot_min, self.cfg.local_snapshot_max);
+                if lo == hi {
+                    lo
+                } else {
+                    Duration::from_nanos(
+                        self.rng
+                            .gen_range(lo.as_nanos() as u64..=hi.as_nanos() as u64),
+                    )
+                }
+            }
+            HostAction::RestoreLocal { .. } => self.cfg.restore_time,
+            _ => self.cfg.action_latency,
+        }
+    }
+
+    fn action_done(
+        &mut self,
+        id: usize,
+        boot: u64,
+        action_id: ActionId,
+        action: HostAction,
+        took: Duration,
+    ) -> Result<()> {
+        if !self.hosts[id].up || self.hosts[id].boot != boot {
+            return Ok(()); // the host lost power while acting
+        }
+        let now = self.now;
+        let filter = self.cfg.filter;
+        let reorder = self.cfg.colour_post_before_snapshot;
+        let defer_clear = self.cfg.release_colour_on_completion;
+        let host = &mut self.hosts[id];
+        let mut unfreeze = false;
+        let outcome = match action {
+            HostAction::CheckVmsRunning { .. } => {
+                ActionOutcome::VmsRunning(host.vm.is_some() && host.vm_running)
+            }
+            HostAction::SetOutgoingColour(c) => {
+                let c = if reorder && c == Colour::Pre {
+                    Colour::Post
+                } else {
+                    c
+                };
+                host.outgoing = Some(c);
+                unfreeze = c == Colour::Post;
+                ActionOutcome::Done
+            }
+            HostAction::DropIncoming(c) => {
+                if filter {
+                    host.drop_incoming = Some(c);
+                }
+                ActionOutcome::Done
+            }
+            HostAction::AcceptIncoming(c) => {
+                if host.drop_incoming == Some(c) {
+                    host.drop_incoming = None;
+                }
+                ActionOutcome::Done
+            }
+            HostAction::ClearColour => {
+                if defer_clear && host.outgoing.is_some() {
+                    host.clear_deferred = true;
+                } else {
+                    host.outgoing = None;
+                }
+                unfreeze = true;
+                ActionOutcome::Done
+            }
+            HostAction::ClearAll => {
+                host.clear_deferred = false;
+                host.outgoing = None;
+                host.drop_incoming = None;
+                unfreeze = true;
+                ActionOutcome::Done
+            }
+            HostAction::TakeLocalSnapshots { gs, .. } => match (&host.vm, host.vm_running) {
+                (Some(vm), true) => {
+                    host.disk.insert(
+                        gs.0,
+                        LocalSnapshot {
+                            vm: vm.clone(),
+                            captured_at: now,
+                            took,
+                        },
+                    );
+                    host.frozen = true;
+                    ActionOutcome::SnapshotTaken { local_time: took }
+                }
+                _ => ActionOutcome::Failed(format!("VM {} is not running", vm_name(id))),
+            },
+            HostAction::RestoreLocal { gs, .. } => match host.disk.get(&gs.0) {
+                Some(snap) => {
+                    host.vm = Some(snap.vm.clone());
+                    host.restored_capture = Some(snap.captured_at);
+                    host.vm_running = false;
+                    host.frozen = false;
+                    host.held.clear();
+                    host.vm_epoch += 1;
+                    ActionOutcome::Done
+                }
+                None => ActionOutcome::Failed(format!(
+                    "host {id} has no local snapshot of {gs} on its disk"
+                )),
+            },
+            HostAction::StartVms { .. } => match &mut host.vm {
+                Some(vm) => {
+                    if let Some(captured) = host.restored_capture.take() {
+                        vm.shift_timers(captured, now);
+                    }
+                    host.vm_running = true;
+                    ActionOutcome::Done
+                }
+                None => ActionOutcome::Failed(format!("VM {} does not exist", vm_name(id))),
+            },
+        };
+        if unfreeze && host.frozen {
+            host.frozen = false;
+            let held = std::mem::take(&mut host.held);
+            for d in held {
+                self.arrive(d);
+            }
+        }
+        let result = match &mut self.hosts[id].machine {
+            Some(m) => m.handle_action_complete(now, action_id, outcome),
+            None => Ok(()),
+        };
+        if let Err(e) = result {
+            self.stats
+                .protocol_errors
+                .push(format!("host {id} rejected an action completion: {e}"));
+        }
+        self.drain(id);
+        Ok(())
+    }
+
+    fn power_off(&mut self, id: usize) {
+        let host = &mut self.hosts[id];
+        if !host.up {
+            return;
+        }
+        host.up = false;
+        host.vm = None;
+        host.vm_running = false;
+        host.frozen = false;
+        host.held.clear();
+        host.outgoing = None;
+        host.drop_incoming = None;
+        host.machine = None;
+        host.clear_deferred = false;
+        host.vm_epoch += 1;
+        self.crashed.push((id, self.now));
+        // The connections to the host break: frames still queued for it are lost.
+        self.stream_tail.retain(|&(a, b), _| a != id && b != id);
+        if self.cfg.crash_at.is_some() || self.cfg.crash_at_time.is_some() {
+            let after = self.cfg.reboot_after;
+            self.schedule(self.now + after, Ev::PowerOn { host: id });
+            let target = match self.cfg.restore_from {
+                super::config::RestoreFrom::Latest => None,
+                super::config::RestoreFrom::Id(g) => Some(GlobalSnapshotId(g)),
+            };
+            // The operator asks for a resume at once; POLL is repeated until the crashed
+            // host answers.
+            self.request_resume(target, Duration::ZERO);
+        }
+    }
+
+    fn power_on(&mut self, id: usize) -> Result<()> {
+        if self.hosts[id].up {
+            return Ok(());
+        }
+        let machine = self.boot_machine(id)?;
+        let host = &mut self.hosts[id];
+        host.up = true;
+        host.boot += 1;
+        host.machine = Some(machine);
+        Ok(())
+    }
+
+    fn try_resume(&mut self) -> Result<()> {
+        self.resume.retry_at = None;
+        let Some(target) = self.resume.wanted else {
+            return Ok(());
+        };
+        let retry = self.now + self.cfg.timeouts.poll_interval;
+        let now = self.now;
+        let result = match &mut self.hosts[0].machine {
+            Some(Machine::Coordinator(c)) => Some(c.start_resume(now, target)),
+            _ => None,
+        };
+        match result {
+            None => self.resume.retry_at = Some(retry), // coordinator host is down
+            Some(Ok(_)) => {
+                self.resume.wanted = None;
+                self.resume.running = true;
+                self.stats.resumes_started += 1;
+            }
+            Some(Err(Error::Busy { .. })) => self.resume.retry_at = Some(retry),
+            Some(Err(Error::NoRestorableSnapshot)) => {
+                if self.hosts.iter().all(|h| h.up) {
+                    self.restart_from_scratch();
+                } else {
+                    self.resume.retry_at = Some(retry);
+                }
+            }
+            Some(Err(e)) => return Err(e),
+        }
+        self.drain(0);
+        Ok(())
+    }
+
+    /// No global snapshot to resume from: every VM starts again from its initial state.
+    fn restart_from_scratch(&mut self) {
+        self.resume.wanted = None;
+        self.resume.restarted_from_scratch = true;
+        let n = self.cfg.nodes;
+        for id in 0..n {
+            let mut vm = Vm::new(id, n, self.cfg.tokens, self.cfg.think, self.cfg.transport);
+            vm.start(self.now);
+            let host = &mut self.hosts[id];
+            host.vm = Some(vm);
+            host.vm_running = true;
+            host.frozen = false;
+            host.held.clear();
+            host.vm_epoch += 1;
+        }
+    }
+
+    fn on_protocol_event(&mut self, ev: ProtocolEvent) {
+        let now = self.now;
+        match ev {
+            ProtocolEvent::GlobalSnapshotStarted { gs } => {
+                self.persist_catalog();
+                let r = self.records.entry(gs.0).or_default();
+                r.id = gs.0;
+                r.started = Some(now);
+            }
+            ProtocolEvent::GlobalSnapshotCompleted {
+                gs,
+                local_times,
+                global_time,
+            } => {
+                self.persist_catalog();
+                let states: Option<Vec<Vm>> = self
+                    .hosts
+                    .iter()
+                    .map(|h| h.disk.get(&gs.0).map(|s| s.vm.clone()))
+                    .collect();
+                let verdict = states.as_deref().map(check_global_snapshot);
+                if verdict.is_none() {
+                    self.stats.protocol_errors.push(format!(
+                        "{gs} completed but some host has no local snapshot of it"
+                    ));
+                }
+                let r = self.records.entry(gs.0).or_default();
+                r.id = gs.0;
+                r.completed = Some(now);
+                r.local_times = local_times.iter().map(|t| t.local_time).collect();
+                r.phase2 = Some(global_time);
+                r.verdict = verdict;
+                self.release_colours();
+            }
+            ProtocolEvent::GlobalSnapshotFailed { gs, who, why } => {
+                let r = self.records.entry(gs.0).or_default();
+                r.id = gs.0;
+                let who: Vec<String> = who.iter().map(ToString::to_string).collect();
+                r.failure = Some(format!("{why} (participants {})", who.join(", ")));
+                self.release_colours();
+            }
+            ProtocolEvent::ResumeStarted { .. } => self.persist_catalog(),
+            ProtocolEvent::ResumeCompleted { gs } => {
+                self.resume.running = false;
+                self.resume.restored_from = Some(gs.0);
+                self.stats.resumes_completed += 1;
+            }
+            ProtocolEvent::ResumeFailed { gs, .. } => {
+                self.resume.running = false;
+                self.stats.resumes_failed += 1;
+                self.resume.attempts += 1;
+                if self.resume.attempts < 5 {
+                    self.request_resume(Some(gs), self.cfg.timeouts.poll_interval);
+                }
+            }
+            ProtocolEvent::TriggerRefused { .. } => self.stats.triggers_refused += 1,
+            _ => {}
+        }
+    }
+
+    /// The RELEASE of `release_colour_on_completion`: every host clears its kept colour
+    /// one stream delay from now.
+    fn release_colours(&mut self) {
+        if !self.cfg.release_colour_on_completion {
+            return;
+        }
+        for host in 0..self.hosts.len() {
+            let delay = if host == 0 {
+                Duration::ZERO
+            } else {
+                self.cfg.link.stream_delay(&mut self.rng)
+            };
+            self.schedule(self.now + delay, Ev::Release { host });
+        }
+    }
+
+    fn persist_catalog(&mut self) {
+        if let Some(Machine::Coordinator(c)) = &self.hosts[0].machine {
+            self.catalog_file = Some(c.catalog().to_json());
+        }
+    }
+}
+
+fn is_resume_message(m: &Message) -> bool {
+    matches!(
+        m,
+        Message::Poll { .. }
+            | Message::PollOk { .. }
+            | Message::Restore { .. }
+            | Message::RestoreOk { .. }
+            | Message::Start { .. }
+            | Message::StartOk { .. }
+            | Message::ResumeFailed { .. }
+    )
+}
+
+/// Name of the VM of host `id`.
+pub fn vm_name(id: usize) -> String {
+    format!("ring-{id}")
+}
