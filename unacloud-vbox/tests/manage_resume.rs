@@ -33,7 +33,9 @@ fn vboxmanage(name: &str) -> String {
 }
 
 /// (id, name, parent id) in pre-order, and the current id: what both sources know.
-fn shape(t: &SnapshotTree) -> (Vec<(String, String, Option<String>)>, Option<String>) {
+type Shape = (Vec<(String, String, Option<String>)>, Option<String>);
+
+fn shape(t: &SnapshotTree) -> Shape {
     let nodes = t
         .iter()
         .map(|(n, _)| {
@@ -123,6 +125,9 @@ async fn resume_in_place_defaults_to_the_latest_snapshot_and_powers_off_first() 
             .then_ok(vboxmanage(
                 "showvminfo-machinereadable__bioinfo-rio-vagrant__1.txt",
             ))
+            .then_ok(vboxmanage(
+                "showvminfo-machinereadable__bioinfo-rio-vagrant__1.txt",
+            ))
             .then_ok("")
             .then_ok(listing)
             .then_ok("")
@@ -135,6 +140,7 @@ async fn resume_in_place_defaults_to_the_latest_snapshot_and_powers_off_first() 
         r.lines(),
         [
             "VBoxManage snapshot TM list --machinereadable",
+            "VBoxManage showvminfo TM --machinereadable",
             "VBoxManage showvminfo TM --machinereadable",
             "VBoxManage controlvm TM poweroff",
             "VBoxManage snapshot TM list --machinereadable",
@@ -161,6 +167,7 @@ async fn restore_in_place_of_a_stopped_vm_by_name() {
         ReplayRunner::new()
             .then_ok(listing.clone())
             .then_ok(vboxmanage("showvminfo-machinereadable__chef-ohai__1.txt"))
+            .then_ok(vboxmanage("showvminfo-machinereadable__chef-ohai__1.txt"))
             .then_ok(listing)
             .then_ok(""),
     );
@@ -168,7 +175,7 @@ async fn restore_in_place_of_a_stopped_vm_by_name() {
         .await
         .unwrap();
     assert_eq!(
-        r.lines()[3],
+        r.lines()[4],
         "VBoxManage snapshot w7 restore 238006bc-a851-4b50-a151-3d9104d072c5"
     );
     assert_eq!(
@@ -337,4 +344,45 @@ async fn in_memory_backend_resumes_too() {
         .unwrap();
     assert_eq!(report.snapshot_name, "gs-1");
     assert_eq!(hv.vm_info(&vm).await.unwrap().state, PowerState::Running);
+}
+
+#[tokio::test]
+async fn snapshot_tree_takes_state_files_and_time_stamps_from_the_settings_file() {
+    let src = tempfile::tempdir().unwrap();
+    let vbox = meta_machine(src.path());
+    // The real chef-ohai sample, with its CfgFile pointed at a settings file on this host.
+    let info: String = vboxmanage("showvminfo-machinereadable__chef-ohai__1.txt")
+        .lines()
+        .map(|l| {
+            if l.starts_with("CfgFile=") {
+                format!("CfgFile=\"{}\"\n", vbox.display())
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    let (r, hv) = backend(
+        ReplayRunner::new()
+            .then_ok(data("joco-kad__teaching__Meta.snapshot-list.txt"))
+            .then_ok(info),
+    );
+    let tree = hv.snapshot_tree(&VmId::new("Meta")).await.unwrap();
+    assert_eq!(
+        r.lines(),
+        [
+            "VBoxManage snapshot Meta list --machinereadable",
+            "VBoxManage showvminfo Meta --machinereadable"
+        ]
+    );
+    let n = tree.resolve("Root. End Practice One").unwrap();
+    let s = tree.get(n).unwrap();
+    assert_eq!(
+        s.state_file.as_deref(),
+        Some("Snapshots/2023-01-01T09-50-03-442257300Z.sav")
+    );
+    assert_eq!(s.time_stamp.as_deref(), Some("2023-01-01T09:50:03Z"));
+    assert_eq!(
+        tree.get(tree.current().unwrap()).unwrap().name,
+        "Root Hacked - Student version"
+    );
 }

@@ -152,6 +152,48 @@ impl VBoxManageHypervisor {
     }
 }
 
+/// Copies time stamps, state files and descriptions from the settings file into a tree
+/// read from VBoxManage (matched by uuid). On any problem with the file the tree is
+/// returned unchanged.
+fn enrich_from_settings(tree: &SnapshotTree, cfg: &Path) -> SnapshotTree {
+    let settings = match crate::settings::MachineSettings::load(cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(file = %cfg.display(), error = %e, "cannot read the VM's settings; snapshot details omitted");
+            return tree.clone();
+        }
+    };
+    let mut out = SnapshotTree::new();
+    let mut map = std::collections::HashMap::new();
+    for (n, _) in tree.iter() {
+        let Some(snap) = tree.get(n) else { continue };
+        let mut snap = snap.clone();
+        if let Some(s) = settings
+            .snapshots
+            .iter()
+            .find(|s| s.uuid.to_string() == snap.id)
+        {
+            snap.time_stamp = s.time_stamp.clone();
+            snap.state_file = s.state_file.clone();
+            if snap.description.is_none() {
+                snap.description = s.description.clone();
+            }
+        }
+        let added = match tree.parent(n).and_then(|p| map.get(&p)) {
+            Some(p) => out.add_child(*p, snap),
+            None => out.add_root(snap),
+        };
+        match added {
+            Ok(id) => {
+                map.insert(n, id);
+            }
+            Err(_) => return tree.clone(),
+        }
+    }
+    out.set_current(tree.current().and_then(|c| map.get(&c).copied()));
+    out
+}
+
 fn disk_arg(d: &DiskRef) -> Result<String> {
     match d {
         DiskRef::Uuid(u) => Ok(u.to_string()),
@@ -329,8 +371,20 @@ impl Hypervisor for VBoxManageHypervisor {
         Ok(())
     }
 
+    /// `snapshot <vm> list --machinereadable`; for a non-empty tree also `showvminfo`,
+    /// and when the settings file it names is readable here, each snapshot's time stamp,
+    /// saved-state file and description are taken from it (VBoxManage does not print
+    /// them).
     async fn snapshot_tree(&self, vm: &VmId) -> CoreResult<SnapshotTree> {
-        Ok(self.snapshots(vm.as_str()).await?)
+        let tree = self.snapshots(vm.as_str()).await?;
+        if tree.is_empty() {
+            return Ok(tree);
+        }
+        let details = self.details(vm.as_str()).await?;
+        Ok(match details.settings_file.as_deref() {
+            Some(cfg) if cfg.is_file() => enrich_from_settings(&tree, cfg),
+            _ => tree,
+        })
     }
 
     async fn list_disks(&self) -> CoreResult<Vec<DiskInfo>> {
