@@ -1,0 +1,489 @@
+//! The `nftables` backend: a table of our own, run one process per change or through a
+//! long-lived `nft -j -i` session.
+//!
+//! ```text
+//! table inet unacloud {
+//!     counter post_drop { }
+//!     chain colour_out { type filter hook output priority mangle; policy accept;
+//!         ip dscp set 0x10; ip6 dscp set 0x10 }                     (colour PRE)
+//!     chain filter_in { type filter hook input priority filter; policy accept;
+//!         ip dscp 0x12 counter name post_drop drop
+//!         ip6 dscp 0x12 counter name post_drop drop }               (drop POST)
+//! }
+//! ```
+//!
+//! Every change is one nft transaction (`flush chain …; add rule …` on one line), so a
+//! colour switch is atomic. Dropping is final across base chains, so a user's own accept
+//! rules in other tables cannot undo the POST filter; accept in our table only ends our
+//! chain. Removal is `add table …; delete table …` (idempotent).
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::exec::{check, CommandExecutor, DEFAULT_COMMAND_TIMEOUT};
+use super::{Colour, ColourBackend, DscpConfig};
+use crate::error::{Error, Result};
+
+/// Runs nft command lines (one transaction each) and returns the JSON output of list
+/// commands.
+pub trait NftRunner: Send + std::fmt::Debug {
+    /// Runs one command line. With `want_json` the line is a single `list …` command and
+    /// its JSON document is returned.
+    fn exec(&mut self, line: &str, want_json: bool) -> Result<Option<serde_json::Value>>;
+
+    /// Where the commands run, for messages.
+    fn place(&self) -> String;
+}
+
+/// One `nft` process per command line, through any executor (host, namespace, guest).
+#[derive(Debug)]
+pub struct NftOneShot {
+    exec: Arc<dyn CommandExecutor>,
+    timeout: Duration,
+}
+
+impl NftOneShot {
+    /// Runs `nft` through `exec`.
+    pub fn new(exec: Arc<dyn CommandExecutor>) -> Self {
+        Self {
+            exec,
+            timeout: DEFAULT_COMMAND_TIMEOUT,
+        }
+    }
+}
+
+impl NftRunner for NftOneShot {
+    fn exec(&mut self, line: &str, want_json: bool) -> Result<Option<serde_json::Value>> {
+        let a: Vec<String> = if want_json {
+            vec!["-j".to_string(), line.to_string()]
+        } else {
+            vec![line.to_string()]
+        };
+        let out = self.exec.run("nft", &a, self.timeout)?;
+        let out = check(&self.exec.argv("nft", &a), out)?;
+        if !want_json {
+            return Ok(None);
+        }
+        let v = serde_json::from_str(out.stdout.trim()).map_err(|e| Error::NftSession {
+            place: self.exec.place(),
+            reason: format!("unreadable JSON from `nft -j {line}`: {e}"),
+        })?;
+        Ok(Some(v))
+    }
+
+    fn place(&self) -> String {
+        self.exec.place()
+    }
+}
+
+/// A long-lived `nft -j -i` process. Each command line is followed by `list tables`,
+/// whose one-line JSON answer marks the end of the command's output; anything else on
+/// the (merged) output before it is nft's error text.
+#[derive(Debug)]
+pub struct NftSession {
+    place: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    timeout: Duration,
+}
+
+impl NftSession {
+    /// Starts `nft -j -i` through `exec` (for example inside a namespace).
+    pub fn start(exec: &dyn CommandExecutor) -> Result<Self> {
+        let argv = exec.argv("nft", &["-j".to_string(), "-i".to_string()]);
+        let (program, rest) = argv.split_first().ok_or_else(|| Error::InvalidConfig {
+            reason: "empty nft command line".to_string(),
+        })?;
+        let (reader, writer) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::CommandSpawn {
+                program: program.clone(),
+                source: std::io::Error::from(e),
+            })?;
+        let reader = std::fs::File::from(reader);
+        let writer2 = writer.try_clone().map_err(|source| Error::CommandSpawn {
+            program: program.clone(),
+            source,
+        })?;
+        let mut child = Command::new(program)
+            .args(rest)
+            .stdin(Stdio::piped())
+            .stdout(writer)
+            .stderr(writer2)
+            .spawn()
+            .map_err(|source| Error::CommandSpawn {
+                program: program.clone(),
+                source,
+            })?;
+        let stdin = child.stdin.take();
+        let (tx, lines) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("nft-session-reader".to_string())
+            .spawn(move || {
+                for line in BufReader::new(reader).lines() {
+                    match line {
+                        Ok(l) => {
+                            if tx.send(l).is_err() {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+            })
+            .map_err(|source| Error::CommandSpawn {
+                program: "nft session reader thread".to_string(),
+                source,
+            })?;
+        Ok(Self {
+            place: exec.place(),
+            child,
+            stdin,
+            lines,
+            timeout: DEFAULT_COMMAND_TIMEOUT,
+        })
+    }
+
+    /// Bounds the wait for each answer (default 10 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The session's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn broken(&self, reason: impl Into<String>) -> Error {
+        Error::NftSession {
+            place: self.place.clone(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl NftRunner for NftSession {
+    fn exec(&mut self, line: &str, want_json: bool) -> Result<Option<serde_json::Value>> {
+        if line.contains('\n') {
+            return Err(self.broken("command line contains a newline"));
+        }
+        // Drain stale output of an earlier command that timed out.
+        while self.lines.try_recv().is_ok() {}
+        let stdin = match self.stdin.as_mut() {
+            Some(s) => s,
+            None => return Err(self.broken("session is closed")),
+        };
+        let msg = format!("{line}\nlist tables\n");
+        if let Err(e) = stdin.write_all(msg.as_bytes()).and_then(|()| stdin.flush()) {
+            return Err(self.broken(format!("nft stopped accepting commands ({e})")));
+        }
+        let expected = if want_json { 2 } else { 1 };
+        let mut jsons: Vec<String> = Vec::new();
+        let mut errors: Vec<String> = Vec::new();
+        loop {
+            let l = match self.lines.recv_timeout(self.timeout) {
+                Ok(l) => l,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(
+                        self.broken(format!("no answer to `{line}` within {:?}", self.timeout))
+                    )
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(self.broken(format!("nft exited while running `{line}`")))
+                }
+            };
+            if l.starts_with('{') {
+                jsons.push(l);
+                if jsons.len() == expected || !errors.is_empty() {
+                    break;
+                }
+            } else if !l.trim().is_empty() {
+                errors.push(l);
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Error::CommandFailed {
+                command: format!("nft {line} ({})", self.place),
+                code: None,
+                stderr: errors.join("\n"),
+            });
+        }
+        if !want_json {
+            return Ok(None);
+        }
+        let v = serde_json::from_str(&jsons[0])
+            .map_err(|e| self.broken(format!("unreadable JSON answer to `{line}`: {e}")))?;
+        Ok(Some(v))
+    }
+
+    fn place(&self) -> String {
+        self.place.clone()
+    }
+}
+
+impl Drop for NftSession {
+    fn drop(&mut self) {
+        // Closing stdin ends `nft -i`; kill it if it lingers.
+        drop(self.stdin.take());
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Rule generation for nftables, run by an [`NftRunner`].
+#[derive(Debug)]
+pub struct Nft<R: NftRunner> {
+    runner: R,
+    dscp: DscpConfig,
+    table: String,
+    outgoing: Option<Colour>,
+    dropping: bool,
+}
+
+/// The default name of our table (`inet unacloud`).
+pub const DEFAULT_TABLE: &str = "unacloud";
+
+impl<R: NftRunner> Nft<R> {
+    /// A backend with table `inet unacloud`.
+    pub fn new(runner: R, dscp: DscpConfig) -> Self {
+        Self {
+            runner,
+            dscp,
+            table: DEFAULT_TABLE.to_string(),
+            outgoing: None,
+            dropping: false,
+        }
+    }
+
+    /// Uses table `inet <name>` (letters, digits, `_`; at most 32 characters).
+    pub fn table(mut self, name: &str) -> Result<Self> {
+        if name.is_empty()
+            || name.len() > 32
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || name.starts_with(|c: char| c.is_ascii_digit())
+        {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "nft table name {name:?} must be 1-32 characters of a-z, A-Z, 0-9, '_' and start with a letter"
+                ),
+            });
+        }
+        self.table = name.to_string();
+        Ok(self)
+    }
+
+    /// The runner (for example to read the session's pid).
+    pub fn runner(&self) -> &R {
+        &self.runner
+    }
+
+    /// The line that (re)creates the empty table, counter and chains in one transaction
+    /// (a leftover table of a crashed run is replaced).
+    pub fn install_line(&self) -> String {
+        let t = &self.table;
+        format!(
+            "add table inet {t}; delete table inet {t}; add table inet {t}; add counter inet {t} post_drop; \
+             add chain inet {t} colour_out {{ type filter hook output priority mangle; policy accept; }}; \
+             add chain inet {t} filter_in {{ type filter hook input priority filter; policy accept; }}"
+        )
+    }
+
+    /// The line that marks outgoing datagrams with `colour` (or stops: `None`).
+    pub fn colour_line(&self, colour: Option<Colour>) -> String {
+        let t = &self.table;
+        match colour {
+            None => format!("flush chain inet {t} colour_out"),
+            Some(c) => {
+                let v = format!("{:#04x}", self.dscp.value(c));
+                format!(
+                    "flush chain inet {t} colour_out; add rule inet {t} colour_out ip dscp set {v}; \
+                     add rule inet {t} colour_out ip6 dscp set {v}"
+                )
+            }
+        }
+    }
+
+    /// The line that drops (or accepts) incoming POSTSNAPSHOT datagrams.
+    pub fn drop_line(&self, drop: bool) -> String {
+        let t = &self.table;
+        if drop {
+            let v = format!("{:#04x}", self.dscp.post());
+            format!(
+                "flush chain inet {t} filter_in; \
+                 add rule inet {t} filter_in ip dscp {v} counter name post_drop drop; \
+                 add rule inet {t} filter_in ip6 dscp {v} counter name post_drop drop"
+            )
+        } else {
+            format!("flush chain inet {t} filter_in")
+        }
+    }
+
+    /// The line that removes everything (idempotent).
+    pub fn remove_line(&self) -> String {
+        let t = &self.table;
+        format!("add table inet {t}; delete table inet {t}")
+    }
+}
+
+/// Reads the `packets` of the named counter from `nft -j list counter …` output.
+pub fn parse_counter_packets(doc: &serde_json::Value) -> Option<u64> {
+    doc.get("nftables")?
+        .as_array()?
+        .iter()
+        .find_map(|o| o.get("counter")?.get("packets")?.as_u64())
+}
+
+/// Counts the objects (table, chains, rules, counters) in `nft -j list table …` output.
+pub fn count_objects(doc: &serde_json::Value) -> usize {
+    doc.get("nftables")
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter(|o| {
+                    ["table", "chain", "rule", "counter"]
+                        .iter()
+                        .any(|k| o.get(*k).is_some())
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Whether `nft -j list tables` output names `inet <table>`.
+pub fn has_table(doc: &serde_json::Value, table: &str) -> bool {
+    doc.get("nftables")
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| {
+            a.iter().any(|o| {
+                o.get("table").is_some_and(|t| {
+                    t.get("family").and_then(|f| f.as_str()) == Some("inet")
+                        && t.get("name").and_then(|n| n.as_str()) == Some(table)
+                })
+            })
+        })
+}
+
+impl<R: NftRunner> ColourBackend for Nft<R> {
+    fn install(&mut self) -> Result<()> {
+        let line = self.install_line();
+        self.runner.exec(&line, false)?;
+        self.outgoing = None;
+        self.dropping = false;
+        Ok(())
+    }
+
+    fn set_outgoing(&mut self, colour: Option<Colour>) -> Result<()> {
+        if self.outgoing == colour {
+            return Ok(());
+        }
+        let line = self.colour_line(colour);
+        self.runner.exec(&line, false)?;
+        self.outgoing = colour;
+        Ok(())
+    }
+
+    fn set_drop_post(&mut self, drop: bool) -> Result<()> {
+        if self.dropping == drop {
+            return Ok(());
+        }
+        let line = self.drop_line(drop);
+        self.runner.exec(&line, false)?;
+        self.dropping = drop;
+        Ok(())
+    }
+
+    fn post_packets_dropped(&mut self) -> Result<u64> {
+        let line = format!("list counter inet {} post_drop", self.table);
+        let doc = self.runner.exec(&line, true)?;
+        Ok(doc.as_ref().and_then(parse_counter_packets).unwrap_or(0))
+    }
+
+    fn leftovers(&mut self) -> Result<usize> {
+        let tables = self.runner.exec("list tables", true)?;
+        if !tables.as_ref().is_some_and(|d| has_table(d, &self.table)) {
+            return Ok(0);
+        }
+        let doc = self
+            .runner
+            .exec(&format!("list table inet {}", self.table), true)?;
+        Ok(doc.as_ref().map(count_objects).unwrap_or(0))
+    }
+
+    fn remove(&mut self) -> Result<()> {
+        let line = self.remove_line();
+        self.runner.exec(&line, false)?;
+        self.outgoing = None;
+        self.dropping = false;
+        Ok(())
+    }
+
+    fn place(&self) -> String {
+        self.runner.place()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::colour::exec::LocalHost;
+
+    fn b() -> Nft<NftOneShot> {
+        Nft::new(NftOneShot::new(Arc::new(LocalHost)), DscpConfig::default())
+    }
+
+    #[test]
+    fn lines_are_exact() {
+        let n = b().table("uc_run7").unwrap();
+        assert_eq!(
+            n.colour_line(Some(Colour::Pre)),
+            "flush chain inet uc_run7 colour_out; add rule inet uc_run7 colour_out ip dscp set 0x10; add rule inet uc_run7 colour_out ip6 dscp set 0x10"
+        );
+        assert_eq!(n.colour_line(None), "flush chain inet uc_run7 colour_out");
+        assert_eq!(
+            n.drop_line(true),
+            "flush chain inet uc_run7 filter_in; add rule inet uc_run7 filter_in ip dscp 0x12 counter name post_drop drop; add rule inet uc_run7 filter_in ip6 dscp 0x12 counter name post_drop drop"
+        );
+        assert_eq!(
+            n.remove_line(),
+            "add table inet uc_run7; delete table inet uc_run7"
+        );
+        assert!(n
+            .install_line()
+            .starts_with("add table inet uc_run7; add counter inet uc_run7 post_drop;"));
+    }
+
+    #[test]
+    fn bad_table_names_are_refused() {
+        for bad in ["", "has space", "semi;colon", "9lives", &"x".repeat(33)] {
+            assert!(b().table(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    // Outputs of nft 1.0.6 (`nft -j -i`) captured on a Linux 6.x host.
+    const COUNTER: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"counter": {"family": "inet", "name": "post_drop", "table": "T", "handle": 1, "packets": 5, "bytes": 300}}]}"#;
+    const TABLES: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "T", "handle": 1}}]}"#;
+    const TABLE: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "T", "handle": 1}}, {"counter": {"family": "inet", "name": "post_drop", "table": "T", "handle": 1, "packets": 0, "bytes": 0}}, {"chain": {"family": "inet", "table": "T", "name": "colour_out", "handle": 2, "type": "filter", "hook": "output", "prio": -150, "policy": "accept"}}, {"chain": {"family": "inet", "table": "T", "name": "filter_in", "handle": 3, "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}}, {"rule": {"family": "inet", "table": "T", "chain": "colour_out", "handle": 4, "expr": [{"mangle": {"key": {"payload": {"protocol": "ip", "field": "dscp"}}, "value": "cs2"}}]}}]}"#;
+
+    #[test]
+    fn parses_real_json() {
+        let c: serde_json::Value = serde_json::from_str(COUNTER).unwrap();
+        assert_eq!(parse_counter_packets(&c), Some(5));
+        let t: serde_json::Value = serde_json::from_str(TABLES).unwrap();
+        assert!(has_table(&t, "T"));
+        assert!(!has_table(&t, "unacloud"));
+        let full: serde_json::Value = serde_json::from_str(TABLE).unwrap();
+        assert_eq!(count_objects(&full), 5);
+        assert_eq!(parse_counter_packets(&t), None);
+    }
+}

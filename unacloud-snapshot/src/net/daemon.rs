@@ -1,0 +1,767 @@
+//! The daemons of a deployment (SPEC §5, "Implementation"): a metadata server, one
+//! launcher per host that registers its VMs (one participant per VM; the VM registered
+//! first gets id 0 and its participant is the coordinator) and the `start` trigger
+//! (`StartGS`). Configuration comes from a TOML file and/or command-line flags.
+//!
+//! ```toml
+//! cluster = 7
+//! key_file = "/etc/unacloud/cluster.key"   # hex; enables HMAC-SHA256 of every frame
+//! metadata_server = "10.0.0.1:7000"        # where launchers and `start` find it
+//! dscp_pre = 0x10
+//! dscp_post = 0x12
+//! snapshot_timeout_ms = 120000
+//! precheck_timeout_ms = 10000
+//!
+//! [metadata]                                # for `metadata-server`
+//! listen = "0.0.0.0:7000"
+//! base_port = 7100
+//! results_csv = "global-snapshots.csv"
+//!
+//! [launcher]                                # for `launcher`
+//! advertise = "10.0.0.5"                    # address participants are reached at
+//! cluster_size = 16                         # VMs in the whole deployment
+//! backend = "nft-session"                   # or "nft", "iptables"
+//! catalog = "/var/lib/unacloud/catalog.json"
+//!
+//! [[launcher.vm]]
+//! name = "web-1"
+//! vbox_user = "unacloud"                    # rules inside the guest via guestcontrol
+//! snapshot_command = ["VBoxManage", "snapshot", "{vm}", "take", "gs-{gs}", "--live"]
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{request, TransportConfig};
+use super::frame::ClusterKey;
+use super::host::{HostActions, HostSummary, LocalSnapshot, VmHost};
+use super::node::{spawn_coordinator, spawn_participant, NodeEvent, NodeHandle};
+use crate::colour::exec::{CommandExecutor, LocalHost, NetnsExec, VBoxGuestExec};
+use crate::colour::iptables::Iptables;
+use crate::colour::nft::{Nft, NftOneShot, NftSession};
+use crate::colour::ColourBackend;
+use crate::error::{Error, Result};
+use crate::protocol::{
+    ClusterId, CoordinatorConfig, DscpConfig, Envelope, Message, ParticipantConfig, ParticipantId,
+    ProtocolEvent, Timeouts,
+};
+
+/// Which packet-colouring backend a launcher uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// nftables through a long-lived `nft -j -i` session (fast path, default).
+    #[default]
+    NftSession,
+    /// nftables, one `nft` process per change.
+    Nft,
+    /// iptables, one process per command (hosts and guests with only iptables).
+    Iptables,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "nft-session" => Ok(Self::NftSession),
+            "nft" => Ok(Self::Nft),
+            "iptables" => Ok(Self::Iptables),
+            other => Err(Error::InvalidConfig {
+                reason: format!(
+                    "unknown colouring backend {other:?}; use nft-session, nft or iptables"
+                ),
+            }),
+        }
+    }
+}
+
+/// One VM of a launcher.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// The VM's name (registered at the metadata server).
+    pub name: String,
+    /// Apply its rules inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+    /// Apply its rules inside the VirtualBox guest as this user (`guestcontrol run`).
+    pub vbox_user: Option<String>,
+    /// Password file for `vbox_user`.
+    pub vbox_password_file: Option<String>,
+    /// Local snapshot = freeze this process (SIGSTOP/SIGCONT) for `hold_ms`.
+    pub freeze_pid: Option<i32>,
+    /// How long a frozen process stays stopped (default 0).
+    #[serde(default)]
+    pub hold_ms: u64,
+    /// Local snapshot = run this command (`{vm}`, `{gs}` substituted).
+    pub snapshot_command: Option<Vec<String>>,
+    /// Bound on the snapshot command (default 600 s).
+    pub snapshot_timeout_ms: Option<u64>,
+}
+
+/// `[metadata]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataSection {
+    /// Listening address.
+    pub listen: SocketAddr,
+    /// Participant `id` gets port `base_port + id`.
+    pub base_port: u16,
+    /// CSV file the times of every global snapshot are appended to.
+    pub results_csv: Option<PathBuf>,
+}
+
+/// `[launcher]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LauncherSection {
+    /// The address other hosts reach this host's participants at.
+    pub advertise: IpAddr,
+    /// Number of VMs in the whole deployment (the coordinator waits for all).
+    pub cluster_size: u32,
+    /// Colouring backend.
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// Catalog file of the coordinator (if this host gets id 0).
+    pub catalog: Option<PathBuf>,
+    /// The host's VMs.
+    #[serde(default, rename = "vm")]
+    pub vms: Vec<VmConfig>,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// The cluster id.
+    pub cluster: u64,
+    /// File with the hex cluster key.
+    pub key_file: Option<PathBuf>,
+    /// The metadata server's address.
+    pub metadata_server: Option<SocketAddr>,
+    /// DSCP value of PRESNAPSHOT (default 0x10).
+    pub dscp_pre: Option<u8>,
+    /// DSCP value of POSTSNAPSHOT (default 0x12).
+    pub dscp_post: Option<u8>,
+    /// Phase-2 deadline in milliseconds (default 120 000).
+    pub snapshot_timeout_ms: Option<u64>,
+    /// Phase-1 deadline in milliseconds (default 10 000).
+    pub precheck_timeout_ms: Option<u64>,
+    /// Metadata server section.
+    pub metadata: Option<MetadataSection>,
+    /// Launcher section.
+    pub launcher: Option<LauncherSection>,
+}
+
+impl DaemonConfig {
+    /// An empty configuration of cluster `cluster` (flags fill the rest).
+    pub fn new(cluster: u64) -> Self {
+        Self {
+            cluster,
+            key_file: None,
+            metadata_server: None,
+            dscp_pre: None,
+            dscp_post: None,
+            snapshot_timeout_ms: None,
+            precheck_timeout_ms: None,
+            metadata: None,
+            launcher: None,
+        }
+    }
+
+    /// Parses TOML text; `path` names the file in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::ConfigFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
+            path: path.to_path_buf(),
+            reason: format!("cannot read it: {e}"),
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// The cluster key, if configured.
+    pub fn key(&self) -> Result<Option<ClusterKey>> {
+        self.key_file
+            .as_deref()
+            .map(ClusterKey::from_file)
+            .transpose()
+    }
+
+    /// The DSCP values.
+    pub fn dscp(&self) -> Result<DscpConfig> {
+        DscpConfig::new(
+            self.dscp_pre.unwrap_or(DscpConfig::DEFAULT_PRE),
+            self.dscp_post.unwrap_or(DscpConfig::DEFAULT_POST),
+        )
+    }
+
+    /// The protocol deadlines.
+    pub fn timeouts(&self) -> Timeouts {
+        let mut t = Timeouts::default();
+        if let Some(ms) = self.snapshot_timeout_ms {
+            t.snapshot = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.precheck_timeout_ms {
+            t.precheck = Duration::from_millis(ms);
+        }
+        t
+    }
+
+    /// Transport settings.
+    pub fn transport(&self) -> Result<TransportConfig> {
+        Ok(TransportConfig::new(ClusterId(self.cluster), self.key()?))
+    }
+
+    fn metadata_server(&self) -> Result<SocketAddr> {
+        self.metadata_server.ok_or_else(|| Error::InvalidConfig {
+            reason: "no metadata server address: set `metadata_server` or pass --ms".to_string(),
+        })
+    }
+}
+
+/// Builds a colouring backend of `kind` whose commands run through `exec`.
+pub fn build_backend(
+    kind: BackendKind,
+    exec: Arc<dyn CommandExecutor>,
+    dscp: DscpConfig,
+) -> Result<Box<dyn ColourBackend>> {
+    Ok(match kind {
+        BackendKind::NftSession => Box::new(Nft::new(NftSession::start(exec.as_ref())?, dscp)),
+        BackendKind::Nft => Box::new(Nft::new(NftOneShot::new(exec), dscp)),
+        BackendKind::Iptables => Box::new(Iptables::new(exec, dscp)),
+    })
+}
+
+/// The executor where a VM's rules are applied.
+pub fn vm_executor(vm: &VmConfig) -> Arc<dyn CommandExecutor> {
+    if let Some(ns) = &vm.netns {
+        Arc::new(NetnsExec::new(ns.clone()))
+    } else if let Some(user) = &vm.vbox_user {
+        let mut e = VBoxGuestExec::new(vm.name.clone(), user.clone());
+        if let Some(f) = &vm.vbox_password_file {
+            e = e.password_file(f.clone());
+        }
+        Arc::new(e)
+    } else {
+        Arc::new(LocalHost)
+    }
+}
+
+fn local_snapshot(vm: &VmConfig) -> LocalSnapshot {
+    if let Some(pid) = vm.freeze_pid {
+        LocalSnapshot::Freeze {
+            pid,
+            hold: Duration::from_millis(vm.hold_ms),
+        }
+    } else if let Some(argv) = &vm.snapshot_command {
+        LocalSnapshot::Command {
+            argv: argv.clone(),
+            timeout: Duration::from_millis(vm.snapshot_timeout_ms.unwrap_or(600_000)),
+        }
+    } else {
+        LocalSnapshot::Sleep(Duration::from_millis(vm.hold_ms))
+    }
+}
+
+/// Sends `StartGS` to the metadata server, which forwards it to the coordinator.
+pub async fn trigger_global_snapshot(
+    metadata_server: SocketAddr,
+    transport: &TransportConfig,
+) -> Result<()> {
+    let env = Envelope::new(
+        transport.cluster,
+        ParticipantId::UNREGISTERED,
+        ParticipantId::METADATA_SERVER,
+        Message::TriggerGlobalSnapshot,
+    );
+    let reply = request(metadata_server, transport, env, Duration::from_secs(5)).await?;
+    match reply.message {
+        Message::TriggerForwarded => Ok(()),
+        Message::Refused { reason } => Err(Error::PeerRejected {
+            peer: format!("metadata server {metadata_server}"),
+            reason,
+        }),
+        other => Err(Error::TransportFrame {
+            peer: metadata_server.to_string(),
+            reason: format!("answered {} to a trigger", other.kind()),
+        }),
+    }
+}
+
+/// What a launcher reports while it runs (printed as JSON lines by the command line).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LauncherEvent {
+    /// A VM was registered.
+    Registered {
+        /// The VM.
+        vm: String,
+        /// Its participant id.
+        id: u32,
+        /// Its port.
+        port: u16,
+    },
+    /// Coordinator: every participant is connected; triggers will be served.
+    Ready {
+        /// Number of participants besides the coordinator.
+        participants: usize,
+    },
+    /// Coordinator: a global snapshot started.
+    GsStarted {
+        /// Its id.
+        gs: u64,
+    },
+    /// Coordinator: a global snapshot completed.
+    GsCompleted {
+        /// Its id.
+        gs: u64,
+        /// Global time in microseconds.
+        global_us: u64,
+        /// Every participant's local time in microseconds, by id.
+        local_us: Vec<u64>,
+    },
+    /// Coordinator: a global snapshot failed.
+    GsFailed {
+        /// Its id.
+        gs: u64,
+        /// The participants at fault.
+        who: Vec<u32>,
+        /// Why.
+        why: String,
+    },
+    /// Coordinator: a trigger was refused.
+    TriggerRefused {
+        /// Why.
+        reason: String,
+    },
+    /// Participant: a local snapshot was abandoned (abort or deadline); rules removed.
+    Abandoned {
+        /// The participant.
+        id: u32,
+        /// The global snapshot.
+        gs: u64,
+        /// Why.
+        why: String,
+    },
+    /// A VM's host stopped; its rules were removed.
+    Summary {
+        /// The VM.
+        vm: String,
+        /// Its participant id.
+        id: u32,
+        /// What the host reports.
+        #[serde(flatten)]
+        summary: HostSummary,
+    },
+}
+
+fn translate(id: ParticipantId, ev: &NodeEvent) -> Option<LauncherEvent> {
+    match ev {
+        NodeEvent::Protocol(ProtocolEvent::GlobalSnapshotStarted { gs }) => {
+            Some(LauncherEvent::GsStarted { gs: gs.0 })
+        }
+        NodeEvent::Protocol(ProtocolEvent::GlobalSnapshotCompleted {
+            gs,
+            local_times,
+            global_time,
+        }) => Some(LauncherEvent::GsCompleted {
+            gs: gs.0,
+            global_us: global_time.as_micros() as u64,
+            local_us: local_times
+                .iter()
+                .map(|l| l.local_time.as_micros() as u64)
+                .collect(),
+        }),
+        NodeEvent::Protocol(ProtocolEvent::GlobalSnapshotFailed { gs, who, why }) => {
+            Some(LauncherEvent::GsFailed {
+                gs: gs.0,
+                who: who.iter().map(|p| p.0).collect(),
+                why: why.to_string(),
+            })
+        }
+        NodeEvent::Protocol(ProtocolEvent::TriggerRefused { reason }) => {
+            Some(LauncherEvent::TriggerRefused {
+                reason: reason.clone(),
+            })
+        }
+        NodeEvent::Protocol(ProtocolEvent::LocalSnapshotAbandoned { gs, why }) => {
+            Some(LauncherEvent::Abandoned {
+                id: id.0,
+                gs: gs.0,
+                why: why.clone(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Fault injection for tests: the process kills itself with SIGKILL right after one
+/// step (1–6) of phase 2 completed at this host, as a host powered off mid-snapshot.
+#[derive(Debug)]
+pub struct CrashAfterStep {
+    inner: Arc<dyn HostActions>,
+    step: u8,
+}
+
+impl CrashAfterStep {
+    /// Wraps `inner`; `step` is 1–6 in the thesis's numbering.
+    pub fn new(inner: Arc<dyn HostActions>, step: u8) -> Self {
+        Self { inner, step }
+    }
+}
+
+impl HostActions for CrashAfterStep {
+    fn perform(
+        &self,
+        action: crate::protocol::HostAction,
+    ) -> futures::future::BoxFuture<'static, crate::protocol::ActionOutcome> {
+        use crate::protocol::{Colour, HostAction};
+        use futures::FutureExt;
+        let n = match &action {
+            HostAction::SetOutgoingColour(Colour::Pre) => 1,
+            HostAction::DropIncoming(_) => 2,
+            HostAction::TakeLocalSnapshots { .. } => 3,
+            HostAction::SetOutgoingColour(Colour::Post) => 4,
+            HostAction::AcceptIncoming(_) => 5,
+            HostAction::ClearColour => 6,
+            _ => 0,
+        };
+        let crash = n == self.step;
+        let fut = self.inner.perform(action);
+        async move {
+            let out = fut.await;
+            if crash {
+                tracing::error!(step = n, "fault injection: this host powers off now");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::getpid(),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            out
+        }
+        .boxed()
+    }
+
+    fn shutdown(&self) -> futures::future::BoxFuture<'static, HostSummary> {
+        self.inner.shutdown()
+    }
+}
+
+/// Options of [`run_launcher`] that are not in the file.
+#[derive(Debug, Clone, Default)]
+pub struct LauncherOptions {
+    /// Fault injection: crash after this step (1–6) of phase 2.
+    pub crash_after_step: Option<u8>,
+    /// Bound on registration and on waiting for the cluster (default 60 s).
+    pub registration_timeout: Option<Duration>,
+}
+
+async fn ms_request(
+    ms: SocketAddr,
+    transport: &TransportConfig,
+    from: ParticipantId,
+    message: Message,
+) -> Result<Message> {
+    let env = Envelope::new(
+        transport.cluster,
+        from,
+        ParticipantId::METADATA_SERVER,
+        message,
+    );
+    Ok(request(ms, transport, env, Duration::from_secs(5))
+        .await?
+        .message)
+}
+
+/// Runs a launcher until `shutdown`: registers every VM, runs one participant per VM
+/// (the coordinator for id 0), reports events to `on_event`, and on shutdown removes
+/// every rule and reports each VM's summary.
+pub async fn run_launcher(
+    cfg: &DaemonConfig,
+    opts: LauncherOptions,
+    shutdown: CancellationToken,
+    mut on_event: impl FnMut(LauncherEvent) + Send,
+) -> Result<()> {
+    let section = cfg.launcher.as_ref().ok_or_else(|| Error::InvalidConfig {
+        reason: "no [launcher] section and no --vm flags: nothing to launch".to_string(),
+    })?;
+    if section.vms.is_empty() {
+        return Err(Error::InvalidConfig {
+            reason: "the launcher has no VMs; add [[launcher.vm]] entries or --vm".to_string(),
+        });
+    }
+    let ms = cfg.metadata_server()?;
+    let transport = cfg.transport()?;
+    let dscp = cfg.dscp()?;
+    let timeouts = cfg.timeouts();
+    let reg_timeout = opts.registration_timeout.unwrap_or(Duration::from_secs(60));
+    let reg_deadline = Instant::now() + reg_timeout;
+
+    // Build the hosts first (installing our empty chains), then register.
+    let mut nodes: Vec<(String, ParticipantId, NodeHandle)> = Vec::new();
+    let mut prepared = Vec::new();
+    for vm in &section.vms {
+        let backend = build_backend(section.backend, vm_executor(vm), dscp)?;
+        let host: Arc<dyn HostActions> =
+            Arc::new(VmHost::new(&vm.name, backend, local_snapshot(vm))?);
+        let host: Arc<dyn HostActions> = match opts.crash_after_step {
+            Some(step) => Arc::new(CrashAfterStep::new(host, step)),
+            None => host,
+        };
+        prepared.push((vm.name.clone(), host));
+    }
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<(ParticipantId, NodeEvent)>();
+    let mut registered = Vec::new();
+    for (name, host) in prepared {
+        let reply = ms_request(
+            ms,
+            &transport,
+            ParticipantId::UNREGISTERED,
+            Message::Insert {
+                addr: section.advertise.to_string(),
+                vms: vec![name.clone()],
+            },
+        )
+        .await?;
+        let (id, port) = match reply {
+            Message::Inserted { id, port } => (id, port),
+            Message::Refused { reason } => {
+                return Err(Error::PeerRejected {
+                    peer: format!("metadata server {ms}"),
+                    reason,
+                })
+            }
+            other => {
+                return Err(Error::TransportFrame {
+                    peer: ms.to_string(),
+                    reason: format!("answered {} to INSERT", other.kind()),
+                })
+            }
+        };
+        on_event(LauncherEvent::Registered {
+            vm: name.clone(),
+            id: id.0,
+            port,
+        });
+        registered.push((name, host, id, port));
+    }
+    // Then start the nodes (the coordinator waits for the whole cluster, this host's
+    // other VMs included).
+    for (name, host, id, port) in registered {
+        let node = if id.is_coordinator() {
+            let listen = SocketAddr::new(section.advertise, port);
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|source| Error::Network {
+                    peer: listen.to_string(),
+                    action: "listen",
+                    source,
+                })?;
+            // Wait for the whole cluster to register, then learn the participant ids.
+            let participants = loop {
+                if let Message::List { participants } =
+                    ms_request(ms, &transport, id, Message::QueryList).await?
+                {
+                    if participants.len() >= section.cluster_size as usize {
+                        break participants;
+                    }
+                }
+                if Instant::now() > reg_deadline {
+                    return Err(Error::Timeout {
+                        what: format!("{} VMs to register", section.cluster_size),
+                        after: reg_timeout,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            let ids: Vec<ParticipantId> = participants
+                .iter()
+                .map(|r| r.id)
+                .filter(|p| !p.is_coordinator())
+                .collect();
+            let mut cc = CoordinatorConfig::new(transport.cluster, ids, vec![name.clone()]);
+            cc.timeouts = timeouts;
+            cc.dscp = dscp;
+            cc.report_to_metadata_server = true;
+            spawn_coordinator(
+                cc,
+                section.catalog.clone(),
+                listener,
+                Some(ms),
+                transport.clone(),
+                host,
+            )
+            .await?
+        } else {
+            let coord = loop {
+                match ms_request(
+                    ms,
+                    &transport,
+                    id,
+                    Message::QueryAddress {
+                        id: ParticipantId::COORDINATOR,
+                    },
+                )
+                .await?
+                {
+                    Message::Address { registration } => {
+                        let ip: IpAddr =
+                            registration
+                                .addr
+                                .parse()
+                                .map_err(|_| Error::InvalidConfig {
+                                    reason: format!(
+                                        "the coordinator registered the address {:?}, which is not an IP address",
+                                        registration.addr
+                                    ),
+                                })?;
+                        break SocketAddr::new(ip, registration.port);
+                    }
+                    _ if Instant::now() > reg_deadline => {
+                        return Err(Error::Timeout {
+                            what: "the coordinator to register".to_string(),
+                            after: reg_timeout,
+                        })
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            };
+            let mut pc = ParticipantConfig::new(transport.cluster, id, vec![name.clone()]);
+            pc.timeouts = timeouts;
+            pc.dscp = dscp;
+            spawn_participant(pc, coord, transport.clone(), host)?
+        };
+        nodes.push((name, id, node));
+    }
+    // Forward every node's events to one channel.
+    let mut forwarders = Vec::new();
+    for (_, id, node) in nodes.iter_mut() {
+        let mut rx = std::mem::replace(&mut node.events, mpsc::unbounded_channel().1);
+        let tx = ev_tx.clone();
+        let id = *id;
+        forwarders.push(tokio::spawn(async move {
+            while let Some(e) = rx.recv().await {
+                if tx.send((id, e)).is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    drop(ev_tx);
+    let coordinator_peers = nodes
+        .iter()
+        .find(|(_, id, _)| id.is_coordinator())
+        .map(|_| section.cluster_size.saturating_sub(1) as usize);
+    let mut ready_sent = coordinator_peers.is_none();
+    if coordinator_peers == Some(0) {
+        on_event(LauncherEvent::Ready { participants: 0 });
+        ready_sent = true;
+    }
+    loop {
+        let item = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            i = ev_rx.recv() => i,
+        };
+        let Some((id, ev)) = item else { break };
+        if !ready_sent && id.is_coordinator() {
+            if let NodeEvent::Connected(_) = ev {
+                let want = coordinator_peers.unwrap_or(0);
+                let have = nodes
+                    .iter()
+                    .find(|(_, i, _)| i.is_coordinator())
+                    .map(|(_, _, n)| n.connected().len())
+                    .unwrap_or(0);
+                if have >= want {
+                    ready_sent = true;
+                    on_event(LauncherEvent::Ready { participants: want });
+                }
+            }
+        }
+        if let Some(le) = translate(id, &ev) {
+            on_event(le);
+        }
+    }
+    for (vm, id, node) in nodes {
+        let summary = node.stop().await;
+        on_event(LauncherEvent::Summary {
+            vm,
+            id: id.0,
+            summary,
+        });
+    }
+    for f in forwarders {
+        f.abort();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let text = r#"
+cluster = 7
+metadata_server = "10.0.0.1:7000"
+dscp_pre = 0x10
+dscp_post = 0x12
+snapshot_timeout_ms = 120000
+
+[metadata]
+listen = "0.0.0.0:7000"
+base_port = 7100
+results_csv = "global-snapshots.csv"
+
+[launcher]
+advertise = "10.0.0.5"
+cluster_size = 16
+backend = "iptables"
+
+[[launcher.vm]]
+name = "web-1"
+vbox_user = "unacloud"
+snapshot_command = ["VBoxManage", "snapshot", "{vm}", "take", "gs-{gs}", "--live"]
+"#;
+        let c = DaemonConfig::from_toml(text, Path::new("x.toml")).unwrap();
+        assert_eq!(c.cluster, 7);
+        let l = c.launcher.as_ref().unwrap();
+        assert_eq!(l.backend, BackendKind::Iptables);
+        assert_eq!(l.vms[0].name, "web-1");
+        assert_eq!(c.timeouts().snapshot, Duration::from_secs(120));
+        assert_eq!(c.metadata.as_ref().unwrap().base_port, 7100);
+        let exec = vm_executor(&l.vms[0]);
+        assert_eq!(exec.place(), "VM web-1");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_clear_errors() {
+        let e = DaemonConfig::from_toml("cluster = 1\nclustr_size = 3\n", Path::new("c.toml"))
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("c.toml") && msg.contains("clustr_size"),
+            "{msg}"
+        );
+        let e = DaemonConfig::from_toml("cluster = \"x\"\n", Path::new("c.toml")).unwrap_err();
+        assert!(matches!(e, Error::ConfigFile { .. }));
+        let mut c = DaemonConfig::new(1);
+        c.dscp_pre = Some(0x12);
+        assert!(c.dscp().is_err());
+        assert!("pf".parse::<BackendKind>().is_err());
+    }
+}

@@ -1,0 +1,317 @@
+//! Performing the protocol's host actions for one VM: packet colouring through a
+//! [`ColourBackend`] and the local snapshot through a pluggable [`LocalSnapshot`].
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::colour::exec::run_argv;
+use crate::colour::{Colour, ColourBackend};
+use crate::error::{Error, Result};
+use crate::protocol::{ActionOutcome, GlobalSnapshotId, HostAction};
+
+/// Performs host actions for a state machine. Object safe; drivers hold an
+/// `Arc<dyn HostActions>`.
+pub trait HostActions: Send + Sync + fmt::Debug {
+    /// Performs `action`; never panics, failures are [`ActionOutcome::Failed`].
+    fn perform(&self, action: HostAction) -> BoxFuture<'static, ActionOutcome>;
+
+    /// Final cleanup when the node stops: removes every rule and reports counters.
+    fn shutdown(&self) -> BoxFuture<'static, HostSummary>;
+}
+
+/// What a host did, reported when it stops.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HostSummary {
+    /// Packets the POST filter dropped (kernel counters).
+    pub post_packets_dropped: u64,
+    /// Our rule objects still present after the final removal (0 unless it failed).
+    pub leftovers: usize,
+    /// Error text if the final removal failed.
+    pub error: Option<String>,
+}
+
+/// How a VM's local snapshot is taken.
+#[derive(Debug, Clone)]
+pub enum LocalSnapshot {
+    /// Freeze a process with SIGSTOP for `hold`, then SIGCONT — as a live VM snapshot
+    /// pauses the VM. SIGCONT is sent even if the action is cancelled.
+    Freeze {
+        /// The process standing in for the VM.
+        pid: i32,
+        /// How long it stays frozen.
+        hold: Duration,
+    },
+    /// Run a command; `{vm}` and `{gs}` in its arguments are replaced by the VM name and
+    /// the global snapshot number (for example
+    /// `VBoxManage snapshot {vm} take gs-{gs} --live`).
+    Command {
+        /// The argv template.
+        argv: Vec<String>,
+        /// Bound on its run time.
+        timeout: Duration,
+    },
+    /// Only wait (tests and dry runs).
+    Sleep(Duration),
+}
+
+/// Sends SIGCONT when dropped, so a frozen process is never left stopped.
+struct Thaw(Pid);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
+}
+
+/// The host of one VM: colouring backend plus local-snapshot method.
+pub struct VmHost {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    vm: String,
+    colour: Mutex<Box<dyn ColourBackend>>,
+    installed: AtomicBool,
+    dropped_before: AtomicU64,
+    snapshot: LocalSnapshot,
+}
+
+impl fmt::Debug for VmHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VmHost")
+            .field("vm", &self.inner.vm)
+            .field("snapshot", &self.inner.snapshot)
+            .finish()
+    }
+}
+
+impl VmHost {
+    /// A host for VM `vm`. The backend's chains/table are installed now (idle state), so
+    /// the first step of a global snapshot only changes one rule.
+    pub fn new(
+        vm: impl Into<String>,
+        mut colour: Box<dyn ColourBackend>,
+        snapshot: LocalSnapshot,
+    ) -> Result<Self> {
+        colour.install()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                vm: vm.into(),
+                colour: Mutex::new(colour),
+                installed: AtomicBool::new(true),
+                dropped_before: AtomicU64::new(0),
+                snapshot,
+            }),
+        })
+    }
+
+    /// Runs `f` on the backend on a blocking thread, installing first if needed.
+    async fn with_colour<T: Send + 'static>(
+        inner: &Arc<Inner>,
+        f: impl FnOnce(&mut dyn ColourBackend) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = inner.colour.lock().map_err(|_| Error::NftSession {
+                place: inner.vm.clone(),
+                reason: "colour backend lock poisoned by an earlier panic".to_string(),
+            })?;
+            if !inner.installed.load(Ordering::SeqCst) {
+                guard.install()?;
+                inner.installed.store(true, Ordering::SeqCst);
+            }
+            f(guard.as_mut())
+        })
+        .await
+        .map_err(|e| Error::NftSession {
+            place: "colour backend".to_string(),
+            reason: format!("blocking task failed: {e}"),
+        })?
+    }
+
+    async fn clear_all(inner: &Arc<Inner>) -> Result<()> {
+        let inner2 = inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = inner2.colour.lock().map_err(|_| Error::NftSession {
+                place: inner2.vm.clone(),
+                reason: "colour backend lock poisoned by an earlier panic".to_string(),
+            })?;
+            if inner2.installed.load(Ordering::SeqCst) {
+                let dropped = guard.post_packets_dropped().unwrap_or(0);
+                inner2.dropped_before.fetch_add(dropped, Ordering::SeqCst);
+            }
+            guard.remove()?;
+            inner2.installed.store(false, Ordering::SeqCst);
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::NftSession {
+            place: "colour backend".to_string(),
+            reason: format!("blocking task failed: {e}"),
+        })?
+    }
+
+    async fn take_snapshot(inner: Arc<Inner>, gs: GlobalSnapshotId) -> Result<Duration> {
+        let start = Instant::now();
+        match &inner.snapshot {
+            LocalSnapshot::Freeze { pid, hold } => {
+                let pid = Pid::from_raw(*pid);
+                kill(pid, Signal::SIGSTOP).map_err(|e| Error::LocalSnapshot {
+                    vm: inner.vm.clone(),
+                    reason: format!("cannot stop process {pid}: {e}"),
+                })?;
+                let thaw = Thaw(pid);
+                tokio::time::sleep(*hold).await;
+                drop(thaw);
+            }
+            LocalSnapshot::Sleep(d) => tokio::time::sleep(*d).await,
+            LocalSnapshot::Command { argv, timeout } => {
+                let argv: Vec<String> = argv
+                    .iter()
+                    .map(|a| {
+                        a.replace("{vm}", &inner.vm)
+                            .replace("{gs}", &gs.0.to_string())
+                    })
+                    .collect();
+                let timeout = *timeout;
+                let vm = inner.vm.clone();
+                let out = tokio::task::spawn_blocking(move || run_argv(&argv, timeout))
+                    .await
+                    .map_err(|e| Error::LocalSnapshot {
+                        vm: vm.clone(),
+                        reason: format!("snapshot task failed: {e}"),
+                    })??;
+                if !out.success() {
+                    return Err(Error::LocalSnapshot {
+                        vm,
+                        reason: format!(
+                            "snapshot command exited with {:?}: {}",
+                            out.code,
+                            out.stderr.trim()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(start.elapsed())
+    }
+
+    fn running(inner: &Inner) -> bool {
+        match &inner.snapshot {
+            LocalSnapshot::Freeze { pid, .. } => kill(Pid::from_raw(*pid), None).is_ok(),
+            _ => true,
+        }
+    }
+}
+
+fn failed(e: Error) -> ActionOutcome {
+    ActionOutcome::Failed(e.to_string())
+}
+
+impl HostActions for VmHost {
+    fn perform(&self, action: HostAction) -> BoxFuture<'static, ActionOutcome> {
+        let inner = self.inner.clone();
+        async move {
+            let res: Result<ActionOutcome> = match action {
+                HostAction::CheckVmsRunning { .. } => {
+                    Ok(ActionOutcome::VmsRunning(Self::running(&inner)))
+                }
+                HostAction::SetOutgoingColour(c) => {
+                    Self::with_colour(&inner, move |b| b.set_outgoing(Some(c)))
+                        .await
+                        .map(|()| ActionOutcome::Done)
+                }
+                HostAction::DropIncoming(Colour::Post) => {
+                    Self::with_colour(&inner, |b| b.set_drop_post(true))
+                        .await
+                        .map(|()| ActionOutcome::Done)
+                }
+                HostAction::AcceptIncoming(Colour::Post) => {
+                    Self::with_colour(&inner, |b| b.set_drop_post(false))
+                        .await
+                        .map(|()| ActionOutcome::Done)
+                }
+                HostAction::DropIncoming(Colour::Pre) | HostAction::AcceptIncoming(Colour::Pre) => {
+                    Ok(ActionOutcome::Failed(
+                        "filtering PRESNAPSHOT traffic is not part of the protocol".to_string(),
+                    ))
+                }
+                HostAction::ClearColour => Self::with_colour(&inner, |b| b.set_outgoing(None))
+                    .await
+                    .map(|()| ActionOutcome::Done),
+                HostAction::ClearAll => Self::clear_all(&inner).await.map(|()| ActionOutcome::Done),
+                HostAction::TakeLocalSnapshots { gs, .. } => Self::take_snapshot(inner.clone(), gs)
+                    .await
+                    .map(|local_time| ActionOutcome::SnapshotTaken { local_time }),
+                HostAction::RestoreLocal { .. } | HostAction::StartVms { .. } => {
+                    Ok(ActionOutcome::Failed(format!(
+                        "VM {}: this host cannot restore or start VMs (its local snapshot does not capture state)",
+                        inner.vm
+                    )))
+                }
+            };
+            res.unwrap_or_else(failed)
+        }
+        .boxed()
+    }
+
+    fn shutdown(&self) -> BoxFuture<'static, HostSummary> {
+        let inner = self.inner.clone();
+        async move {
+            let res = tokio::task::spawn_blocking(move || {
+                let mut guard = match inner.colour.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                let mut summary = HostSummary::default();
+                let now = if inner.installed.load(Ordering::SeqCst) {
+                    guard.post_packets_dropped().unwrap_or(0)
+                } else {
+                    0
+                };
+                summary.post_packets_dropped = inner.dropped_before.load(Ordering::SeqCst) + now;
+                if let Err(e) = guard.remove() {
+                    summary.error = Some(e.to_string());
+                }
+                inner.installed.store(false, Ordering::SeqCst);
+                summary.leftovers = match guard.leftovers() {
+                    Ok(n) => n,
+                    Err(e) => {
+                        summary.error.get_or_insert(e.to_string());
+                        0
+                    }
+                };
+                summary
+            })
+            .await;
+            res.unwrap_or_else(|e| HostSummary {
+                error: Some(format!("cleanup task failed: {e}")),
+                ..HostSummary::default()
+            })
+        }
+        .boxed()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Last owner gone without `shutdown` (error path, panic, cancelled task): never leave
+        // a host dropping traffic.
+        if self.installed.load(Ordering::SeqCst) {
+            let backend = match self.colour.get_mut() {
+                Ok(b) => b,
+                Err(p) => p.into_inner(),
+            };
+            if let Err(e) = backend.remove() {
+                tracing::error!(vm = %self.vm, error = %e, "could not remove packet-colouring rules");
+            }
+        }
+    }
+}

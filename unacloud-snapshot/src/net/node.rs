@@ -1,0 +1,545 @@
+//! Tokio drivers of the sans-IO state machines: a coordinator node, participant nodes and
+//! a metadata-server node.
+//!
+//! Each driver is one task running the loop the protocol module prescribes: feed received
+//! envelopes, completed host actions and due timers in; drain transmissions (to the
+//! connection layer), host actions (each on its own task, so a `ClearAll` can run while a
+//! hung action is still outstanding) and events (to the node's event channel) out.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{serve, Client, ConnId, Inbound, Router, TransportConfig};
+use super::host::{HostActions, HostSummary};
+use crate::catalog_store::CatalogStore;
+use crate::error::{Error, Result};
+use crate::protocol::{
+    ActionId, ActionOutcome, Catalog, Coordinator, CoordinatorConfig, Envelope, GlobalSnapshotId,
+    MetadataServer, MetadataServerConfig, Output, Participant, ParticipantConfig, ParticipantId,
+    ProtocolEvent, SnapshotTimes,
+};
+
+/// Something a node reports to its owner.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum NodeEvent {
+    /// An event of the state machine.
+    Protocol(ProtocolEvent),
+    /// A peer connected (coordinator, metadata server) or this node connected to its
+    /// server (participant: the coordinator's id).
+    Connected(ParticipantId),
+    /// A connection closed; `reason` is set when it was an error.
+    Disconnected {
+        /// The peer, when known.
+        peer: Option<ParticipantId>,
+        /// Why, for errors.
+        reason: Option<String>,
+    },
+    /// The state machine refused an input (logged too).
+    Error(String),
+    /// Metadata server: the times of a global snapshot were recorded.
+    TimesRecorded(SnapshotTimes),
+}
+
+enum Control {
+    StartGlobalSnapshot(oneshot::Sender<Result<GlobalSnapshotId>>),
+}
+
+trait Machine: Send + 'static {
+    fn handle_message(&mut self, now: Instant, envelope: Envelope) -> Result<()>;
+    fn handle_action_complete(
+        &mut self,
+        now: Instant,
+        id: ActionId,
+        o: ActionOutcome,
+    ) -> Result<()>;
+    fn handle_timeout(&mut self, now: Instant);
+    fn poll_output(&mut self) -> Option<Output>;
+    fn poll_timeout(&self) -> Option<Instant>;
+    fn start_global_snapshot(&mut self, _now: Instant) -> Result<GlobalSnapshotId> {
+        Err(Error::InvalidConfig {
+            reason: "only the coordinator starts global snapshots".to_string(),
+        })
+    }
+    fn persist(&self, _store: &CatalogStore) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Machine for Coordinator {
+    fn handle_message(&mut self, now: Instant, envelope: Envelope) -> Result<()> {
+        Coordinator::handle_message(self, now, envelope)
+    }
+    fn handle_action_complete(
+        &mut self,
+        now: Instant,
+        id: ActionId,
+        o: ActionOutcome,
+    ) -> Result<()> {
+        Coordinator::handle_action_complete(self, now, id, o)
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        Coordinator::handle_timeout(self, now)
+    }
+    fn poll_output(&mut self) -> Option<Output> {
+        Coordinator::poll_output(self)
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        Coordinator::poll_timeout(self)
+    }
+    fn start_global_snapshot(&mut self, now: Instant) -> Result<GlobalSnapshotId> {
+        Coordinator::start_global_snapshot(self, now)
+    }
+    fn persist(&self, store: &CatalogStore) -> Result<()> {
+        store.save(self.catalog())
+    }
+}
+
+impl Machine for Participant {
+    fn handle_message(&mut self, now: Instant, envelope: Envelope) -> Result<()> {
+        Participant::handle_message(self, now, envelope)
+    }
+    fn handle_action_complete(
+        &mut self,
+        now: Instant,
+        id: ActionId,
+        o: ActionOutcome,
+    ) -> Result<()> {
+        Participant::handle_action_complete(self, now, id, o)
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        Participant::handle_timeout(self, now)
+    }
+    fn poll_output(&mut self) -> Option<Output> {
+        Participant::poll_output(self)
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        Participant::poll_timeout(self)
+    }
+}
+
+enum Sink {
+    Coordinator { router: Router, ms: Option<Client> },
+    Participant { client: Client },
+}
+
+impl Sink {
+    fn send(&self, envelope: Envelope) {
+        match self {
+            Sink::Coordinator { router, ms } => {
+                if envelope.to == ParticipantId::METADATA_SERVER {
+                    match ms {
+                        Some(c) => {
+                            c.send(envelope);
+                        }
+                        None => tracing::debug!("no metadata server configured; report dropped"),
+                    }
+                } else {
+                    router.send(envelope);
+                }
+            }
+            Sink::Participant { client } => {
+                client.send(envelope);
+            }
+        }
+    }
+}
+
+struct DriveArgs {
+    host: Arc<dyn HostActions>,
+    sink: Sink,
+    inbound: mpsc::Receiver<Inbound>,
+    control: mpsc::Receiver<Control>,
+    events: mpsc::UnboundedSender<NodeEvent>,
+    shutdown: CancellationToken,
+    store: Option<CatalogStore>,
+}
+
+async fn drive<M: Machine>(mut m: M, mut a: DriveArgs) -> HostSummary {
+    let (act_tx, mut act_rx) = mpsc::unbounded_channel::<(ActionId, ActionOutcome)>();
+    loop {
+        while let Some(o) = m.poll_output() {
+            match o {
+                Output::Transmit(env) => a.sink.send(env),
+                Output::Action { id, action } => {
+                    let fut = a.host.perform(action);
+                    let tx = act_tx.clone();
+                    tokio::spawn(async move {
+                        let outcome = fut.await;
+                        let _ = tx.send((id, outcome));
+                    });
+                }
+                Output::Event(e) => {
+                    if matches!(
+                        e,
+                        ProtocolEvent::GlobalSnapshotStarted { .. }
+                            | ProtocolEvent::GlobalSnapshotCompleted { .. }
+                            | ProtocolEvent::GlobalSnapshotFailed { .. }
+                            | ProtocolEvent::ResumeStarted { .. }
+                    ) {
+                        if let Some(store) = &a.store {
+                            if let Err(err) = m.persist(store) {
+                                tracing::error!(error = %err, "could not persist the catalog");
+                            }
+                        }
+                    }
+                    let _ = a.events.send(NodeEvent::Protocol(e));
+                }
+            }
+        }
+        let next = m.poll_timeout();
+        let timer = async move {
+            match next {
+                Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = a.shutdown.cancelled() => break,
+            item = a.inbound.recv() => match item {
+                None => break,
+                Some(Inbound::Envelope { envelope, .. }) => {
+                    if let Err(e) = m.handle_message(Instant::now(), envelope) {
+                        tracing::warn!(error = %e, "envelope refused");
+                        let _ = a.events.send(NodeEvent::Error(e.to_string()));
+                    }
+                }
+                Some(Inbound::Connected { peer, .. }) => {
+                    let _ = a.events.send(NodeEvent::Connected(peer));
+                }
+                Some(Inbound::Closed { peer, reason, .. }) => {
+                    let _ = a.events.send(NodeEvent::Disconnected { peer, reason });
+                }
+            },
+            Some((id, outcome)) = act_rx.recv() => {
+                if let Err(e) = m.handle_action_complete(Instant::now(), id, outcome) {
+                    tracing::warn!(error = %e, "action completion refused");
+                    let _ = a.events.send(NodeEvent::Error(e.to_string()));
+                }
+            }
+            Some(c) = a.control.recv() => match c {
+                Control::StartGlobalSnapshot(reply) => {
+                    let _ = reply.send(m.start_global_snapshot(Instant::now()));
+                }
+            },
+            _ = timer => m.handle_timeout(Instant::now()),
+        }
+    }
+    a.host.shutdown().await
+}
+
+/// A running coordinator or participant node.
+#[derive(Debug)]
+pub struct NodeHandle {
+    /// The node's events.
+    pub events: mpsc::UnboundedReceiver<NodeEvent>,
+    control: mpsc::Sender<Control>,
+    task: JoinHandle<HostSummary>,
+    shutdown: CancellationToken,
+    local_addr: Option<SocketAddr>,
+    router: Option<Router>,
+}
+
+impl NodeHandle {
+    /// Asks the coordinator to start a global snapshot now (as the metadata server's
+    /// trigger would). Fails with [`Error::Busy`] while one runs.
+    pub async fn start_global_snapshot(&self) -> Result<GlobalSnapshotId> {
+        let (tx, rx) = oneshot::channel();
+        let stopped = || Error::InvalidConfig {
+            reason: "the node has stopped".to_string(),
+        };
+        self.control
+            .send(Control::StartGlobalSnapshot(tx))
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// The coordinator's listening address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// Participants currently connected to the coordinator.
+    pub fn connected(&self) -> Vec<ParticipantId> {
+        self.router
+            .as_ref()
+            .map(Router::connected)
+            .unwrap_or_default()
+    }
+
+    /// Stops the node gracefully: connections close, every rule is removed; returns the
+    /// host's summary.
+    pub async fn stop(self) -> HostSummary {
+        self.shutdown.cancel();
+        self.task.await.unwrap_or_else(|e| HostSummary {
+            error: Some(format!("node task failed: {e}")),
+            ..HostSummary::default()
+        })
+    }
+
+    /// A token that stops the node when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Starts a coordinator listening on `listener`; with `metadata_server` it keeps a
+/// connection there to receive triggers and send reports. With `catalog` the catalog is
+/// loaded from / persisted to that file.
+pub async fn spawn_coordinator(
+    config: CoordinatorConfig,
+    catalog: Option<PathBuf>,
+    listener: TcpListener,
+    metadata_server: Option<SocketAddr>,
+    transport: TransportConfig,
+    host: Arc<dyn HostActions>,
+) -> Result<NodeHandle> {
+    let store = catalog.map(CatalogStore::new);
+    let cat = match &store {
+        Some(s) => s.load_or_new(config.cluster)?,
+        None => Catalog::new(config.cluster),
+    };
+    let machine = Coordinator::new(config, cat)?;
+    let local_addr = listener.local_addr().ok();
+    let transport = Arc::new(transport);
+    let shutdown = CancellationToken::new();
+    let (in_tx, in_rx) = mpsc::channel(1024);
+    let router = Router::default();
+    tokio::spawn(serve(
+        listener,
+        transport.clone(),
+        router.clone(),
+        in_tx.clone(),
+        shutdown.clone(),
+    ));
+    let ms = metadata_server.map(|addr| {
+        Client::spawn(
+            addr,
+            ParticipantId::COORDINATOR,
+            transport.clone(),
+            in_tx.clone(),
+            shutdown.clone(),
+        )
+    });
+    let (ctl_tx, ctl_rx) = mpsc::channel(16);
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(drive(
+        machine,
+        DriveArgs {
+            host,
+            sink: Sink::Coordinator {
+                router: router.clone(),
+                ms,
+            },
+            inbound: in_rx,
+            control: ctl_rx,
+            events: ev_tx,
+            shutdown: shutdown.clone(),
+            store,
+        },
+    ));
+    Ok(NodeHandle {
+        events: ev_rx,
+        control: ctl_tx,
+        task,
+        shutdown,
+        local_addr,
+        router: Some(router),
+    })
+}
+
+/// Starts a participant that connects (and reconnects) to the coordinator at
+/// `coordinator`.
+pub fn spawn_participant(
+    config: ParticipantConfig,
+    coordinator: SocketAddr,
+    transport: TransportConfig,
+    host: Arc<dyn HostActions>,
+) -> Result<NodeHandle> {
+    let id = config.id;
+    let machine = Participant::new(config)?;
+    let transport = Arc::new(transport);
+    let shutdown = CancellationToken::new();
+    let (in_tx, in_rx) = mpsc::channel(1024);
+    let client = Client::spawn(coordinator, id, transport, in_tx, shutdown.clone());
+    let (ctl_tx, ctl_rx) = mpsc::channel(1);
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(drive(
+        machine,
+        DriveArgs {
+            host,
+            sink: Sink::Participant { client },
+            inbound: in_rx,
+            control: ctl_rx,
+            events: ev_tx,
+            shutdown: shutdown.clone(),
+            store: None,
+        },
+    ));
+    Ok(NodeHandle {
+        events: ev_rx,
+        control: ctl_tx,
+        task,
+        shutdown,
+        local_addr: None,
+        router: None,
+    })
+}
+
+/// A running metadata server.
+#[derive(Debug)]
+pub struct MetadataServerHandle {
+    /// The server's events (registrations are not events; times recorded are).
+    pub events: mpsc::UnboundedReceiver<NodeEvent>,
+    task: JoinHandle<()>,
+    shutdown: CancellationToken,
+    local_addr: SocketAddr,
+    times: Arc<Mutex<Vec<SnapshotTimes>>>,
+}
+
+impl MetadataServerHandle {
+    /// The listening address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Every global snapshot's times recorded so far.
+    pub fn times(&self) -> Vec<SnapshotTimes> {
+        self.times.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Stops the server.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Appends the rows of one global snapshot to the results CSV
+/// (`global_snapshot,participant,local_time_s,global_time_s`; header when new).
+pub fn append_times_csv(path: &std::path::Path, t: &SnapshotTimes) -> Result<()> {
+    use std::io::Write;
+    let new = !path.exists();
+    let mut rows = String::new();
+    if new {
+        rows.push_str("global_snapshot,participant,local_time_s,global_time_s\n");
+    }
+    for l in &t.local_times {
+        rows.push_str(&format!(
+            "{},{},{:.6},{:.6}\n",
+            t.gs.0,
+            l.participant.0,
+            l.local_time.as_secs_f64(),
+            t.global_time.as_secs_f64()
+        ));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| Error::ResultsIo {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    f.write_all(rows.as_bytes())
+        .map_err(|source| Error::ResultsIo {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Starts a metadata server on `listener`. With `results_csv`, each reported global
+/// snapshot's local and global times are appended to that file.
+pub fn spawn_metadata_server(
+    config: MetadataServerConfig,
+    listener: TcpListener,
+    transport: TransportConfig,
+    results_csv: Option<PathBuf>,
+) -> Result<MetadataServerHandle> {
+    let local_addr = listener.local_addr().map_err(|source| Error::Network {
+        peer: "metadata server".to_string(),
+        action: "read local address",
+        source,
+    })?;
+    let mut ms = MetadataServer::new(config);
+    let transport = Arc::new(transport);
+    let shutdown = CancellationToken::new();
+    let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(1024);
+    let router = Router::default();
+    tokio::spawn(serve(
+        listener,
+        transport,
+        router.clone(),
+        in_tx,
+        shutdown.clone(),
+    ));
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let times2 = times.clone();
+    let sd = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let mut recorded = 0usize;
+        loop {
+            let item = tokio::select! {
+                _ = sd.cancelled() => break,
+                i = in_rx.recv() => i,
+            };
+            let Some(item) = item else { break };
+            let (conn, envelope): (ConnId, Envelope) = match item {
+                Inbound::Envelope { conn, envelope } => (conn, envelope),
+                Inbound::Connected { .. } | Inbound::Closed { .. } => continue,
+            };
+            match ms.handle_request(Instant::now(), envelope) {
+                Ok(Some(reply)) => {
+                    router.send_on(conn, reply);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "metadata server refused a request");
+                    let _ = ev_tx.send(NodeEvent::Error(e.to_string()));
+                }
+            }
+            while let Some(o) = ms.poll_output() {
+                match o {
+                    Output::Transmit(env) => {
+                        router.send(env);
+                    }
+                    Output::Event(e) => {
+                        let _ = ev_tx.send(NodeEvent::Protocol(e));
+                    }
+                    Output::Action { .. } => {}
+                }
+            }
+            let all: Vec<SnapshotTimes> = ms.times().cloned().collect();
+            if all.len() > recorded {
+                for t in &all[recorded..] {
+                    if let Some(p) = &results_csv {
+                        if let Err(e) = append_times_csv(p, t) {
+                            tracing::error!(error = %e, "could not append snapshot times");
+                        }
+                    }
+                    let _ = ev_tx.send(NodeEvent::TimesRecorded(t.clone()));
+                }
+                recorded = all.len();
+                if let Ok(mut g) = times2.lock() {
+                    *g = all;
+                }
+            }
+        }
+    });
+    Ok(MetadataServerHandle {
+        events: ev_rx,
+        task,
+        shutdown,
+        local_addr,
+        times,
+    })
+}

@@ -1,0 +1,729 @@
+//! The RCPBT ring across network namespaces, with global snapshots taken for real.
+//!
+//! [`run_ring_netns`] builds a lab of `P` namespaces joined by a bridge
+//! ([`crate::netns::NetnsLab`]), starts the RCPBT test manager in the hub namespace and one
+//! ring peer per namespace (separate processes), runs a metadata server in this process
+//! and one launcher process per namespace (one VM each; the first is the coordinator),
+//! whose participant applies real netfilter rules inside its namespace and takes its
+//! "local snapshot" by freezing the ring peer with SIGSTOP/SIGCONT. It triggers `K`
+//! global snapshots while the ring runs and reports tokens, times, packets the POST
+//! filters dropped, and what was left behind.
+//!
+//! Everything is torn down on success, on error, and when the returned future is dropped
+//! (Ctrl-C): child processes are killed (after SIGCONT), namespaces deleted.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use super::conn::TransportConfig;
+use super::daemon::{trigger_global_snapshot, BackendKind};
+use super::frame::ClusterKey;
+use super::node::spawn_metadata_server;
+use crate::colour::exec::NetnsExec;
+use crate::colour::iptables::Iptables;
+use crate::colour::nft::{Nft, NftOneShot};
+use crate::colour::ColourBackend;
+use crate::error::{Error, Result};
+use crate::netns::{NetnsLab, HUB_ADDR};
+use crate::protocol::{ClusterId, DscpConfig, MetadataServerConfig};
+
+/// Port of the RCPBT test manager on the hub's bridge address.
+const TM_PORT: u16 = 7000;
+/// Base port of the ring peers (each in its own namespace).
+const PEER_BASE_PORT: u16 = 7100;
+
+/// Fault injection: one participant's host powers off mid-snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct CrashSpec {
+    /// Index of the namespace whose launcher crashes (1..P; 0 is the coordinator).
+    pub namespace: usize,
+    /// It crashes right after this step (1–6) of the first global snapshot.
+    pub after_step: u8,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RingNetnsConfig {
+    /// Ring peers = namespaces = VMs (2..=250).
+    pub peers: u32,
+    /// Tokens of the ring.
+    pub tokens: u64,
+    /// Global snapshots to take while the ring runs.
+    pub snapshots: u32,
+    /// How long each local snapshot freezes its ring peer.
+    pub snapshot_delay: Duration,
+    /// Colouring backend of the participants.
+    pub backend: BackendKind,
+    /// The program to re-execute for the launcher and RCPBT processes, and the arguments
+    /// that make it run [`super::cli::main`] with the arguments that follow.
+    pub program: PathBuf,
+    /// See `program`.
+    pub program_args: Vec<String>,
+    /// Fault injection.
+    pub crash: Option<CrashSpec>,
+    /// Phase deadlines of the protocol (precheck and snapshot).
+    pub snapshot_timeout: Duration,
+    /// Pause between two global snapshots.
+    pub gap: Duration,
+    /// Bound on the whole run.
+    pub deadline: Duration,
+}
+
+impl RingNetnsConfig {
+    /// Defaults: nft-session backend, no crash, 3 s protocol deadlines, 20 ms gap, 120 s
+    /// overall bound.
+    pub fn new(
+        peers: u32,
+        tokens: u64,
+        snapshots: u32,
+        program: PathBuf,
+        program_args: Vec<String>,
+    ) -> Self {
+        Self {
+            peers,
+            tokens,
+            snapshots,
+            snapshot_delay: Duration::ZERO,
+            backend: BackendKind::NftSession,
+            program,
+            program_args,
+            crash: None,
+            snapshot_timeout: Duration::from_secs(3),
+            gap: Duration::from_millis(20),
+            deadline: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RingNetnsReport {
+    /// Ring peers.
+    pub peers: u32,
+    /// Tokens configured.
+    pub tokens_expected: u64,
+    /// Tokens the ring's peers counted (sum of `Hello` messages received).
+    pub tokens_counted: u64,
+    /// Global snapshots completed.
+    pub global_snapshots_completed: u32,
+    /// Global snapshots reported failed.
+    pub global_snapshots_failed: u32,
+    /// Per completed global snapshot: the slowest local snapshot time (ms).
+    pub local_ms: Vec<f64>,
+    /// Per completed global snapshot: the global time (ms).
+    pub global_ms: Vec<f64>,
+    /// Per completed global snapshot: global − slowest local (ms).
+    pub overhead_ms: Vec<f64>,
+    /// Packets dropped by the POST filters (kernel counters, all namespaces).
+    pub post_packets_dropped: u64,
+    /// Our netfilter objects left in the namespaces after every launcher stopped.
+    pub rules_left: usize,
+    /// Namespaces of this run left after teardown.
+    pub namespaces_left: usize,
+    /// Why snapshots failed.
+    pub failures: Vec<String>,
+    /// After a failure: whether every surviving namespace's filters were gone within the
+    /// protocol deadline.
+    pub survivors_cleared_in_time: Option<bool>,
+    /// Ring duration as measured by the test manager (s).
+    pub ring_duration_s: f64,
+}
+
+impl RingNetnsReport {
+    /// The JSON object of the `--json` output (exactly the documented keys).
+    pub fn json_summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "peers": self.peers,
+            "tokens_expected": self.tokens_expected,
+            "tokens_counted": self.tokens_counted,
+            "global_snapshots_completed": self.global_snapshots_completed,
+            "local_ms": self.local_ms,
+            "global_ms": self.global_ms,
+            "overhead_ms": self.overhead_ms,
+            "post_packets_dropped": self.post_packets_dropped,
+            "rules_left": self.rules_left,
+            "namespaces_left": self.namespaces_left,
+        })
+    }
+
+    /// A short human summary.
+    pub fn human_summary(&self) -> String {
+        let med = |v: &[f64]| median(v).map_or("-".to_string(), |m| format!("{m:.2} ms"));
+        let mut s = format!(
+            "ring of {} peers: {} of {} tokens counted{}\n",
+            self.peers,
+            self.tokens_counted,
+            self.tokens_expected,
+            if self.tokens_counted == self.tokens_expected {
+                " (nothing lost, nothing duplicated)"
+            } else {
+                " (MISMATCH)"
+            }
+        );
+        s.push_str(&format!(
+            "global snapshots: {} completed, {} failed\n",
+            self.global_snapshots_completed, self.global_snapshots_failed
+        ));
+        s.push_str(&format!(
+            "median times: local {}, global {}, overhead {}\n",
+            med(&self.local_ms),
+            med(&self.global_ms),
+            med(&self.overhead_ms)
+        ));
+        s.push_str(&format!(
+            "POSTSNAPSHOT packets dropped by the filters: {} (TCP retransmitted them: the ring completed)\n",
+            self.post_packets_dropped
+        ));
+        s.push_str(&format!(
+            "left behind: {} rules, {} namespaces",
+            self.rules_left, self.namespaces_left
+        ));
+        for f in &self.failures {
+            s.push_str(&format!("\nfailed: {f}"));
+        }
+        s
+    }
+}
+
+/// Median of a sample (`None` when empty).
+pub fn median(v: &[f64]) -> Option<f64> {
+    percentile(v, 50.0)
+}
+
+/// Nearest-rank percentile of a sample (`None` when empty).
+pub fn percentile(v: &[f64], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    Some(s[rank.clamp(1, s.len()) - 1])
+}
+
+/// Child processes that are killed (after SIGCONT) when dropped.
+#[derive(Default)]
+struct Procs {
+    list: Vec<(String, Child)>,
+}
+
+impl Procs {
+    fn push(&mut self, name: String, child: Child) -> Option<i32> {
+        let pid = child.id().map(|p| p as i32);
+        self.list.push((name, child));
+        pid
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, child) in self.list.iter_mut() {
+            if let Some(pid) = child.id() {
+                let pid = nix::unistd::Pid::from_raw(pid as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+            }
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn spawn_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::CommandSpawn {
+        program: what.to_string(),
+        source,
+    }
+}
+
+fn command(cfg: &RingNetnsConfig, netns: Option<&str>, sub: &str, args: &[String]) -> Command {
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&cfg.program);
+            c
+        }
+        None => Command::new(&cfg.program),
+    };
+    c.args(&cfg.program_args).arg(sub).args(args);
+    c.stdin(Stdio::null()).kill_on_drop(true);
+    c
+}
+
+fn stderr_file(dir: &Path, name: &str) -> Result<Stdio> {
+    let p = dir.join(format!("{name}.log"));
+    std::fs::File::create(&p)
+        .map(Stdio::from)
+        .map_err(|source| Error::ResultsIo { path: p, source })
+}
+
+fn log_tail(dir: &Path, name: &str) -> String {
+    let text = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(3).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+fn free_base_port(n: u32) -> Result<u16> {
+    for _ in 0..50 {
+        let base: u16 = 20_000 + (rand::random::<u16>() % 30_000);
+        let ok = (0..n)
+            .all(|i| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, base + i as u16)).is_ok());
+        if ok {
+            return Ok(base);
+        }
+    }
+    Err(Error::InvalidConfig {
+        reason: format!("found no {n} free consecutive loopback ports"),
+    })
+}
+
+/// Our objects in a namespace, for both rule languages.
+fn leftovers_in(ns: &str) -> usize {
+    let exec: Arc<dyn crate::colour::exec::CommandExecutor> = Arc::new(NetnsExec::new(ns));
+    let mut n = 0;
+    let mut nft = Nft::new(NftOneShot::new(exec.clone()), DscpConfig::default());
+    n += nft.leftovers().unwrap_or(0);
+    let mut ipt = Iptables::new(exec, DscpConfig::default());
+    n += ipt.leftovers().unwrap_or(0);
+    n
+}
+
+/// Supervisor cleanup of a crashed host: reads its drop counter, removes its rules.
+fn clean_crashed(ns: &str, backend: BackendKind) -> u64 {
+    let exec: Arc<dyn crate::colour::exec::CommandExecutor> = Arc::new(NetnsExec::new(ns));
+    let mut b: Box<dyn ColourBackend> = match backend {
+        BackendKind::Iptables => Box::new(Iptables::new(exec, DscpConfig::default())),
+        _ => Box::new(Nft::new(NftOneShot::new(exec), DscpConfig::default())),
+    };
+    let dropped = b.post_packets_dropped().unwrap_or(0);
+    if let Err(e) = b.remove() {
+        tracing::error!(namespace = ns, error = %e, "could not clean up after a crashed host");
+    }
+    dropped
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Rcpbt {
+            reason: format!("blocking task failed: {e}"),
+        })
+}
+
+/// Runs the scenario. Needs root (see [`crate::netns::probe`]).
+pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
+    if cfg.peers < 2 || cfg.peers > 250 {
+        return Err(Error::InvalidConfig {
+            reason: format!("--peers {}: use 2 to 250", cfg.peers),
+        });
+    }
+    if let Some(c) = cfg.crash {
+        if c.namespace == 0 || c.namespace >= cfg.peers as usize || !(1..=6).contains(&c.after_step)
+        {
+            return Err(Error::InvalidConfig {
+                reason: "the crashing host must be 1..peers-1 and the step 1..6".to_string(),
+            });
+        }
+    }
+    let started = Instant::now();
+    let deadline = started + cfg.deadline;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let peers = cfg.peers as usize;
+    let lab = blocking(move || NetnsLab::create(peers)).await??;
+    let mut lab = scopeguard(lab);
+    let dir = TempDir(std::env::temp_dir().join(format!("{}run", lab.0.prefix())));
+    std::fs::create_dir_all(&dir.0).map_err(|source| Error::ResultsIo {
+        path: dir.0.clone(),
+        source,
+    })?;
+
+    // A fresh cluster key for this run: every protocol frame is authenticated.
+    let key_bytes: [u8; 32] = rand::random();
+    let key_hex: String = key_bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let key_file = dir.0.join("cluster.key");
+    std::fs::write(&key_file, &key_hex).map_err(|source| Error::ResultsIo {
+        path: key_file.clone(),
+        source,
+    })?;
+    let cluster = ClusterId(u64::from(rand::random::<u32>()));
+    let transport = TransportConfig::new(cluster, Some(ClusterKey::from_hex(&key_hex)?));
+
+    let mut procs = Procs::default();
+    let tm_addr = SocketAddr::from((HUB_ADDR, TM_PORT));
+    let deadline_s = (cfg.deadline.as_secs() + 5).to_string();
+
+    // 1. Ring peers (they retry until the test manager appears).
+    let mut peer_pids = Vec::with_capacity(peers);
+    for (i, p) in lab.0.peers().iter().enumerate() {
+        let mut c = command(
+            &cfg,
+            Some(&p.name),
+            "rcpbt-peer",
+            &[
+                "--manager".into(),
+                tm_addr.to_string(),
+                "--ip".into(),
+                p.addr.to_string(),
+                "--deadline-s".into(),
+                deadline_s.clone(),
+            ],
+        );
+        c.stdout(Stdio::null())
+            .stderr(stderr_file(&dir.0, &format!("peer{i}"))?);
+        let child = c.spawn().map_err(spawn_err("ip netns exec (ring peer)"))?;
+        let pid = procs
+            .push(format!("peer{i}"), child)
+            .ok_or_else(|| Error::Rcpbt {
+                reason: "a ring peer exited at once".to_string(),
+            })?;
+        peer_pids.push(pid);
+    }
+
+    // 2. Metadata server in this process.
+    let base_port = free_base_port(cfg.peers)?;
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .map_err(|source| Error::Network {
+            peer: "127.0.0.1:0".to_string(),
+            action: "listen",
+            source,
+        })?;
+    let ms = spawn_metadata_server(
+        MetadataServerConfig { cluster, base_port },
+        listener,
+        transport.clone(),
+        Some(dir.0.join("global-snapshots.csv")),
+    )?;
+    let ms_addr = ms.local_addr();
+
+    // 3. Launchers, the coordinator's first.
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<(usize, serde_json::Value)>();
+    let mut launcher_idx = Vec::new();
+    let mut readers = Vec::new();
+    for (i, p) in lab.0.peers().iter().enumerate() {
+        let mut args: Vec<String> = vec![
+            "--cluster".into(),
+            cluster.0.to_string(),
+            "--ms".into(),
+            ms_addr.to_string(),
+            "--advertise".into(),
+            "127.0.0.1".into(),
+            "--cluster-size".into(),
+            cfg.peers.to_string(),
+            "--backend".into(),
+            match cfg.backend {
+                BackendKind::NftSession => "nft-session",
+                BackendKind::Nft => "nft",
+                BackendKind::Iptables => "iptables",
+            }
+            .into(),
+            "--vm".into(),
+            format!("vm{i}"),
+            "--netns".into(),
+            p.name.clone(),
+            "--freeze-pid".into(),
+            peer_pids[i].to_string(),
+            "--hold-ms".into(),
+            cfg.snapshot_delay.as_millis().to_string(),
+            "--snapshot-timeout-ms".into(),
+            cfg.snapshot_timeout.as_millis().to_string(),
+            "--precheck-timeout-ms".into(),
+            cfg.snapshot_timeout.as_millis().to_string(),
+            "--key-file".into(),
+            key_file.display().to_string(),
+            "--events-json".into(),
+        ];
+        if let Some(c) = cfg.crash {
+            if c.namespace == i {
+                args.push("--crash-after-step".into());
+                args.push(c.after_step.to_string());
+            }
+        }
+        let mut c = command(&cfg, None, "launcher", &args);
+        c.stdout(Stdio::piped())
+            .stderr(stderr_file(&dir.0, &format!("launcher{i}"))?);
+        let mut child = c.spawn().map_err(spawn_err("launcher"))?;
+        if let Some(out) = child.stdout.take() {
+            let tx = ev_tx.clone();
+            readers.push(tokio::spawn(async move {
+                let mut lines = BufReader::new(out).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
+                        if tx.send((i, v)).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }));
+        }
+        procs.push(format!("launcher{i}"), child);
+        launcher_idx.push(procs.list.len() - 1);
+        if i == 0 {
+            // Wait until it registered, so it gets id 0 and coordinates.
+            wait_event(&mut ev_rx, Duration::from_secs(15), |_, v| {
+                v["event"] == "registered"
+            })
+            .await
+            .map_err(|e| with_log(e, &dir.0, "launcher0"))?;
+        }
+    }
+    wait_event(&mut ev_rx, Duration::from_secs(30).min(left()), |i, v| {
+        i == 0 && v["event"] == "ready"
+    })
+    .await
+    .map_err(|e| with_log(e, &dir.0, "launcher0"))?;
+
+    // 4. The test manager: the ring starts.
+    let mut tm = command(
+        &cfg,
+        Some(lab.0.hub()),
+        "rcpbt-manager",
+        &[
+            "--listen".into(),
+            tm_addr.to_string(),
+            "--tokens".into(),
+            cfg.tokens.to_string(),
+            "--base-port".into(),
+            PEER_BASE_PORT.to_string(),
+            "--participants".into(),
+            cfg.peers.to_string(),
+            "--label".into(),
+            format!("ring_netns-{}peers", cfg.peers),
+            "--csv".into(),
+            dir.0.join("rcpbt.csv").display().to_string(),
+            "--deadline-s".into(),
+            deadline_s.clone(),
+        ],
+    );
+    tm.stdout(Stdio::piped())
+        .stderr(stderr_file(&dir.0, "manager")?);
+    let mut tm_child = tm
+        .spawn()
+        .map_err(spawn_err("ip netns exec (test manager)"))?;
+    let tm_out = tm_child.stdout.take();
+    let tm_reader = tokio::spawn(async move {
+        let mut s = String::new();
+        if let Some(out) = tm_out {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                s = l;
+            }
+        }
+        s
+    });
+    procs.push("manager".to_string(), tm_child);
+
+    // 5. Global snapshots while the ring runs.
+    let mut report = RingNetnsReport {
+        peers: cfg.peers,
+        tokens_expected: cfg.tokens,
+        ..RingNetnsReport::default()
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let crashed_ns = cfg.crash.map(|c| c.namespace);
+    for _ in 0..cfg.snapshots {
+        if let Err(e) = trigger_global_snapshot(ms_addr, &transport).await {
+            report.failures.push(format!("trigger: {e}"));
+            break;
+        }
+        let wait = cfg.snapshot_timeout * 2 + Duration::from_secs(5);
+        let (_, ev) = wait_event(&mut ev_rx, wait.min(left()), |i, v| {
+            i == 0
+                && (v["event"] == "gs_completed"
+                    || v["event"] == "gs_failed"
+                    || v["event"] == "trigger_refused")
+        })
+        .await
+        .map_err(|e| with_log(e, &dir.0, "launcher0"))?;
+        match ev["event"].as_str() {
+            Some("gs_completed") => {
+                report.global_snapshots_completed += 1;
+                let global = ev["global_us"].as_u64().unwrap_or(0) as f64 / 1000.0;
+                let local = ev["local_us"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|x| x.as_u64()).max().unwrap_or(0))
+                    .unwrap_or(0) as f64
+                    / 1000.0;
+                report.global_ms.push(global);
+                report.local_ms.push(local);
+                report.overhead_ms.push(global - local);
+            }
+            Some("gs_failed") => {
+                report.global_snapshots_failed += 1;
+                report.failures.push(format!(
+                    "global snapshot {}: participants {} — {}",
+                    ev["gs"],
+                    ev["who"],
+                    ev["why"].as_str().unwrap_or("")
+                ));
+                // Every surviving namespace must be clean within the deadline.
+                let names: Vec<String> = lab
+                    .0
+                    .peers()
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| Some(*i) != crashed_ns)
+                    .map(|(_, p)| p.name.clone())
+                    .collect();
+                let until = Instant::now() + cfg.snapshot_timeout;
+                let mut ok = false;
+                while Instant::now() < until {
+                    let names2 = names.clone();
+                    let n = blocking(move || names2.iter().map(|n| leftovers_in(n)).sum::<usize>())
+                        .await?;
+                    if n == 0 {
+                        ok = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                report.survivors_cleared_in_time =
+                    Some(report.survivors_cleared_in_time.unwrap_or(true) && ok);
+            }
+            _ => {
+                report.failures.push(format!(
+                    "trigger refused: {}",
+                    ev["reason"].as_str().unwrap_or("")
+                ));
+            }
+        }
+        tokio::time::sleep(cfg.gap).await;
+    }
+
+    // 6. The ring's own result.
+    let line = tokio::time::timeout(left(), tm_reader)
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "the ring to finish".to_string(),
+            after: cfg.deadline,
+        })?
+        .unwrap_or_default();
+    let outcome: serde_json::Value = serde_json::from_str(&line).map_err(|_| Error::Rcpbt {
+        reason: format!(
+            "the test manager produced no result ({})",
+            log_tail(&dir.0, "manager")
+        ),
+    })?;
+    report.tokens_counted = outcome["tokens_counted"].as_u64().unwrap_or(0);
+    report.ring_duration_s = outcome["duration_s"].as_f64().unwrap_or(0.0);
+
+    // 7. Stop the launchers (SIGTERM: they remove their rules and report).
+    for &idx in &launcher_idx {
+        let (_, child) = &mut procs.list[idx];
+        if let Some(pid) = child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    for &idx in &launcher_idx {
+        let (_, child) = &mut procs.list[idx];
+        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    }
+    // Collect the summaries (each reader ends when its launcher's stdout closes).
+    for r in readers {
+        let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
+    }
+    let mut summarized = vec![false; peers];
+    while let Ok((i, v)) = ev_rx.try_recv() {
+        if v["event"] == "summary" {
+            summarized[i] = true;
+            report.post_packets_dropped += v["post_packets_dropped"].as_u64().unwrap_or(0);
+        }
+    }
+    // Hosts that died without summary (crashed): the supervisor cleans up after them.
+    for (i, done) in summarized.iter().enumerate() {
+        if !done {
+            if let Some(pid) = peer_pids.get(i) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGCONT,
+                );
+            }
+            let ns = lab.0.peers()[i].name.clone();
+            let backend = cfg.backend;
+            report.post_packets_dropped += blocking(move || clean_crashed(&ns, backend)).await?;
+        }
+    }
+    let names: Vec<String> = lab.0.peers().iter().map(|p| p.name.clone()).collect();
+    report.rules_left = blocking(move || names.iter().map(|n| leftovers_in(n)).sum()).await?;
+
+    // 8. Teardown.
+    drop(procs);
+    ms.stop().await;
+    let mut lab_inner = lab.take();
+    report.namespaces_left = blocking(move || {
+        let _ = lab_inner.teardown();
+        lab_inner.namespaces_left().unwrap_or(usize::MAX)
+    })
+    .await?;
+    Ok(report)
+}
+
+/// Holds the lab; dropping it deletes the namespaces.
+struct LabGuard(NetnsLab);
+
+fn scopeguard(lab: NetnsLab) -> LabGuard {
+    LabGuard(lab)
+}
+
+impl LabGuard {
+    fn take(&mut self) -> NetnsLab {
+        // Move the lab out, leaving an empty one that owns nothing.
+        std::mem::replace(&mut self.0, NetnsLab::empty())
+    }
+}
+
+fn with_log(e: Error, dir: &Path, name: &str) -> Error {
+    let tail = log_tail(dir, name);
+    if tail.is_empty() {
+        e
+    } else {
+        Error::Rcpbt {
+            reason: format!("{e} ({name} said: {tail})"),
+        }
+    }
+}
+
+async fn wait_event(
+    rx: &mut mpsc::UnboundedReceiver<(usize, serde_json::Value)>,
+    timeout: Duration,
+    mut want: impl FnMut(usize, &serde_json::Value) -> bool,
+) -> Result<(usize, serde_json::Value)> {
+    let until = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(until, rx.recv()).await {
+            Err(_) => {
+                return Err(Error::Timeout {
+                    what: "an event from the launchers".to_string(),
+                    after: timeout,
+                })
+            }
+            Ok(None) => {
+                return Err(Error::Rcpbt {
+                    reason: "every launcher exited".to_string(),
+                })
+            }
+            Ok(Some((i, v))) => {
+                if want(i, &v) {
+                    return Ok((i, v));
+                }
+            }
+        }
+    }
+}
