@@ -62,6 +62,9 @@ pub struct RingConfig {
     pub crash_host: Option<usize>,
     /// How long a crashed host stays off before it powers on again.
     pub reboot_after: Duration,
+    /// How long after the crash the operator asks the coordinator to resume (POLL is
+    /// repeated until the crashed host answers).
+    pub resume_after: Duration,
     /// What to resume from after the crash.
     pub restore_from: RestoreFrom,
     /// The application's transport.
@@ -97,8 +100,15 @@ pub struct RingConfig {
     pub release_colour_on_completion: bool,
     /// Negative control, for tests: hosts colour POST already at step 1, i.e. before the
     /// local snapshot (the six steps reordered).
+    ///
+    /// Measured to be harmless: colouring early only makes receivers drop datagrams that
+    /// TCP retransmits (or UDP loses), so it is no negative control for consistency.
     #[doc(hidden)]
     pub colour_post_before_snapshot: bool,
+    /// Negative control, for tests: hosts stop dropping POST datagrams when the local
+    /// snapshot starts instead of after it (step 5 moved before step 3).
+    #[doc(hidden)]
+    pub accept_post_before_snapshot: bool,
 }
 
 impl Default for RingConfig {
@@ -111,6 +121,7 @@ impl Default for RingConfig {
             crash_at_time: None,
             crash_host: None,
             reboot_after: Duration::from_millis(20),
+            resume_after: Duration::from_millis(1),
             restore_from: RestoreFrom::Latest,
             transport: TransportKind::Tcp,
             seed: 0,
@@ -132,6 +143,7 @@ impl Default for RingConfig {
             max_steps: None,
             release_colour_on_completion: false,
             colour_post_before_snapshot: false,
+            accept_post_before_snapshot: false,
         }
     }
 }

@@ -730,6 +730,11 @@ impl Cluster {
                     id: action_id,
                     action,
                 } => {
+                    if self.cfg.accept_post_before_snapshot
+                        && matches!(action, HostAction::TakeLocalSnapshots { .. })
+                    {
+                        self.hosts[id].drop_incoming = None;
+                    }
                     let took = self.action_duration(&action);
                     let boot = self.hosts[id].boot;
                     self.schedule(
@@ -944,9 +949,9 @@ impl Cluster {
                 super::config::RestoreFrom::Latest => None,
                 super::config::RestoreFrom::Id(g) => Some(GlobalSnapshotId(g)),
             };
-            // The operator asks for a resume at once; POLL is repeated until the crashed
-            // host answers.
-            self.request_resume(target, Duration::ZERO);
+            // The operator asks for a resume; POLL is repeated until the crashed host
+            // answers.
+            self.request_resume(target, self.cfg.resume_after);
         }
     }
 
