@@ -826,9 +826,10 @@ impl Coordinator {
     }
 
     fn fail_snapshot(&mut self, now: Instant, who: Vec<ParticipantId>, why: FailureReason) {
-        let (gs, steps_started) = match self.phase {
+        let (gs, may_have_rules) = match self.phase {
             Phase::Precheck { gs, .. } => (gs, false),
-            Phase::Snapshot { gs, .. } => (gs, true),
+            // Rules may be installed only while the own steps are unfinished.
+            Phase::Snapshot { gs, own_done, .. } => (gs, !own_done),
             _ => return,
         };
         self.phase = Phase::Idle;
@@ -853,7 +854,7 @@ impl Coordinator {
                 self.issue_cleanup(now, gs);
             }
             Some(_) => {}
-            None if steps_started => self.issue_cleanup(now, gs),
+            None if may_have_rules => self.issue_cleanup(now, gs),
             None => {}
         }
     }

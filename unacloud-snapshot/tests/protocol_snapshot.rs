@@ -1,0 +1,738 @@
+//! The global-snapshot protocol (phases 1 and 2) driven by hand through the state machines.
+#![allow(clippy::unwrap_used)]
+
+mod protocol_support;
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use protocol_support::*;
+use unacloud_snapshot::protocol::*;
+use unacloud_snapshot::{Error, Operation};
+
+fn p(id: u32) -> ParticipantId {
+    ParticipantId(id)
+}
+
+#[test]
+fn a_global_snapshot_costs_two_n_minus_one_messages_plus_two_n_minus_one_for_the_precheck() {
+    for n in [1u32, 2, 3, 5, 17, 64] {
+        let mut c = Cluster::new(n);
+        let gs = c.coord.start_global_snapshot(c.now).unwrap();
+        c.drive();
+        assert_eq!(c.completed(), vec![gs], "n = {n}");
+        let m = (n - 1) as usize;
+        assert_eq!(c.messages, 4 * m, "n = {n}");
+        assert_eq!(c.count_kind("PRECHECK"), m);
+        assert_eq!(c.count_kind("PRECHECK_OK"), m);
+        assert_eq!(c.count_kind("TAKE_SNAPSHOT"), m);
+        assert_eq!(c.count_kind("DONE"), m);
+        assert!(c.coord.running().is_none());
+        assert!(c.coord.catalog().is_restorable(gs));
+    }
+}
+
+#[test]
+fn every_host_runs_the_precheck_then_the_six_steps_in_the_thesis_order() {
+    let mut c = Cluster::new(4);
+    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+    c.drive();
+    for host in 0..4 {
+        let mut expected = vec![HostAction::CheckVmsRunning { vms: vms_of(host) }];
+        expected.extend(six_steps(gs, host));
+        assert_eq!(c.actions_of(p(host)), expected, "host {host}");
+    }
+}
+
+#[test]
+fn no_step_is_issued_before_the_previous_one_is_confirmed() {
+    let mut c = Cluster::new(2);
+    c.hold.insert(p(1));
+    c.coord.start_global_snapshot(c.now).unwrap();
+    c.drive();
+    // Participant 1 has exactly one action outstanding at every point.
+    for expected_len in 1..=7 {
+        assert_eq!(c.actions_of(p(1)).len(), expected_len);
+        let pending: Vec<_> = c
+            .pending
+            .iter()
+            .filter(|a| a.host == p(1))
+            .cloned()
+            .collect();
+        assert_eq!(pending.len(), 1, "one outstanding action at a time");
+        // Nothing else happens while the action is outstanding.
+        c.drive();
+        assert_eq!(c.actions_of(p(1)).len(), expected_len);
+        let a = pending[0].clone();
+        c.pending.retain(|x| x.id != a.id || x.host != a.host);
+        let outcome = c.outcome_for(a.host, &a.action);
+        c.complete(a, outcome);
+        c.drive();
+        if expected_len == 7 {
+            break;
+        }
+    }
+    assert_eq!(c.completed().len(), 1);
+}
+
+#[test]
+fn several_vms_of_one_host_are_snapshotted_by_one_parallel_action() {
+    let mut c = Cluster::new(2);
+    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+    c.drive();
+    let takes: Vec<_> = c
+        .actions_of(p(1))
+        .into_iter()
+        .filter(|a| matches!(a, HostAction::TakeLocalSnapshots { .. }))
+        .collect();
+    assert_eq!(
+        takes,
+        vec![HostAction::TakeLocalSnapshots {
+            gs,
+            vms: vec!["vm-1-a".into(), "vm-1-b".into()]
+        }]
+    );
+}
+
+#[test]
+fn done_carries_the_local_time_and_completion_reports_every_local_time() {
+    let mut c = Cluster::new(3);
+    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+    c.drive();
+    let done: Vec<_> = c
+        .transmitted
+        .iter()
+        .filter_map(|e| match e.message {
+            Message::Done { local_time, .. } => Some((e.from, local_time)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        done,
+        vec![
+            (p(1), Duration::from_millis(1001)),
+            (p(2), Duration::from_millis(1002))
+        ]
+    );
+    let ev = c
+        .coordinator_events()
+        .into_iter()
+        .find_map(|e| match e {
+            ProtocolEvent::GlobalSnapshotCompleted {
+                gs: g, local_times, ..
+            } if g == gs => Some(local_times),
+            _ => None,
+        })
+        .unwrap();
+    let ids: Vec<_> = ev.iter().map(|l| (l.participant, l.local_time)).collect();
+    assert_eq!(
+        ids,
+        vec![
+            (p(0), Duration::from_millis(1000)),
+            (p(1), Duration::from_millis(1001)),
+            (p(2), Duration::from_millis(1002))
+        ]
+    );
+}
+
+#[test]
+fn all_dones_before_the_coordinators_own_steps_complete_it_only_after_its_steps() {
+    let mut c = Cluster::new(4);
+    c.hold.insert(p(0));
+    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+    // Let the coordinator's own check through by hand, then hold its steps.
+    c.collect();
+    let check = c.pending.iter().position(|a| a.host == p(0)).unwrap();
+    let a = c.pending.remove(check).unwrap();
+    c.complete(a, ActionOutcome::VmsRunning(true));
+    c.drive();
+    assert_eq!(c.count_kind("DONE"), 3, "every DONE arrived");
+    assert!(c.completed().is_empty(), "own steps still running");
+    c.hold.clear();
+    c.drive();
+    assert_eq!(c.completed(), vec![gs]);
+}
+
+#[test]
+fn own_steps_before_the_dones_complete_it_only_after_the_last_done() {
+    let mut c = Cluster::new(4);
+    c.hold.insert(p(3));
+    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+    c.drive();
+    // p3 is stuck at its VM check: nothing completes.
+    assert!(c.completed().is_empty());
+    c.hold.clear();
+    c.drive();
+    assert_eq!(c.completed(), vec![gs]);
+    assert_eq!(
+        c.actions_of(p(0)).len(),
+        7,
+        "coordinator ran its check and six steps once"
+    );
+}
+
+#[test]
+fn a_second_start_while_one_runs_is_refused_with_a_reason() {
+    let mut c = Cluster::new(3);
+    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+    let err = c.coord.start_global_snapshot(c.now).unwrap_err();
+    assert!(matches!(
+        err,
+        Error::Busy {
+            running: Operation::GlobalSnapshot,
+            gs: g
+        } if g == gs
+    ));
+    assert!(err.to_string().contains("still running"), "{err}");
+    let err = c.coord.start_resume(c.now, None).unwrap_err();
+    assert!(matches!(err, Error::Busy { .. }));
+    c.drive();
+    // The refused attempts left no trace: one snapshot, normal message count.
+    assert_eq!(c.completed(), vec![gs]);
+    assert_eq!(c.messages, 8);
+    // After completion the next one is accepted, with a higher epoch.
+    let gs2 = c.coord.start_global_snapshot(c.now).unwrap();
+    assert!(gs2 > gs);
+}
+
+#[test]
+fn a_trigger_from_the_metadata_server_while_running_is_refused_as_an_event() {
+    let mut c = Cluster::new(2);
+    let trigger = || {
+        Envelope::new(
+            CLUSTER,
+            ParticipantId::METADATA_SERVER,
+            ParticipantId::COORDINATOR,
+            Message::TriggerGlobalSnapshot,
+        )
+    };
+    c.coord.handle_message(c.now, trigger()).unwrap();
+    c.coord.handle_message(c.now, trigger()).unwrap();
+    c.drive();
+    assert_eq!(c.completed().len(), 1);
+    assert!(c
+        .coordinator_events()
+        .iter()
+        .any(|e| matches!(e, ProtocolEvent::TriggerRefused { reason } if reason.contains("still running"))));
+}
+
+#[test]
+fn a_silent_participant_fails_the_snapshot_which_is_never_offered_for_restore() {
+    let mut c = Cluster::new(4);
+    c.down.insert(p(2));
+    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+    c.drive();
+    assert!(c.completed().is_empty());
+    // Phase 2 was reached? No: p2 never answered PRECHECK.
+    c.advance(Duration::from_secs(11));
+    c.drive();
+    let failed = c.failed();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].0, gs);
+    assert_eq!(failed[0].1, vec![p(2)]);
+    assert!(matches!(&failed[0].2, FailureReason::Timeout { phase, .. } if phase == "precheck"));
+    assert_eq!(c.count_kind("ABORT"), 3, "ABORT to every participant");
+    assert!(!c.coord.catalog().is_restorable(gs));
+    assert!(matches!(
+        c.coord.start_resume(c.now, Some(gs)),
+        Err(Error::SnapshotNotRestorable { .. })
+    ));
+    assert!(matches!(
+        c.coord.start_resume(c.now, None),
+        Err(Error::NoRestorableSnapshot)
+    ));
+}
+
+#[test]
+fn a_participant_silent_in_phase_two_fails_it_and_every_other_host_ends_unfiltered() {
+    let mut c = Cluster::new(4);
+    c.hold.insert(p(3));
+    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+    c.drive();
+    // p3 is stuck in its check: let it pass, then stick in step 3 (hold again).
+    let a = c.pending.iter().position(|a| a.host == p(3)).unwrap();
+    let a = c.pending.remove(a).unwrap();
+    c.complete(a, ActionOutcome::VmsRunning(true));
+    c.drive();
+    for _ in 0..2 {
+        let a = c.pending.iter().position(|a| a.host == p(3)).unwrap();
+        let a = c.pending.remove(a).unwrap();
+        c.complete(a, ActionOutcome::Done);
+        c.drive();
+    }
+    assert!(matches!(
+        c.pending.iter().find(|a| a.host == p(3)).unwrap().action,
+        HostAction::TakeLocalSnapshots { .. }
+    ));
+    // p3's host goes silent (powered off).
+    c.down.insert(p(3));
+    c.advance(Duration::from_secs(121));
+    c.drive();
+    let failed = c.failed();
+    assert_eq!(failed.len(), 1);
+    assert_eq!((failed[0].0, failed[0].1.clone()), (gs, vec![p(3)]));
+    assert!(!c.coord.catalog().is_restorable(gs));
+    // Hosts 0..=2 ran all six steps: nothing left filtering.
+    for h in 0..3 {
+        assert_eq!(
+            c.actions_of(p(h)).last(),
+            Some(&HostAction::ClearColour),
+            "host {h}"
+        );
+    }
+    // The next global snapshot, with p3's host rebooted (a fresh participant), succeeds.
+    c.down.clear();
+    c.hold.clear();
+    c.pending.retain(|a| a.host != p(3));
+    c.parts[2] = Participant::new(ParticipantConfig::new(CLUSTER, p(3), vms_of(3))).unwrap();
+    let gs2 = c.coord.start_global_snapshot(c.now).unwrap();
+    c.drive();
+    assert_eq!(c.completed(), vec![gs2]);
+}
+
+#[test]
+fn vms_not_running_fail_the_precheck_and_phase_two_never_starts() {
+    let mut c = Cluster::new(3);
+    c.vms_stopped.insert(p(2));
+    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+    c.drive();
+    let failed = c.failed();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].1, vec![p(2)]);
+    assert!(matches!(failed[0].2, FailureReason::VmsNotRunning { .. }));
+    assert_eq!(c.count_kind("TAKE_SNAPSHOT"), 0);
+    assert!(c
+        .actions
+        .iter()
+        .all(|(_, a)| matches!(a, HostAction::CheckVmsRunning { .. })));
+    assert!(!c.coord.catalog().is_restorable(gs));
+}
+
+#[test]
+fn a_failed_local_snapshot_aborts_and_every_host_removes_its_rules() {
+    let mut c = Cluster::new(3);
+    c.snapshot_fails.insert(p(1));
+    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+    c.drive();
+    let failed = c.failed();
+    assert_eq!(failed.len(), 1);
+    assert_eq!((failed[0].0, failed[0].1.clone()), (gs, vec![p(1)]));
+    let p1 = c.actions_of(p(1));
+    assert_eq!(p1.last(), Some(&HostAction::ClearAll));
+    assert!(!p1.contains(&HostAction::SetOutgoingColour(Colour::Post)));
+    for h in [0, 2] {
+        let last = c.actions_of(p(h)).last().cloned().unwrap();
+        assert!(
+            last == HostAction::ClearAll || last == HostAction::ClearColour,
+            "host {h} ended with {last:?}"
+        );
+    }
+    assert!(c.pending.is_empty());
+}
+
+#[test]
+fn the_coordinators_own_failed_step_aborts_and_clears_its_host() {
+    let mut c = Cluster::new(3);
+    c.snapshot_fails.insert(p(0));
+    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+    c.drive();
+    let failed = c.failed();
+    assert_eq!((failed[0].0, failed[0].1.clone()), (gs, vec![p(0)]));
+    assert_eq!(c.actions_of(p(0)).last(), Some(&HostAction::ClearAll));
+    assert_eq!(c.count_kind("ABORT"), 2);
+}
+
+#[test]
+fn abort_in_the_middle_of_a_step_clears_the_host_once_the_step_completes() {
+    let mut part = Participant::new(ParticipantConfig::new(CLUSTER, p(1), vms_of(1))).unwrap();
+    let now = std::time::Instant::now();
+    let gs = GlobalSnapshotId(5);
+    let to_me = |m| Envelope::new(CLUSTER, p(0), p(1), m);
+    part.handle_message(now, to_me(Message::TakeSnapshot { gs }))
+        .unwrap();
+    let Some(Output::Action { id, action }) = part.poll_output() else {
+        panic!()
+    };
+    assert_eq!(action, HostAction::SetOutgoingColour(Colour::Pre));
+    part.handle_message(
+        now,
+        to_me(Message::Abort {
+            gs,
+            reason: "test".into(),
+        }),
+    )
+    .unwrap();
+    // Not before the running step is confirmed.
+    while let Some(o) = part.poll_output() {
+        assert!(!matches!(o, Output::Action { .. }), "{o:?}");
+    }
+    part.handle_action_complete(now, id, ActionOutcome::Done)
+        .unwrap();
+    let actions: Vec<_> = std::iter::from_fn(|| part.poll_output())
+        .filter_map(|o| match o {
+            Output::Action { action, .. } => Some(action),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(actions, vec![HostAction::ClearAll]);
+}
+
+#[test]
+fn a_participant_whose_coordinator_vanished_clears_its_host_by_itself_after_the_deadline() {
+    let mut part = Participant::new(ParticipantConfig::new(CLUSTER, p(1), vms_of(1))).unwrap();
+    let t0 = std::time::Instant::now();
+    let gs = GlobalSnapshotId(1);
+    part.handle_message(
+        t0,
+        Envelope::new(CLUSTER, p(0), p(1), Message::TakeSnapshot { gs }),
+    )
+    .unwrap();
+    // Steps 1 and 2 complete; step 3 hangs; the coordinator is gone and never aborts.
+    for _ in 0..2 {
+        let Some(Output::Action { id, .. }) = part.poll_output() else {
+            panic!()
+        };
+        part.handle_action_complete(t0, id, ActionOutcome::Done)
+            .unwrap();
+    }
+    let Some(Output::Action { id: hung, action }) = part.poll_output() else {
+        panic!()
+    };
+    assert!(matches!(action, HostAction::TakeLocalSnapshots { .. }));
+    assert!(part.may_filter());
+    let deadline = part.poll_timeout().unwrap();
+    assert_eq!(deadline, t0 + Timeouts::default().snapshot);
+    part.handle_timeout(deadline - Duration::from_millis(1));
+    assert!(part.poll_output().is_none(), "nothing before the deadline");
+    part.handle_timeout(deadline);
+    let outs: Vec<_> = std::iter::from_fn(|| part.poll_output()).collect();
+    let clear = outs
+        .iter()
+        .find_map(|o| match o {
+            Output::Action {
+                id,
+                action: HostAction::ClearAll,
+            } => Some(*id),
+            _ => None,
+        })
+        .expect("ClearAll issued by the participant itself");
+    assert!(outs.iter().any(
+        |o| matches!(o, Output::Transmit(e) if matches!(e.message, Message::SnapshotFailed { .. }))
+    ));
+    // The hung step's late completion is ignored; ClearAll completes; nothing is filtered.
+    part.handle_action_complete(
+        deadline,
+        hung,
+        ActionOutcome::SnapshotTaken {
+            local_time: Duration::from_secs(200),
+        },
+    )
+    .unwrap();
+    part.handle_action_complete(deadline, clear, ActionOutcome::Done)
+        .unwrap();
+    assert!(!part.may_filter());
+    assert!(part.poll_timeout().is_none());
+    let later: Vec<_> = std::iter::from_fn(|| part.poll_output()).collect();
+    assert!(
+        later
+            .iter()
+            .all(|o| !matches!(o, Output::Action { .. } | Output::Transmit(_))),
+        "{later:?}"
+    );
+}
+
+#[test]
+fn a_participant_never_waits_for_the_coordinator_while_filtering() {
+    // The coordinator vanishes right after TAKE_SNAPSHOT: the participant still runs all six
+    // steps to the end and leaves its host unfiltered without any further message.
+    let mut c = Cluster::new(3);
+    c.coord.start_global_snapshot(c.now).unwrap();
+    // Run until TAKE_SNAPSHOT is in flight, then drop the coordinator.
+    while c.count_kind("TAKE_SNAPSHOT") == 0 {
+        assert!(c.step());
+    }
+    c.down.insert(p(0));
+    c.drive();
+    for h in 1..3 {
+        assert_eq!(c.actions_of(p(h)).last(), Some(&HostAction::ClearColour));
+        assert!(!c.participant(p(h)).may_filter());
+        assert!(c.participant(p(h)).poll_timeout().is_none());
+    }
+}
+
+#[test]
+fn late_and_duplicated_messages_of_an_earlier_attempt_are_ignored() {
+    let mut c = Cluster::new(3);
+    let gs1 = c.coord.start_global_snapshot(c.now).unwrap();
+    c.drive();
+    let gs2 = c.coord.start_global_snapshot(c.now).unwrap();
+    c.collect();
+    // Late DONE / PRECHECK_OK of gs1 at the coordinator: ignored, no error.
+    for m in [
+        Message::Done {
+            gs: gs1,
+            local_time: Duration::from_secs(1),
+        },
+        Message::PrecheckOk { gs: gs1 },
+        Message::PrecheckFailed {
+            gs: gs1,
+            reason: "late".into(),
+        },
+    ] {
+        c.coord
+            .handle_message(c.now, Envelope::new(CLUSTER, p(1), p(0), m))
+            .unwrap();
+    }
+    // A duplicated PRECHECK_OK of gs2 counts once.
+    c.drive();
+    assert_eq!(c.completed(), vec![gs1, gs2]);
+    // Late TAKE_SNAPSHOT / PRECHECK / ABORT of gs1 at a participant: no action, no reply.
+    let before = c.actions.len();
+    let sent = c.messages;
+    for m in [
+        Message::TakeSnapshot { gs: gs1 },
+        Message::Precheck { gs: gs1 },
+        Message::Abort {
+            gs: gs1,
+            reason: "late".into(),
+        },
+    ] {
+        c.deliver(Envelope::new(CLUSTER, p(0), p(2), m));
+    }
+    c.drive();
+    assert_eq!(c.actions.len(), before);
+    assert_eq!(c.messages, sent);
+}
+
+#[test]
+fn a_duplicated_done_is_counted_once() {
+    let mut c = Cluster::new(3);
+    c.hold.insert(p(2));
+    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+    c.drive();
+    let a = c.pending.iter().position(|a| a.host == p(2)).unwrap();
+    let a = c.pending.remove(a).unwrap();
+    c.complete(a, ActionOutcome::VmsRunning(true));
+    c.drive();
+    // p1 and the coordinator are done; p2 is in its steps. Duplicate p1's DONE.
+    let done = c
+        .transmitted
+        .iter()
+        .find(|e| e.from == p(1) && matches!(e.message, Message::Done { .. }))
+        .cloned()
+        .unwrap();
+    c.deliver(done.clone());
+    c.deliver(done);
+    c.collect();
+    assert!(c.completed().is_empty(), "p2's DONE is still missing");
+    c.hold.clear();
+    c.drive();
+    assert_eq!(c.completed(), vec![gs]);
+}
+
+#[test]
+fn a_duplicated_take_snapshot_repeats_done_without_rerunning_the_steps() {
+    let mut c = Cluster::new(2);
+    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+    c.drive();
+    let steps = c.actions_of(p(1)).len();
+    c.deliver(Envelope::new(
+        CLUSTER,
+        p(0),
+        p(1),
+        Message::TakeSnapshot { gs },
+    ));
+    c.drive();
+    assert_eq!(c.actions_of(p(1)).len(), steps);
+    assert_eq!(c.count_kind("DONE"), 2);
+}
+
+#[test]
+fn foreign_misaddressed_and_unknown_envelopes_are_typed_errors() {
+    let mut c = Cluster::new(3);
+    let now = c.now;
+    let err = c
+        .coord
+        .handle_message(
+            now,
+            Envelope::new(
+                ClusterId(7),
+                p(1),
+                p(0),
+                Message::PrecheckOk {
+                    gs: GlobalSnapshotId(1),
+                },
+            ),
+        )
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        Error::ForeignCluster {
+            expected: CLUSTER,
+            got: ClusterId(7)
+        }
+    ));
+    let err = c
+        .coord
+        .handle_message(
+            now,
+            Envelope::new(
+                CLUSTER,
+                p(1),
+                p(2),
+                Message::PrecheckOk {
+                    gs: GlobalSnapshotId(1),
+                },
+            ),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::Misaddressed { .. }));
+    let err = c
+        .coord
+        .handle_message(
+            now,
+            Envelope::new(
+                CLUSTER,
+                p(9),
+                p(0),
+                Message::PrecheckOk {
+                    gs: GlobalSnapshotId(1),
+                },
+            ),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::UnknownParticipant { id } if id == p(9)));
+    let err = c
+        .coord
+        .handle_message(
+            now,
+            Envelope::new(
+                CLUSTER,
+                p(1),
+                p(0),
+                Message::TakeSnapshot {
+                    gs: GlobalSnapshotId(1),
+                },
+            ),
+        )
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        Error::UnexpectedMessage {
+            role: "coordinator",
+            message: "TAKE_SNAPSHOT"
+        }
+    ));
+    let err = c
+        .participant(p(1))
+        .handle_message(
+            now,
+            Envelope::new(
+                CLUSTER,
+                p(2),
+                p(1),
+                Message::TakeSnapshot {
+                    gs: GlobalSnapshotId(1),
+                },
+            ),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::UnknownParticipant { .. }));
+    let err = c
+        .participant(p(1))
+        .handle_action_complete(now, ActionId(99), ActionOutcome::Done)
+        .unwrap_err();
+    assert!(matches!(err, Error::UnknownAction { id: ActionId(99) }));
+}
+
+#[test]
+fn invalid_configurations_are_rejected() {
+    let bad = |ids: Vec<u32>| {
+        Coordinator::new(
+            CoordinatorConfig::new(
+                CLUSTER,
+                ids.into_iter().map(ParticipantId).collect(),
+                vec![],
+            ),
+            Catalog::new(CLUSTER),
+        )
+    };
+    assert!(matches!(bad(vec![0, 1]), Err(Error::InvalidConfig { .. })));
+    assert!(matches!(
+        bad(vec![1, 2, 1]),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(bad(vec![3, 1, 2]).is_ok());
+    assert!(matches!(
+        Coordinator::new(
+            CoordinatorConfig::new(CLUSTER, vec![], vec![]),
+            Catalog::new(ClusterId(1))
+        ),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(Participant::new(ParticipantConfig::new(CLUSTER, p(0), vec![])).is_err());
+    assert!(DscpConfig::new(0x10, 0x10).is_err());
+    assert!(DscpConfig::new(0, 0x12).is_err());
+    assert!(DscpConfig::new(0x40, 0x12).is_err());
+    let d = DscpConfig::default();
+    assert_eq!((d.pre(), d.post()), (0x10, 0x12));
+    assert_eq!(d.colour_of(0x12), Some(Colour::Post));
+}
+
+#[test]
+fn the_report_reaches_the_metadata_server_when_configured() {
+    let ids: Vec<_> = (1..3).map(ParticipantId).collect();
+    let mut cfg = CoordinatorConfig::new(CLUSTER, ids, vms_of(0));
+    cfg.report_to_metadata_server = true;
+    let mut c = Cluster::new(3);
+    c.coord = Coordinator::new(cfg, Catalog::new(CLUSTER)).unwrap();
+    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+    c.drive();
+    assert_eq!(c.messages, 8, "the report is not a participant message");
+    assert_eq!(c.to_metadata.len(), 1);
+    assert!(
+        matches!(&c.to_metadata[0].message, Message::SnapshotReport { gs: g, local_times, .. } if *g == gs && local_times.len() == 3)
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Whatever the order of deliveries and action completions, a global snapshot
+    /// completes exactly once, with the minimal message count, and every host runs the six
+    /// steps in order.
+    #[test]
+    fn any_delivery_order_completes_exactly_once_with_steps_in_order(n in 1u32..12, seed in any::<u64>(), rounds in 1usize..4) {
+        let mut c = Cluster::new(n).shuffled(seed);
+        let mut ids = Vec::new();
+        for _ in 0..rounds {
+            ids.push(c.coord.start_global_snapshot(c.now).unwrap());
+            c.drive();
+        }
+        prop_assert_eq!(c.completed(), ids.clone());
+        prop_assert_eq!(c.messages, rounds * 4 * (n as usize - 1));
+        for host in 0..n {
+            let mut expected = Vec::new();
+            for &gs in &ids {
+                expected.push(HostAction::CheckVmsRunning { vms: vms_of(host) });
+                expected.extend(six_steps(gs, host));
+            }
+            prop_assert_eq!(c.actions_of(ParticipantId(host)), expected);
+        }
+    }
+
+    /// A global snapshot never completes while some participant's DONE is missing or the
+    /// coordinator's own steps are unfinished.
+    #[test]
+    fn completion_needs_every_done_and_the_own_steps(n in 2u32..8, held in 0u32..8, seed in any::<u64>()) {
+        let held = ParticipantId(held % n);
+        let mut c = Cluster::new(n).shuffled(seed);
+        c.hold.insert(held);
+        c.coord.start_global_snapshot(c.now).unwrap();
+        c.drive();
+        prop_assert!(c.completed().is_empty());
+        c.hold.clear();
+        c.drive();
+        prop_assert_eq!(c.completed().len(), 1);
+    }
+}
