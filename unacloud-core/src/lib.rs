@@ -11,7 +11,10 @@
 //!   [`conformance`], the suite every backend must pass;
 //! * [`files`]: the files of a VM and the [`files::MigrationSet`] needed to resume it
 //!   elsewhere;
-//! * [`placement`]: the thesis's seven placement algorithms and a disk-aware one.
+//! * [`placement`]: the thesis's seven placement algorithms and a disk-aware one;
+//! * [`lifecycle`]: a VM's deployment life cycle (Requested … Finished) as a sans-IO
+//!   state machine with the thesis's timeouts;
+//! * [`cost`]: file counts (Eq. 5.4/5.5) and the bytes to move to resume a VM elsewhere.
 //!
 //! ```
 //! use unacloud_core::model::HardwareProfile;
@@ -28,9 +31,11 @@
 #![deny(missing_docs)]
 
 pub mod conformance;
+pub mod cost;
 pub mod error;
 pub mod files;
 pub mod hypervisor;
+pub mod lifecycle;
 pub mod memory;
 pub mod model;
 pub mod placement;
