@@ -784,6 +784,7 @@ fn error_codes_built_from_the_documented_layout_map_to_their_kinds() {
             FailureKind::Timeout => "timeout",
             FailureKind::Other => "other",
             FailureKind::NotFound { .. } => "not found",
+            FailureKind::AlreadyExists { .. } => "exists",
         };
         assert_eq!(got, want, "{code}");
     }

@@ -117,6 +117,11 @@ pub enum FailureKind {
         /// The name or uuid VirtualBox could not find.
         id: String,
     },
+    /// The object to create exists already (`Machine settings file '…' already exists`).
+    AlreadyExists {
+        /// `vm`, `snapshot` or `disk`.
+        kind: &'static str,
+    },
     /// The object is in a state that forbids the operation.
     InvalidState {
         /// The state, as VirtualBox words it (`powered off`, or the whole message).
@@ -240,6 +245,16 @@ impl Failure {
         {
             return FailureKind::AccessDenied;
         }
+        if lower.contains("already exists") {
+            let kind = if operation.starts_with("snapshot") {
+                "snapshot"
+            } else if matches!(operation, "createvm" | "clonevm" | "registervm") {
+                "vm"
+            } else {
+                "disk"
+            };
+            return FailureKind::AlreadyExists { kind };
+        }
         if code == "VBOX_E_TIMEOUT" {
             return FailureKind::Timeout;
         }
@@ -271,6 +286,7 @@ impl Failure {
                 kind,
                 id: id.clone(),
             },
+            FailureKind::AlreadyExists { kind } => unacloud_core::Error::AlreadyExists { kind, id },
             FailureKind::InvalidState { state } => unacloud_core::Error::InvalidState {
                 operation: self.operation,
                 id,
