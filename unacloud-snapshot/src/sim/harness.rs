@@ -127,6 +127,8 @@ pub struct Host {
     vm_epoch: u64,
     /// Step 6 ran but the colour is kept until the global snapshot ends.
     clear_deferred: bool,
+    /// When the host was asked for step 1 (about when TAKE_SNAPSHOT arrived).
+    steps_started: Option<Instant>,
 }
 
 #[derive(Clone, Debug)]
@@ -163,6 +165,8 @@ enum Ev {
     /// End of a global snapshot reaches a host (`release_colour_on_completion`).
     Release {
         host: usize,
+        /// For the deadline fallback: only if the host's steps started then.
+        of_steps: Option<Instant>,
     },
 }
 
@@ -306,6 +310,7 @@ impl Cluster {
                 restored_capture: None,
                 vm_epoch: 0,
                 clear_deferred: false,
+                steps_started: None,
             });
         }
         let crash_armed = cfg.crash_at.is_some() || cfg.crash_at_time.is_some();
@@ -427,6 +432,15 @@ impl Cluster {
     /// Hosts that crashed, with the instant.
     pub fn crashes(&self) -> &[(usize, Instant)] {
         &self.crashed
+    }
+
+    /// The coordinator's catalog of completed global snapshots (`None` while its host is
+    /// off).
+    pub fn catalog(&self) -> Option<&Catalog> {
+        match &self.hosts[0].machine {
+            Some(Machine::Coordinator(c)) => Some(c.catalog()),
+            _ => None,
+        }
     }
 
     /// Whether the coordinator runs an operation.
@@ -612,9 +626,9 @@ impl Cluster {
             } => self.action_done(host, boot, id, action, took)?,
             Ev::Crash { host } => self.power_off(host),
             Ev::PowerOn { host } => self.power_on(host)?,
-            Ev::Release { host } => {
+            Ev::Release { host, of_steps } => {
                 let h = &mut self.hosts[host];
-                if h.clear_deferred {
+                if h.clear_deferred && (of_steps.is_none() || of_steps == h.steps_started) {
                     h.clear_deferred = false;
                     h.outgoing = None;
                 }
@@ -730,6 +744,9 @@ impl Cluster {
                     id: action_id,
                     action,
                 } => {
+                    if action == HostAction::SetOutgoingColour(Colour::Pre) {
+                        self.hosts[id].steps_started = Some(self.now);
+                    }
                     if self.cfg.accept_post_before_snapshot
                         && matches!(action, HostAction::TakeLocalSnapshots { .. })
                     {
@@ -822,6 +839,7 @@ impl Cluster {
         let defer_clear = self.cfg.release_colour_on_completion;
         let host = &mut self.hosts[id];
         let mut unfreeze = false;
+        let mut fallback_release = None;
         let outcome = match action {
             HostAction::CheckVmsRunning { .. } => {
                 ActionOutcome::VmsRunning(host.vm.is_some() && host.vm_running)
@@ -851,6 +869,11 @@ impl Cluster {
             HostAction::ClearColour => {
                 if defer_clear && host.outgoing.is_some() {
                     host.clear_deferred = true;
+                    // Without a RELEASE (the coordinator vanished) the host clears by
+                    // itself at its snapshot deadline, as the participant does for its
+                    // filter.
+                    let fallback = host.steps_started.unwrap_or(now) + self.cfg.timeouts.snapshot;
+                    fallback_release = Some((fallback.max(now), host.steps_started));
                 } else {
                     host.outgoing = None;
                 }
@@ -904,6 +927,10 @@ impl Cluster {
                 None => ActionOutcome::Failed(format!("VM {} does not exist", vm_name(id))),
             },
         };
+        if let Some((at, of_steps)) = fallback_release {
+            self.schedule(at, Ev::Release { host: id, of_steps });
+        }
+        let host = &mut self.hosts[id];
         if unfreeze && host.frozen {
             host.frozen = false;
             let held = std::mem::take(&mut host.held);
@@ -1088,7 +1115,13 @@ impl Cluster {
             } else {
                 self.cfg.link.stream_delay(&mut self.rng)
             };
-            self.schedule(self.now + delay, Ev::Release { host });
+            self.schedule(
+                self.now + delay,
+                Ev::Release {
+                    host,
+                    of_steps: None,
+                },
+            );
         }
     }
 
