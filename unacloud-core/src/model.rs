@@ -331,6 +331,7 @@ pub struct Host {
     pub free_disk_bytes: u64,
     /// Whether a student is logged in at the console (the Sorting algorithm prefers such
     /// hosts: they are less likely to be switched off).
+    #[serde(default)]
     pub user_logged_in: bool,
     /// Templates (by template id) already preloaded on this host.
     #[serde(default)]

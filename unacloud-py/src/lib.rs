@@ -1,2 +1,37 @@
-//! Python bindings.
+//! Python bindings for unacloud (the `unacloud._native` extension module).
+//!
+//! This crate only converts types and maps errors; every behaviour lives in the Rust
+//! crates. The public Python package `unacloud` (in `python/unacloud/`) re-exports
+//! these classes and functions under `unacloud.vbox`, `unacloud.core` and
+//! `unacloud.snapshot`, and defines the exception hierarchy in `unacloud.errors`.
 #![deny(missing_docs)]
+
+use pyo3::prelude::*;
+
+mod convert;
+mod core;
+mod errors;
+mod snapshot;
+mod vbox;
+
+/// The extension module.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<vbox::Machine>()?;
+    m.add_class::<vbox::Snapshot>()?;
+    m.add_class::<vbox::MigrationSet>()?;
+    m.add_function(wrap_pyfunction!(vbox::read_vdi_header, m)?)?;
+    m.add_function(wrap_pyfunction!(core::hardware_profiles, m)?)?;
+    m.add_function(wrap_pyfunction!(core::hardware_profile, m)?)?;
+    m.add_function(wrap_pyfunction!(core::placement_algorithms, m)?)?;
+    m.add_function(wrap_pyfunction!(core::place, m)?)?;
+    m.add_function(wrap_pyfunction!(core::file_count, m)?)?;
+    m.add_function(wrap_pyfunction!(core::transfer_estimate, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshot::simulate_ring, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshot::encode, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshot::decode, m)?)?;
+    m.add_class::<snapshot::Coordinator>()?;
+    m.add_class::<snapshot::Participant>()?;
+    Ok(())
+}

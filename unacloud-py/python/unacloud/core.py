@@ -1,0 +1,28 @@
+"""Hardware profiles, placement algorithms and the cost model.
+
+>>> import unacloud
+>>> unacloud.core.hardware_profile("medium")
+{'name': 'medium', 'cores': 2, 'memory_mb': 2048}
+>>> unacloud.core.file_count(disks=1, snapshots=4, vms=8)
+80
+"""
+
+from __future__ import annotations
+
+from ._native import (
+    file_count,
+    hardware_profile,
+    hardware_profiles,
+    place,
+    placement_algorithms,
+    transfer_estimate,
+)
+
+__all__ = [
+    "file_count",
+    "hardware_profile",
+    "hardware_profiles",
+    "place",
+    "placement_algorithms",
+    "transfer_estimate",
+]

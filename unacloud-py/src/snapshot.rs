@@ -1,0 +1,432 @@
+//! `unacloud.snapshot`: the ring simulator and the sans-IO protocol state machines.
+
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use unacloud_snapshot::protocol::{
+    decode_frame, encode_frame, ActionId, ActionOutcome, Catalog, ClusterId,
+    Coordinator as RsCoordinator, CoordinatorConfig, Envelope, GlobalSnapshotId, Output,
+    Participant as RsParticipant, ParticipantConfig, ParticipantId, ProtocolEvent,
+};
+use unacloud_snapshot::sim::{simulate_ring as rs_simulate_ring, RestoreFrom, RingConfig};
+
+use crate::convert::{from_py, to_py};
+use crate::errors::{chain, invalid, raise};
+
+fn snap_err(e: unacloud_snapshot::Error) -> PyErr {
+    use unacloud_snapshot::Error as E;
+    let class = match &e {
+        E::InvalidConfig { .. } => "InvalidInput",
+        E::Livelock { .. } => "SimulationError",
+        E::CatalogIo { .. } | E::ResultsIo { .. } => "IoError",
+        E::Timeout { .. } => "Timeout",
+        E::NotPrivileged { .. } => "AccessDenied",
+        E::UnsupportedVersion { .. }
+        | E::FrameTooLarge { .. }
+        | E::TruncatedFrame { .. }
+        | E::TrailingBytes { .. }
+        | E::EmptyFrame
+        | E::MalformedPayload { .. } => "ParseError",
+        _ => "ProtocolError",
+    };
+    raise(class, chain(&e))
+}
+
+/// Runs the RCPBT token ring with periodic global snapshots in the deterministic
+/// simulator and returns the checker's report as a dict (the keys of the `ring_sim`
+/// example's JSON, plus `snapshots` with per-snapshot `local_ms` and `global_ms`).
+#[pyfunction]
+#[pyo3(signature = (nodes=4, tokens=1000, snapshot_every=100, crash_at=None, transport="tcp", seed=0, filter=true, restore_from="latest", latency_ms=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn simulate_ring(
+    py: Python<'_>,
+    nodes: usize,
+    tokens: u64,
+    snapshot_every: u64,
+    crash_at: Option<u64>,
+    transport: &str,
+    seed: u64,
+    filter: bool,
+    restore_from: &str,
+    latency_ms: Option<f64>,
+) -> PyResult<PyObject> {
+    let mut config = RingConfig {
+        nodes,
+        tokens,
+        snapshot_every,
+        crash_at,
+        seed,
+        filter,
+        ..RingConfig::default()
+    };
+    config.transport = transport.parse().map_err(invalid)?;
+    config.restore_from = restore_from.parse::<RestoreFrom>().map_err(snap_err)?;
+    if let Some(ms) = latency_ms {
+        if !(ms.is_finite() && ms >= 0.0) {
+            return Err(invalid(format!(
+                "latency_ms must be a non-negative number, got {ms}"
+            )));
+        }
+        config.link.latency = Duration::from_secs_f64(ms / 1000.0);
+    }
+    let report = py
+        .allow_threads(move || rs_simulate_ring(config))
+        .map_err(snap_err)?;
+    to_py(py, &report)
+}
+
+/// Encodes an envelope dict as one wire frame (bytes).
+#[pyfunction]
+pub fn encode(envelope: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    let env: Envelope = from_py(envelope, "envelope")?;
+    encode_frame(&env).map_err(snap_err)
+}
+
+/// Decodes one wire frame into an envelope dict; malformed frames raise `ParseError`.
+#[pyfunction]
+pub fn decode(py: Python<'_>, frame: &[u8]) -> PyResult<PyObject> {
+    let env = decode_frame(frame).map_err(snap_err)?;
+    to_py(py, &env)
+}
+
+/// Maps the Python program's clock (seconds, e.g. `time.monotonic()`) onto `Instant`s.
+#[derive(Debug)]
+struct Clock {
+    base: Instant,
+    origin: Option<f64>,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Clock {
+            base: Instant::now(),
+            origin: None,
+        }
+    }
+    fn at(&mut self, now: f64) -> PyResult<Instant> {
+        if !now.is_finite() {
+            return Err(invalid("now must be a finite number of seconds"));
+        }
+        let origin = *self.origin.get_or_insert(now);
+        Ok(self.base + Duration::from_secs_f64((now - origin).max(0.0)))
+    }
+    fn seconds(&self, t: Instant) -> Option<f64> {
+        let origin = self.origin?;
+        Some(origin + t.saturating_duration_since(self.base).as_secs_f64())
+    }
+}
+
+fn outcome(
+    kind: &str,
+    running: Option<bool>,
+    local_time: Option<f64>,
+    error: Option<String>,
+) -> PyResult<ActionOutcome> {
+    Ok(match kind {
+        "done" => ActionOutcome::Done,
+        "vms_running" => ActionOutcome::VmsRunning(
+            running.ok_or_else(|| invalid("outcome vms_running needs running=True/False"))?,
+        ),
+        "snapshot_taken" => {
+            let t = local_time
+                .ok_or_else(|| invalid("outcome snapshot_taken needs local_time (seconds)"))?;
+            if !(t.is_finite() && t >= 0.0) {
+                return Err(invalid(
+                    "local_time must be a non-negative number of seconds",
+                ));
+            }
+            ActionOutcome::SnapshotTaken {
+                local_time: Duration::from_secs_f64(t),
+            }
+        }
+        "failed" => ActionOutcome::Failed(error.unwrap_or_else(|| "failed".to_owned())),
+        other => {
+            return Err(invalid(format!(
+                "unknown outcome {other:?}; expected done, vms_running, snapshot_taken or failed"
+            )))
+        }
+    })
+}
+
+fn event_dict(py: Python<'_>, e: &ProtocolEvent) -> PyResult<PyObject> {
+    let d = PyDict::new(py);
+    match e {
+        ProtocolEvent::GlobalSnapshotCompleted {
+            gs,
+            local_times,
+            global_time,
+        } => {
+            d.set_item("event", "global_snapshot_completed")?;
+            d.set_item("gs", gs.0)?;
+            let locals = PyDict::new(py);
+            for lt in local_times {
+                locals.set_item(lt.participant.0, lt.local_time.as_secs_f64())?;
+            }
+            d.set_item("local_times", locals)?;
+            d.set_item("global_time", global_time.as_secs_f64())?;
+        }
+        ProtocolEvent::GlobalSnapshotFailed { gs, who, why } => {
+            d.set_item("event", "global_snapshot_failed")?;
+            d.set_item("gs", gs.0)?;
+            d.set_item("who", who.iter().map(|p| p.0).collect::<Vec<_>>())?;
+            d.set_item("why", why.to_string())?;
+        }
+        ProtocolEvent::ResumeFailed { gs, who, why } => {
+            d.set_item("event", "resume_failed")?;
+            d.set_item("gs", gs.0)?;
+            d.set_item("who", who.iter().map(|p| p.0).collect::<Vec<_>>())?;
+            d.set_item("why", why.to_string())?;
+        }
+        ProtocolEvent::ResumeCompleted { gs } => {
+            d.set_item("event", "resume_completed")?;
+            d.set_item("gs", gs.0)?;
+        }
+        ProtocolEvent::TriggerRefused { reason } => {
+            d.set_item("event", "trigger_refused")?;
+            d.set_item("reason", reason)?;
+        }
+        other => {
+            // Progress events: their name and a readable rendering.
+            let text = format!("{other:?}");
+            let name = text.split([' ', '{', '(']).next().unwrap_or("event");
+            d.set_item("event", snake(name))?;
+            d.set_item("detail", text)?;
+        }
+    }
+    Ok(d.into_any().unbind())
+}
+
+fn snake(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn output_dict(py: Python<'_>, o: Output) -> PyResult<PyObject> {
+    let d = PyDict::new(py);
+    match o {
+        Output::Transmit(env) => {
+            d.set_item("kind", "transmit")?;
+            d.set_item("to", env.to.0)?;
+            d.set_item("envelope", to_py(py, &env)?)?;
+            d.set_item(
+                "frame",
+                pyo3::types::PyBytes::new(py, &encode_frame(&env).map_err(snap_err)?),
+            )?;
+        }
+        Output::Action { id, action } => {
+            d.set_item("kind", "action")?;
+            d.set_item("id", id.0)?;
+            d.set_item("action", to_py(py, &action)?)?;
+        }
+        Output::Event(e) => {
+            d.set_item("kind", "event")?;
+            d.set_item("event", event_dict(py, &e)?)?;
+        }
+    }
+    Ok(d.into_any().unbind())
+}
+
+fn envelope_from(obj: &Bound<'_, PyAny>) -> PyResult<Envelope> {
+    if let Ok(bytes) = obj.extract::<Vec<u8>>() {
+        if !obj.is_instance_of::<pyo3::types::PyList>() {
+            return decode_frame(&bytes).map_err(snap_err);
+        }
+    }
+    from_py(obj, "envelope")
+}
+
+/// The coordinator (participant 0) of the global-snapshot and resume protocols, as a
+/// sans-IO state machine: feed it messages, completed actions and timeouts with the
+/// current time in seconds; drain `poll_output()` for frames to send, host actions to
+/// perform and events.
+#[pyclass(module = "unacloud.snapshot")]
+#[derive(Debug)]
+pub struct Coordinator {
+    inner: RsCoordinator,
+    clock: Clock,
+}
+
+#[pymethods]
+impl Coordinator {
+    /// `participants`: the ids of the other participants (1, 2, …); `vms`: the VMs of
+    /// the coordinator's own host.
+    #[new]
+    #[pyo3(signature = (cluster, participants, vms=Vec::new()))]
+    fn new(cluster: u64, participants: Vec<u32>, vms: Vec<String>) -> PyResult<Self> {
+        let config = CoordinatorConfig::new(
+            ClusterId(cluster),
+            participants.into_iter().map(ParticipantId).collect(),
+            vms,
+        );
+        let inner =
+            RsCoordinator::new(config, Catalog::new(ClusterId(cluster))).map_err(snap_err)?;
+        Ok(Coordinator {
+            inner,
+            clock: Clock::new(),
+        })
+    }
+    /// Starts a global snapshot; returns its id. Refused while one runs.
+    fn start_global_snapshot(&mut self, now: f64) -> PyResult<u64> {
+        let t = self.clock.at(now)?;
+        self.inner
+            .start_global_snapshot(t)
+            .map(|g| g.0)
+            .map_err(snap_err)
+    }
+    /// Starts the resume protocol from global snapshot `gs` (default: latest complete).
+    #[pyo3(signature = (now, gs=None))]
+    fn start_resume(&mut self, now: f64, gs: Option<u64>) -> PyResult<()> {
+        let t = self.clock.at(now)?;
+        self.inner
+            .start_resume(t, gs.map(GlobalSnapshotId))
+            .map(|_| ())
+            .map_err(snap_err)
+    }
+    /// Feeds a received envelope (a dict, or the frame's bytes).
+    fn handle_message(&mut self, now: f64, envelope: &Bound<'_, PyAny>) -> PyResult<()> {
+        let t = self.clock.at(now)?;
+        let env = envelope_from(envelope)?;
+        self.inner.handle_message(t, env).map_err(snap_err)
+    }
+    /// Reports the outcome of host action `action_id`.
+    #[pyo3(signature = (now, action_id, outcome="done", running=None, local_time=None, error=None))]
+    fn handle_action_complete(
+        &mut self,
+        now: f64,
+        action_id: u64,
+        outcome: &str,
+        running: Option<bool>,
+        local_time: Option<f64>,
+        error: Option<String>,
+    ) -> PyResult<()> {
+        let t = self.clock.at(now)?;
+        let o = self::outcome(outcome, running, local_time, error)?;
+        self.inner
+            .handle_action_complete(t, ActionId(action_id), o)
+            .map_err(snap_err)
+    }
+    /// Fires due timers.
+    fn handle_timeout(&mut self, now: f64) -> PyResult<()> {
+        let t = self.clock.at(now)?;
+        self.inner.handle_timeout(t);
+        Ok(())
+    }
+    /// The next output as a dict (`kind`: transmit, action or event), or None.
+    fn poll_output(&mut self, py: Python<'_>) -> PyResult<Option<PyObject>> {
+        self.inner
+            .poll_output()
+            .map(|o| output_dict(py, o))
+            .transpose()
+    }
+    /// When `handle_timeout` must be called next, in the caller's seconds, or None.
+    fn poll_timeout(&self) -> Option<f64> {
+        self.inner
+            .poll_timeout()
+            .and_then(|t| self.clock.seconds(t))
+    }
+    /// Ids of the completed (restorable) global snapshots.
+    fn completed(&self) -> Vec<u64> {
+        self.inner
+            .catalog()
+            .completed_ids()
+            .into_iter()
+            .map(|g| g.0)
+            .collect()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "<Coordinator of {} participants, {} completed global snapshots>",
+            self.inner.config().participants.len(),
+            self.inner.catalog().completed_ids().len()
+        )
+    }
+}
+
+/// A participant (id ≥ 1) of the protocols, as a sans-IO state machine; see
+/// `Coordinator`.
+#[pyclass(module = "unacloud.snapshot")]
+#[derive(Debug)]
+pub struct Participant {
+    inner: RsParticipant,
+    clock: Clock,
+}
+
+#[pymethods]
+impl Participant {
+    /// `id`: this participant's id (from the metadata server); `vms`: its host's VMs.
+    #[new]
+    #[pyo3(signature = (cluster, id, vms=Vec::new()))]
+    fn new(cluster: u64, id: u32, vms: Vec<String>) -> PyResult<Self> {
+        let inner = RsParticipant::new(ParticipantConfig::new(
+            ClusterId(cluster),
+            ParticipantId(id),
+            vms,
+        ))
+        .map_err(snap_err)?;
+        Ok(Participant {
+            inner,
+            clock: Clock::new(),
+        })
+    }
+    /// This participant's id.
+    #[getter]
+    fn id(&self) -> u32 {
+        self.inner.id().0
+    }
+    /// Feeds a received envelope (a dict, or the frame's bytes).
+    fn handle_message(&mut self, now: f64, envelope: &Bound<'_, PyAny>) -> PyResult<()> {
+        let t = self.clock.at(now)?;
+        let env = envelope_from(envelope)?;
+        self.inner.handle_message(t, env).map_err(snap_err)
+    }
+    /// Reports the outcome of host action `action_id`.
+    #[pyo3(signature = (now, action_id, outcome="done", running=None, local_time=None, error=None))]
+    fn handle_action_complete(
+        &mut self,
+        now: f64,
+        action_id: u64,
+        outcome: &str,
+        running: Option<bool>,
+        local_time: Option<f64>,
+        error: Option<String>,
+    ) -> PyResult<()> {
+        let t = self.clock.at(now)?;
+        let o = self::outcome(outcome, running, local_time, error)?;
+        self.inner
+            .handle_action_complete(t, ActionId(action_id), o)
+            .map_err(snap_err)
+    }
+    /// Fires due timers.
+    fn handle_timeout(&mut self, now: f64) -> PyResult<()> {
+        let t = self.clock.at(now)?;
+        self.inner.handle_timeout(t);
+        Ok(())
+    }
+    /// The next output as a dict (`kind`: transmit, action or event), or None.
+    fn poll_output(&mut self, py: Python<'_>) -> PyResult<Option<PyObject>> {
+        self.inner
+            .poll_output()
+            .map(|o| output_dict(py, o))
+            .transpose()
+    }
+    /// When `handle_timeout` must be called next, in the caller's seconds, or None.
+    fn poll_timeout(&self) -> Option<f64> {
+        self.inner
+            .poll_timeout()
+            .and_then(|t| self.clock.seconds(t))
+    }
+    fn __repr__(&self) -> String {
+        format!("<Participant {}>", self.inner.id().0)
+    }
+}
