@@ -241,6 +241,7 @@ impl Failure {
             || hr == 0x8007_0005
             || lower.contains("not able to logon")
             || lower.contains("access denied")
+            || lower.contains("verr_access_denied")
             || lower.contains("permission denied")
         {
             return FailureKind::AccessDenied;
