@@ -158,7 +158,7 @@ impl fmt::Display for Location {
 
 /// Pushes the components of an absolute path, folding `.` and `..`; `..` never climbs
 /// above the first `keep` components (the share's host and name for UNC paths).
-fn push_components(parts: &mut Vec<String>, s: &str, keep: usize) {
+fn push_components<'a>(parts: &mut Vec<&'a str>, s: &'a str, keep: usize) {
     for c in s.split(['/', '\\']) {
         match c {
             "" | "." => {}
@@ -167,26 +167,26 @@ fn push_components(parts: &mut Vec<String>, s: &str, keep: usize) {
                     parts.pop();
                 }
             }
-            other => parts.push(other.to_owned()),
+            other => parts.push(other),
         }
     }
 }
 
 /// Pushes a relative path onto `parts`; with `floor == usize::MAX` (relative base)
 /// leading `..` that cannot be folded are kept.
-fn push_relative(parts: &mut Vec<String>, s: &str, floor: usize) {
+fn push_relative<'a>(parts: &mut Vec<&'a str>, s: &'a str, floor: usize) {
     for c in s.split(['/', '\\']) {
         match c {
             "" | "." => {}
             ".." => {
-                let can_pop = parts.last().is_some_and(|l| l != "..");
+                let can_pop = parts.last().is_some_and(|l| *l != "..");
                 if can_pop {
                     parts.pop();
                 } else if floor == usize::MAX {
-                    parts.push("..".to_owned());
+                    parts.push("..");
                 }
             }
-            other => parts.push(other.to_owned()),
+            other => parts.push(other),
         }
     }
 }

@@ -53,6 +53,7 @@
 //! ```
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -220,6 +221,11 @@ pub struct Machine {
     global: Option<GlobalRegistry>,
     media: Vec<Medium>,
     media_by_uuid: HashMap<Uuid, usize>,
+    /// For each medium, the first medium with the same resolved path (itself unless
+    /// two registry entries share a file).
+    canonical: Vec<usize>,
+    /// Resolved path → first medium with it.
+    media_by_path: HashMap<OsString, usize>,
     snapshot_by_uuid: HashMap<Uuid, usize>,
 }
 
@@ -267,6 +273,8 @@ impl Machine {
             global: None,
             media: Vec::new(),
             media_by_uuid: HashMap::new(),
+            canonical: Vec::new(),
+            media_by_path: HashMap::new(),
         };
         let dir = m.machine_dir.clone();
         let own = std::mem::take(&mut m.settings.media);
@@ -277,6 +285,14 @@ impl Machine {
             m.global = Some(g);
         }
         m.check_acyclic()?;
+        m.canonical = Vec::with_capacity(m.media.len());
+        for (i, med) in m.media.iter().enumerate() {
+            let first = *m
+                .media_by_path
+                .entry(med.location.path().as_os_str().to_owned())
+                .or_insert(i);
+            m.canonical.push(first);
+        }
         Ok(m)
     }
 
@@ -585,13 +601,8 @@ impl Machine {
             }
         }
         let (hw, state_file, what) = self.state_parts(state);
-        let mut b = SetBuilder::new(options.measure_sizes);
-        b.push(VmFile::new(
-            self.settings_path.clone(),
-            FileRole::Settings,
-            None,
-            None,
-        ));
+        let mut b = SetBuilder::new(self, options.measure_sizes);
+        b.push_path(self.settings_path.clone(), FileRole::Settings);
         let mut expected_seen: HashSet<Uuid> = HashSet::new();
         for (ctrl, dev) in hw.attachments() {
             let slot = format!("{} port {} device {}", ctrl.name, dev.port, dev.device);
@@ -618,19 +629,13 @@ impl Machine {
                         let m = &self.media[i];
                         if expected_seen.insert(m.uuid) {
                             b.set.expected_at_destination.push(ExpectedFile {
-                                uuid: m.uuid.to_string(),
+                                uuid: uuid_string(&m.uuid),
                                 path: Some(m.location.path().to_path_buf()),
                             });
                         }
                     }
                     for &i in &chain[cut..] {
-                        let m = &self.media[i];
-                        b.push(VmFile::new(
-                            m.location.path(),
-                            FileRole::Disk,
-                            Some(m.uuid.to_string()),
-                            None,
-                        ));
+                        b.push_medium(i);
                     }
                 }
                 (DeviceType::Dvd | DeviceType::Floppy, Some(u), _) => {
@@ -639,16 +644,9 @@ impl Machine {
                     } else {
                         "floppy"
                     };
-                    match self.medium(&u) {
-                        Some(m) if options.include_removable => {
-                            b.push(VmFile::new(
-                                m.location.path(),
-                                FileRole::Disk,
-                                Some(m.uuid.to_string()),
-                                None,
-                            ));
-                        }
-                        Some(m) => b.set.external.push(format!(
+                    match self.media_by_uuid.get(&u).map(|&i| (i, &self.media[i])) {
+                        Some((i, _)) if options.include_removable => b.push_medium(i),
+                        Some((_, m)) => b.set.external.push(format!(
                             "{kind} image {u} at {} ({slot}; not copied)",
                             m.location.path().display()
                         )),
@@ -672,7 +670,7 @@ impl Machine {
         }
         if let Some(sf) = state_file {
             let loc = Location::resolve(sf, &self.machine_dir);
-            b.push(VmFile::new(loc.path(), FileRole::SavedState, None, None));
+            b.push_path(loc.path().to_path_buf(), FileRole::SavedState);
         }
         Ok(b.finish())
     }
@@ -681,36 +679,7 @@ impl Machine {
     /// and the global-registry disks its states use, and every saved state; with the
     /// count Eq. 5.4 predicts.
     pub fn all_files(&self) -> AllFiles {
-        let mut b = SetBuilder::new(true);
-        b.push(VmFile::new(
-            self.settings_path.clone(),
-            FileRole::Settings,
-            None,
-            None,
-        ));
-        let used = self.used_media();
-        for (i, m) in self.media.iter().enumerate() {
-            if m.kind != MediumKind::HardDisk {
-                continue;
-            }
-            if m.source == RegistrySource::Machine || used[i] {
-                b.push(VmFile::new(
-                    m.location.path(),
-                    FileRole::Disk,
-                    Some(m.uuid.to_string()),
-                    None,
-                ));
-            }
-        }
-        for sf in self.state_files() {
-            b.push(VmFile::new(
-                Location::resolve(sf, &self.machine_dir).path(),
-                FileRole::SavedState,
-                None,
-                None,
-            ));
-        }
-        let set = b.finish();
+        let set = self.collect_all(true, |_| true);
         let disks = self
             .settings
             .hardware
@@ -731,30 +700,49 @@ impl Machine {
     /// needs: what a clean-up could delete.
     pub fn unneeded_files(&self) -> Vec<VmFile> {
         let used = self.used_media();
-        let needed_states: HashSet<PathBuf> = self
+        let needed_states: HashSet<OsString> = self
             .state_files()
             .map(|sf| {
                 Location::resolve(sf, &self.machine_dir)
                     .path()
-                    .to_path_buf()
+                    .as_os_str()
+                    .to_owned()
             })
             .collect();
-        let needed_disks: HashSet<PathBuf> = self
-            .media
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| used[*i])
-            .map(|(_, m)| m.location.path().to_path_buf())
-            .collect();
-        self.all_files()
-            .files
-            .into_iter()
-            .filter(|f| match f.role {
-                FileRole::Settings => false,
-                FileRole::SavedState => !needed_states.contains(&f.path),
-                FileRole::Disk => !needed_disks.contains(&f.path),
-            })
-            .collect()
+        self.collect_all(true, |f| match f {
+            Candidate::Settings => false,
+            Candidate::Medium(i) => !used[i],
+            Candidate::StateFile(p) => !needed_states.contains(p.as_os_str()),
+        })
+        .files
+    }
+
+    /// The files of [`Machine::all_files`] that `keep` accepts, measured if asked.
+    fn collect_all(
+        &self,
+        measure: bool,
+        mut keep: impl FnMut(Candidate<'_>) -> bool,
+    ) -> MigrationSet {
+        let mut b = SetBuilder::new(self, measure);
+        if keep(Candidate::Settings) {
+            b.push_path(self.settings_path.clone(), FileRole::Settings);
+        }
+        let used = self.used_media();
+        for (i, m) in self.media.iter().enumerate() {
+            if m.kind == MediumKind::HardDisk
+                && (m.source == RegistrySource::Machine || used[i])
+                && keep(Candidate::Medium(i))
+            {
+                b.push_medium(i);
+            }
+        }
+        for sf in self.state_files() {
+            let loc = Location::resolve(sf, &self.machine_dir);
+            if keep(Candidate::StateFile(loc.path())) {
+                b.push_path(loc.path().to_path_buf(), FileRole::SavedState);
+            }
+        }
+        b.finish()
     }
 
     /// Files of [`Machine::all_files`] that resuming `selector` does not need (the
@@ -944,26 +932,62 @@ fn is_vdi(format: Option<&str>) -> bool {
     format.is_some_and(|f| f.eq_ignore_ascii_case("vdi"))
 }
 
-/// Accumulates a [`MigrationSet`] with O(1) de-duplication by path.
-struct SetBuilder {
+/// What [`Machine::collect_all`] offers to its filter.
+enum Candidate<'a> {
+    Settings,
+    Medium(usize),
+    StateFile(&'a Path),
+}
+
+/// The hyphenated lower-case form, without going through `fmt`.
+fn uuid_string(u: &Uuid) -> String {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    u.hyphenated().encode_lower(&mut buf).to_owned()
+}
+
+/// Accumulates a [`MigrationSet`], de-duplicating by resolved path in O(1): media by
+/// their canonical index (precomputed per machine), other files by a path set.
+struct SetBuilder<'m> {
+    machine: &'m Machine,
     set: MigrationSet,
-    seen: HashSet<PathBuf>,
+    media_in: Vec<bool>,
+    others: HashSet<OsString>,
     measure: bool,
 }
 
-impl SetBuilder {
-    fn new(measure: bool) -> Self {
+impl<'m> SetBuilder<'m> {
+    fn new(machine: &'m Machine, measure: bool) -> Self {
         SetBuilder {
+            machine,
             set: MigrationSet::default(),
-            seen: HashSet::new(),
+            media_in: vec![false; machine.media.len()],
+            others: HashSet::new(),
             measure,
         }
     }
 
-    fn push(&mut self, file: VmFile) {
-        if self.seen.insert(file.path.clone()) {
-            self.set.files.push(file);
+    fn push_medium(&mut self, i: usize) {
+        let c = self.machine.canonical[i];
+        if !std::mem::replace(&mut self.media_in[c], true) {
+            let m = &self.machine.media[i];
+            self.set.files.push(VmFile::new(
+                m.location.path(),
+                FileRole::Disk,
+                Some(uuid_string(&m.uuid)),
+                None,
+            ));
         }
+    }
+
+    fn push_path(&mut self, path: PathBuf, role: FileRole) {
+        if let Some(&c) = self.machine.media_by_path.get(path.as_os_str()) {
+            if std::mem::replace(&mut self.media_in[c], true) {
+                return;
+            }
+        } else if !self.others.insert(path.as_os_str().to_owned()) {
+            return;
+        }
+        self.set.files.push(VmFile::new(path, role, None, None));
     }
 
     fn finish(mut self) -> MigrationSet {

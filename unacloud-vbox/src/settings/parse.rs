@@ -881,6 +881,9 @@ impl<'a> Parser<'a> {
                 continue;
             }
             let local = key.local_name();
+            if !is_kept_attribute(local.as_ref()) {
+                continue;
+            }
             let v = a
                 .decode_and_unescape_value(self.reader.decoder())
                 .map_err(|err| self.xml_error(err))?;
@@ -979,6 +982,45 @@ impl<'a> Parser<'a> {
             problem: "has no",
         })
     }
+}
+
+/// Every attribute name some element's handler reads; others are skipped without
+/// being decoded.
+fn is_kept_attribute(key: &[u8]) -> bool {
+    matches!(
+        key,
+        b"uuid"
+            | b"name"
+            | b"location"
+            | b"format"
+            | b"type"
+            | b"autoReset"
+            | b"src"
+            | b"OSType"
+            | b"currentSnapshot"
+            | b"snapshotFolder"
+            | b"stateFile"
+            | b"lastStateChange"
+            | b"currentStateModified"
+            | b"aborted"
+            | b"timeStamp"
+            | b"count"
+            | b"RAMSize"
+            | b"slot"
+            | b"enabled"
+            | b"MACAddress"
+            | b"cable"
+            | b"PortCount"
+            | b"Bootable"
+            | b"port"
+            | b"device"
+            | b"passthrough"
+            | b"nonrotational"
+            | b"hotpluggable"
+            | b"driver"
+            | b"version"
+            | b"xmlns"
+    )
 }
 
 fn local_str(e: &BytesStart<'_>) -> String {
