@@ -2,9 +2,112 @@
 //!
 //! Consistent global snapshots — and a consistent resume from them — of a distributed
 //! system whose processes run in virtual machines on many hosts, **without changing the
-//! applications or the hypervisor**.
+//! applications or the hypervisor**. After a resume, the distributed application continues
+//! with no lost and no duplicated messages.
 //!
-//! (Crate documentation is being written; see `PROTOCOL.md`.)
+//! Each host colours the IPv4 datagrams its VMs send (the DSCP field: PRESNAPSHOT before
+//! its local snapshot, POSTSNAPSHOT after) and, while its own local snapshot is taken, drops
+//! datagrams already coloured POSTSNAPSHOT — "messages from the future". TCP retransmits
+//! what was dropped; UDP applications already tolerate the loss. A coordinator runs a
+//! pre-check (are all VMs running?), then has every host run six steps, and completes when
+//! its own steps are done and every participant answered DONE.
+//!
+//! ## Example: one global snapshot, driven by hand
+//!
+//! The protocol core does no I/O: you feed it received messages and completed host actions
+//! and drain what it wants done. Here two state machines talk through a queue and every
+//! host action succeeds at once.
+//!
+//! ```
+//! use std::collections::VecDeque;
+//! use std::time::{Duration, Instant};
+//! use unacloud_snapshot::protocol::*;
+//!
+//! let cluster = ClusterId(1);
+//! let now = Instant::now();
+//! let mut coordinator = Coordinator::new(
+//!     CoordinatorConfig::new(cluster, vec![ParticipantId(1)], vec!["vm-a".into()]),
+//!     Catalog::new(cluster), // or CatalogStore::load_or_new after a restart
+//! )?;
+//! let mut participant =
+//!     Participant::new(ParticipantConfig::new(cluster, ParticipantId(1), vec!["vm-b".into()]))?;
+//!
+//! // What a host driver would do; a real one calls the hypervisor and the packet filter.
+//! fn perform(action: &HostAction) -> ActionOutcome {
+//!     match action {
+//!         HostAction::CheckVmsRunning { .. } => ActionOutcome::VmsRunning(true),
+//!         HostAction::TakeLocalSnapshots { .. } => {
+//!             ActionOutcome::SnapshotTaken { local_time: Duration::from_millis(1900) }
+//!         }
+//!         _ => ActionOutcome::Done,
+//!     }
+//! }
+//!
+//! let gs = coordinator.start_global_snapshot(now)?;
+//! let mut wire: VecDeque<Vec<u8>> = VecDeque::new();
+//! let mut events = Vec::new();
+//! loop {
+//!     while let Some(out) = coordinator.poll_output() {
+//!         match out {
+//!             Output::Transmit(env) => wire.push_back(encode_frame(&env)?),
+//!             Output::Action { id, action } => {
+//!                 coordinator.handle_action_complete(now, id, perform(&action))?
+//!             }
+//!             Output::Event(e) => events.push(e),
+//!         }
+//!     }
+//!     while let Some(out) = participant.poll_output() {
+//!         match out {
+//!             Output::Transmit(env) => wire.push_back(encode_frame(&env)?),
+//!             Output::Action { id, action } => {
+//!                 participant.handle_action_complete(now, id, perform(&action))?
+//!             }
+//!             Output::Event(_) => {}
+//!         }
+//!     }
+//!     let Some(frame) = wire.pop_front() else { break };
+//!     let env = decode_frame(&frame)?;
+//!     if env.to.is_coordinator() {
+//!         coordinator.handle_message(now, env)?;
+//!     } else {
+//!         participant.handle_message(now, env)?;
+//!     }
+//! }
+//! assert!(events.iter().any(|e| matches!(e,
+//!     ProtocolEvent::GlobalSnapshotCompleted { gs: g, .. } if *g == gs)));
+//! assert!(coordinator.catalog().is_restorable(gs));
+//!
+//! // A second global snapshot while none runs is fine; while one runs it is refused.
+//! coordinator.start_global_snapshot(now)?;
+//! assert!(coordinator.start_global_snapshot(now).is_err());
+//! # Ok::<(), unacloud_snapshot::Error>(())
+//! ```
+//!
+//! ## Design
+//!
+//! * [`protocol`] — the sans-IO core, shaped like quinn-proto: [`protocol::Coordinator`],
+//!   [`protocol::Participant`] and [`protocol::MetadataServer`] take `handle_message`,
+//!   `handle_action_complete` and `handle_timeout` calls with the current `Instant`, and
+//!   give back [`protocol::Output`]s (transmit an envelope, perform a
+//!   [`protocol::HostAction`], note a [`protocol::ProtocolEvent`]) and the next deadline
+//!   (`poll_timeout`). No sockets, threads or clock reads inside; the simulator and the
+//!   tokio transport are two drivers of the same core. The wire format (length-delimited,
+//!   versioned JSON frames) and every state transition are specified in `PROTOCOL.md`, so
+//!   other projects can implement the protocol in another language.
+//! * [`catalog_store`] — the coordinator's catalog of completed global snapshots, persisted
+//!   atomically (temporary file + rename) so a restarted coordinator never reuses an epoch
+//!   and only offers completed global snapshots for restore.
+//! * [`error`] — the crate's one error type, [`Error`].
+//! * [`sim`] — a deterministic simulator (virtual clock, seeded network, crash injection,
+//!   TCP-like and UDP-like transports, the RCPBT ring workload) with a consistency checker.
+//! * With the `tokio` feature: the TCP transport, host drivers and packet-colouring
+//!   backends (iptables / nftables).
+//!
+//! Faults the original design left open are handled explicitly: a participant silent past a
+//! deadline fails that global snapshot (never offered for restore, ABORT tells the others to
+//! clean up); a participant whose steps do not finish in time removes its colour and filter
+//! rules by itself; global snapshot ids are epochs, so late and duplicated messages of
+//! earlier attempts are ignored.
 #![deny(missing_docs)]
 
 pub mod catalog_store;

@@ -736,3 +736,39 @@ proptest! {
         prop_assert_eq!(c.completed().len(), 1);
     }
 }
+
+#[test]
+fn an_abort_during_a_hung_step_clears_the_host_at_the_step_deadline() {
+    let mut part = Participant::new(ParticipantConfig::new(CLUSTER, p(1), vms_of(1))).unwrap();
+    let t0 = std::time::Instant::now();
+    let gs = GlobalSnapshotId(2);
+    let to_me = |m| Envelope::new(CLUSTER, p(0), p(1), m);
+    part.handle_message(t0, to_me(Message::TakeSnapshot { gs }))
+        .unwrap();
+    let Some(Output::Action { .. }) = part.poll_output() else {
+        panic!()
+    };
+    part.handle_message(
+        t0,
+        to_me(Message::Abort {
+            gs,
+            reason: "participant 3 silent".into(),
+        }),
+    )
+    .unwrap();
+    let events: Vec<_> = std::iter::from_fn(|| part.poll_output()).collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    // The step never completes: at its deadline the host is cleared, without a second
+    // failure report.
+    let deadline = part.poll_timeout().unwrap();
+    part.handle_timeout(deadline);
+    let outs: Vec<_> = std::iter::from_fn(|| part.poll_output()).collect();
+    assert_eq!(outs.len(), 1, "{outs:?}");
+    assert!(matches!(
+        outs[0],
+        Output::Action {
+            action: HostAction::ClearAll,
+            ..
+        }
+    ));
+}

@@ -446,9 +446,7 @@ impl Coordinator {
         match self.phase {
             Phase::Idle => {}
             Phase::Precheck {
-                gs,
-                deadline,
-                own_ok,
+                deadline, own_ok, ..
             } if now >= deadline => {
                 let mut who = self.silent();
                 if !own_ok {
@@ -463,7 +461,6 @@ impl Coordinator {
                         deadline,
                     },
                 );
-                let _ = gs;
             }
             Phase::Snapshot {
                 deadline, own_done, ..

@@ -236,6 +236,11 @@ impl Participant {
                     });
                 }
             }
+            Purpose::Step(gs, _) if self.snap == SnapState::Abandoned || gs != self.gs => {
+                // Already aborted and waiting for this step to finish: clean up now.
+                self.host.abandon();
+                self.issue_cleanup(now, gs);
+            }
             Purpose::Step(gs, step) => {
                 self.host.abandon();
                 let reason = format!(
