@@ -151,6 +151,22 @@ impl MigrationOptions {
         self.preloaded.extend(uuids);
         self
     }
+
+    /// Adds a preloaded image given as text (with or without braces, any case).
+    pub fn preload(&mut self, uuid: &str) -> Result<()> {
+        let t = uuid.trim();
+        let inner = t
+            .strip_prefix('{')
+            .and_then(|s| s.strip_suffix('}'))
+            .unwrap_or(t);
+        let u = Uuid::try_parse(inner).map_err(|e| {
+            Error::Core(unacloud_core::Error::InvalidInput(format!(
+                "preloaded image {uuid:?} is not a uuid ({e})"
+            )))
+        })?;
+        self.preloaded.insert(u);
+        Ok(())
+    }
 }
 
 /// Every file of a machine, with the file count predicted by the thesis's Eq. 5.4.
@@ -455,6 +471,16 @@ impl Machine {
             .and_then(|&i| self.settings.snapshots.get(i))
     }
 
+    /// The children of a snapshot, oldest first.
+    pub fn snapshot_children<'a>(
+        &'a self,
+        s: &'a SnapshotSettings,
+    ) -> impl Iterator<Item = &'a SnapshotSettings> + 'a {
+        s.children
+            .iter()
+            .filter_map(move |&c| self.settings.snapshots.get(c))
+    }
+
     /// The parent of a snapshot.
     pub fn snapshot_parent(&self, s: &SnapshotSettings) -> Option<&SnapshotSettings> {
         s.parent.and_then(|p| self.settings.snapshots.get(p))
@@ -501,17 +527,88 @@ impl Machine {
     }
 
     /// The snapshot tree as text, DOT or JSON.
+    ///
+    /// JSON has the shape of [`unacloud_core::tree::TreeJson`]
+    /// (`{"current": id|null, "snapshots": [{"id", "name", …, "current", "children"}]}`)
+    /// and is written without recursion, in compact form, so trees of any depth are
+    /// safe to render.
     pub fn render_snapshot_tree(&self, format: TreeFormat) -> Result<String> {
-        let tree = self.snapshot_tree()?;
         Ok(match format {
-            TreeFormat::Text => tree.render_text(),
-            TreeFormat::Dot => tree.render_dot(),
-            TreeFormat::Json => serde_json::to_string_pretty(&tree.to_json()).map_err(|e| {
-                Error::Core(unacloud_core::Error::InvalidInput(format!(
-                    "cannot serialise the snapshot tree: {e}"
-                )))
-            })?,
+            TreeFormat::Text => self.snapshot_tree()?.render_text(),
+            TreeFormat::Dot => self.snapshot_tree()?.render_dot(),
+            TreeFormat::Json => self.snapshot_tree_json()?,
         })
+    }
+
+    fn snapshot_tree_json(&self) -> Result<String> {
+        let snaps = &self.settings.snapshots;
+        let cur = self.settings.current_snapshot_index();
+        let mut out = String::from("{\"current\":");
+        out.push_str(&match cur {
+            Some(c) => format!("\"{}\"", snaps[c].uuid),
+            None => "null".to_owned(),
+        });
+        out.push_str(",\"snapshots\":[");
+        // Explicit stack of (snapshot, next child to visit).
+        let roots: Vec<usize> = (0..snaps.len())
+            .filter(|&i| snaps[i].parent.is_none())
+            .collect();
+        let mut stack: Vec<(usize, usize)> = Vec::new();
+        let mut pending_roots = roots.into_iter();
+        let mut first_root = true;
+        loop {
+            let Some(&mut (node, ref mut next)) = stack.last_mut() else {
+                let Some(r) = pending_roots.next() else { break };
+                if !first_root {
+                    out.push(',');
+                }
+                first_root = false;
+                self.open_json_node(&mut out, r, cur)?;
+                stack.push((r, 0));
+                continue;
+            };
+            let children = &snaps[node].children;
+            if *next < children.len() {
+                let c = children[*next];
+                if *next > 0 {
+                    out.push(',');
+                }
+                *next += 1;
+                self.open_json_node(&mut out, c, cur)?;
+                stack.push((c, 0));
+            } else {
+                out.push_str("]}");
+                stack.pop();
+            }
+        }
+        out.push_str("]}");
+        Ok(out)
+    }
+
+    /// Writes `{"id":…,"name":…,…,"current":b,"children":[` for snapshot `i`.
+    fn open_json_node(&self, out: &mut String, i: usize, cur: Option<usize>) -> Result<()> {
+        let s = &self.settings.snapshots[i];
+        let node = unacloud_core::tree::Snapshot {
+            id: s.uuid.to_string(),
+            name: s.name.clone(),
+            description: s.description.clone(),
+            time_stamp: s.time_stamp.clone(),
+            state_file: s.state_file.clone(),
+        };
+        let body = serde_json::to_string(&node).map_err(|e| {
+            Error::Core(unacloud_core::Error::InvalidInput(format!(
+                "cannot serialise snapshot {}: {e}",
+                s.uuid
+            )))
+        })?;
+        // `body` is a JSON object; reopen it to append the tree fields.
+        out.push_str(body.strip_suffix('}').unwrap_or(&body));
+        out.push_str(if cur == Some(i) {
+            ",\"current\":true,\"children\":["
+        } else {
+            ",\"current\":false,\"children\":["
+        });
+        Ok(())
     }
 
     // ----- selection ----------------------------------------------------------------

@@ -12,7 +12,7 @@ use common::{global_xml, thesis_example, uuid, Disk, Snap, VboxDoc};
 use proptest::prelude::*;
 use unacloud_core::files::FileRole;
 use unacloud_vbox::settings::{GlobalRegistry, MachineSettings};
-use unacloud_vbox::tracker::{Machine, MigrationOptions};
+use unacloud_vbox::tracker::{Machine, MigrationOptions, TreeFormat};
 use unacloud_vbox::Error;
 
 const GB: u64 = 1_000_000_000;
@@ -679,4 +679,56 @@ proptest! {
         let all = m.all_files();
         prop_assert_eq!(all.files.len(), 1 + (n + 1) + n.div_ceil(2));
     }
+}
+
+#[test]
+fn snapshot_tree_json_matches_the_core_shape_and_survives_deep_trees() {
+    let doc = tree_doc(&[0, 1, 1, 0, 3], false);
+    let m = Machine::from_settings(
+        MachineSettings::parse_str(&doc.to_xml()).unwrap(),
+        "/v/P/P.vbox",
+        None,
+    )
+    .unwrap();
+    let ours: serde_json::Value =
+        serde_json::from_str(&m.render_snapshot_tree(TreeFormat::Json).unwrap()).unwrap();
+    let core = serde_json::to_value(m.snapshot_tree().unwrap().to_json()).unwrap();
+    assert_eq!(ours, core);
+    assert!(m
+        .render_snapshot_tree(TreeFormat::Text)
+        .unwrap()
+        .contains(" *"));
+    assert!(m
+        .render_snapshot_tree(TreeFormat::Dot)
+        .unwrap()
+        .starts_with("digraph"));
+
+    // 5,000 nested snapshots (20 times VirtualBox's own limit): parsing, the tree, the
+    // set and the JSON need no recursion.
+    let parents: Vec<usize> = (0..4_999).collect();
+    let deep = tree_doc(&parents, false);
+    let m = Machine::from_settings(
+        MachineSettings::parse_str(&deep.to_xml()).unwrap(),
+        "/v/P/P.vbox",
+        None,
+    )
+    .unwrap();
+    assert_eq!(m.settings().snapshot_depth(), 5_000);
+    let json = m.render_snapshot_tree(TreeFormat::Json).unwrap();
+    assert!(json.ends_with(&"]}".repeat(5_001)));
+    let set = m
+        .migration_set(
+            "current",
+            &MigrationOptions {
+                measure_sizes: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(set.files.len(), 1 + 5_001);
+    let mut opts = MigrationOptions::default();
+    opts.preload(&format!("{{{}}}", uuid(0xd, 0).to_uppercase()))
+        .unwrap();
+    assert!(opts.preloaded.contains(&uuid(0xd, 0).parse().unwrap()));
+    assert!(opts.preload("nope").is_err());
 }

@@ -108,60 +108,87 @@ impl VboxDoc {
         }
     }
 
-    fn snapshot(&self, out: &mut String, i: usize, depth: usize) {
-        let indent = "  ".repeat(depth);
-        let s = &self.snaps[i];
-        let _ = write!(
-            out,
-            "{indent}<Snapshot uuid=\"{{{}}}\" name=\"{}\" timeStamp=\"2024-01-0{}T00:00:00Z\"",
-            s.uuid,
-            esc(&s.name),
-            1 + i % 9
-        );
-        if let Some(sf) = &s.state_file {
-            let _ = write!(out, " stateFile=\"{}\"", esc(sf));
-        }
-        let _ = writeln!(out, ">");
-        self.hardware(out, &s.attach, &format!("{indent}  "));
-        let children: Vec<usize> = (0..self.snaps.len())
-            .filter(|&c| self.snaps[c].parent == Some(i))
-            .collect();
-        if !children.is_empty() {
-            let _ = writeln!(out, "{indent}  <Snapshots>");
-            for c in children {
-                self.snapshot(out, c, depth + 2);
+    fn children_of(&self, parents: impl Iterator<Item = Option<usize>>) -> Vec<Vec<usize>> {
+        let parents: Vec<_> = parents.collect();
+        let mut ch = vec![Vec::new(); parents.len()];
+        for (i, p) in parents.iter().enumerate() {
+            if let Some(p) = p {
+                ch[*p].push(i);
             }
-            let _ = writeln!(out, "{indent}  </Snapshots>");
         }
-        let _ = writeln!(out, "{indent}</Snapshot>");
+        ch
     }
 
-    fn disk(&self, out: &mut String, i: usize, depth: usize) {
-        let indent = "  ".repeat(depth);
-        let d = &self.disks[i];
-        let _ = write!(
-            out,
-            "{indent}<HardDisk uuid=\"{{{}}}\" location=\"{}\" format=\"VDI\"",
-            d.uuid,
-            esc(&d.location)
-        );
-        if let Some(t) = d.disk_type {
-            let _ = write!(out, " type=\"{t}\"");
-        }
-        if d.auto_reset {
-            let _ = write!(out, " autoReset=\"true\"");
-        }
-        let children: Vec<usize> = (0..self.disks.len())
-            .filter(|&c| self.disks[c].parent == Some(i))
-            .collect();
-        if children.is_empty() {
-            let _ = writeln!(out, "/>");
-        } else {
-            let _ = writeln!(out, ">");
-            for c in children {
-                self.disk(out, c, depth + 1);
+    /// Writes the snapshot tree below `root` without recursion (deep trees are tested);
+    /// indentation stops growing after 16 levels.
+    fn snapshot(&self, out: &mut String, root: usize, depth: usize) {
+        let children = self.children_of(self.snaps.iter().map(|s| s.parent));
+        // (snapshot, depth, opened?)
+        let mut stack = vec![(root, depth, false)];
+        while let Some((i, d, opened)) = stack.pop() {
+            let indent = "  ".repeat(d.min(16));
+            let s = &self.snaps[i];
+            if opened {
+                if !children[i].is_empty() {
+                    let _ = writeln!(out, "{indent}  </Snapshots>");
+                }
+                let _ = writeln!(out, "{indent}</Snapshot>");
+                continue;
             }
-            let _ = writeln!(out, "{indent}</HardDisk>");
+            let _ = write!(
+                out,
+                "{indent}<Snapshot uuid=\"{{{}}}\" name=\"{}\" timeStamp=\"2024-01-0{}T00:00:00Z\"",
+                s.uuid,
+                esc(&s.name),
+                1 + i % 9
+            );
+            if let Some(sf) = &s.state_file {
+                let _ = write!(out, " stateFile=\"{}\"", esc(sf));
+            }
+            let _ = writeln!(out, ">");
+            self.hardware(out, &s.attach, &format!("{indent}  "));
+            stack.push((i, d, true));
+            if !children[i].is_empty() {
+                let _ = writeln!(out, "{indent}  <Snapshots>");
+                for &c in children[i].iter().rev() {
+                    stack.push((c, d + 2, false));
+                }
+            }
+        }
+    }
+
+    /// Writes the disk tree below `root` without recursion.
+    fn disk(&self, out: &mut String, root: usize, depth: usize) {
+        let children = self.children_of(self.disks.iter().map(|d| d.parent));
+        let mut stack = vec![(root, depth, false)];
+        while let Some((i, dep, opened)) = stack.pop() {
+            let indent = "  ".repeat(dep.min(16));
+            if opened {
+                let _ = writeln!(out, "{indent}</HardDisk>");
+                continue;
+            }
+            let d = &self.disks[i];
+            let _ = write!(
+                out,
+                "{indent}<HardDisk uuid=\"{{{}}}\" location=\"{}\" format=\"VDI\"",
+                d.uuid,
+                esc(&d.location)
+            );
+            if let Some(t) = d.disk_type {
+                let _ = write!(out, " type=\"{t}\"");
+            }
+            if d.auto_reset {
+                let _ = write!(out, " autoReset=\"true\"");
+            }
+            if children[i].is_empty() {
+                let _ = writeln!(out, "/>");
+            } else {
+                let _ = writeln!(out, ">");
+                stack.push((i, dep, true));
+                for &c in children[i].iter().rev() {
+                    stack.push((c, dep + 1, false));
+                }
+            }
         }
     }
 
