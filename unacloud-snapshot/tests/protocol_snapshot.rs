@@ -772,3 +772,36 @@ fn an_abort_during_a_hung_step_clears_the_host_at_the_step_deadline() {
         }
     ));
 }
+
+#[test]
+fn a_hung_own_step_fails_the_snapshot_and_clears_the_coordinators_host_at_the_deadline() {
+    let mut c = Cluster::new(3);
+    c.coord.start_global_snapshot(c.now).unwrap();
+    c.collect();
+    // Let the own check pass, then hold the own steps.
+    let i = c.pending.iter().position(|a| a.host == p(0)).unwrap();
+    let a = c.pending.remove(i).unwrap();
+    c.complete(a, ActionOutcome::VmsRunning(true));
+    c.hold.insert(p(0));
+    c.drive();
+    assert_eq!(c.count_kind("DONE"), 2);
+    let deadline = c.coord.poll_timeout().unwrap();
+    c.advance_to(deadline);
+    let failed = c.failed();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].1, vec![p(0)]);
+    assert_eq!(c.actions_of(p(0)).last(), Some(&HostAction::ClearAll));
+    assert!(
+        matches!(
+            c.coord.start_global_snapshot(c.now),
+            Err(Error::Busy { .. })
+        ),
+        "refused while the own host cleans up"
+    );
+    // The hung step's late completion is ignored; after ClearAll the next one may start.
+    c.hold.clear();
+    c.drive();
+    assert!(c.coord.start_global_snapshot(c.now).is_ok());
+    c.drive();
+    assert_eq!(c.completed().len(), 1);
+}

@@ -643,6 +643,7 @@ impl Coordinator {
             gs: cur,
             ref mut own_done,
             ref mut own_local_time,
+            deadline,
             ..
         } = self.phase
         else {
@@ -672,7 +673,7 @@ impl Coordinator {
                 }
                 if step + 1 < STEPS {
                     let action = step_action(step + 1, gs, &self.config.vms);
-                    let deadline = now + self.config.timeouts.snapshot;
+                    // Every own step shares the phase deadline.
                     self.host
                         .issue(&mut self.out, Purpose::Step(gs, step + 1), action, deadline);
                 } else {
