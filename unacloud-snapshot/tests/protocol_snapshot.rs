@@ -805,3 +805,78 @@ fn a_hung_own_step_fails_the_snapshot_and_clears_the_coordinators_host_at_the_de
     c.drive();
     assert_eq!(c.completed().len(), 1);
 }
+
+/// Replays a host's actions into the packet-filter state they leave behind:
+/// (outgoing colour, dropping incoming POST).
+fn filter_state(actions: &[HostAction]) -> (Option<Colour>, bool) {
+    let (mut colour, mut dropping) = (None, false);
+    for a in actions {
+        match a {
+            HostAction::SetOutgoingColour(c) => colour = Some(*c),
+            HostAction::DropIncoming(_) => dropping = true,
+            HostAction::AcceptIncoming(_) => dropping = false,
+            HostAction::ClearColour => colour = None,
+            HostAction::ClearAll => (colour, dropping) = (None, false),
+            _ => {}
+        }
+    }
+    (colour, dropping)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// A participant's host dies at a random point of a global snapshot: the snapshot
+    /// either completes (the host had already answered) or fails cleanly and is never
+    /// restorable; after the deadlines no surviving host colours or drops traffic; the
+    /// next global snapshot, with the host rebooted, succeeds.
+    #[test]
+    fn a_host_dying_at_any_point_never_leaves_a_survivor_filtering(
+        n in 2u32..8,
+        seed in any::<u64>(),
+        victim in 1u32..8,
+        steps_before in 0usize..60,
+    ) {
+        let victim = ParticipantId(1 + (victim - 1) % (n - 1));
+        let mut c = Cluster::new(n).shuffled(seed);
+        let gs = c.coord.start_global_snapshot(c.now).unwrap();
+        for _ in 0..steps_before {
+            if !c.step() {
+                break;
+            }
+        }
+        c.down.insert(victim);
+        c.drive();
+        for _ in 0..3 {
+            c.advance(Duration::from_secs(121));
+            c.drive();
+        }
+        let completed = c.completed();
+        let failed = c.failed();
+        prop_assert_eq!(completed.len() + failed.len(), 1);
+        if !failed.is_empty() {
+            prop_assert!(!c.coord.catalog().is_restorable(gs));
+            prop_assert!(failed[0].1.contains(&victim));
+        }
+        prop_assert!(c.coord.running().is_none());
+        for h in 0..n {
+            let id = ParticipantId(h);
+            if id == victim {
+                continue;
+            }
+            prop_assert_eq!(filter_state(&c.actions_of(id)), (None, false), "host {}", h);
+            if h > 0 {
+                prop_assert!(!c.participant(id).may_filter());
+                prop_assert!(c.participant(id).poll_timeout().is_none());
+            }
+        }
+        // Reboot the victim: a fresh participant, nothing pending.
+        c.down.clear();
+        c.pending.retain(|a| a.host != victim);
+        c.parts[(victim.0 - 1) as usize] =
+            Participant::new(ParticipantConfig::new(CLUSTER, victim, vms_of(victim.0))).unwrap();
+        let gs2 = c.coord.start_global_snapshot(c.now).unwrap();
+        c.drive();
+        prop_assert!(c.completed().contains(&gs2));
+    }
+}
