@@ -27,14 +27,24 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 /// Writes `bytes` to `path` through a temporary sibling, `fsync` and `rename`: readers
 /// see the old content or the new one, never a mix.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, bytes, true)
+}
+
+/// [`write_atomic`]; with `durable` false the `fsync` calls are left out: readers still
+/// never see a torn file, but a power cut may lose the latest write.
+pub(crate) fn write_atomic_with(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
     let tmp = temp_sibling(path, "tmp");
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        if durable {
+            f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        }
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            sync_dir(dir)?;
+        if durable {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                sync_dir(dir)?;
+            }
         }
         Ok(())
     })();

@@ -44,6 +44,9 @@ pub struct DiskSlot {
     /// The multiattach template below the image, if any.
     #[serde(default)]
     pub base: Option<BaseRef>,
+    /// Virtual size of the image in bytes, when known.
+    #[serde(default)]
+    pub logical_size: Option<u64>,
 }
 
 /// One snapshot as the settings remember it (qcow2 stores snapshots as a flat list;
@@ -127,10 +130,10 @@ impl VmSettings {
     }
 
     /// Writes the settings atomically.
-    pub(crate) fn save(&self, path: &Path) -> Result<()> {
+    pub(crate) fn save(&self, path: &Path, durable: bool) -> Result<()> {
         let bytes =
             serde_json::to_vec_pretty(self).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        crate::provision::fsutil::write_atomic(path, &bytes)
+        crate::provision::fsutil::write_atomic_with(path, &bytes, durable)
     }
 
     /// The absolute path of a slot's image.
@@ -162,8 +165,9 @@ pub(crate) fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The backend's registry: which settings files are registered VMs, and which disks are
-/// registered (with their write mode).
+/// The backend's registry: which settings files are registered VMs, and which disks were
+/// registered on their own (templates and other images, with their write mode). A VM's
+/// own images are described by its settings file only, so they are never recorded twice.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct Registry {
     pub format: String,
@@ -199,9 +203,9 @@ impl Registry {
         }
     }
 
-    pub(crate) fn save(&self, path: &Path) -> Result<()> {
+    pub(crate) fn save(&self, path: &Path, durable: bool) -> Result<()> {
         let bytes =
             serde_json::to_vec_pretty(self).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        crate::provision::fsutil::write_atomic(path, &bytes)
+        crate::provision::fsutil::write_atomic_with(path, &bytes, durable)
     }
 }
