@@ -86,10 +86,15 @@ impl CatalogStore {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "catalog".into());
         let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let json = catalog
+            .try_to_json()
+            .map_err(|source| Error::CatalogEncode {
+                path: self.path.clone(),
+                source,
+            })?;
         let result = (|| {
             let mut file = fs::File::create(&tmp).map_err(io("create temporary file"))?;
-            file.write_all(&catalog.to_json())
-                .map_err(io("write temporary file"))?;
+            file.write_all(&json).map_err(io("write temporary file"))?;
             file.sync_all().map_err(io("flush temporary file"))?;
             fs::rename(&tmp, &self.path).map_err(io("rename temporary file"))?;
             // Make the rename itself durable; not every platform can open a directory.

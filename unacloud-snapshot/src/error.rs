@@ -171,6 +171,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The catalog could not be serialised (nothing was written).
+    #[error("catalog for {path} could not be serialised; the file was left unchanged")]
+    CatalogEncode {
+        /// The catalog file.
+        path: PathBuf,
+        /// Why serialisation failed.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The catalog file exists but is not a valid catalog.
     #[error("catalog file {path} is corrupt; restore it from a backup or move it away to start an empty catalog")]
     CatalogCorrupt {

@@ -100,9 +100,16 @@ impl Catalog {
     }
 
     /// Serialises the catalog as pretty JSON.
+    pub fn try_to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec_pretty(self)
+    }
+
+    /// Serialises the catalog as pretty JSON. A catalog has only integer map keys and
+    /// plain fields, so this cannot fail in practice; should it ever, the result is empty
+    /// (which [`Catalog::from_json`] rejects). Writers of files use
+    /// [`Catalog::try_to_json`].
     pub fn to_json(&self) -> Vec<u8> {
-        // A Catalog has only string map keys and plain fields: serialisation cannot fail.
-        serde_json::to_vec_pretty(self).unwrap_or_default()
+        self.try_to_json().unwrap_or_default()
     }
 
     /// Parses a catalog serialised by [`Catalog::to_json`].
