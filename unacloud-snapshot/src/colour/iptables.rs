@@ -260,6 +260,14 @@ impl ColourBackend for Iptables {
         Ok(n)
     }
 
+    fn active_rules(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for (table, chain, _) in self.chains() {
+            n += self.rules_in(table, &chain)?;
+        }
+        Ok(n)
+    }
+
     fn remove(&mut self) -> Result<()> {
         if self.dropping {
             // Keep the count of what the filter dropped.

@@ -65,6 +65,10 @@ pub trait ColourBackend: Send + fmt::Debug {
     /// kernel now; 0 after [`ColourBackend::remove`].
     fn leftovers(&mut self) -> Result<usize>;
 
+    /// How many marking or filtering rules are active now (0 when idle: no colour and no
+    /// POST filter, whether or not our empty chains/table exist).
+    fn active_rules(&mut self) -> Result<usize>;
+
     /// Removes every object we created. Idempotent: removing twice, or removing what was
     /// never installed, succeeds.
     fn remove(&mut self) -> Result<()>;
@@ -88,6 +92,9 @@ impl<B: ColourBackend + ?Sized> ColourBackend for Box<B> {
     }
     fn leftovers(&mut self) -> Result<usize> {
         (**self).leftovers()
+    }
+    fn active_rules(&mut self) -> Result<usize> {
+        (**self).active_rules()
     }
     fn remove(&mut self) -> Result<()> {
         (**self).remove()

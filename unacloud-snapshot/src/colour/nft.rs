@@ -359,6 +359,14 @@ pub fn count_objects(doc: &serde_json::Value) -> usize {
         .unwrap_or(0)
 }
 
+/// Counts the rules in `nft -j list table …` output.
+pub fn count_rules(doc: &serde_json::Value) -> usize {
+    doc.get("nftables")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter(|o| o.get("rule").is_some()).count())
+        .unwrap_or(0)
+}
+
 /// Whether `nft -j list tables` output names `inet <table>`.
 pub fn has_table(doc: &serde_json::Value, table: &str) -> bool {
     doc.get("nftables")
@@ -417,6 +425,17 @@ impl<R: NftRunner> ColourBackend for Nft<R> {
             .runner
             .exec(&format!("list table inet {}", self.table), true)?;
         Ok(doc.as_ref().map(count_objects).unwrap_or(0))
+    }
+
+    fn active_rules(&mut self) -> Result<usize> {
+        let tables = self.runner.exec("list tables", true)?;
+        if !tables.as_ref().is_some_and(|d| has_table(d, &self.table)) {
+            return Ok(0);
+        }
+        let doc = self
+            .runner
+            .exec(&format!("list table inet {}", self.table), true)?;
+        Ok(doc.as_ref().map(count_rules).unwrap_or(0))
     }
 
     fn remove(&mut self) -> Result<()> {
@@ -484,6 +503,7 @@ mod tests {
         assert!(!has_table(&t, "unacloud"));
         let full: serde_json::Value = serde_json::from_str(TABLE).unwrap();
         assert_eq!(count_objects(&full), 5);
+        assert_eq!(count_rules(&full), 1);
         assert_eq!(parse_counter_packets(&t), None);
     }
 }

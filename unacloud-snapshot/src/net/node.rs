@@ -22,8 +22,8 @@ use crate::catalog_store::CatalogStore;
 use crate::error::{Error, Result};
 use crate::protocol::{
     ActionId, ActionOutcome, Catalog, Coordinator, CoordinatorConfig, Envelope, GlobalSnapshotId,
-    MetadataServer, MetadataServerConfig, Output, Participant, ParticipantConfig, ParticipantId,
-    ProtocolEvent, SnapshotTimes,
+    Message, MetadataServer, MetadataServerConfig, Output, Participant, ParticipantConfig,
+    ParticipantId, ProtocolEvent, SnapshotTimes,
 };
 
 /// Something a node reports to its owner.
@@ -497,6 +497,23 @@ pub fn spawn_metadata_server(
                 Inbound::Envelope { conn, envelope } => (conn, envelope),
                 Inbound::Connected { .. } | Inbound::Closed { .. } => continue,
             };
+            if matches!(envelope.message, Message::TriggerGlobalSnapshot)
+                && !ms.registrations().is_empty()
+                && !router.connected().contains(&ParticipantId::COORDINATOR)
+            {
+                router.send_on(
+                    conn,
+                    Envelope::new(
+                        envelope.cluster,
+                        ParticipantId::METADATA_SERVER,
+                        envelope.from,
+                        Message::Refused {
+                            reason: "the coordinator is not connected to the metadata server yet; retry in a moment".to_string(),
+                        },
+                    ),
+                );
+                continue;
+            }
             match ms.handle_request(Instant::now(), envelope) {
                 Ok(Some(reply)) => {
                     router.send_on(conn, reply);

@@ -178,8 +178,13 @@ impl RingNetnsReport {
             med(&self.overhead_ms)
         ));
         s.push_str(&format!(
-            "POSTSNAPSHOT packets dropped by the filters: {} (TCP retransmitted them: the ring completed)\n",
-            self.post_packets_dropped
+            "POSTSNAPSHOT packets dropped by the filters: {}{}\n",
+            self.post_packets_dropped,
+            if self.tokens_counted == self.tokens_expected && self.post_packets_dropped > 0 {
+                " — TCP retransmitted them and the ring completed"
+            } else {
+                ""
+            }
         ));
         s.push_str(&format!(
             "left behind: {} rules, {} namespaces",
@@ -300,6 +305,14 @@ fn leftovers_in(ns: &str) -> usize {
     let mut ipt = Iptables::new(exec, DscpConfig::default());
     n += ipt.leftovers().unwrap_or(0);
     n
+}
+
+/// Our active marking/filtering rules in a namespace, for both rule languages.
+fn active_rules_in(ns: &str) -> usize {
+    let exec: Arc<dyn crate::colour::exec::CommandExecutor> = Arc::new(NetnsExec::new(ns));
+    let mut nft = Nft::new(NftOneShot::new(exec.clone()), DscpConfig::default());
+    let mut ipt = Iptables::new(exec, DscpConfig::default());
+    nft.active_rules().unwrap_or(0) + ipt.active_rules().unwrap_or(0)
 }
 
 /// Supervisor cleanup of a crashed host: reads its drop counter, removes its rules.
@@ -536,7 +549,18 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let crashed_ns = cfg.crash.map(|c| c.namespace);
     for _ in 0..cfg.snapshots {
-        if let Err(e) = trigger_global_snapshot(ms_addr, &transport).await {
+        let mut attempt = 0;
+        let triggered = loop {
+            match trigger_global_snapshot(ms_addr, &transport).await {
+                Ok(()) => break Ok(()),
+                Err(e) if attempt < 50 && e.to_string().contains("not connected") => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        if let Err(e) = triggered {
             report.failures.push(format!("trigger: {e}"));
             break;
         }
@@ -552,15 +576,17 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
         match ev["event"].as_str() {
             Some("gs_completed") => {
                 report.global_snapshots_completed += 1;
-                let global = ev["global_us"].as_u64().unwrap_or(0) as f64 / 1000.0;
-                let local = ev["local_us"]
+                let global_us = ev["global_us"].as_u64().unwrap_or(0);
+                let local_us = ev["local_us"]
                     .as_array()
                     .map(|a| a.iter().filter_map(|x| x.as_u64()).max().unwrap_or(0))
-                    .unwrap_or(0) as f64
-                    / 1000.0;
-                report.global_ms.push(global);
-                report.local_ms.push(local);
-                report.overhead_ms.push(global - local);
+                    .unwrap_or(0);
+                let ms = |us: u64| us as f64 / 1000.0;
+                report.global_ms.push(ms(global_us));
+                report.local_ms.push(ms(local_us));
+                report
+                    .overhead_ms
+                    .push(ms(global_us.saturating_sub(local_us)));
             }
             Some("gs_failed") => {
                 report.global_snapshots_failed += 1;
@@ -583,8 +609,9 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
                 let mut ok = false;
                 while Instant::now() < until {
                     let names2 = names.clone();
-                    let n = blocking(move || names2.iter().map(|n| leftovers_in(n)).sum::<usize>())
-                        .await?;
+                    let n =
+                        blocking(move || names2.iter().map(|n| active_rules_in(n)).sum::<usize>())
+                            .await?;
                     if n == 0 {
                         ok = true;
                         break;

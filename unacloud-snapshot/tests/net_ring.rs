@@ -1,0 +1,95 @@
+//! The RCPBT ring across network namespaces with real global snapshots: real TCP, real
+//! netfilter rules, real SIGSTOP/SIGCONT. Needs root; skips with a printed reason
+//! otherwise.
+#![cfg(feature = "tokio")]
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use unacloud_snapshot::net::daemon::BackendKind;
+use unacloud_snapshot::net::ring::{run_ring_netns, CrashSpec, RingNetnsConfig};
+use unacloud_snapshot::netns;
+
+fn privileged() -> bool {
+    match netns::probe() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            false
+        }
+    }
+}
+
+fn config(peers: u32, tokens: u64, snapshots: u32, delay_ms: u64) -> RingNetnsConfig {
+    let mut c = RingNetnsConfig::new(
+        peers,
+        tokens,
+        snapshots,
+        PathBuf::from(env!("CARGO_BIN_EXE_unacloud-gs")),
+        Vec::new(),
+    );
+    c.snapshot_delay = Duration::from_millis(delay_ms);
+    c.snapshot_timeout = Duration::from_secs(2);
+    c.deadline = Duration::from_secs(60);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_completes_with_snapshots_and_leaves_nothing() {
+    if !privileged() {
+        return;
+    }
+    let cfg = config(4, 20_000, 3, 40);
+    let r = run_ring_netns(cfg).await.unwrap();
+    eprintln!("{}", r.human_summary());
+    assert_eq!(r.tokens_counted, 20_000, "{r:?}");
+    assert_eq!(r.global_snapshots_completed, 3, "{r:?}");
+    assert_eq!(r.global_snapshots_failed, 0, "{r:?}");
+    assert_eq!(r.rules_left, 0);
+    assert_eq!(r.namespaces_left, 0);
+    assert!(
+        r.post_packets_dropped > 0,
+        "no POST packet was dropped: {r:?}"
+    );
+    for (g, l) in r.global_ms.iter().zip(&r.local_ms) {
+        assert!(g >= l, "global {g} < local {l}");
+        assert!(*l >= 40.0, "local snapshot shorter than the freeze: {l}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_dying_mid_snapshot_fails_it_cleanly() {
+    if !privileged() {
+        return;
+    }
+    let mut cfg = config(4, 20_000, 1, 20);
+    cfg.crash = Some(CrashSpec {
+        namespace: 2,
+        after_step: 2,
+    });
+    let r = run_ring_netns(cfg).await.unwrap();
+    eprintln!("{}", r.human_summary());
+    assert_eq!(r.global_snapshots_completed, 0, "{r:?}");
+    assert_eq!(r.global_snapshots_failed, 1, "{r:?}");
+    assert!(r.failures[0].contains("no answer"), "{:?}", r.failures);
+    assert_eq!(r.survivors_cleared_in_time, Some(true), "{r:?}");
+    assert_eq!(r.tokens_counted, 20_000, "{r:?}");
+    assert_eq!(r.rules_left, 0);
+    assert_eq!(r.namespaces_left, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iptables_backend_runs_the_same_scenario() {
+    if !privileged() {
+        return;
+    }
+    let mut cfg = config(3, 20_000, 1, 20);
+    cfg.backend = BackendKind::Iptables;
+    let r = run_ring_netns(cfg).await.unwrap();
+    eprintln!("{}", r.human_summary());
+    assert_eq!(r.tokens_counted, 20_000, "{r:?}");
+    assert_eq!(r.global_snapshots_completed, 1, "{r:?}");
+    assert_eq!(r.rules_left, 0);
+    assert_eq!(r.namespaces_left, 0);
+}

@@ -1,0 +1,299 @@
+//! The tokio transport on loopback: a full global snapshot through real sockets, cluster
+//! keys, foreign and malformed frames. No privileges needed.
+#![cfg(feature = "tokio")]
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use unacloud_snapshot::colour::{Colour, ColourBackend};
+use unacloud_snapshot::net::conn::request;
+use unacloud_snapshot::net::daemon::trigger_global_snapshot;
+use unacloud_snapshot::net::{
+    spawn_coordinator, spawn_metadata_server, spawn_participant, ClusterKey, LocalSnapshot,
+    NodeEvent, TransportConfig, VmHost,
+};
+use unacloud_snapshot::protocol::{
+    ClusterId, CoordinatorConfig, Envelope, Message, MetadataServerConfig, ParticipantConfig,
+    ParticipantId, ProtocolEvent,
+};
+use unacloud_snapshot::Error;
+
+/// A colouring backend that records calls (the network test needs no netfilter).
+#[derive(Debug, Default)]
+struct Recorder {
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ColourBackend for Recorder {
+    fn install(&mut self) -> unacloud_snapshot::Result<()> {
+        self.log.lock().unwrap().push("install".into());
+        Ok(())
+    }
+    fn set_outgoing(&mut self, c: Option<Colour>) -> unacloud_snapshot::Result<()> {
+        self.log.lock().unwrap().push(format!("colour {c:?}"));
+        Ok(())
+    }
+    fn set_drop_post(&mut self, d: bool) -> unacloud_snapshot::Result<()> {
+        self.log.lock().unwrap().push(format!("drop {d}"));
+        Ok(())
+    }
+    fn post_packets_dropped(&mut self) -> unacloud_snapshot::Result<u64> {
+        Ok(0)
+    }
+    fn leftovers(&mut self) -> unacloud_snapshot::Result<usize> {
+        Ok(0)
+    }
+    fn active_rules(&mut self) -> unacloud_snapshot::Result<usize> {
+        Ok(0)
+    }
+    fn remove(&mut self) -> unacloud_snapshot::Result<()> {
+        self.log.lock().unwrap().push("remove".into());
+        Ok(())
+    }
+    fn place(&self) -> String {
+        "test".into()
+    }
+}
+
+fn host(log: &Arc<std::sync::Mutex<Vec<String>>>) -> Arc<VmHost> {
+    Arc::new(
+        VmHost::new(
+            "vm",
+            Box::new(Recorder { log: log.clone() }),
+            LocalSnapshot::Sleep(Duration::from_millis(5)),
+        )
+        .unwrap(),
+    )
+}
+
+fn transport(key: Option<u8>) -> TransportConfig {
+    let mut t = TransportConfig::new(
+        ClusterId(42),
+        key.map(|b| ClusterKey::new(vec![b; 32]).unwrap()),
+    );
+    t.backoff_min = Duration::from_millis(5);
+    t.backoff_max = Duration::from_millis(50);
+    t
+}
+
+async fn next_protocol(h: &mut unacloud_snapshot::net::NodeHandle) -> ProtocolEvent {
+    loop {
+        if let NodeEvent::Protocol(
+            e @ (ProtocolEvent::GlobalSnapshotCompleted { .. }
+            | ProtocolEvent::GlobalSnapshotFailed { .. }),
+        ) = tokio::time::timeout(Duration::from_secs(10), h.events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            return e;
+        }
+    }
+}
+
+#[tokio::test]
+async fn global_snapshot_over_loopback_with_a_cluster_key() {
+    let logs: Vec<_> = (0..3)
+        .map(|_| Arc::new(std::sync::Mutex::new(Vec::new())))
+        .collect();
+    let ms = spawn_metadata_server(
+        MetadataServerConfig {
+            cluster: ClusterId(42),
+            base_port: 1,
+        },
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        transport(Some(7)),
+        None,
+    )
+    .unwrap();
+    // Register the three VMs as launchers do.
+    for i in 0..3 {
+        let env = Envelope::new(
+            ClusterId(42),
+            ParticipantId::UNREGISTERED,
+            ParticipantId::METADATA_SERVER,
+            Message::Insert {
+                addr: "127.0.0.1".into(),
+                vms: vec![format!("vm{i}")],
+            },
+        );
+        let reply = request(
+            ms.local_addr(),
+            &transport(Some(7)),
+            env,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(reply.message, Message::Inserted { id, .. } if id == ParticipantId(i)));
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut cc = CoordinatorConfig::new(
+        ClusterId(42),
+        vec![ParticipantId(1), ParticipantId(2)],
+        vec!["vm0".into()],
+    );
+    cc.report_to_metadata_server = true;
+    let mut coord = spawn_coordinator(
+        cc,
+        None,
+        listener,
+        Some(ms.local_addr()),
+        transport(Some(7)),
+        host(&logs[0]),
+    )
+    .await
+    .unwrap();
+    let mut parts = Vec::new();
+    for i in 1..3u32 {
+        parts.push(
+            spawn_participant(
+                ParticipantConfig::new(ClusterId(42), ParticipantId(i), vec![format!("vm{i}")]),
+                addr,
+                transport(Some(7)),
+                host(&logs[i as usize]),
+            )
+            .unwrap(),
+        );
+    }
+    // Wait for both participants to connect.
+    for _ in 0..200 {
+        if coord.connected().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(coord.connected().len(), 2);
+    // Through the metadata server, as an operator's `start` would.
+    let mut ok = false;
+    for _ in 0..100 {
+        if trigger_global_snapshot(ms.local_addr(), &transport(Some(7)))
+            .await
+            .is_ok()
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(ok);
+    match next_protocol(&mut coord).await {
+        ProtocolEvent::GlobalSnapshotCompleted { local_times, .. } => {
+            assert_eq!(local_times.len(), 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The metadata server received the report.
+    for _ in 0..100 {
+        if !ms.times().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ms.times().len(), 1);
+    // Every host ran the six steps in the thesis's order.
+    for log in &logs {
+        let l = log.lock().unwrap().clone();
+        assert_eq!(
+            l,
+            vec![
+                "install",
+                "colour Some(Pre)",
+                "drop true",
+                "colour Some(Post)",
+                "drop false",
+                "colour None"
+            ],
+            "{l:?}"
+        );
+    }
+    for p in parts {
+        p.stop().await;
+    }
+    coord.stop().await;
+    ms.stop().await;
+    for log in &logs {
+        assert_eq!(log.lock().unwrap().last().unwrap(), "remove");
+    }
+}
+
+#[tokio::test]
+async fn different_keys_are_refused_with_a_clear_error() {
+    let ms = spawn_metadata_server(
+        MetadataServerConfig {
+            cluster: ClusterId(42),
+            base_port: 1,
+        },
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        transport(Some(1)),
+        None,
+    )
+    .unwrap();
+    for (key, needle) in [
+        (Some(2), "different cluster keys"),
+        (None, "requires the cluster key"),
+    ] {
+        let e = trigger_global_snapshot(ms.local_addr(), &transport(key))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::PeerRejected { .. }), "{e:?}");
+        assert!(e.to_string().contains(needle), "{e}");
+    }
+    // A node without key talking to one with a key: this side says so itself.
+    let plain = spawn_metadata_server(
+        MetadataServerConfig {
+            cluster: ClusterId(42),
+            base_port: 1,
+        },
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        transport(None),
+        None,
+    )
+    .unwrap();
+    let e = trigger_global_snapshot(plain.local_addr(), &transport(Some(3)))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("key"), "{e}");
+    // The right key works (the refusal is only that no participant registered yet).
+    let e = trigger_global_snapshot(ms.local_addr(), &transport(Some(1)))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no participant registered"), "{e}");
+    ms.stop().await;
+    plain.stop().await;
+}
+
+#[tokio::test]
+async fn foreign_and_malformed_connections_do_not_disturb_others() {
+    let ms = spawn_metadata_server(
+        MetadataServerConfig {
+            cluster: ClusterId(42),
+            base_port: 1,
+        },
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        transport(None),
+        None,
+    )
+    .unwrap();
+    // Garbage, an oversize length prefix, and a foreign cluster, each on its own connection.
+    let mut garbage = TcpStream::connect(ms.local_addr()).await.unwrap();
+    garbage.write_all(b"\x00\x00\x00\x05GET /").await.unwrap();
+    let mut huge = TcpStream::connect(ms.local_addr()).await.unwrap();
+    huge.write_all(&[0xff, 0xff, 0xff, 0xff, 0]).await.unwrap();
+    let mut foreign = transport(None);
+    foreign.cluster = ClusterId(43);
+    let e = trigger_global_snapshot(ms.local_addr(), &foreign)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("cluster"), "{e}");
+    // A well-behaved request still gets served.
+    let e = trigger_global_snapshot(ms.local_addr(), &transport(None))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no participant registered"), "{e}");
+    ms.stop().await;
+}
