@@ -880,3 +880,46 @@ proptest! {
         prop_assert!(c.completed().contains(&gs2));
     }
 }
+
+#[test]
+fn a_clear_all_that_keeps_failing_is_retried_then_reported() {
+    let mut part = Participant::new(ParticipantConfig::new(CLUSTER, p(1), vms_of(1))).unwrap();
+    let now = std::time::Instant::now();
+    let gs = GlobalSnapshotId(1);
+    part.handle_message(
+        now,
+        Envelope::new(CLUSTER, p(0), p(1), Message::TakeSnapshot { gs }),
+    )
+    .unwrap();
+    let Some(Output::Action { id, .. }) = part.poll_output() else {
+        panic!()
+    };
+    part.handle_action_complete(now, id, ActionOutcome::Failed("iptables missing".into()))
+        .unwrap();
+    let mut clear_alls = 0;
+    let mut reported = None;
+    for _ in 0..10 {
+        let outs: Vec<_> = std::iter::from_fn(|| part.poll_output()).collect();
+        let mut next = None;
+        for o in outs {
+            match o {
+                Output::Action {
+                    id,
+                    action: HostAction::ClearAll,
+                } => {
+                    clear_alls += 1;
+                    next = Some(id);
+                }
+                Output::Event(ProtocolEvent::CleanupFailed { gs: g, why }) => {
+                    reported = Some((g, why))
+                }
+                _ => {}
+            }
+        }
+        let Some(id) = next else { break };
+        part.handle_action_complete(now, id, ActionOutcome::Failed("still missing".into()))
+            .unwrap();
+    }
+    assert_eq!(clear_alls, 3);
+    assert_eq!(reported, Some((gs, "still missing".to_string())));
+}

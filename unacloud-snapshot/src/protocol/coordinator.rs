@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::catalog::{Catalog, CompletedSnapshot};
 use super::config::CoordinatorConfig;
-use super::host::{step_action, step_name, Host, SNAPSHOT_STEP, STEPS};
+use super::host::{step_action, step_name, Host, CLEANUP_TRIES, SNAPSHOT_STEP, STEPS};
 use super::ids::{ActionId, GlobalSnapshotId, ParticipantId, ResumeAttempt};
 use super::message::{Envelope, LocalTime, Message};
 use super::output::{ActionOutcome, FailureReason, HostAction, Output, ProtocolEvent};
@@ -393,14 +393,19 @@ impl Coordinator {
             }
             Purpose::Step(gs, step) => self.own_step_done(now, gs, step, outcome),
             Purpose::Cleanup(gs, tries) => {
-                if matches!(outcome, ActionOutcome::Failed(_)) && tries < 3 {
-                    let deadline = now + self.config.timeouts.snapshot;
-                    self.host.issue(
-                        &mut self.out,
-                        Purpose::Cleanup(gs, tries + 1),
-                        HostAction::ClearAll,
-                        deadline,
-                    );
+                if let ActionOutcome::Failed(why) = outcome {
+                    if tries < CLEANUP_TRIES {
+                        let deadline = now + self.config.timeouts.snapshot;
+                        self.host.issue(
+                            &mut self.out,
+                            Purpose::Cleanup(gs, tries + 1),
+                            HostAction::ClearAll,
+                            deadline,
+                        );
+                    } else {
+                        self.out
+                            .push_back(Output::Event(ProtocolEvent::CleanupFailed { gs, why }));
+                    }
                 }
             }
             Purpose::Restore(attempt) | Purpose::StartVms(attempt) => {

@@ -9,6 +9,8 @@ use super::ids::{ActionId, Colour, GlobalSnapshotId};
 use super::output::{HostAction, Output};
 use crate::error::{Error, Result};
 
+/// How many times a failing ClearAll is tried before it is reported.
+pub(crate) const CLEANUP_TRIES: u8 = 3;
 /// Number of steps of phase 2.
 pub(crate) const STEPS: u8 = 6;
 /// Index (0-based) of the step that takes the local snapshots.

@@ -217,6 +217,14 @@ pub enum ProtocolEvent {
         /// Why.
         why: String,
     },
+    /// Coordinator or participant: ClearAll failed three times; the host may still colour
+    /// or drop traffic. Needs an operator (or a host reboot).
+    CleanupFailed {
+        /// The global snapshot whose rules could not be removed.
+        gs: GlobalSnapshotId,
+        /// The last failure.
+        why: String,
+    },
     /// Participant: its VMs were restored to `gs` and started.
     Resumed {
         /// The restored global snapshot.

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::config::ParticipantConfig;
-use super::host::{step_action, step_name, Host, SNAPSHOT_STEP, STEPS};
+use super::host::{step_action, step_name, Host, CLEANUP_TRIES, SNAPSHOT_STEP, STEPS};
 use super::ids::{ActionId, GlobalSnapshotId, ParticipantId, ResumeAttempt};
 use super::message::{Envelope, Message};
 use super::output::{ActionOutcome, HostAction, Output, ProtocolEvent};
@@ -22,7 +22,7 @@ const ROLE: &str = "participant";
 enum Purpose {
     Check(GlobalSnapshotId),
     Step(GlobalSnapshotId, u8),
-    Cleanup(GlobalSnapshotId),
+    Cleanup(GlobalSnapshotId, u8),
     Restore(GlobalSnapshotId, ResumeAttempt),
     StartVms(GlobalSnapshotId, ResumeAttempt),
 }
@@ -107,7 +107,7 @@ impl Participant {
         matches!(self.snap, SnapState::Steps { .. })
             || matches!(
                 self.host.outstanding().map(|o| o.purpose),
-                Some(Purpose::Cleanup(_))
+                Some(Purpose::Cleanup(..))
             )
     }
 
@@ -175,12 +175,9 @@ impl Participant {
                 }
             }
             Purpose::Step(gs, step) => self.step_done(now, gs, step, outcome),
-            Purpose::Cleanup(_) => {
-                if let ActionOutcome::Failed(_) = outcome {
-                    // The host must never be left filtering: try again.
-                    let deadline = now + self.config.timeouts.snapshot;
-                    self.host
-                        .issue(&mut self.out, purpose, HostAction::ClearAll, deadline);
+            Purpose::Cleanup(gs, tries) => {
+                if let ActionOutcome::Failed(why) = outcome {
+                    self.cleanup_failed(now, gs, tries, why);
                 }
             }
             Purpose::Restore(gs, attempt) | Purpose::StartVms(gs, attempt) => {
@@ -250,7 +247,7 @@ impl Participant {
                 );
                 self.abandon_snapshot(now, gs, reason, true);
             }
-            Purpose::Cleanup(_) => {}
+            Purpose::Cleanup(..) => {}
             Purpose::Restore(gs, attempt) | Purpose::StartVms(gs, attempt) => {
                 self.host.abandon();
                 if attempt == self.attempt {
@@ -278,7 +275,7 @@ impl Participant {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.host.outstanding() {
-            Some(o) if !matches!(o.purpose, Purpose::Cleanup(_)) => Some(o.deadline),
+            Some(o) if !matches!(o.purpose, Purpose::Cleanup(..)) => Some(o.deadline),
             _ => None,
         }
     }
@@ -299,7 +296,7 @@ impl Participant {
             let what = match o.purpose {
                 Purpose::Check(gs) => format!("checking VMs for {gs}"),
                 Purpose::Step(gs, step) => format!("{} of {gs}", step_name(step)),
-                Purpose::Cleanup(gs) => format!("removing the rules of {gs}"),
+                Purpose::Cleanup(gs, _) => format!("removing the rules of {gs}"),
                 Purpose::Restore(gs, _) => format!("restoring {gs}"),
                 Purpose::StartVms(gs, _) => format!("starting the VMs of {gs}"),
             };
@@ -490,11 +487,28 @@ impl Participant {
             }));
     }
 
+    /// A ClearAll failed: retry up to [`CLEANUP_TRIES`] times in total, then report it —
+    /// the host may still colour or drop traffic and needs an operator.
+    fn cleanup_failed(&mut self, now: Instant, gs: GlobalSnapshotId, tries: u8, why: String) {
+        if tries < CLEANUP_TRIES {
+            let deadline = now + self.config.timeouts.snapshot;
+            self.host.issue(
+                &mut self.out,
+                Purpose::Cleanup(gs, tries + 1),
+                HostAction::ClearAll,
+                deadline,
+            );
+        } else {
+            self.out
+                .push_back(Output::Event(ProtocolEvent::CleanupFailed { gs, why }));
+        }
+    }
+
     fn issue_cleanup(&mut self, now: Instant, gs: GlobalSnapshotId) {
         let deadline = now + self.config.timeouts.snapshot;
         self.host.issue(
             &mut self.out,
-            Purpose::Cleanup(gs),
+            Purpose::Cleanup(gs, 1),
             HostAction::ClearAll,
             deadline,
         );
