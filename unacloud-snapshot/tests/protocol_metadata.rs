@@ -192,3 +192,17 @@ fn foreign_misaddressed_and_unexpected_requests_are_errors() {
         })
     ));
 }
+
+#[test]
+fn a_host_that_registers_again_keeps_its_id() {
+    let mut s = ms();
+    let a = s.register("10.0.0.1".into(), vec!["vm1".into()]).unwrap();
+    let b = s.register("10.0.0.2".into(), vec!["vm2".into()]).unwrap();
+    let again = s.register("10.0.0.1".into(), vec!["vm1".into()]).unwrap();
+    assert_eq!(again, a);
+    assert_ne!(a.id, b.id);
+    // Another VM set on the same address is another participant.
+    let c = s.register("10.0.0.1".into(), vec!["vm3".into()]).unwrap();
+    assert_eq!(c.id, ParticipantId(2));
+    assert_eq!(s.registrations().len(), 3);
+}

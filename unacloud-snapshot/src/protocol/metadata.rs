@@ -5,7 +5,7 @@
 //! yet); the one unsolicited message, the trigger forwarded to the coordinator, comes out
 //! of [`MetadataServer::poll_output`].
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,8 @@ pub struct SnapshotTimes {
 pub struct MetadataServer {
     config: MetadataServerConfig,
     registrations: Vec<Registration>,
+    /// Indices into `registrations` by address (re-registration lookup).
+    by_addr: HashMap<String, Vec<usize>>,
     times: BTreeMap<GlobalSnapshotId, SnapshotTimes>,
     out: VecDeque<Output>,
 }
@@ -51,6 +53,7 @@ impl MetadataServer {
         Self {
             config,
             registrations: Vec::new(),
+            by_addr: HashMap::new(),
             times: BTreeMap::new(),
             out: VecDeque::new(),
         }
@@ -68,7 +71,18 @@ impl MetadataServer {
     }
 
     /// Registers a host: ids from 0 in registration order, port = base port + id.
+    ///
+    /// Registering the same address with the same VMs again (a launcher restarted after a
+    /// reboot) returns the existing registration, so a host keeps its id.
     pub fn register(&mut self, addr: String, vms: Vec<String>) -> Result<Registration> {
+        let same_addr = self.by_addr.get(&addr).map_or(&[][..], Vec::as_slice);
+        if let Some(existing) = same_addr
+            .iter()
+            .filter_map(|&i| self.registrations.get(i))
+            .find(|r| r.vms == vms)
+        {
+            return Ok(existing.clone());
+        }
         let id = u32::try_from(self.registrations.len()).unwrap_or(u32::MAX);
         let port = u16::try_from(id)
             .ok()
@@ -84,6 +98,10 @@ impl MetadataServer {
             port,
             vms,
         };
+        self.by_addr
+            .entry(registration.addr.clone())
+            .or_default()
+            .push(self.registrations.len());
         self.registrations.push(registration.clone());
         Ok(registration)
     }
