@@ -1,0 +1,137 @@
+//! Provisioning benchmarks.
+//!
+//! * `checksum/*`: streaming BLAKE3 vs SHA-256 over 64 MiB (the catalog's default
+//!   algorithm is chosen from this);
+//! * `plan/*`: disk-aware placement of 10,000 VMs on 1,000 hosts plus grouping it into a
+//!   deployment plan (goal: < 50 ms), and the grouping alone;
+//! * `provision_vm/*`: one VM from a multiattach template with the real `qemu-img`
+//!   (create the VM, create its qcow2 overlay, record it), with durable and relaxed
+//!   settings writes (goal: ≤ 50 ms per VM).
+//!
+//! Run with `cargo bench --bench provision`.
+
+use std::time::{Duration, Instant};
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use unacloud::core::hypervisor::{DiskRef, Hypervisor};
+use unacloud::core::model::{HardwareProfile, Host, VmId, VmSpec};
+use unacloud::core::placement::{place, Algorithm, VmRequest};
+use unacloud::core::provision::catalog::{ChecksumAlgorithm, ContentHasher};
+use unacloud::core::provision::deploy::DeploymentPlan;
+use unacloud::core::provision::multiattach::MultiattachManager;
+use unacloud::core::qemu::{QemuHypervisor, QemuImg};
+
+fn checksum(c: &mut Criterion) {
+    let mut data = vec![0u8; 64 << 20];
+    ChaCha8Rng::seed_from_u64(7).fill_bytes(&mut data);
+    let mut g = c.benchmark_group("checksum");
+    g.throughput(Throughput::Bytes(data.len() as u64));
+    g.sample_size(10);
+    for alg in [ChecksumAlgorithm::Blake3, ChecksumAlgorithm::Sha256] {
+        g.bench_function(alg.as_str(), |b| {
+            b.iter(|| {
+                let mut h = ContentHasher::new(alg);
+                for chunk in data.chunks(1 << 20) {
+                    h.update(chunk);
+                }
+                black_box(h.finish())
+            })
+        });
+    }
+    g.finish();
+}
+
+fn cluster() -> (Vec<Host>, Vec<VmRequest>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    let hosts: Vec<Host> = (0..1_000)
+        .map(|i| {
+            let mut h = Host::new(
+                format!("pc-{i:04}"),
+                rng.gen_range(8..=24),
+                rng.gen_range(16..=64) * 1024,
+                60_000_000_000,
+            );
+            if rng.gen_bool(0.5) {
+                h.preloaded_templates.push("ubuntu@1".into());
+            }
+            h
+        })
+        .collect();
+    let vms: Vec<VmRequest> = (0..10_000)
+        .map(|i| {
+            VmRequest::new(format!("vm-{i:05}"), "ubuntu@1", HardwareProfile::Small)
+                .with_disk(290_000_000, 3_510_000_000)
+        })
+        .collect();
+    (hosts, vms)
+}
+
+fn plan(c: &mut Criterion) {
+    let (hosts, vms) = cluster();
+    let mut g = c.benchmark_group("plan");
+    g.sample_size(20);
+    g.bench_function("disk_aware_place_and_plan_10k_vms_1k_hosts", |b| {
+        b.iter(|| {
+            let placement = place(&hosts, &vms, Algorithm::DiskAware, None).expect("placeable");
+            black_box(DeploymentPlan::from_placement(&placement, &vms).expect("plan"))
+        })
+    });
+    let placement = place(&hosts, &vms, Algorithm::DiskAware, None).expect("placeable");
+    g.bench_function("group_plan_10k_vms", |b| {
+        b.iter(|| black_box(DeploymentPlan::from_placement(&placement, &vms).expect("plan")))
+    });
+    g.finish();
+}
+
+fn provision_vm(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let template = dir.path().join("base.qcow2");
+    rt.block_on(QemuImg::new().create(&template, "qcow2", 1 << 30))
+        .expect("qemu-img must be installed (qemu-utils)");
+    let mut g = c.benchmark_group("provision_vm");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(8));
+    for durable in [true, false] {
+        let root = dir.path().join(if durable { "durable" } else { "relaxed" });
+        let hv = rt
+            .block_on(QemuHypervisor::open(&root))
+            .expect("backend")
+            .with_durable_writes(durable);
+        let t = rt
+            .block_on(MultiattachManager::new(&hv).register_template(&template))
+            .expect("template");
+        let tref = DiskRef::Uuid(t.uuid);
+        let mut n = 0u64;
+        let name = if durable {
+            "qemu_img_durable"
+        } else {
+            "qemu_img_relaxed"
+        };
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    n += 1;
+                    let spec = VmSpec::new(format!("vm-{n}"), HardwareProfile::Small);
+                    let start = Instant::now();
+                    rt.block_on(MultiattachManager::new(&hv).create_vm(&spec, &tref))
+                        .expect("create");
+                    total += start.elapsed();
+                    rt.block_on(hv.unregister_vm(&VmId::new(format!("vm-{n}")), true))
+                        .expect("delete");
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, checksum, plan, provision_vm);
+criterion_main!(benches);
