@@ -5,6 +5,8 @@
 //! starting a phase (sending to everybody), a deadline and the completion (building the
 //! report) touch every participant.
 
+mod resume;
+
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -182,53 +184,6 @@ impl Coordinator {
             gs,
             deadline,
             own_ok: false,
-        };
-        self.maybe_advance(now);
-        Ok(gs)
-    }
-
-    /// Starts resuming from `gs`, by default the latest completed global snapshot:
-    /// POLL (repeated every `poll_interval` until all answered), RESTORE, START.
-    ///
-    /// Fails with [`Error::NoRestorableSnapshot`] or [`Error::SnapshotNotRestorable`] if
-    /// there is nothing (complete) to restore, [`Error::Busy`] while something runs.
-    pub fn start_resume(
-        &mut self,
-        now: Instant,
-        gs: Option<GlobalSnapshotId>,
-    ) -> Result<GlobalSnapshotId> {
-        self.ensure_idle()?;
-        let gs = match gs {
-            None => self.catalog.latest().ok_or(Error::NoRestorableSnapshot)?.gs,
-            Some(gs) if self.catalog.is_restorable(gs) => gs,
-            Some(gs) => {
-                return Err(Error::SnapshotNotRestorable {
-                    gs,
-                    completed: self.catalog.completed_ids(),
-                })
-            }
-        };
-        let attempt = self.catalog.next_resume_attempt();
-        self.catalog.last_resume_attempt = Some(attempt);
-        self.out
-            .push_back(Output::Event(ProtocolEvent::ResumeStarted { gs, attempt }));
-        self.begin_phase();
-        self.broadcast(Message::Poll { gs, attempt });
-        let give_up = self
-            .config
-            .timeouts
-            .poll_give_up
-            .map_or(far_future(now), |d| now + d);
-        self.phase = Phase::Resume {
-            gs,
-            attempt,
-            stage: ResumeStage::Poll {
-                rounds: 1,
-                next_poll: now + self.config.timeouts.poll_interval,
-            },
-            started: now,
-            deadline: give_up,
-            own_done: true,
         };
         self.maybe_advance(now);
         Ok(gs)
@@ -484,55 +439,7 @@ impl Coordinator {
                     },
                 );
             }
-            Phase::Resume {
-                gs,
-                attempt,
-                stage,
-                deadline,
-                own_done,
-                ..
-            } => {
-                if now >= deadline {
-                    let mut who = self.silent();
-                    if !own_done {
-                        who.insert(0, ParticipantId::COORDINATOR);
-                    }
-                    let (phase, limit) = match stage {
-                        ResumeStage::Poll { .. } => (
-                            "poll",
-                            self.config.timeouts.poll_give_up.unwrap_or(Duration::MAX),
-                        ),
-                        ResumeStage::Restore => ("restore", self.config.timeouts.resume_phase),
-                        ResumeStage::Start => ("start", self.config.timeouts.resume_phase),
-                    };
-                    self.fail_resume(
-                        who,
-                        FailureReason::Timeout {
-                            phase: phase.into(),
-                            deadline: limit,
-                        },
-                    );
-                } else if let ResumeStage::Poll { rounds, next_poll } = stage {
-                    if now >= next_poll {
-                        for (i, &p) in self.config.participants.iter().enumerate() {
-                            if self.answered[i] != self.stamp {
-                                self.out.push_back(Output::Transmit(Envelope::new(
-                                    self.config.cluster,
-                                    ParticipantId::COORDINATOR,
-                                    p,
-                                    Message::Poll { gs, attempt },
-                                )));
-                            }
-                        }
-                        if let Phase::Resume { ref mut stage, .. } = self.phase {
-                            *stage = ResumeStage::Poll {
-                                rounds: rounds + 1,
-                                next_poll: now + self.config.timeouts.poll_interval,
-                            };
-                        }
-                    }
-                }
-            }
+            Phase::Resume { .. } => self.resume_timeout(now),
             _ => {}
         }
     }
@@ -627,16 +534,6 @@ impl Coordinator {
         }
     }
 
-    fn is_resume_stage(
-        &self,
-        gs: GlobalSnapshotId,
-        attempt: ResumeAttempt,
-        stage_ok: impl Fn(ResumeStage) -> bool,
-    ) -> bool {
-        matches!(self.phase, Phase::Resume { gs: g, attempt: a, stage, .. }
-            if g == gs && a == attempt && stage_ok(stage))
-    }
-
     fn own_step_done(
         &mut self,
         now: Instant,
@@ -722,56 +619,7 @@ impl Coordinator {
                 own_local_time,
                 ..
             } => self.complete_snapshot(now, gs, started, own_local_time),
-            Phase::Resume {
-                gs,
-                attempt,
-                stage,
-                started,
-                own_done: true,
-                ..
-            } => {
-                let deadline = now + self.config.timeouts.resume_phase;
-                let (next_stage, message, action, purpose) = match stage {
-                    ResumeStage::Poll { rounds, .. } => {
-                        self.out
-                            .push_back(Output::Event(ProtocolEvent::PollCompleted { gs, rounds }));
-                        (
-                            ResumeStage::Restore,
-                            Message::Restore { gs, attempt },
-                            HostAction::RestoreLocal {
-                                gs,
-                                vms: self.config.vms.clone(),
-                            },
-                            Purpose::Restore(attempt),
-                        )
-                    }
-                    ResumeStage::Restore => (
-                        ResumeStage::Start,
-                        Message::Start { gs, attempt },
-                        HostAction::StartVms {
-                            vms: self.config.vms.clone(),
-                        },
-                        Purpose::StartVms(attempt),
-                    ),
-                    ResumeStage::Start => {
-                        self.phase = Phase::Idle;
-                        self.out
-                            .push_back(Output::Event(ProtocolEvent::ResumeCompleted { gs }));
-                        return;
-                    }
-                };
-                self.begin_phase();
-                self.broadcast(message);
-                self.phase = Phase::Resume {
-                    gs,
-                    attempt,
-                    stage: next_stage,
-                    started,
-                    deadline,
-                    own_done: false,
-                };
-                self.host.issue(&mut self.out, purpose, action, deadline);
-            }
+            Phase::Resume { own_done: true, .. } => self.advance_resume(now),
             _ => {}
         }
     }
@@ -871,16 +719,6 @@ impl Coordinator {
             deadline,
         );
     }
-
-    fn fail_resume(&mut self, who: Vec<ParticipantId>, why: FailureReason) {
-        let Phase::Resume { gs, .. } = self.phase else {
-            return;
-        };
-        self.phase = Phase::Idle;
-        self.host.abandon();
-        self.out
-            .push_back(Output::Event(ProtocolEvent::ResumeFailed { gs, who, why }));
-    }
 }
 
 fn outcome_detail(outcome: ActionOutcome, what: &str) -> String {
@@ -888,11 +726,4 @@ fn outcome_detail(outcome: ActionOutcome, what: &str) -> String {
         ActionOutcome::Failed(detail) => format!("{what}: {detail}"),
         other => format!("{what}: unexpected outcome {other:?}"),
     }
-}
-
-/// An instant that is never reached in practice (for "no deadline").
-fn far_future(now: Instant) -> Instant {
-    // 100 years; checked_add cannot fail on any supported platform for this span.
-    now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600))
-        .unwrap_or(now)
 }
