@@ -438,7 +438,8 @@ impl Lifecycle {
     /// # Errors
     ///
     /// [`Error::InvalidState`] if the event is not allowed in the state reached (see the
-    /// table in the [module docs](self)); the state is left as it is.
+    /// table in the [module docs](self)); the event then changes nothing, though timers
+    /// due by `now` have fired.
     pub fn handle_event(&mut self, now: Instant, event: Event) -> Result<State> {
         self.handle_timeout(now);
         let now = self.last;
