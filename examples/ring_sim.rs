@@ -13,6 +13,11 @@
 //! `global_snapshots_completed`, `restored_from`, `orphan_messages`, `violations`,
 //! `sim_time_ms`, `messages_sent`, `snapshots`, `overhead`); otherwise a summary. Bad input
 //! exits with status 2 and a one-line error.
+//!
+//! By default the protocol core runs as it is, with the thesis's step order, and local
+//! snapshot times that differ between hosts: the checker then reports orphan messages (see
+//! `unacloud_snapshot::sim`). `--release-colour` keeps the POST colour until each global
+//! snapshot completes, which the checker finds consistent.
 
 use std::process::ExitCode;
 

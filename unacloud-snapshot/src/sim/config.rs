@@ -40,6 +40,12 @@ impl FromStr for RestoreFrom {
 /// A ring run: the RCPBT ring of SPEC §6 on `nodes` simulated hosts (one VM each), with
 /// global snapshots taken by the protocol core, optional crash and resume.
 ///
+/// The defaults run the protocol core as it is (the thesis's step order) with local
+/// snapshot times of 1–3 ms that differ between hosts, so the checker reports the
+/// violations described in the [module documentation](super); set
+/// `release_colour_on_completion` for the variant that keeps the POST colour until the
+/// global snapshot completes.
+///
 /// Times are virtual: the ring's 0.2 ms LAN hops and the snapshot durations cost no wall
 /// clock. Local snapshots are scaled down from the thesis's seconds to milliseconds so
 /// that a ring of a few hundred tokens interleaves with several global snapshots; what

@@ -19,6 +19,30 @@
 //! The harness ([`Cluster`]) follows quinn-proto's test `Pair`: [`Cluster::step`] and
 //! [`Cluster::drive_bounded`], which fails loudly on livelock.
 //!
+//! # What the simulation shows
+//!
+//! * **The thesis's step order needs close consistency points.** The protocol core stops
+//!   colouring (step 6) right after a host's own local snapshot. When local snapshot times
+//!   differ between hosts — the thesis measured 1.9–2.4 s — a host that finished early sends
+//!   uncoloured datagrams (data and TCP ACKs) that a slower host accepts before its own
+//!   snapshot: orphan messages (Eq. 5.3), and ACKs "from the future" that make a message
+//!   unrecoverable (Eq. 5.2); after a crash and a restore the ring's own count can be wrong.
+//!   With equal local snapshot times the order is consistent. Keeping the POST colour until
+//!   the global snapshot completes ([`RingConfig::release_colour_on_completion`], which
+//!   emulates a RELEASE broadcast by the coordinator with a deadline fallback) is consistent
+//!   for any spread.
+//! * **A host driver must not let the VM send between the snapshot's consistency point and
+//!   step 4.** The simulated host keeps the VM paused in that window; otherwise datagrams
+//!   sent after the snapshot leave with the PRE colour.
+//! * **Colouring POST early is conservative, not wrong**: receivers drop more datagrams,
+//!   which TCP retransmits; it is therefore no negative control. Disabling the filter, or
+//!   accepting POST before the snapshot, are (see the `sim_controls` tests).
+//! * Over UDP the ring stops at the first token a filter drops or a restore leaves in a
+//!   channel: RCPBT has no application-level retry, and UDP applications accept losses.
+//! * The coordination overhead (global minus slowest local snapshot) is two round trips
+//!   plus six host-action hand-offs, independent of the number of hosts
+//!   (`benches/snapshot_overhead.rs`).
+//!
 //! ```
 //! use unacloud_snapshot::sim::{simulate_ring, RingConfig};
 //!
