@@ -136,10 +136,10 @@ impl TcpSender {
     /// Fires the retransmission timer if due: every unacknowledged segment is sent again.
     pub fn on_timeout(&mut self, now: Instant, params: &TcpParams) -> Vec<Segment> {
         match self.rto_at {
-            Some(at) if at <= now && !self.failed => {}
+            Some(at) if at <= now => {}
             _ => return Vec::new(),
         }
-        if self.backoff >= params.max_retries {
+        if self.failed || self.backoff >= params.max_retries {
             self.failed = true;
             self.rto_at = None;
             return Vec::new();
@@ -173,5 +173,76 @@ impl TcpReceiver {
             self.ooo.entry(seq).or_insert(msg);
         }
         (deliver, Segment::Ack { ack: self.rcv_nxt })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::sim::ring::RingMsg;
+
+    fn msg(id: u64) -> AppMsg {
+        AppMsg {
+            id,
+            body: RingMsg::Hello(id),
+        }
+    }
+
+    #[test]
+    fn the_receiver_discards_duplicates_and_buffers_out_of_order_segments() {
+        let mut rx = TcpReceiver::default();
+        let (d, ack) = rx.on_data(1, msg(1));
+        assert!(d.is_empty());
+        assert_eq!(ack, Segment::Ack { ack: 0 });
+        let (d, ack) = rx.on_data(0, msg(0));
+        assert_eq!(d, vec![msg(0), msg(1)]);
+        assert_eq!(ack, Segment::Ack { ack: 2 });
+        // A retransmission of something already delivered is re-acknowledged, not delivered.
+        let (d, ack) = rx.on_data(0, msg(0));
+        assert!(d.is_empty());
+        assert_eq!(ack, Segment::Ack { ack: 2 });
+    }
+
+    #[test]
+    fn the_sender_retransmits_with_back_off_and_gives_up() {
+        let params = TcpParams {
+            rto: Duration::from_millis(10),
+            max_rto: Duration::from_millis(50),
+            max_retries: 3,
+        };
+        let t0 = Instant::now();
+        let mut tx = TcpSender::default();
+        tx.send(t0, &params, msg(0));
+        tx.send(t0, &params, msg(1));
+        assert_eq!(tx.rto_at, Some(t0 + params.rto));
+        assert!(tx.on_timeout(t0, &params).is_empty(), "not due yet");
+        let mut at = t0 + params.rto;
+        let mut waits = Vec::new();
+        for _ in 0..3 {
+            assert_eq!(tx.on_timeout(at, &params).len(), 2);
+            let next = tx.rto_at.unwrap();
+            waits.push(next - at);
+            at = next;
+        }
+        assert_eq!(
+            waits,
+            [20, 40, 50].map(Duration::from_millis),
+            "doubling, capped at max_rto"
+        );
+        assert!(tx.on_timeout(at, &params).is_empty());
+        assert!(tx.failed);
+    }
+
+    #[test]
+    fn acks_from_another_timeline_change_nothing() {
+        let params = TcpParams::default();
+        let t0 = Instant::now();
+        let mut tx = TcpSender::default();
+        tx.send(t0, &params, msg(0));
+        tx.on_ack(t0, &params, 5); // acknowledges something never sent
+        assert_eq!((tx.snd_una, tx.unacked.len()), (0, 1));
+        tx.on_ack(t0, &params, 1);
+        assert_eq!((tx.snd_una, tx.unacked.len(), tx.rto_at), (1, 0, None));
     }
 }
