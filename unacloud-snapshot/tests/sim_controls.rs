@@ -147,3 +147,30 @@ fn the_thesis_order_is_consistent_when_local_snapshot_times_are_equal() {
     }));
     assert_eq!((orphans, violations), (0, 0));
 }
+
+/// Even with the colour kept until completion, a host whose TAKE_SNAPSHOT is still on its
+/// way has no drop rule yet: if another host's local snapshot is shorter than that delay,
+/// its POST datagrams get in. Dropping POST whenever a host is not inside its own
+/// snapshot window (`drop_post_when_idle`) closes it.
+#[test]
+fn a_local_snapshot_shorter_than_the_take_snapshot_skew_needs_the_idle_drop_rule() {
+    let fast = |seed, idle| RingConfig {
+        nodes: 5,
+        tokens: 300,
+        snapshot_every: 10,
+        seed,
+        link: unacloud_snapshot::sim::LinkConfig {
+            jitter: Duration::from_micros(1000),
+            ..Default::default()
+        },
+        local_snapshot_min: Duration::from_micros(10),
+        local_snapshot_max: Duration::from_micros(30),
+        release_colour_on_completion: true,
+        drop_post_when_idle: idle,
+        ..RingConfig::default()
+    };
+    let (orphans, _, _) = totals(SEEDS.map(|s| fast(s, false)));
+    assert!(orphans > 0, "no orphan over {SEEDS:?}");
+    let (orphans, violations, _) = totals(SEEDS.map(|s| fast(s, true)));
+    assert_eq!((orphans, violations), (0, 0));
+}

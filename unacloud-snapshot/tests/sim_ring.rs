@@ -211,6 +211,43 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// With the colour kept until completion and POST dropped outside a host's own
+    /// snapshot window, consistency no longer depends on timing: local snapshots from
+    /// 10 µs to 5 ms, protocol and data jitter up to 1 ms, crash or not.
+    #[test]
+    fn with_release_and_idle_drop_any_timing_is_consistent(
+        nodes in 2usize..=6,
+        tokens in 40u64..=250,
+        every in 3u64..=40,
+        seed in any::<u64>(),
+        local_min_us in 10u64..=2_000,
+        local_spread_us in 0u64..=3_000,
+        jitter_us in 0u64..=1_000,
+        crash_us in prop::option::of(500u64..=40_000),
+        pick in any::<usize>(),
+    ) {
+        let mut cfg = ring(nodes, tokens, every, seed, TransportKind::Tcp);
+        cfg.link.jitter = Duration::from_micros(jitter_us);
+        cfg.local_snapshot_min = Duration::from_micros(local_min_us);
+        cfg.local_snapshot_max = Duration::from_micros(local_min_us + local_spread_us);
+        cfg.release_colour_on_completion = true;
+        cfg.drop_post_when_idle = true;
+        let r = match crash_us {
+            None => simulate_ring(cfg).unwrap(),
+            Some(us) => {
+                cfg.crash_at_time = Some(Duration::from_micros(us));
+                crash_and_resume(cfg, pick).0
+            }
+        };
+        prop_assert_eq!(r.tokens_final, tokens);
+        prop_assert_eq!((r.lost, r.duplicated, r.violations), (0, 0, 0), "{:#?}", r.snapshots);
+        prop_assert_eq!(r.overhead.protocol_errors, 0);
+    }
+}
+
 #[test]
 fn a_ring_without_snapshots_passes_every_token_even_over_a_lossy_link() {
     let mut cfg = ring(5, 500, 0, 7, TransportKind::Tcp);

@@ -104,6 +104,13 @@ pub struct RingConfig {
     /// thesis's order (`false`, the protocol core's behaviour) a host that finished early
     /// sends uncoloured datagrams while slower hosts have not taken their local snapshot.
     pub release_colour_on_completion: bool,
+    /// Protocol variant under study: a host that is not between steps 2 and 5 of a global
+    /// snapshot drops incoming POST datagrams anyway (the drop rule is the idle state, and
+    /// step 5 lifts it only until the colour is cleared). Closes the window in which a
+    /// host's POST datagrams reach a host whose TAKE_SNAPSHOT is still on its way, which
+    /// matters when local snapshots are shorter than the spread of TAKE_SNAPSHOT arrivals.
+    /// Use it with `release_colour_on_completion`.
+    pub drop_post_when_idle: bool,
     /// Negative control, for tests: hosts colour POST already at step 1, i.e. before the
     /// local snapshot (the six steps reordered).
     ///
@@ -148,6 +155,7 @@ impl Default for RingConfig {
             },
             max_steps: None,
             release_colour_on_completion: false,
+            drop_post_when_idle: false,
             colour_post_before_snapshot: false,
             accept_post_before_snapshot: false,
         }
@@ -207,6 +215,11 @@ impl RingConfig {
         }
         self.link.validate().or_else(bad)?;
         Ok(())
+    }
+
+    /// The drop rule of an idle host.
+    pub(crate) fn idle_filter(&self) -> Option<crate::protocol::Colour> {
+        (self.filter && self.drop_post_when_idle).then_some(crate::protocol::Colour::Post)
     }
 
     /// The step budget of this run.

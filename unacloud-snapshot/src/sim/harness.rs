@@ -304,7 +304,7 @@ impl Cluster {
                 frozen: false,
                 held: Vec::new(),
                 outgoing: None,
-                drop_incoming: None,
+                drop_incoming: cfg.idle_filter(),
                 machine: None,
                 disk: BTreeMap::new(),
                 restored_capture: None,
@@ -631,6 +631,7 @@ impl Cluster {
                 if h.clear_deferred && (of_steps.is_none() || of_steps == h.steps_started) {
                     h.clear_deferred = false;
                     h.outgoing = None;
+                    h.drop_incoming = self.cfg.idle_filter();
                 }
             }
         }
@@ -837,6 +838,7 @@ impl Cluster {
         let filter = self.cfg.filter;
         let reorder = self.cfg.colour_post_before_snapshot;
         let defer_clear = self.cfg.release_colour_on_completion;
+        let idle_filter = self.cfg.idle_filter();
         let host = &mut self.hosts[id];
         let mut unfreeze = false;
         let mut fallback_release = None;
@@ -876,6 +878,7 @@ impl Cluster {
                     fallback_release = Some((fallback.max(now), host.steps_started));
                 } else {
                     host.outgoing = None;
+                    host.drop_incoming = idle_filter;
                 }
                 unfreeze = true;
                 ActionOutcome::Done
@@ -883,7 +886,7 @@ impl Cluster {
             HostAction::ClearAll => {
                 host.clear_deferred = false;
                 host.outgoing = None;
-                host.drop_incoming = None;
+                host.drop_incoming = idle_filter;
                 unfreeze = true;
                 ActionOutcome::Done
             }
@@ -990,6 +993,7 @@ impl Cluster {
         let host = &mut self.hosts[id];
         host.up = true;
         host.boot += 1;
+        host.drop_incoming = self.cfg.idle_filter();
         host.machine = Some(machine);
         Ok(())
     }

@@ -31,6 +31,13 @@
 //!   the global snapshot completes ([`RingConfig::release_colour_on_completion`], which
 //!   emulates a RELEASE broadcast by the coordinator with a deadline fallback) is consistent
 //!   for any spread.
+//! * **The drop rule must be up before any POST datagram can arrive.** A host installs it
+//!   at step 2, after TAKE_SNAPSHOT reached it; a host whose local snapshot is shorter than
+//!   the spread of TAKE_SNAPSHOT arrivals sends POST datagrams to hosts that have no rule
+//!   yet. Real VM snapshots take seconds on a sub-millisecond LAN, so this is a timing
+//!   assumption; [`RingConfig::drop_post_when_idle`] (POST is dropped whenever a host is
+//!   not inside its own snapshot window) removes it. With both variants on, the property
+//!   tests find every global snapshot consistent for any timing.
 //! * **A host driver must not let the VM send between the snapshot's consistency point and
 //!   step 4.** The simulated host keeps the VM paused in that window; otherwise datagrams
 //!   sent after the snapshot leave with the PRE colour.
