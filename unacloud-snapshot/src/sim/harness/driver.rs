@@ -1,0 +1,347 @@
+//! The host driver of the simulation: how a host carries out the protocol's actions,
+//! power failures, the operator's resume requests and the protocol's events.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+use super::{vm_name, Cluster, Ev, LocalSnapshot, Machine};
+use crate::error::{Error, Result};
+use crate::protocol::{
+    ActionId, ActionOutcome, Colour, GlobalSnapshotId, HostAction, ProtocolEvent,
+};
+use crate::sim::checker::check_global_snapshot;
+use crate::sim::config::RestoreFrom;
+use crate::sim::vm::Vm;
+
+impl Cluster {
+    pub(super) fn action_duration(&mut self, action: &HostAction) -> Duration {
+        match action {
+            HostAction::TakeLocalSnapshots { .. } => {
+                let (lo, hi) = (self.cfg.local_snapshot_min, self.cfg.local_snapshot_max);
+                if lo == hi {
+                    lo
+                } else {
+                    Duration::from_nanos(
+                        self.rng
+                            .gen_range(lo.as_nanos() as u64..=hi.as_nanos() as u64),
+                    )
+                }
+            }
+            HostAction::RestoreLocal { .. } => self.cfg.restore_time,
+            _ => self.cfg.action_latency,
+        }
+    }
+
+    pub(super) fn action_done(
+        &mut self,
+        id: usize,
+        boot: u64,
+        action_id: ActionId,
+        action: HostAction,
+        took: Duration,
+    ) -> Result<()> {
+        if !self.hosts[id].up || self.hosts[id].boot != boot {
+            return Ok(()); // the host lost power while acting
+        }
+        let now = self.now;
+        let filter = self.cfg.filter;
+        let reorder = self.cfg.colour_post_before_snapshot;
+        let defer_clear = self.cfg.release_colour_on_completion;
+        let idle_filter = self.cfg.idle_filter();
+        let host = &mut self.hosts[id];
+        let mut unfreeze = false;
+        let mut fallback_release = None;
+        let outcome = match action {
+            HostAction::CheckVmsRunning { .. } => {
+                ActionOutcome::VmsRunning(host.vm.is_some() && host.vm_running)
+            }
+            HostAction::SetOutgoingColour(c) => {
+                let c = if reorder && c == Colour::Pre {
+                    Colour::Post
+                } else {
+                    c
+                };
+                host.outgoing = Some(c);
+                unfreeze = c == Colour::Post;
+                ActionOutcome::Done
+            }
+            HostAction::DropIncoming(c) => {
+                if filter {
+                    host.drop_incoming = Some(c);
+                }
+                ActionOutcome::Done
+            }
+            HostAction::AcceptIncoming(c) => {
+                if host.drop_incoming == Some(c) {
+                    host.drop_incoming = None;
+                }
+                ActionOutcome::Done
+            }
+            HostAction::ClearColour => {
+                if defer_clear && host.outgoing.is_some() {
+                    host.clear_deferred = true;
+                    // Without a RELEASE (the coordinator vanished) the host clears by
+                    // itself at its snapshot deadline, as the participant does for its
+                    // filter.
+                    let fallback = host.steps_started.unwrap_or(now) + self.cfg.timeouts.snapshot;
+                    fallback_release = Some((fallback.max(now), host.steps_started));
+                } else {
+                    host.outgoing = None;
+                    host.drop_incoming = idle_filter;
+                }
+                unfreeze = true;
+                ActionOutcome::Done
+            }
+            HostAction::ClearAll => {
+                host.clear_deferred = false;
+                host.outgoing = None;
+                host.drop_incoming = idle_filter;
+                unfreeze = true;
+                ActionOutcome::Done
+            }
+            HostAction::TakeLocalSnapshots { gs, .. } => match (&host.vm, host.vm_running) {
+                (Some(vm), true) => {
+                    host.disk.insert(
+                        gs.0,
+                        LocalSnapshot {
+                            vm: vm.clone(),
+                            captured_at: now,
+                            took,
+                        },
+                    );
+                    host.frozen = true;
+                    ActionOutcome::SnapshotTaken { local_time: took }
+                }
+                _ => ActionOutcome::Failed(format!("VM {} is not running", vm_name(id))),
+            },
+            HostAction::RestoreLocal { gs, .. } => match host.disk.get(&gs.0) {
+                Some(snap) => {
+                    host.vm = Some(snap.vm.clone());
+                    host.restored_capture = Some(snap.captured_at);
+                    host.vm_running = false;
+                    host.frozen = false;
+                    host.held.clear();
+                    host.vm_epoch += 1;
+                    ActionOutcome::Done
+                }
+                None => ActionOutcome::Failed(format!(
+                    "host {id} has no local snapshot of {gs} on its disk"
+                )),
+            },
+            HostAction::StartVms { .. } => match &mut host.vm {
+                Some(vm) => {
+                    if let Some(captured) = host.restored_capture.take() {
+                        vm.shift_timers(captured, now);
+                    }
+                    host.vm_running = true;
+                    ActionOutcome::Done
+                }
+                None => ActionOutcome::Failed(format!("VM {} does not exist", vm_name(id))),
+            },
+        };
+        if let Some((at, of_steps)) = fallback_release {
+            self.schedule(at, Ev::Release { host: id, of_steps });
+        }
+        let host = &mut self.hosts[id];
+        if unfreeze && host.frozen {
+            host.frozen = false;
+            let held = std::mem::take(&mut host.held);
+            for d in held {
+                self.arrive(d);
+            }
+        }
+        let result = match &mut self.hosts[id].machine {
+            Some(m) => m.handle_action_complete(now, action_id, outcome),
+            None => Ok(()),
+        };
+        if let Err(e) = result {
+            self.stats
+                .protocol_errors
+                .push(format!("host {id} rejected an action completion: {e}"));
+        }
+        self.drain(id);
+        Ok(())
+    }
+
+    pub(super) fn power_off(&mut self, id: usize) {
+        let host = &mut self.hosts[id];
+        if !host.up {
+            return;
+        }
+        host.up = false;
+        host.vm = None;
+        host.vm_running = false;
+        host.frozen = false;
+        host.held.clear();
+        host.outgoing = None;
+        host.drop_incoming = None;
+        host.machine = None;
+        host.clear_deferred = false;
+        host.vm_epoch += 1;
+        self.crashed.push((id, self.now));
+        // The connections to the host break: frames still queued for it are lost.
+        self.stream_tail.retain(|&(a, b), _| a != id && b != id);
+        if self.cfg.crash_at.is_some() || self.cfg.crash_at_time.is_some() {
+            let after = self.cfg.reboot_after;
+            self.schedule(self.now + after, Ev::PowerOn { host: id });
+            let target = match self.cfg.restore_from {
+                RestoreFrom::Latest => None,
+                RestoreFrom::Id(g) => Some(GlobalSnapshotId(g)),
+            };
+            // The operator asks for a resume; POLL is repeated until the crashed host
+            // answers.
+            self.request_resume(target, self.cfg.resume_after);
+        }
+    }
+
+    pub(super) fn power_on(&mut self, id: usize) -> Result<()> {
+        if self.hosts[id].up {
+            return Ok(());
+        }
+        let machine = self.boot_machine(id)?;
+        let host = &mut self.hosts[id];
+        host.up = true;
+        host.boot += 1;
+        host.drop_incoming = self.cfg.idle_filter();
+        host.machine = Some(machine);
+        Ok(())
+    }
+
+    pub(super) fn try_resume(&mut self) -> Result<()> {
+        self.resume.retry_at = None;
+        let Some(target) = self.resume.wanted else {
+            return Ok(());
+        };
+        let retry = self.now + self.cfg.timeouts.poll_interval;
+        let now = self.now;
+        let result = match &mut self.hosts[0].machine {
+            Some(Machine::Coordinator(c)) => Some(c.start_resume(now, target)),
+            _ => None,
+        };
+        match result {
+            None => self.resume.retry_at = Some(retry), // coordinator host is down
+            Some(Ok(_)) => {
+                self.resume.wanted = None;
+                self.resume.running = true;
+                self.stats.resumes_started += 1;
+            }
+            Some(Err(Error::Busy { .. })) => self.resume.retry_at = Some(retry),
+            Some(Err(Error::NoRestorableSnapshot)) => {
+                if self.hosts.iter().all(|h| h.up) {
+                    self.restart_from_scratch();
+                } else {
+                    self.resume.retry_at = Some(retry);
+                }
+            }
+            Some(Err(e)) => return Err(e),
+        }
+        self.drain(0);
+        Ok(())
+    }
+
+    /// No global snapshot to resume from: every VM starts again from its initial state.
+    pub(super) fn restart_from_scratch(&mut self) {
+        self.resume.wanted = None;
+        self.resume.restarted_from_scratch = true;
+        let n = self.cfg.nodes;
+        for id in 0..n {
+            let mut vm = Vm::new(id, n, self.cfg.tokens, self.cfg.think, self.cfg.transport);
+            vm.start(self.now);
+            let host = &mut self.hosts[id];
+            host.vm = Some(vm);
+            host.vm_running = true;
+            host.frozen = false;
+            host.held.clear();
+            host.vm_epoch += 1;
+        }
+    }
+
+    pub(super) fn on_protocol_event(&mut self, ev: ProtocolEvent) {
+        let now = self.now;
+        match ev {
+            ProtocolEvent::GlobalSnapshotStarted { gs } => {
+                self.persist_catalog();
+                let r = self.records.entry(gs.0).or_default();
+                r.id = gs.0;
+                r.started = Some(now);
+            }
+            ProtocolEvent::GlobalSnapshotCompleted {
+                gs,
+                local_times,
+                global_time,
+            } => {
+                self.persist_catalog();
+                let states: Option<Vec<Vm>> = self
+                    .hosts
+                    .iter()
+                    .map(|h| h.disk.get(&gs.0).map(|s| s.vm.clone()))
+                    .collect();
+                let verdict = states.as_deref().map(check_global_snapshot);
+                if verdict.is_none() {
+                    self.stats.protocol_errors.push(format!(
+                        "{gs} completed but some host has no local snapshot of it"
+                    ));
+                }
+                let r = self.records.entry(gs.0).or_default();
+                r.id = gs.0;
+                r.completed = Some(now);
+                r.local_times = local_times.iter().map(|t| t.local_time).collect();
+                r.phase2 = Some(global_time);
+                r.verdict = verdict;
+                self.release_colours();
+            }
+            ProtocolEvent::GlobalSnapshotFailed { gs, who, why } => {
+                let r = self.records.entry(gs.0).or_default();
+                r.id = gs.0;
+                let who: Vec<String> = who.iter().map(ToString::to_string).collect();
+                r.failure = Some(format!("{why} (participants {})", who.join(", ")));
+                self.release_colours();
+            }
+            ProtocolEvent::ResumeStarted { .. } => self.persist_catalog(),
+            ProtocolEvent::ResumeCompleted { gs } => {
+                self.resume.running = false;
+                self.resume.restored_from = Some(gs.0);
+                self.stats.resumes_completed += 1;
+            }
+            ProtocolEvent::ResumeFailed { gs, .. } => {
+                self.resume.running = false;
+                self.stats.resumes_failed += 1;
+                self.resume.attempts += 1;
+                if self.resume.attempts < 5 {
+                    self.request_resume(Some(gs), self.cfg.timeouts.poll_interval);
+                }
+            }
+            ProtocolEvent::TriggerRefused { .. } => self.stats.triggers_refused += 1,
+            _ => {}
+        }
+    }
+
+    /// The RELEASE of `release_colour_on_completion`: every host clears its kept colour
+    /// one stream delay from now.
+    pub(super) fn release_colours(&mut self) {
+        if !self.cfg.release_colour_on_completion {
+            return;
+        }
+        for host in 0..self.hosts.len() {
+            let delay = if host == 0 {
+                Duration::ZERO
+            } else {
+                self.cfg.link.stream_delay(&mut self.rng)
+            };
+            self.schedule(
+                self.now + delay,
+                Ev::Release {
+                    host,
+                    of_steps: None,
+                },
+            );
+        }
+    }
+
+    pub(super) fn persist_catalog(&mut self) {
+        if let Some(Machine::Coordinator(c)) = &self.hosts[0].machine {
+            self.catalog_file = Some(c.catalog().to_json());
+        }
+    }
+}
