@@ -287,6 +287,33 @@ fn content_after_the_root_is_refused() {
 }
 
 #[test]
+fn malformed_attributes_are_xml_errors() {
+    for bad in [
+        r#"name=M"#,
+        r#"name"#,
+        r#"name="M"#,
+        r#"name='M"#,
+        r#"="M""#,
+    ] {
+        let xml = machine("", "").replace(r#"name="M""#, bad);
+        assert!(
+            matches!(parse(&xml), Err(Error::Xml { .. })),
+            "{bad}: {:?}",
+            parse(&xml)
+        );
+    }
+    // Single quotes, spaces around `=`, prefixed and ignored attributes are fine.
+    let ok = machine(
+        "",
+        r#" xmlns:vbox="urn:x" vbox:extra="1" lastStateChange = '2024'"#,
+    )
+    .replace(r#"name="M""#, "name = 'M &amp; N'");
+    let m = parse(&ok).unwrap();
+    assert_eq!(m.name, "M & N");
+    assert_eq!(m.last_state_change.as_deref(), Some("2024"));
+}
+
+#[test]
 fn load_wraps_errors_with_the_file_name() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("bad.vbox");

@@ -259,6 +259,17 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// `bytes` as a `&str` when it is a slice of the input (always, for this reader):
+    /// quote characters are ASCII, so a value between them is valid UTF-8 already.
+    fn input_slice(&self, bytes: &[u8]) -> Option<&'a str> {
+        let base = self.input.as_ptr() as usize;
+        let p = bytes.as_ptr() as usize;
+        if p < base || p + bytes.len() > base + self.input.len() {
+            return None;
+        }
+        self.input.get(p - base..p - base + bytes.len())
+    }
+
     fn resolve_ref(&self, r: &BytesRef<'_>) -> Result<String> {
         if let Some(c) = r.resolve_char_ref().map_err(|e| self.xml_error(e))? {
             return Ok(c.to_string());
@@ -304,6 +315,14 @@ impl<'a> Parser<'a> {
                 element: local_str(e),
                 line: self.line(),
             });
+        }
+        // Fast path: nothing inside a skipped element or a description is kept.
+        if let Some(Frame {
+            ctx: Ctx::Other | Ctx::Description(_),
+            ..
+        }) = self.stack.last()
+        {
+            return Ok(Ctx::Other);
         }
         let local = e.local_name();
         let name = local.as_ref();
@@ -870,26 +889,77 @@ impl<'a> Parser<'a> {
         })
     }
 
+    /// Scans the start tag's attributes directly (`S Name Eq AttValue`, strict XML
+    /// syntax, no HTML leniency). Only values whose key some handler reads are
+    /// UTF-8-checked and unescaped; duplicates are not diagnosed (the last one wins).
     fn attrs_full<F>(&self, e: &BytesStart<'_>, mut f: F) -> Result<()>
     where
         F: FnMut(&[u8], std::borrow::Cow<'_, str>, &Self) -> Result<()>,
     {
-        for a in e.attributes().with_checks(false) {
-            let a = a.map_err(|err| self.xml_error(err.into()))?;
-            let key = a.key;
-            if key.as_ref().starts_with(b"xmlns:") {
+        use quick_xml::events::attributes::AttrError;
+        let raw = e.attributes_raw();
+        let n = raw.len();
+        let err = |a: AttrError| self.xml_error(quick_xml::Error::InvalidAttr(a));
+        let mut i = 0;
+        loop {
+            while i < n && raw[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            // A trailing `/` of an empty element may remain in the raw attributes.
+            if i >= n || (raw[i] == b'/' && i + 1 == n) {
+                return Ok(());
+            }
+            let key_start = i;
+            while i < n && raw[i] != b'=' && !raw[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            let key = &raw[key_start..i];
+            while i < n && raw[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            if i >= n || raw[i] != b'=' || key.is_empty() {
+                return Err(err(AttrError::ExpectedEq(i)));
+            }
+            i += 1;
+            while i < n && raw[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            if i >= n {
+                return Err(err(AttrError::ExpectedValue(i)));
+            }
+            let quote = raw[i];
+            if quote != b'"' && quote != b'\'' {
+                return Err(err(AttrError::UnquotedValue(i)));
+            }
+            let value_start = i + 1;
+            let Some(len) = raw[value_start..].iter().position(|&c| c == quote) else {
+                return Err(err(AttrError::ExpectedQuote(n, quote)));
+            };
+            let value = &raw[value_start..value_start + len];
+            i = value_start + len + 1;
+            if key.starts_with(b"xmlns:") {
                 continue;
             }
-            let local = key.local_name();
-            if !is_kept_attribute(local.as_ref()) {
+            let local = match key.iter().rposition(|&c| c == b':') {
+                Some(c) => &key[c + 1..],
+                None => key,
+            };
+            if !is_kept_attribute(local) {
                 continue;
             }
-            let v = a
-                .decode_and_unescape_value(self.reader.decoder())
-                .map_err(|err| self.xml_error(err))?;
-            f(local.as_ref(), v, self)?;
+            let text = match self.input_slice(value) {
+                Some(t) => t,
+                None => std::str::from_utf8(value).map_err(|u| {
+                    self.xml_error(quick_xml::encoding::EncodingError::from(u).into())
+                })?,
+            };
+            let v = if text.contains('&') {
+                quick_xml::escape::unescape(text).map_err(|x| self.xml_error(x.into()))?
+            } else {
+                std::borrow::Cow::Borrowed(text)
+            };
+            f(local, v, self)?;
         }
-        Ok(())
     }
 
     fn missing(&self, element: &'static str, attribute: &'static str) -> Error {
