@@ -32,7 +32,7 @@ use unacloud::core::placement::{place, Algorithm, VmRequest};
 use unacloud::core::provision::allocated_bytes;
 use unacloud::core::provision::catalog::{Catalog, ImageSettings, NewTemplate};
 use unacloud::core::provision::deploy::{
-    deploy, CancellationToken, DeployOptions, DeploymentPlan, HostTarget, ProvisionState,
+    deploy, CancellationToken, DeployOptions, DeploymentPlan, HostTarget, VmResult,
 };
 use unacloud::core::provision::multiattach::MultiattachManager;
 use unacloud::core::provision::preload::preload;
@@ -123,11 +123,10 @@ fn human(bytes: u64) -> String {
 
 fn bar(done: usize, total: usize, what: &str) {
     let width = 30;
-    let filled = if total == 0 {
-        width
-    } else {
-        done * width / total
-    };
+    let filled = (done * width)
+        .checked_div(total)
+        .unwrap_or(width)
+        .min(width);
     eprint!(
         "\r{what} [{}{}] {done}/{total}",
         "#".repeat(filled),
@@ -326,7 +325,7 @@ async fn run(args: Args) -> Result<bool, String> {
     for o in report
         .outcomes
         .iter()
-        .filter(|o| o.state == ProvisionState::Deployed)
+        .filter(|o| matches!(o.result, VmResult::Created | VmResult::Deployed))
     {
         let hv = &backends[&o.host];
         let set = hv
@@ -405,12 +404,13 @@ async fn run(args: Args) -> Result<bool, String> {
         for o in report
             .outcomes
             .iter()
-            .filter(|o| o.state != ProvisionState::Deployed)
+            .filter(|o| matches!(o.result, VmResult::Failed | VmResult::Cancelled))
         {
             println!(
-                "  {} on {}: {:?}: {}",
+                "  {} on {}: {:?} ({}): {}",
                 o.vm,
                 o.host,
+                o.result,
                 o.state,
                 o.error.as_deref().unwrap_or("")
             );

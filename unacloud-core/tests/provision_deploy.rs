@@ -11,11 +11,12 @@ use std::time::Duration;
 use provision_support::{Fault, Faulty, Tracker};
 use tokio_util::sync::CancellationToken;
 use unacloud_core::hypervisor::{DiskRef, Hypervisor};
+use unacloud_core::lifecycle::State;
 use unacloud_core::memory::InMemoryHypervisor;
 use unacloud_core::model::{HardwareProfile, Host, HostId};
 use unacloud_core::placement::{place, Algorithm, VmRequest};
 use unacloud_core::provision::deploy::{
-    deploy, DeployOptions, DeploymentPlan, HostTarget, ProvisionState, RetryPolicy,
+    deploy, DeployOptions, DeploymentPlan, HostTarget, RetryPolicy, VmResult,
 };
 use unacloud_core::provision::multiattach::MultiattachManager;
 
@@ -110,16 +111,14 @@ async fn a_disk_aware_plan_is_deployed_host_by_host() {
     assert_eq!(seen.lock().unwrap().len(), 12);
     assert_eq!(vm_count(&c).await, 12);
     for o in &report.outcomes {
-        let states: Vec<ProvisionState> = o.history.iter().map(|(s, _)| *s).collect();
+        let states: Vec<State> = o.history.iter().map(|(s, _)| *s).collect();
+        // Preloaded template: nothing transmitted; not started: waits in Deploying.
         assert_eq!(
             states,
-            [
-                ProvisionState::Requested,
-                ProvisionState::Transmitting,
-                ProvisionState::Configuring,
-                ProvisionState::Deployed
-            ]
+            [State::Requested, State::Configuring, State::Deploying]
         );
+        assert_eq!(o.result, VmResult::Created);
+        assert_eq!(o.state, State::Deploying);
         assert_eq!(placement.host_of(&o.vm), Some(&o.host));
         let vm = c.targets[&o.host]
             .hypervisor
@@ -174,10 +173,11 @@ async fn transient_errors_are_retried_and_permanent_ones_reported() {
     let report = deploy(&plan, &c.targets, &fast_options(), None, None).await;
     let by_name: HashMap<&str, _> = report.outcomes.iter().map(|o| (o.vm.as_str(), o)).collect();
     let first0 = &by_name[plan.hosts[0].vms[0].spec.name.as_str()];
-    assert_eq!(first0.state, ProvisionState::Deployed);
+    assert_eq!(first0.result, VmResult::Created);
     assert_eq!(first0.attempts, 3);
     let first1 = &by_name[plan.hosts[1].vms[0].spec.name.as_str()];
-    assert_eq!(first1.state, ProvisionState::Failed);
+    assert_eq!(first1.result, VmResult::Failed);
+    assert_eq!(first1.state, State::Failed);
     assert_eq!(first1.attempts, 1);
     assert!(first1
         .error
@@ -202,15 +202,16 @@ async fn a_step_over_its_time_limit_fails_and_is_rolled_back() {
     c.faulty[0].inject("attach_disk", 0, Fault::Delay(Duration::from_secs(30)), 1);
     let mut options = fast_options();
     options.retry.max_attempts = 1;
-    options.timeouts.deploying = Duration::from_millis(100);
+    options.timeouts.configuring = Some(Duration::from_millis(100));
     let report = deploy(&plan, &c.targets, &options, None, None).await;
-    assert_eq!(report.outcomes[0].state, ProvisionState::Failed);
+    assert_eq!(report.outcomes[0].result, VmResult::Failed);
+    assert_eq!(report.outcomes[0].state, State::Failed);
     assert!(report.outcomes[0]
         .error
         .as_deref()
         .unwrap()
         .contains("timed out"));
-    assert_eq!(report.outcomes[1].state, ProvisionState::Deployed);
+    assert_eq!(report.outcomes[1].result, VmResult::Created);
     assert_eq!(vm_count(&c).await, 1, "the timed-out VM was removed");
 }
 
@@ -309,12 +310,16 @@ async fn cancellation_stops_new_work_and_rolls_back_unfinished_vms() {
     let report = deploy(&plan, &c.targets, &fast_options(), Some(cancel), None).await;
     assert!(report.cancelled);
     assert_eq!(report.outcomes.len(), 10);
-    let cancelled = report
+    let cancelled = report.cancelled_vms();
+    assert!(cancelled >= 1);
+    for o in report
         .outcomes
         .iter()
-        .filter(|o| o.state == ProvisionState::Cancelled)
-        .count();
-    assert!(cancelled >= 1);
+        .filter(|o| o.result == VmResult::Cancelled)
+    {
+        assert_eq!(o.state, State::Finished);
+        assert!(o.history.iter().any(|(s, _)| *s == State::Finishing));
+    }
     assert_eq!(report.created() + cancelled, 10);
     // Exactly the deployed VMs exist: the ones in progress were rolled back.
     assert_eq!(vm_count(&c).await, report.created());

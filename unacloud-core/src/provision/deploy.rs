@@ -3,13 +3,14 @@
 //! [`DeploymentPlan::from_placement`] groups a [`Placement`]'s VMs by host;
 //! [`deploy`] then provisions hosts in parallel (at most
 //! [`DeployOptions::max_parallel_hosts`] at a time) and the VMs of one host one after
-//! another, as the thesis measured (Table 4.1). Each VM goes through the provisioning
-//! states of the thesis's life cycle (Fig. 2.6) — Requested → Transmitting → Configuring
-//! → Deploying → Deployed, or Failed — each bounded by its time limit (Transmitting
-//! 20 min, Deploying 8 min by default). Transient errors (time-outs, interrupted I/O) are
-//! retried with back-off; each attempt is all-or-nothing, so a failed attempt leaves no
-//! VM behind. Cancellation stops new work at once and rolls back the VMs that were in
-//! progress; VMs already deployed stay.
+//! another, as the thesis measured (Table 4.1). Each VM is driven through the thesis's
+//! deployment life cycle ([`crate::lifecycle`]): Requested → Configuring (templates are
+//! preloaded, so nothing is transmitted) → Deploying → Deployed when VMs are started, or
+//! Failed; each state is bounded by its life-cycle time limit. Transient errors
+//! (time-outs, interrupted I/O) are retried with back-off within that limit; each attempt
+//! is all-or-nothing, so a failed attempt leaves no VM behind. Cancellation stops new
+//! work at once and rolls back the VMs that were in progress (Finishing → Finished); VMs
+//! already created stay.
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -54,6 +55,7 @@ use super::catalog::Catalog;
 use super::multiattach::{remove_vm_quietly, MultiattachManager};
 use crate::error::{Error, Result};
 use crate::hypervisor::{DiskRef, Hypervisor, StartMode};
+use crate::lifecycle::{Event, Lifecycle, LifecycleTimeouts, State};
 use crate::model::{DiskType, HostId, VmId, VmSpec};
 use crate::placement::{Placement, VmRequest};
 
@@ -145,44 +147,20 @@ impl HostTarget {
     }
 }
 
-/// The provisioning states of the thesis's deployment life cycle (Fig. 2.6).
+/// How one VM's provisioning ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum ProvisionState {
-    /// Asked for, not started.
-    Requested,
-    /// The image is being made available on the host (a preloaded template: nothing
-    /// to copy).
-    Transmitting,
-    /// The VM and its differencing disk are being created and configured.
-    Configuring,
-    /// The VM is being started.
-    Deploying,
-    /// Created (and started, if asked).
+pub enum VmResult {
+    /// Created and started (life-cycle state Deployed).
     Deployed,
-    /// Gave up; whatever was created was removed.
+    /// Created, not started because [`DeployOptions::start`] is off (life-cycle state
+    /// Deploying: the caller starts it).
+    Created,
+    /// Gave up; whatever was created was removed (life-cycle state Failed).
     Failed,
-    /// Not attempted or rolled back because the deployment was cancelled.
+    /// Not attempted, or rolled back, because the deployment was cancelled (life-cycle
+    /// state Finished, through Finishing).
     Cancelled,
-}
-
-/// Time limits per provisioning state (thesis §2.4: Transmitting 20 min, Deploying
-/// 8 min). Configuring shares the Deploying limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StateTimeouts {
-    /// Limit for Transmitting.
-    pub transmitting: Duration,
-    /// Limit for Configuring and for Deploying.
-    pub deploying: Duration,
-}
-
-impl Default for StateTimeouts {
-    fn default() -> Self {
-        StateTimeouts {
-            transmitting: Duration::from_secs(20 * 60),
-            deploying: Duration::from_secs(8 * 60),
-        }
-    }
 }
 
 /// When to try a VM again.
@@ -224,21 +202,24 @@ pub fn is_transient(e: &Error) -> bool {
 pub struct DeployOptions {
     /// Hosts provisioned at the same time.
     pub max_parallel_hosts: usize,
-    /// Retries of transient failures.
+    /// Retries of transient failures (within the state's time limit).
     pub retry: RetryPolicy,
-    /// State time limits.
-    pub timeouts: StateTimeouts,
-    /// Start each VM after creating it (Deploying); off for backends that cannot run
-    /// VMs here.
+    /// Life-cycle time limits. Each bounds its whole state, retries included. The thesis
+    /// gives no limit for Configuring; a state without a limit here is bounded by the
+    /// Deploying limit instead, so no step can hang a deployment.
+    pub timeouts: LifecycleTimeouts,
+    /// Start each VM after creating it (Deploying → Deployed); off for backends that
+    /// cannot run VMs here.
     pub start: bool,
 }
 
 impl Default for DeployOptions {
+    /// 16 hosts at a time, 3 attempts, the thesis's time limits, no start.
     fn default() -> Self {
         DeployOptions {
             max_parallel_hosts: 16,
             retry: RetryPolicy::default(),
-            timeouts: StateTimeouts::default(),
+            timeouts: LifecycleTimeouts::default(),
             start: false,
         }
     }
@@ -253,15 +234,18 @@ pub struct VmOutcome {
     pub host: HostId,
     /// The template id.
     pub template: String,
-    /// Final state: Deployed, Failed or Cancelled.
-    pub state: ProvisionState,
-    /// States entered, with the time since this VM's provisioning began.
-    pub history: Vec<(ProvisionState, Duration)>,
-    /// Attempts made.
+    /// How it ended.
+    pub result: VmResult,
+    /// Its life-cycle state at the end.
+    pub state: State,
+    /// Life-cycle states entered, with the time since this VM's provisioning began
+    /// (the first entry is Requested at zero).
+    pub history: Vec<(State, Duration)>,
+    /// Attempts made at creating it.
     pub attempts: u32,
     /// Why it failed or was cancelled.
     pub error: Option<String>,
-    /// Time from the first attempt to the final state.
+    /// Time from Requested to the end.
     pub elapsed: Duration,
 }
 
@@ -277,27 +261,32 @@ pub struct DeploymentReport {
 }
 
 impl DeploymentReport {
-    /// VMs deployed.
+    /// VMs created (started or not).
     pub fn created(&self) -> usize {
-        self.count(ProvisionState::Deployed)
+        self.count(VmResult::Deployed) + self.count(VmResult::Created)
     }
 
     /// VMs that failed.
     pub fn failed(&self) -> usize {
-        self.count(ProvisionState::Failed)
+        self.count(VmResult::Failed)
     }
 
-    fn count(&self, s: ProvisionState) -> usize {
-        self.outcomes.iter().filter(|o| o.state == s).count()
+    /// VMs cancelled.
+    pub fn cancelled_vms(&self) -> usize {
+        self.count(VmResult::Cancelled)
     }
 
-    /// Records every deployed VM whose template id is `name@version` in the catalog
+    fn count(&self, r: VmResult) -> usize {
+        self.outcomes.iter().filter(|o| o.result == r).count()
+    }
+
+    /// Records every created VM whose template id is `name@version` in the catalog
     /// (so the version cannot be removed while they exist).
     pub fn record_in(&self, catalog: &mut Catalog) -> Result<()> {
         for o in self
             .outcomes
             .iter()
-            .filter(|o| o.state == ProvisionState::Deployed)
+            .filter(|o| matches!(o.result, VmResult::Deployed | VmResult::Created))
         {
             if let Some((name, v)) = o.template.rsplit_once('@') {
                 if let Ok(version) = v.parse::<u32>() {
@@ -374,6 +363,71 @@ async fn run_host(
     out
 }
 
+/// Drives one VM's [`Lifecycle`] and keeps its outcome.
+struct Tracked {
+    lc: Lifecycle,
+    t0: Instant,
+    outcome: VmOutcome,
+    limits: LifecycleTimeouts,
+}
+
+impl Tracked {
+    fn event(&mut self, e: Event) {
+        if let Err(err) = self.lc.handle_event(Instant::now(), e) {
+            tracing::warn!("life cycle of {}: {err}", self.outcome.vm);
+        }
+    }
+
+    /// Time left in the current state: its own limit, or the Deploying limit when the
+    /// state has none.
+    fn remaining(&self) -> Duration {
+        let deadline = self.lc.poll_timeout().or_else(|| {
+            self.limits
+                .deploying
+                .and_then(|d| self.lc.entered_at().checked_add(d))
+        });
+        match deadline {
+            Some(at) => at.saturating_duration_since(Instant::now()),
+            None => Duration::MAX,
+        }
+    }
+
+    fn finish(mut self, result: VmResult, error: Option<String>) -> VmOutcome {
+        self.lc.handle_timeout(Instant::now());
+        let o = &mut self.outcome;
+        o.result = result;
+        o.state = self.lc.state();
+        o.history = std::iter::once((State::Requested, Duration::ZERO))
+            .chain(
+                self.lc
+                    .history()
+                    .iter()
+                    .map(|t| (t.to, t.at.saturating_duration_since(self.t0))),
+            )
+            .collect();
+        o.error = error;
+        o.elapsed = self.t0.elapsed();
+        self.outcome
+    }
+
+    fn fail(mut self, reason: String) -> VmOutcome {
+        self.lc.handle_timeout(Instant::now());
+        if self.lc.state() != State::Failed {
+            self.event(Event::FailureReported {
+                reason: reason.clone(),
+            });
+        }
+        self.finish(VmResult::Failed, Some(reason))
+    }
+
+    fn cancel(mut self, reason: &str) -> VmOutcome {
+        self.event(Event::StopRequested);
+        // Nothing of this VM runs any more (never created, or rolled back).
+        self.event(Event::PoweredOff);
+        self.finish(VmResult::Cancelled, Some(reason.to_owned()))
+    }
+}
+
 async fn run_vm(
     host: &HostId,
     vm: &PlannedVm,
@@ -382,36 +436,31 @@ async fn run_vm(
     cancel: &CancellationToken,
 ) -> VmOutcome {
     let t0 = Instant::now();
-    let mut o = VmOutcome {
-        vm: vm.spec.name.clone(),
-        host: host.clone(),
-        template: vm.template.clone(),
-        state: ProvisionState::Requested,
-        history: vec![(ProvisionState::Requested, Duration::ZERO)],
-        attempts: 0,
-        error: None,
-        elapsed: Duration::ZERO,
-    };
-    let finish = |mut o: VmOutcome, state, error: Option<String>| {
-        o.state = state;
-        o.history.push((state, t0.elapsed()));
-        o.error = error;
-        o.elapsed = t0.elapsed();
-        o
+    let mut limits = options.timeouts;
+    if limits.configuring.is_none() {
+        limits.configuring = limits.deploying;
+    }
+    let mut tr = Tracked {
+        lc: Lifecycle::new(vm.spec.name.clone(), t0, limits),
+        t0,
+        limits,
+        outcome: VmOutcome {
+            vm: vm.spec.name.clone(),
+            host: host.clone(),
+            template: vm.template.clone(),
+            result: VmResult::Failed,
+            state: State::Requested,
+            history: Vec::new(),
+            attempts: 0,
+            error: None,
+            elapsed: Duration::ZERO,
+        },
     };
     if cancel.is_cancelled() {
-        return finish(
-            o,
-            ProvisionState::Cancelled,
-            Some("deployment cancelled before this VM started".into()),
-        );
+        return tr.cancel("deployment cancelled before this VM started");
     }
     let Some(target) = target else {
-        return finish(
-            o,
-            ProvisionState::Failed,
-            Some(format!("no hypervisor for host {host}")),
-        );
+        return tr.fail(format!("no hypervisor for host {host}"));
     };
     let hv = target.hypervisor.as_ref();
     let mut spec = vm.spec.clone();
@@ -420,104 +469,72 @@ async fn run_vm(
     }
     let id = VmId::new(spec.name.clone());
 
-    // Transmitting: the template must be preloaded on the host.
-    o.history.push((ProvisionState::Transmitting, t0.elapsed()));
-    let template = match target.templates.get(&vm.template) {
-        None => {
-            return finish(
-                o,
-                ProvisionState::Failed,
-                Some(format!(
-                    "template {} is not preloaded on host {host}",
-                    vm.template
-                )),
-            )
-        }
-        Some(r) => {
-            let look = async {
-                let disks = hv.list_disks().await?;
-                disks
-                    .into_iter()
-                    .find(|d| match r {
-                        DiskRef::Uuid(u) => d.uuid == *u,
-                        DiskRef::Path(p) => d.location == *p,
-                    })
-                    .filter(|d| d.disk_type == DiskType::MultiAttach)
-                    .ok_or_else(|| Error::NotFound {
-                        kind: "multiattach template",
-                        id: format!("{r} on host {host}"),
-                    })
-            };
-            match bounded("transmit template", options.timeouts.transmitting, look).await {
-                Ok(d) => d,
-                Err(e) => return finish(o, ProvisionState::Failed, Some(e.to_string())),
-            }
-        }
+    // The template must be preloaded: nothing is transmitted (Requested → Configuring).
+    let Some(r) = target.templates.get(&vm.template) else {
+        return tr.fail(format!(
+            "template {} is not preloaded on host {host}",
+            vm.template
+        ));
     };
-
+    let look = async {
+        let disks = hv.list_disks().await?;
+        disks
+            .into_iter()
+            .find(|d| match r {
+                DiskRef::Uuid(u) => d.uuid == *u,
+                DiskRef::Path(p) => d.location == *p,
+            })
+            .filter(|d| d.disk_type == DiskType::MultiAttach)
+            .ok_or_else(|| Error::NotFound {
+                kind: "multiattach template",
+                id: format!("{r} on host {host}"),
+            })
+    };
+    let template = match bounded("look up template", tr.remaining(), look).await {
+        Ok(d) => d,
+        Err(e) => return tr.fail(e.to_string()),
+    };
     // Never touch a VM this deployment did not create.
     if hv.vm_info(&id).await.is_ok() {
-        return finish(
-            o,
-            ProvisionState::Failed,
-            Some(format!(
-                "a VM named {} already exists on host {host}",
-                spec.name
-            )),
-        );
+        return tr.fail(format!(
+            "a VM named {} already exists on host {host}",
+            spec.name
+        ));
     }
+    tr.event(Event::TransferCompleted);
 
+    // Configuring: create the VM and its differencing disk, all-or-nothing, retried on
+    // transient errors while the state's time limit lasts.
     let mut backoff = options.retry.backoff;
     loop {
-        o.attempts += 1;
-        o.history.push((ProvisionState::Configuring, t0.elapsed()));
+        tr.outcome.attempts += 1;
         let manager = MultiattachManager::new(hv);
-        let attempt = async {
-            bounded(
-                "configure VM",
-                options.timeouts.deploying,
-                manager.create_vm_from(&spec, &template),
-            )
-            .await?;
-            if options.start {
-                bounded(
-                    "start VM",
-                    options.timeouts.deploying,
-                    hv.start_vm(&id, StartMode::Headless),
-                )
-                .await?;
-            }
-            Ok::<(), Error>(())
-        };
+        let attempt = bounded(
+            "configure VM",
+            tr.remaining(),
+            manager.create_vm_from(&spec, &template),
+        );
         let result = tokio::select! {
             biased;
             _ = cancel.cancelled() => None,
             r = attempt => Some(r),
         };
         match result {
-            Some(Ok(())) => {
-                if options.start {
-                    o.history.push((ProvisionState::Deploying, t0.elapsed()));
-                }
-                return finish(o, ProvisionState::Deployed, None);
-            }
+            Some(Ok(_)) => break,
             None => {
                 remove_vm_quietly(hv, &id).await;
-                return finish(
-                    o,
-                    ProvisionState::Cancelled,
-                    Some(
-                        "deployment cancelled while this VM was being created; rolled back".into(),
-                    ),
-                );
+                return tr
+                    .cancel("deployment cancelled while this VM was being created; rolled back");
             }
             Some(Err(e)) => {
                 // A time-out drops the operation half-way: remove what it created.
                 if !matches!(e, Error::AlreadyExists { .. }) {
                     remove_vm_quietly(hv, &id).await;
                 }
+                let wait = backoff;
                 if is_transient(&e)
-                    && o.attempts < options.retry.max_attempts
+                    && tr.outcome.attempts < options.retry.max_attempts
+                    && tr.remaining() > wait
                     && !cancel.is_cancelled()
                 {
                     tracing::info!(
@@ -526,13 +543,43 @@ async fn run_vm(
                     );
                     tokio::select! {
                         _ = cancel.cancelled() => {}
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                     }
                     backoff = backoff.saturating_mul(2);
                     continue;
                 }
-                return finish(o, ProvisionState::Failed, Some(e.to_string()));
+                return tr.fail(e.to_string());
             }
+        }
+    }
+    tr.event(Event::ConfigurationCompleted);
+    if !options.start {
+        return tr.finish(VmResult::Created, None);
+    }
+
+    // Deploying: start it.
+    let start = bounded(
+        "start VM",
+        tr.remaining(),
+        hv.start_vm(&id, StartMode::Headless),
+    );
+    let started = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => None,
+        r = start => Some(r),
+    };
+    match started {
+        Some(Ok(())) => {
+            tr.event(Event::Started);
+            tr.finish(VmResult::Deployed, None)
+        }
+        None => {
+            remove_vm_quietly(hv, &id).await;
+            tr.cancel("deployment cancelled while this VM was starting; rolled back")
+        }
+        Some(Err(e)) => {
+            remove_vm_quietly(hv, &id).await;
+            tr.fail(e.to_string())
         }
     }
 }
