@@ -12,6 +12,9 @@
 //! * [`files`]: the files of a VM and the [`files::MigrationSet`] needed to resume it
 //!   elsewhere;
 //! * [`placement`]: the thesis's seven placement algorithms and a disk-aware one;
+//! * [`provision`]: the template catalog, preloading, the Multiattach Manager's seven
+//!   operations and deployments executed from a placement;
+//! * [`qemu`]: a QEMU/KVM backend of the trait built on the real `qemu-img`;
 //! * [`lifecycle`]: a VM's deployment life cycle (Requested … Finished) as a sans-IO
 //!   state machine with the thesis's timeouts;
 //! * [`cost`]: file counts (Eq. 5.4/5.5) and the bytes to move to resume a VM elsewhere.

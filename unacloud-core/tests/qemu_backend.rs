@@ -225,3 +225,41 @@ async fn missing_qemu_img_is_reported_as_unsupported() {
         other => panic!("expected Unsupported, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn vm_files_follow_the_real_backing_chain() {
+    require_qemu_img();
+    let dir = tempfile::tempdir().unwrap();
+    let template = make_template(dir.path(), "base", 8 << 20, 1 << 20).await;
+    let hv = QemuHypervisor::open(dir.path().join("host")).await.unwrap();
+    let m = MultiattachManager::new(&hv);
+    let t = m.register_template(&template).await.unwrap();
+    m.create_vm(
+        &VmSpec::new("TM", HardwareProfile::Small),
+        &DiskRef::Uuid(t.uuid),
+    )
+    .await
+    .unwrap();
+    let id = VmId::new("TM");
+    let set = hv.vm_files(&id).await.unwrap();
+    assert!(set.warnings.is_empty(), "{:?}", set.warnings);
+    assert_eq!(set.files.len(), 2);
+    assert_eq!(
+        set.expected_at_destination[0].path.as_deref(),
+        Some(std::fs::canonicalize(&template).unwrap().as_path())
+    );
+
+    // The template vanishes (a host lost its store): the chain cannot be opened; the
+    // VM's own files are still listed and the problem is reported, not hidden.
+    let moved = dir.path().join("moved.qcow2");
+    std::fs::rename(&template, &moved).unwrap();
+    let set = hv.vm_files(&id).await.unwrap();
+    assert_eq!(set.files.len(), 2);
+    assert!(
+        set.warnings.iter().any(|w| w.contains("cannot inspect")),
+        "{:?}",
+        set.warnings
+    );
+    assert_eq!(set.expected_at_destination.len(), 1);
+    std::fs::rename(&moved, &template).unwrap();
+}

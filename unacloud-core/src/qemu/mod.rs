@@ -1069,50 +1069,106 @@ impl Hypervisor for QemuHypervisor {
         Err(Self::unsupported("run guest command"))
     }
 
+    /// Walks each own disk's real backing chain (`qemu-img info --backing-chain`):
+    /// the VM's images are copied, a registered multiattach template ends the walk as
+    /// "expected at destination", anything else is reported as external.
     async fn vm_files(&self, vm: &VmId) -> Result<MigrationSet> {
-        let st = self.state.lock().await;
-        let e = find(&st, vm)?;
-        let folder = e.folder();
-        let mut set = MigrationSet::default();
+        let (settings_file, folder, disks, registered) = {
+            let st = self.state.lock().await;
+            let e = find(&st, vm)?;
+            let folder = e.folder();
+            let disks: Vec<(DiskSlot, PathBuf)> = e
+                .settings
+                .disks
+                .iter()
+                .map(|d| (d.clone(), VmSettings::disk_path(&folder, d)))
+                .collect();
+            (
+                e.settings_file.clone(),
+                folder,
+                disks,
+                st.registry.disks.clone(),
+            )
+        };
         let len = |p: &Path| std::fs::metadata(p).ok().map(|m| m.len());
+        let mut set = MigrationSet::default();
         set.push(VmFile::new(
-            e.settings_file.clone(),
+            settings_file.clone(),
             FileRole::Settings,
             None,
-            len(&e.settings_file),
+            len(&settings_file),
         ));
-        for d in &e.settings.disks {
-            let p = VmSettings::disk_path(&folder, d);
-            if d.own {
-                let bytes = len(&p);
-                if bytes.is_none() {
-                    set.warnings
-                        .push(format!("disk image {} is missing", p.display()));
-                }
-                set.push(VmFile::new(
-                    p,
-                    FileRole::Disk,
-                    Some(d.uuid.to_string()),
-                    bytes,
-                ));
-            } else {
+        let expect = |set: &mut MigrationSet, uuid: Uuid, path: &Path| {
+            if !set
+                .expected_at_destination
+                .iter()
+                .any(|x| x.uuid == uuid.to_string())
+            {
+                set.expected_at_destination.push(ExpectedFile {
+                    uuid: uuid.to_string(),
+                    path: Some(path.to_path_buf()),
+                });
+            }
+        };
+        for (slot, path) in disks {
+            if !slot.own {
                 set.external.push(format!(
                     "shared image {} ({}) is not copied",
-                    p.display(),
-                    d.uuid
+                    path.display(),
+                    slot.uuid
                 ));
+                continue;
             }
-            if let Some(b) = &d.base {
-                if !set
-                    .expected_at_destination
-                    .iter()
-                    .any(|x| x.uuid == b.uuid.to_string())
-                {
-                    set.expected_at_destination.push(ExpectedFile {
-                        uuid: b.uuid.to_string(),
-                        path: Some(b.path.clone()),
-                    });
+            let own_file = |bytes| {
+                VmFile::new(
+                    path.clone(),
+                    FileRole::Disk,
+                    Some(slot.uuid.to_string()),
+                    bytes,
+                )
+            };
+            let chain = match self.img.info_chain(&path).await {
+                Ok(chain) => chain,
+                Err(e) => {
+                    set.warnings
+                        .push(format!("cannot inspect {}: {e}", path.display()));
+                    set.push(own_file(len(&path)));
+                    if let Some(b) = &slot.base {
+                        expect(&mut set, b.uuid, &b.path);
+                    }
+                    continue;
                 }
+            };
+            set.push(own_file(len(&path)));
+            for image in chain.iter().skip(1) {
+                let p = PathBuf::from(&image.filename);
+                if let Some(t) = registered
+                    .iter()
+                    .find(|d| d.location == p && d.disk_type == DiskType::MultiAttach)
+                {
+                    expect(&mut set, t.uuid, &t.location);
+                    break;
+                }
+                if p.starts_with(&folder) {
+                    set.push(VmFile::new(p.clone(), FileRole::Disk, None, len(&p)));
+                } else {
+                    set.external.push(format!(
+                        "backing image {} of {} is neither the VM's own nor a registered \
+                         multiattach template; it is not copied",
+                        p.display(),
+                        path.display()
+                    ));
+                    break;
+                }
+            }
+        }
+        let missing: Vec<String> = set
+            .missing()
+            .map(|f| format!("file {} is missing", f.path.display()))
+            .collect();
+        for msg in missing {
+            if !set.warnings.contains(&msg) {
+                set.warnings.push(msg);
             }
         }
         Ok(set)
