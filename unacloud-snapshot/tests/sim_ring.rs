@@ -390,3 +390,21 @@ fn a_crash_before_any_snapshot_restarts_the_ring_from_scratch() {
     assert_eq!(r.restored_from, None);
     assert_eq!((r.tokens_final, r.lost, r.duplicated), (200, 0, 0));
 }
+
+#[test]
+fn a_configuration_reads_from_json_with_microsecond_durations_and_defaults() {
+    let cfg: RingConfig = serde_json::from_str(
+        r#"{"nodes": 3, "tokens": 60, "snapshot_every": 20, "transport": "udp",
+            "local_snapshot_min_us": 500, "crash_at_time_us": null,
+            "link": {"latency_us": 300, "loss": 0.0}, "restore_from": {"id": 2}}"#,
+    )
+    .unwrap();
+    assert_eq!(cfg.local_snapshot_min, Duration::from_micros(500));
+    assert_eq!(cfg.link.latency, Duration::from_micros(300));
+    assert_eq!(cfg.link.jitter, LinkConfig::default().jitter);
+    assert_eq!(cfg.transport, TransportKind::Udp);
+    assert_eq!(cfg.restore_from, unacloud_snapshot::sim::RestoreFrom::Id(2));
+    let back: RingConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+    assert_eq!(back, cfg);
+    assert!(serde_json::from_str::<RingConfig>(r#"{"nodez": 3}"#).is_err());
+}

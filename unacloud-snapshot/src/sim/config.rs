@@ -51,7 +51,7 @@ impl FromStr for RestoreFrom {
 /// that a ring of a few hundred tokens interleaves with several global snapshots; what
 /// matters for consistency is their order relative to the traffic, not their length.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RingConfig {
     /// Peers in the ring (2..=1024), one VM per host; host 0 runs the coordinator.
     pub nodes: usize,
@@ -63,13 +63,16 @@ pub struct RingConfig {
     /// Power off a host when the ring delivers this token.
     pub crash_at: Option<u64>,
     /// Power off a host at this virtual instant (from the start), instead of at a token.
+    #[serde(with = "super::serde_us::opt_micros", rename = "crash_at_time_us")]
     pub crash_at_time: Option<Duration>,
     /// The host that crashes (default: drawn from the seed).
     pub crash_host: Option<usize>,
     /// How long a crashed host stays off before it powers on again.
+    #[serde(with = "super::serde_us::micros", rename = "reboot_after_us")]
     pub reboot_after: Duration,
     /// How long after the crash the operator asks the coordinator to resume (POLL is
     /// repeated until the crashed host answers).
+    #[serde(with = "super::serde_us::micros", rename = "resume_after_us")]
     pub resume_after: Duration,
     /// What to resume from after the crash.
     pub restore_from: RestoreFrom,
@@ -82,15 +85,20 @@ pub struct RingConfig {
     /// Links of the LAN.
     pub link: LinkConfig,
     /// Shortest local snapshot (step 3), drawn uniformly per host and snapshot.
+    #[serde(with = "super::serde_us::micros", rename = "local_snapshot_min_us")]
     pub local_snapshot_min: Duration,
     /// Longest local snapshot (step 3).
+    #[serde(with = "super::serde_us::micros", rename = "local_snapshot_max_us")]
     pub local_snapshot_max: Duration,
     /// Time a host takes for every other action (colour, filter, VM check, start): the
     /// hand-off between the protocol and the host's firewall or hypervisor.
+    #[serde(with = "super::serde_us::micros", rename = "action_latency_us")]
     pub action_latency: Duration,
     /// Time a host takes to restore its VM from a local snapshot.
+    #[serde(with = "super::serde_us::micros", rename = "restore_time_us")]
     pub restore_time: Duration,
     /// Time the application thinks before forwarding a token.
+    #[serde(with = "super::serde_us::micros", rename = "think_us")]
     pub think: Duration,
     /// Retransmission parameters of the TCP-like transport.
     pub tcp: TcpParams,

@@ -72,6 +72,7 @@ mod idset;
 mod net;
 mod report;
 mod ring;
+mod serde_us;
 mod transport;
 mod vm;
 

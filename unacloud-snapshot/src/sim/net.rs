@@ -7,11 +7,14 @@ use serde::{Deserialize, Serialize};
 
 /// Characteristics of every link of the simulated LAN (one switch, symmetric links).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LinkConfig {
     /// One-way base latency. Default 0.2 ms (a lab LAN).
+    #[serde(with = "super::serde_us::micros", rename = "latency_us")]
     pub latency: Duration,
     /// Uniform extra delay in `[0, jitter]`; packets overtake each other when it exceeds
     /// their spacing. Default 0.05 ms.
+    #[serde(with = "super::serde_us::micros", rename = "jitter_us")]
     pub jitter: Duration,
     /// Probability that an application datagram is held back by an extra `[1, 4]` ×
     /// latency, reordering it behind later ones. Default 0.

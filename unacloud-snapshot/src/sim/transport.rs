@@ -62,10 +62,13 @@ pub enum Segment {
 
 /// Retransmission parameters of the TCP-like transport.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TcpParams {
     /// Initial retransmission timeout (Linux's minimum RTO is 200 ms).
+    #[serde(with = "super::serde_us::micros", rename = "rto_us")]
     pub rto: Duration,
     /// Upper bound of the backed-off timeout.
+    #[serde(with = "super::serde_us::micros", rename = "max_rto_us")]
     pub max_rto: Duration,
     /// Retransmissions of one segment before the connection gives up (Linux: 15).
     pub max_retries: u32,
