@@ -467,6 +467,7 @@ pub fn disk_space(path: &std::path::Path) -> crate::Result<DiskSpace> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
