@@ -53,7 +53,9 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    if let Err(e) = GlobalRegistry::parse_str_with_limits(text, "/home/u/.config/VirtualBox", &limits) {
+    if let Err(e) =
+        GlobalRegistry::parse_str_with_limits(text, "/home/u/.config/VirtualBox", &limits)
+    {
         let _ = e.to_string();
     }
 });
