@@ -263,3 +263,127 @@ async fn vm_files_follow_the_real_backing_chain() {
     assert_eq!(set.expected_at_destination.len(), 1);
     std::fs::rename(&moved, &template).unwrap();
 }
+
+#[derive(Debug, Clone)]
+enum SnapOp {
+    Take,
+    Restore(usize),
+    Delete(usize),
+}
+
+fn snap_op() -> impl proptest::strategy::Strategy<Value = SnapOp> {
+    use proptest::prelude::*;
+    prop_oneof![
+        3 => Just(SnapOp::Take),
+        1 => (0usize..8).prop_map(SnapOp::Restore),
+        1 => (0usize..8).prop_map(SnapOp::Delete),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+
+    /// Any sequence of take / restore / delete on a real qcow2 overlay keeps the tree
+    /// the backend reports equal to a simple model, and the image's own snapshot list
+    /// equal to the model's snapshots.
+    #[test]
+    fn snapshot_tree_matches_a_model(ops in proptest::collection::vec(snap_op(), 1..9)) {
+        require_qemu_img();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let template = make_template(dir.path(), "base", 4 << 20, 64 << 10).await;
+            let hv = QemuHypervisor::open(dir.path().join("host")).await.unwrap();
+            let m = MultiattachManager::new(&hv);
+            let t = m.register_template(&template).await.unwrap();
+            m.create_vm(&VmSpec::new("p", HardwareProfile::Small), &DiskRef::Uuid(t.uuid))
+                .await
+                .unwrap();
+            let id = VmId::new("p");
+            // Model: (tag, parent) in creation order, and the current snapshot.
+            let mut model: Vec<(String, Option<String>)> = Vec::new();
+            let mut current: Option<String> = None;
+            for (i, op) in ops.into_iter().enumerate() {
+                match op {
+                    SnapOp::Take => {
+                        let s = hv.take_snapshot(&id, &format!("s{i}"), None, false).await.unwrap();
+                        model.push((s.id.clone(), current.clone()));
+                        current = Some(s.id);
+                    }
+                    SnapOp::Restore(k) if !model.is_empty() => {
+                        let tag = model[k % model.len()].0.clone();
+                        hv.restore_snapshot(&id, &tag).await.unwrap();
+                        current = Some(tag);
+                    }
+                    SnapOp::Delete(k) if !model.is_empty() => {
+                        let (tag, parent) = model.remove(k % model.len());
+                        hv.delete_snapshot(&id, &tag).await.unwrap();
+                        for (_, p) in &mut model {
+                            if p.as_deref() == Some(tag.as_str()) {
+                                *p = parent.clone();
+                            }
+                        }
+                        if current.as_deref() == Some(tag.as_str()) {
+                            current = parent;
+                        }
+                    }
+                    _ => {}
+                }
+                let tree = hv.snapshot_tree(&id).await.unwrap();
+                assert_eq!(tree.len(), model.len());
+                for (tag, parent) in &model {
+                    let n = tree.find_by_id(tag).unwrap();
+                    let got = tree.parent(n).and_then(|p| tree.get(p)).map(|s| s.id.clone());
+                    assert_eq!(&got, parent, "parent of {tag}");
+                }
+                let cur = tree.current().and_then(|c| tree.get(c)).map(|s| s.id.clone());
+                assert_eq!(cur, current);
+                let chains = hv.backing_chains(&id).await.unwrap();
+                let mut in_image: Vec<String> =
+                    chains[0][0].snapshots.iter().map(|s| s.name.clone()).collect();
+                let mut want: Vec<String> = model.iter().map(|(t, _)| t.clone()).collect();
+                in_image.sort();
+                want.sort();
+                assert_eq!(in_image, want);
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_middle_snapshot_moves_its_children_up() {
+    require_qemu_img();
+    let dir = tempfile::tempdir().unwrap();
+    let template = make_template(dir.path(), "base", 4 << 20, 64 << 10).await;
+    let hv = QemuHypervisor::open(dir.path().join("host")).await.unwrap();
+    let m = MultiattachManager::new(&hv);
+    let t = m.register_template(&template).await.unwrap();
+    m.create_vm(
+        &VmSpec::new("p", HardwareProfile::Small),
+        &DiskRef::Uuid(t.uuid),
+    )
+    .await
+    .unwrap();
+    let id = VmId::new("p");
+    let a = hv.take_snapshot(&id, "a", None, false).await.unwrap();
+    let b = hv.take_snapshot(&id, "b", None, false).await.unwrap();
+    let c = hv.take_snapshot(&id, "c", None, false).await.unwrap();
+    hv.delete_snapshot(&id, "b").await.unwrap();
+    let tree = hv.snapshot_tree(&id).await.unwrap();
+    let (na, nc) = (
+        tree.find_by_id(&a.id).unwrap(),
+        tree.find_by_id(&c.id).unwrap(),
+    );
+    assert!(tree.find_by_id(&b.id).is_none());
+    assert_eq!(tree.parent(nc), Some(na));
+    assert_eq!(tree.current(), Some(nc));
+    // Deleting the current snapshot moves the current state up to its parent.
+    hv.delete_snapshot(&id, &c.id).await.unwrap();
+    let tree = hv.snapshot_tree(&id).await.unwrap();
+    assert_eq!(
+        tree.current()
+            .and_then(|n| tree.get(n))
+            .map(|s| s.id.clone()),
+        Some(a.id)
+    );
+}
