@@ -75,6 +75,12 @@ pub trait ColourBackend: Send + fmt::Debug {
 
     /// Where the rules live (`host`, `netns x`, `VM y`), for messages.
     fn place(&self) -> String;
+
+    /// Whether a call returns in well under a millisecond (a long-lived session), so that
+    /// async drivers may call it inline instead of on a blocking thread.
+    fn is_fast(&self) -> bool {
+        false
+    }
 }
 
 impl<B: ColourBackend + ?Sized> ColourBackend for Box<B> {
@@ -101,6 +107,9 @@ impl<B: ColourBackend + ?Sized> ColourBackend for Box<B> {
     }
     fn place(&self) -> String {
         (**self).place()
+    }
+    fn is_fast(&self) -> bool {
+        (**self).is_fast()
     }
 }
 

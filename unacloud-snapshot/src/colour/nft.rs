@@ -17,9 +17,8 @@
 //! rules in other tables cannot undo the POST filter; accept in our table only ends our
 //! chain. Removal is `add table …; delete table …` (idempotent).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +35,11 @@ pub trait NftRunner: Send + std::fmt::Debug {
 
     /// Where the commands run, for messages.
     fn place(&self) -> String;
+
+    /// Whether a command returns in well under a millisecond.
+    fn is_fast(&self) -> bool {
+        false
+    }
 }
 
 /// One `nft` process per command line, through any executor (host, namespace, guest).
@@ -81,13 +85,15 @@ impl NftRunner for NftOneShot {
 
 /// A long-lived `nft -j -i` process. Each command line is followed by `list tables`,
 /// whose one-line JSON answer marks the end of the command's output; anything else on
-/// the (merged) output before it is nft's error text.
+/// the (merged) output before it is nft's error text. The answer is read on the calling
+/// thread (poll with a deadline), so a change costs two process wake-ups.
 #[derive(Debug)]
 pub struct NftSession {
     place: String,
     child: Child,
     stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
+    output: std::fs::File,
+    pending: Vec<u8>,
     timeout: Duration,
 }
 
@@ -119,30 +125,12 @@ impl NftSession {
                 source,
             })?;
         let stdin = child.stdin.take();
-        let (tx, lines) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("nft-session-reader".to_string())
-            .spawn(move || {
-                for line in BufReader::new(reader).lines() {
-                    match line {
-                        Ok(l) => {
-                            if tx.send(l).is_err() {
-                                break;
-                            }
-                        }
-                        Err(_) => break,
-                    }
-                }
-            })
-            .map_err(|source| Error::CommandSpawn {
-                program: "nft session reader thread".to_string(),
-                source,
-            })?;
         Ok(Self {
             place: exec.place(),
             child,
             stdin,
-            lines,
+            output: reader,
+            pending: Vec::new(),
             timeout: DEFAULT_COMMAND_TIMEOUT,
         })
     }
@@ -158,6 +146,47 @@ impl NftSession {
         self.child.id()
     }
 
+    /// Reads one line of the session's output, waiting at most until `deadline`.
+    /// `Ok(None)` when nft exited.
+    fn read_line(&mut self, deadline: std::time::Instant) -> Result<Option<String>> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        loop {
+            if let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=pos).collect();
+                return Ok(Some(
+                    String::from_utf8_lossy(&line[..line.len() - 1]).into_owned(),
+                ));
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(self.broken(format!("no answer within {:?}", self.timeout)));
+            }
+            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            let ready = {
+                let mut fds = [PollFd::new(self.output.as_fd(), PollFlags::POLLIN)];
+                poll(
+                    &mut fds,
+                    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+                )
+            };
+            match ready {
+                Ok(0) => continue,
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(self.broken(format!("waiting for nft failed: {e}"))),
+            }
+            let mut buf = [0u8; 16 * 1024];
+            match self.output.read(&mut buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.broken(format!("reading nft's answer failed: {e}"))),
+            }
+        }
+    }
+
     fn broken(&self, reason: impl Into<String>) -> Error {
         Error::NftSession {
             place: self.place.clone(),
@@ -171,8 +200,8 @@ impl NftRunner for NftSession {
         if line.contains('\n') {
             return Err(self.broken("command line contains a newline"));
         }
-        // Drain stale output of an earlier command that timed out.
-        while self.lines.try_recv().is_ok() {}
+        // Output of an earlier command that timed out is stale: drop it.
+        self.pending.clear();
         let stdin = match self.stdin.as_mut() {
             Some(s) => s,
             None => return Err(self.broken("session is closed")),
@@ -184,17 +213,10 @@ impl NftRunner for NftSession {
         let expected = if want_json { 2 } else { 1 };
         let mut jsons: Vec<String> = Vec::new();
         let mut errors: Vec<String> = Vec::new();
+        let deadline = std::time::Instant::now() + self.timeout;
         loop {
-            let l = match self.lines.recv_timeout(self.timeout) {
-                Ok(l) => l,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(
-                        self.broken(format!("no answer to `{line}` within {:?}", self.timeout))
-                    )
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(self.broken(format!("nft exited while running `{line}`")))
-                }
+            let Some(l) = self.read_line(deadline)? else {
+                return Err(self.broken(format!("nft exited while running `{line}`")));
             };
             if l.starts_with('{') {
                 jsons.push(l);
@@ -222,6 +244,10 @@ impl NftRunner for NftSession {
 
     fn place(&self) -> String {
         self.place.clone()
+    }
+
+    fn is_fast(&self) -> bool {
+        true
     }
 }
 
@@ -449,6 +475,10 @@ impl<R: NftRunner> ColourBackend for Nft<R> {
     fn place(&self) -> String {
         self.runner.place()
     }
+
+    fn is_fast(&self) -> bool {
+        self.runner.is_fast()
+    }
 }
 
 #[cfg(test)]
@@ -479,7 +509,7 @@ mod tests {
         );
         assert!(n
             .install_line()
-            .starts_with("add table inet uc_run7; add counter inet uc_run7 post_drop;"));
+            .starts_with("add table inet uc_run7; delete table inet uc_run7; add table inet uc_run7; add counter inet uc_run7 post_drop;"));
     }
 
     #[test]

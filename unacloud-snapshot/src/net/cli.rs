@@ -6,7 +6,7 @@
 //! unacloud-gs metadata-server [--config F] [--cluster N] [--listen ADDR] [--base-port P]
 //!                             [--results-csv F] [--key-file F]
 //! unacloud-gs launcher [--config F] [--cluster N] [--ms ADDR] [--advertise IP]
-//!                      [--cluster-size N] [--backend nft-session|nft|iptables]
+//!                      [--cluster-size N] [--backend nft|nft-command|iptables]
 //!                      [--vm NAME [--netns NS] [--freeze-pid PID] [--hold-ms MS]]
 //!                      [--snapshot-timeout-ms MS] [--precheck-timeout-ms MS]
 //!                      [--key-file F] [--events-json]
@@ -14,6 +14,8 @@
 //! unacloud-gs rcpbt-manager --listen ADDR --tokens T --base-port P --participants N
 //!                           [--label L] [--csv F] [--deadline-s S]
 //! unacloud-gs rcpbt-peer --manager ADDR --ip IP [--deadline-s S]
+//! unacloud-gs ring-netns --peers P --tokens T --snapshots K [--snapshot-delay-ms D]
+//!                        [--backend nft|nft-command|iptables] [--json]      (root)
 //! ```
 //!
 //! Flags override the configuration file. `launcher` and `metadata-server` stop on
@@ -36,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::protocol::{ClusterId, MetadataServerConfig};
 use crate::rcpbt::{run_peer, PeerConfig, TestManager, TestManagerConfig};
 
-const SWITCHES: &[&str] = &["--events-json", "--help"];
+const SWITCHES: &[&str] = &["--events-json", "--help", "--json"];
 
 /// Parsed `--flag value` pairs.
 #[derive(Debug, Default)]
@@ -126,7 +128,7 @@ fn base_config(f: &Flags) -> Result<DaemonConfig> {
 }
 
 fn usage() -> &'static str {
-    "usage: unacloud-gs <metadata-server|launcher|start|rcpbt-manager|rcpbt-peer> [flags]\n\
+    "usage: unacloud-gs <metadata-server|launcher|start|rcpbt-manager|rcpbt-peer|ring-netns> [flags]\n\
      see the documentation of unacloud_snapshot::net::cli for the flags"
 }
 
@@ -280,7 +282,7 @@ fn run(args: &[String]) -> Result<()> {
                     .map(Duration::from_millis),
             };
             let json = f.switch("--events-json");
-            runtime(2)?.block_on(async move {
+            runtime(1)?.block_on(async move {
                 let token = CancellationToken::new();
                 cancel_on_signals(token.clone())?;
                 run_launcher(&cfg, opts, token, move |ev| {
@@ -334,6 +336,48 @@ fn run(args: &[String]) -> Result<()> {
                 deadline: Duration::from_secs(f.parse_opt("--deadline-s")?.unwrap_or(600)),
             };
             runtime(1)?.block_on(run_peer(cfg)).map(|_| ())
+        }
+        "ring-netns" => {
+            let program = std::env::current_exe().map_err(|e| Error::InvalidConfig {
+                reason: format!("cannot find this program's path: {e}"),
+            })?;
+            let mut cfg = super::ring::RingNetnsConfig::new(
+                f.require("--peers")?,
+                f.require("--tokens")?,
+                f.require("--snapshots")?,
+                program,
+                Vec::new(),
+            );
+            cfg.snapshot_delay =
+                Duration::from_millis(f.parse_opt("--snapshot-delay-ms")?.unwrap_or(0));
+            cfg.snapshot_timeout = Duration::from_secs(5).max(cfg.snapshot_delay * 4);
+            cfg.deadline = Duration::from_secs(600);
+            if let Some(b) = f.parse_opt("--backend")? {
+                cfg.backend = b;
+            }
+            crate::netns::probe()?;
+            let report = runtime(2)?.block_on(async move {
+                let token = CancellationToken::new();
+                cancel_on_signals(token.clone())?;
+                tokio::select! {
+                    r = super::ring::run_ring_netns(cfg) => r,
+                    _ = token.cancelled() => Err(Error::InvalidConfig {
+                        reason: "interrupted; everything was removed".to_string(),
+                    }),
+                }
+            })?;
+            if f.switch("--json") {
+                println!("{}", report.json_summary());
+            } else {
+                println!("{}", report.human_summary());
+                if let (Some(m), Some(p)) = (
+                    super::ring::median(&report.overhead_ms),
+                    super::ring::percentile(&report.overhead_ms, 95.0),
+                ) {
+                    println!("coordination overhead: median {m:.2} ms, p95 {p:.2} ms");
+                }
+            }
+            Ok(())
         }
         other => Err(Error::InvalidConfig {
             reason: format!("unknown subcommand {other:?}\n{}", usage()),

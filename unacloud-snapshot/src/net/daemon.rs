@@ -20,7 +20,7 @@
 //! [launcher]                                # for `launcher`
 //! advertise = "10.0.0.5"                    # address participants are reached at
 //! cluster_size = 16                         # VMs in the whole deployment
-//! backend = "nft-session"                   # or "nft", "iptables"
+//! backend = "nft"                           # or "nft-command", "iptables"
 //! catalog = "/var/lib/unacloud/catalog.json"
 //!
 //! [[launcher.vm]]
@@ -54,14 +54,16 @@ use crate::protocol::{
 
 /// Which packet-colouring backend a launcher uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
 pub enum BackendKind {
-    /// nftables through a long-lived `nft -j -i` session (fast path, default).
+    /// nftables through a long-lived `nft -j -i` session (fast path, default): `nft`.
     #[default]
+    #[serde(rename = "nft", alias = "nft-session")]
     NftSession,
-    /// nftables, one `nft` process per change.
+    /// nftables, one `nft` process per change: `nft-command`.
+    #[serde(rename = "nft-command")]
     Nft,
-    /// iptables, one process per command (hosts and guests with only iptables).
+    /// iptables, one process per command: `iptables`.
+    #[serde(rename = "iptables")]
     Iptables,
 }
 
@@ -69,12 +71,12 @@ impl std::str::FromStr for BackendKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
-            "nft-session" => Ok(Self::NftSession),
-            "nft" => Ok(Self::Nft),
+            "nft" | "nft-session" => Ok(Self::NftSession),
+            "nft-command" => Ok(Self::Nft),
             "iptables" => Ok(Self::Iptables),
             other => Err(Error::InvalidConfig {
                 reason: format!(
-                    "unknown colouring backend {other:?}; use nft-session, nft or iptables"
+                    "unknown colouring backend {other:?}; use nft, nft-command or iptables"
                 ),
             }),
         }

@@ -73,6 +73,7 @@ impl Drop for Thaw {
 /// The host of one VM: colouring backend plus local-snapshot method.
 pub struct VmHost {
     inner: Arc<Inner>,
+    fast: bool,
 }
 
 struct Inner {
@@ -101,7 +102,9 @@ impl VmHost {
         snapshot: LocalSnapshot,
     ) -> Result<Self> {
         colour.install()?;
+        let fast = colour.is_fast();
         Ok(Self {
+            fast,
             inner: Arc::new(Inner {
                 vm: vm.into(),
                 colour: Mutex::new(colour),
@@ -115,10 +118,11 @@ impl VmHost {
     /// Runs `f` on the backend on a blocking thread, installing first if needed.
     async fn with_colour<T: Send + 'static>(
         inner: &Arc<Inner>,
+        fast: bool,
         f: impl FnOnce(&mut dyn ColourBackend) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let inner = inner.clone();
-        tokio::task::spawn_blocking(move || {
+        let call = move || {
             let mut guard = inner.colour.lock().map_err(|_| Error::NftSession {
                 place: inner.vm.clone(),
                 reason: "colour backend lock poisoned by an earlier panic".to_string(),
@@ -128,12 +132,18 @@ impl VmHost {
                 inner.installed.store(true, Ordering::SeqCst);
             }
             f(guard.as_mut())
-        })
-        .await
-        .map_err(|e| Error::NftSession {
-            place: "colour backend".to_string(),
-            reason: format!("blocking task failed: {e}"),
-        })?
+        };
+        if fast {
+            // A session answers in a fraction of a millisecond: two thread hops would
+            // cost more than the call.
+            return call();
+        }
+        tokio::task::spawn_blocking(call)
+            .await
+            .map_err(|e| Error::NftSession {
+                place: "colour backend".to_string(),
+                reason: format!("blocking task failed: {e}"),
+            })?
     }
 
     async fn clear_all(inner: &Arc<Inner>) -> Result<()> {
@@ -218,23 +228,26 @@ fn failed(e: Error) -> ActionOutcome {
 impl HostActions for VmHost {
     fn perform(&self, action: HostAction) -> BoxFuture<'static, ActionOutcome> {
         let inner = self.inner.clone();
+        let fast = self.fast;
+        let kind = action.kind();
         async move {
+            let t0 = Instant::now();
             let res: Result<ActionOutcome> = match action {
                 HostAction::CheckVmsRunning { .. } => {
                     Ok(ActionOutcome::VmsRunning(Self::running(&inner)))
                 }
                 HostAction::SetOutgoingColour(c) => {
-                    Self::with_colour(&inner, move |b| b.set_outgoing(Some(c)))
+                    Self::with_colour(&inner, fast, move |b| b.set_outgoing(Some(c)))
                         .await
                         .map(|()| ActionOutcome::Done)
                 }
                 HostAction::DropIncoming(Colour::Post) => {
-                    Self::with_colour(&inner, |b| b.set_drop_post(true))
+                    Self::with_colour(&inner, fast, |b| b.set_drop_post(true))
                         .await
                         .map(|()| ActionOutcome::Done)
                 }
                 HostAction::AcceptIncoming(Colour::Post) => {
-                    Self::with_colour(&inner, |b| b.set_drop_post(false))
+                    Self::with_colour(&inner, fast, |b| b.set_drop_post(false))
                         .await
                         .map(|()| ActionOutcome::Done)
                 }
@@ -243,7 +256,7 @@ impl HostActions for VmHost {
                         "filtering PRESNAPSHOT traffic is not part of the protocol".to_string(),
                     ))
                 }
-                HostAction::ClearColour => Self::with_colour(&inner, |b| b.set_outgoing(None))
+                HostAction::ClearColour => Self::with_colour(&inner, fast, |b| b.set_outgoing(None))
                     .await
                     .map(|()| ActionOutcome::Done),
                 HostAction::ClearAll => Self::clear_all(&inner).await.map(|()| ActionOutcome::Done),
@@ -257,7 +270,9 @@ impl HostActions for VmHost {
                     )))
                 }
             };
-            res.unwrap_or_else(failed)
+            let out = res.unwrap_or_else(failed);
+            tracing::debug!(vm = %inner.vm, action = kind, took_us = t0.elapsed().as_micros() as u64, "host action done");
+            out
         }
         .boxed()
     }

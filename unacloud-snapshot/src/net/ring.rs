@@ -439,8 +439,8 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
             cfg.peers.to_string(),
             "--backend".into(),
             match cfg.backend {
-                BackendKind::NftSession => "nft-session",
-                BackendKind::Nft => "nft",
+                BackendKind::NftSession => "nft",
+                BackendKind::Nft => "nft-command",
                 BackendKind::Iptables => "iptables",
             }
             .into(),
