@@ -95,11 +95,15 @@ pub struct QemuHypervisor {
     img: QemuImg,
     durable: bool,
     state: Mutex<State>,
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl QemuHypervisor {
     /// Opens (creating it if needed) a backend rooted at `root`: the registry is
     /// `root/registry.json`, new VMs go to `root/vms` unless their spec names a folder.
+    ///
+    /// Only one backend may have a root open at a time (an exclusive `flock` on
+    /// `root/.lock`, released on drop); a second one gets [`Error::InUse`].
     pub async fn open(root: impl AsRef<Path>) -> Result<Self> {
         Self::open_with(root, QemuImg::new()).await
     }
@@ -109,6 +113,25 @@ impl QemuHypervisor {
         let root = root.as_ref().to_path_buf();
         std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
         let root = std::fs::canonicalize(&root).map_err(|e| Error::io(&root, e))?;
+        // One backend per root: the registry is rewritten in place.
+        let lock_path = root.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| {
+                if errno == nix::errno::Errno::EWOULDBLOCK {
+                    Error::InUse {
+                        id: root.display().to_string(),
+                        users: vec!["another QemuHypervisor (in this or another process)".into()],
+                    }
+                } else {
+                    Error::io(&lock_path, std::io::Error::from_raw_os_error(errno as i32))
+                }
+            })?;
         let registry = Registry::load(&root.join("registry.json"))?;
         let mut vms = BTreeMap::new();
         for file in &registry.vms {
@@ -131,6 +154,7 @@ impl QemuHypervisor {
             img,
             durable: true,
             state: Mutex::new(State { registry, vms }),
+            _lock: lock,
         })
     }
 
