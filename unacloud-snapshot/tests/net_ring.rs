@@ -40,11 +40,11 @@ async fn ring_completes_with_snapshots_and_leaves_nothing() {
     if !privileged() {
         return;
     }
-    let cfg = config(4, 20_000, 3, 40);
+    let cfg = config(4, 20_000, 4, 40);
     let r = run_ring_netns(cfg).await.unwrap();
     eprintln!("{}", r.human_summary());
     assert_eq!(r.tokens_counted, 20_000, "{r:?}");
-    assert_eq!(r.global_snapshots_completed, 3, "{r:?}");
+    assert_eq!(r.global_snapshots_completed, 4, "{r:?}");
     assert_eq!(r.global_snapshots_failed, 0, "{r:?}");
     assert_eq!(r.rules_left, 0);
     assert_eq!(r.namespaces_left, 0);
