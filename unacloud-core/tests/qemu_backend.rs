@@ -387,3 +387,50 @@ async fn deleting_a_middle_snapshot_moves_its_children_up() {
         Some(a.id)
     );
 }
+
+#[tokio::test]
+async fn image_requirements_are_read_from_real_settings() {
+    use unacloud_core::provision::catalog::{
+        check_requirements, ImageSettings, RequirementPolicy, RequirementStatus,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let hv = QemuHypervisor::open(dir.path().join("host")).await.unwrap();
+    let mut spec = VmSpec::new("bridged", HardwareProfile::Small);
+    spec.os_type = Some("Ubuntu_64".into());
+    spec.bridge_adapter = Some("eth0".into());
+    let info = hv.create_vm(&spec).await.unwrap();
+    let nat = hv
+        .create_vm(&VmSpec::new("nat", HardwareProfile::Small))
+        .await
+        .unwrap();
+    let policy = RequirementPolicy {
+        supported_os: vec!["Ubuntu_64".into()],
+        hypervisor_version: None,
+    };
+    let status = |file: &Path, name: &str| {
+        let s = unacloud_core::qemu::VmSettings::load(file).unwrap();
+        check_requirements(&ImageSettings::from_qemu_settings(&s), &policy)
+            .into_iter()
+            .find(|r| r.name == name)
+            .unwrap()
+            .status
+    };
+    let bridged_file = info.settings_file.unwrap();
+    let nat_file = nat.settings_file.unwrap();
+    assert_eq!(
+        status(&bridged_file, "bridged-adapter"),
+        RequirementStatus::Met
+    );
+    assert_eq!(
+        status(&bridged_file, "supported-os"),
+        RequirementStatus::Met
+    );
+    assert!(matches!(
+        status(&nat_file, "bridged-adapter"),
+        RequirementStatus::NotMet(_)
+    ));
+    assert!(matches!(
+        status(&nat_file, "supported-os"),
+        RequirementStatus::Unknown(_)
+    ));
+}

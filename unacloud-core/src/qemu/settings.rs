@@ -99,8 +99,10 @@ pub struct VmSettings {
 }
 
 impl VmSettings {
-    /// Reads and validates a settings file.
-    pub(crate) fn load(path: &Path) -> Result<VmSettings> {
+    /// Reads and validates a settings file (e.g. to check a template VM's settings
+    /// against the image requirements with
+    /// [`ImageSettings::from_qemu_settings`](crate::provision::catalog::ImageSettings::from_qemu_settings)).
+    pub fn load(path: &Path) -> Result<VmSettings> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::NotFound {
