@@ -68,7 +68,7 @@ pub struct SnapshotMeta {
 /// A VM's settings file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSettings {
-    /// Always [`SETTINGS_FORMAT`].
+    /// Always `unacloud-qemu-vm/1`.
     pub format: String,
     /// The VM's uuid.
     pub uuid: Uuid,
