@@ -774,9 +774,15 @@ impl Machine {
 
     /// Every file of the machine: the settings, every hard disk of its own registry
     /// and the global-registry disks its states use, and every saved state; with the
-    /// count Eq. 5.4 predicts.
+    /// count Eq. 5.4 predicts. DVD and floppy images are not included.
     pub fn all_files(&self) -> AllFiles {
-        let set = self.collect_all(true, |_| true);
+        self.all_files_with(true)
+    }
+
+    /// [`Machine::all_files`], reading each file's length only if `measure_sizes`
+    /// (without it every `bytes` is `None` and the file system is not touched).
+    pub fn all_files_with(&self, measure_sizes: bool) -> AllFiles {
+        let set = self.collect_all(measure_sizes, |_| true);
         let disks = self
             .settings
             .hardware
