@@ -302,6 +302,8 @@ fn malformed_attributes_are_xml_errors() {
             parse(&xml)
         );
     }
+    // A byte-order mark is accepted.
+    assert!(parse(&format!("\u{feff}{}", machine("", ""))).is_ok());
     // Single quotes, spaces around `=`, prefixed and ignored attributes are fine.
     let ok = machine(
         "",

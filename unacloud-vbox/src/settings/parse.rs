@@ -81,6 +81,8 @@ struct Parser<'a> {
 }
 
 pub(crate) fn parse_document(input: &str, limits: &ParseLimits) -> Result<Document> {
+    // A UTF-8 byte-order mark is not text before the root element.
+    let input = input.strip_prefix('\u{feff}').unwrap_or(input);
     let mut reader = Reader::from_str(input);
     let cfg = reader.config_mut();
     cfg.check_end_names = true;
