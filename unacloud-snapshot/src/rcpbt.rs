@@ -493,26 +493,11 @@ mod tests {
     }
 
     async fn ring(n: u32, tokens: u64) -> RingOutcome {
-        // All peers on loopback addresses 127.0.0.x, ports from a free base.
-        let tm = TestManager::bind(TestManagerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            tokens,
-            base_port: 0,
-            participants: n,
-            label: "unit".into(),
-            csv: None,
-            deadline: Duration::from_secs(20),
-        })
-        .await;
-        // base_port 0 is not usable for peers: pick a real one below.
-        drop(tm);
+        // Peers on loopback addresses 127.0.0.10.., each listening on base + id; the
+        // base is taken from a free ephemeral port (each peer has its own address, so
+        // only the port numbers must be free on those addresses).
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = probe
-            .local_addr()
-            .unwrap()
-            .port()
-            .saturating_sub(5000)
-            .max(20000);
+        let base = probe.local_addr().unwrap().port().clamp(20_000, 60_000);
         drop(probe);
         let tm = TestManager::bind(TestManagerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),

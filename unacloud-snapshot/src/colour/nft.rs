@@ -267,6 +267,21 @@ impl Drop for NftSession {
 }
 
 /// Rule generation for nftables, run by an [`NftRunner`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use unacloud_snapshot::colour::exec::NetnsExec;
+/// use unacloud_snapshot::colour::nft::{Nft, NftOneShot};
+/// use unacloud_snapshot::colour::{Colour, DscpConfig};
+///
+/// // Commands for the namespace `lab-3` (nothing runs until a backend call).
+/// let nft = Nft::new(NftOneShot::new(Arc::new(NetnsExec::new("lab-3"))), DscpConfig::default());
+/// assert_eq!(
+///     nft.colour_line(Some(Colour::Post)),
+///     "flush chain inet unacloud colour_out; add rule inet unacloud colour_out ip dscp set 0x12; \
+///      add rule inet unacloud colour_out ip6 dscp set 0x12"
+/// );
+/// ```
 #[derive(Debug)]
 pub struct Nft<R: NftRunner> {
     runner: R,

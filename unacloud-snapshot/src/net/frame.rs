@@ -146,6 +146,16 @@ pub struct Hello {
 }
 
 /// Builds the frame body (what follows the length prefix) for `kind` and `body`.
+///
+/// ```
+/// use unacloud_snapshot::net::frame::{open, seal, ClusterKey, FrameKind};
+/// let key = ClusterKey::from_hex("000102030405060708090a0b0c0d0e0f")?;
+/// let frame = seal(Some(&key), FrameKind::Protocol, b"payload");
+/// assert_eq!(open(Some(&key), &frame, "peer")?, (FrameKind::Protocol, &b"payload"[..]));
+/// let other = ClusterKey::from_hex("ffffffffffffffffffffffffffffffff")?;
+/// assert!(open(Some(&other), &frame, "peer").is_err()); // keys differ: refused
+/// # Ok::<(), unacloud_snapshot::Error>(())
+/// ```
 pub fn seal(key: Option<&ClusterKey>, kind: FrameKind, body: &[u8]) -> Vec<u8> {
     let k = kind as u8;
     let mut out = Vec::with_capacity(body.len() + 2 + MAC_LEN);
