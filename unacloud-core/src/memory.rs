@@ -47,6 +47,7 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
+use crate::files::{ExpectedFile, FileRole, MigrationSet, VmFile};
 use crate::hypervisor::{
     AttachSpec, CloneSpec, DiskRef, GuestCommand, GuestOutput, Hypervisor, SnapshotRef, StartMode,
 };
@@ -875,6 +876,56 @@ impl Hypervisor for InMemoryHypervisor {
             stdout: String::new(),
             stderr: String::new(),
         })
+    }
+
+    async fn vm_files(&self, vm: &VmId) -> Result<MigrationSet> {
+        let mut s = self.lock();
+        s.check_failure("vm_files")?;
+        let r = s.vm_mut(vm)?.clone();
+        let mut set = MigrationSet::default();
+        if let Some(settings) = &r.info.settings_file {
+            set.push(VmFile::new(
+                settings.clone(),
+                FileRole::Settings,
+                None,
+                None,
+            ));
+        }
+        // The chain of every attached image, base first, stopping at a multiattach
+        // template, which the destination must already have.
+        for a in &r.info.disks {
+            let mut chain = Vec::new();
+            let mut cur = Some(a.disk);
+            while let Some(u) = cur {
+                let Some(d) = s.disks.get(&u) else { break };
+                if d.disk_type == DiskType::MultiAttach {
+                    set.expected_at_destination.push(ExpectedFile {
+                        uuid: u.to_string(),
+                        path: Some(d.location.clone()),
+                    });
+                    break;
+                }
+                chain.push(d.clone());
+                cur = d.parent;
+            }
+            for d in chain.into_iter().rev() {
+                set.push(VmFile::new(
+                    d.location,
+                    FileRole::Disk,
+                    Some(d.uuid.to_string()),
+                    None,
+                ));
+            }
+        }
+        if r.info.state == PowerState::Saved {
+            set.push(VmFile::new(
+                r.folder.join("Snapshots").join("current.sav"),
+                FileRole::SavedState,
+                None,
+                None,
+            ));
+        }
+        Ok(set)
     }
 
     async fn host_disk_space(&self, _path: &Path) -> Result<DiskSpace> {

@@ -352,3 +352,31 @@ fn with_timeouts_turns_a_hang_into_a_typed_error() {
         }
     });
 }
+
+#[test]
+fn vm_files_list_the_own_chain_and_expect_the_template() {
+    rt().block_on(async {
+        let hv = InMemoryHypervisor::new();
+        let t = hv.register_disk(Path::new("/t/ubuntu.vdi")).await.unwrap();
+        hv.set_disk_type(&DiskRef::Uuid(t.uuid), DiskType::MultiAttach)
+            .await
+            .unwrap();
+        hv.create_vm(&VmSpec::new("a", HardwareProfile::Small))
+            .await
+            .unwrap();
+        let a = VmId::from("a");
+        hv.attach_disk(&a, &AttachSpec::sata(DiskRef::Uuid(t.uuid)))
+            .await
+            .unwrap();
+        hv.take_snapshot(&a, "s", None, false).await.unwrap();
+        let set = hv.vm_files(&a).await.unwrap();
+        // settings + the VM's child of the template + the child after the snapshot
+        assert_eq!(set.files.len(), 3);
+        assert_eq!(set.expected_at_destination.len(), 1);
+        assert_eq!(set.expected_at_destination[0].uuid, t.uuid.to_string());
+        assert!(set
+            .files
+            .iter()
+            .all(|f| f.uuid.as_deref() != Some(&t.uuid.to_string())));
+    });
+}
