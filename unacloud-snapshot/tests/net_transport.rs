@@ -49,6 +49,9 @@ impl ColourBackend for Recorder {
     fn active_rules(&mut self) -> unacloud_snapshot::Result<usize> {
         Ok(0)
     }
+    fn colouring_rules(&mut self) -> unacloud_snapshot::Result<usize> {
+        Ok(0)
+    }
     fn remove(&mut self) -> unacloud_snapshot::Result<()> {
         self.log.lock().unwrap().push("remove".into());
         Ok(())
@@ -99,6 +102,8 @@ async fn global_snapshot_over_loopback_with_a_cluster_key() {
     let logs: Vec<_> = (0..3)
         .map(|_| Arc::new(std::sync::Mutex::new(Vec::new())))
         .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("times.csv");
     let ms = spawn_metadata_server(
         MetadataServerConfig {
             cluster: ClusterId(42),
@@ -106,7 +111,7 @@ async fn global_snapshot_over_loopback_with_a_cluster_key() {
         },
         TcpListener::bind("127.0.0.1:0").await.unwrap(),
         transport(Some(7)),
-        None,
+        Some(csv.clone()),
     )
     .unwrap();
     // Register the three VMs as launchers do.
@@ -195,21 +200,39 @@ async fn global_snapshot_over_loopback_with_a_cluster_key() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(ms.times().len(), 1);
-    // Every host ran the six steps in the thesis's order.
+    // One CSV row per participant with its local time and the global time.
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        rows[0],
+        "global_snapshot,participant,local_time_s,global_time_s"
+    );
+    assert_eq!(rows.len(), 4, "{text}");
+    for (i, r) in rows[1..].iter().enumerate() {
+        let f: Vec<&str> = r.split(',').collect();
+        assert_eq!(f[1], i.to_string());
+        let local: f64 = f[2].parse().unwrap();
+        let global: f64 = f[3].parse().unwrap();
+        assert!(local >= 0.005 && global >= local, "{r}");
+    }
+    // Every host ran the six steps in the thesis's order (the protocol may also arm or
+    // re-arm an idle POST filter around them).
     for log in &logs {
         let l = log.lock().unwrap().clone();
-        assert_eq!(
-            l,
-            vec![
-                "install",
-                "colour Some(Pre)",
-                "drop true",
-                "colour Some(Post)",
-                "drop false",
-                "colour None"
-            ],
-            "{l:?}"
-        );
+        let steps = [
+            "colour Some(Pre)",
+            "drop true",
+            "colour Some(Post)",
+            "drop false",
+            "colour None",
+        ];
+        let mut at = 0;
+        for step in steps {
+            let found = l[at..].iter().position(|x| x == step);
+            assert!(found.is_some(), "{step} missing in order in {l:?}");
+            at += found.unwrap_or(0) + 1;
+        }
+        assert_eq!(l[0], "install");
     }
     for p in parts {
         p.stop().await;

@@ -268,6 +268,10 @@ impl ColourBackend for Iptables {
         Ok(n)
     }
 
+    fn colouring_rules(&mut self) -> Result<usize> {
+        self.rules_in("mangle", &self.out_chain.clone())
+    }
+
     fn remove(&mut self) -> Result<()> {
         if self.dropping {
             // Keep the count of what the filter dropped.

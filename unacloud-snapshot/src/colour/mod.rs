@@ -69,6 +69,10 @@ pub trait ColourBackend: Send + fmt::Debug {
     /// POST filter, whether or not our empty chains/table exist).
     fn active_rules(&mut self) -> Result<usize>;
 
+    /// How many of the active rules mark outgoing datagrams (0 when the host does not
+    /// colour its traffic).
+    fn colouring_rules(&mut self) -> Result<usize>;
+
     /// Removes every object we created. Idempotent: removing twice, or removing what was
     /// never installed, succeeds.
     fn remove(&mut self) -> Result<()>;
@@ -101,6 +105,9 @@ impl<B: ColourBackend + ?Sized> ColourBackend for Box<B> {
     }
     fn active_rules(&mut self) -> Result<usize> {
         (**self).active_rules()
+    }
+    fn colouring_rules(&mut self) -> Result<usize> {
+        (**self).colouring_rules()
     }
     fn remove(&mut self) -> Result<()> {
         (**self).remove()

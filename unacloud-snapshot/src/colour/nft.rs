@@ -479,6 +479,17 @@ impl<R: NftRunner> ColourBackend for Nft<R> {
         Ok(doc.as_ref().map(count_rules).unwrap_or(0))
     }
 
+    fn colouring_rules(&mut self) -> Result<usize> {
+        let tables = self.runner.exec("list tables", true)?;
+        if !tables.as_ref().is_some_and(|d| has_table(d, &self.table)) {
+            return Ok(0);
+        }
+        let doc = self
+            .runner
+            .exec(&format!("list chain inet {} colour_out", self.table), true)?;
+        Ok(doc.as_ref().map(count_rules).unwrap_or(0))
+    }
+
     fn remove(&mut self) -> Result<()> {
         let line = self.remove_line();
         self.runner.exec(&line, false)?;

@@ -361,8 +361,8 @@ fn run(args: &[String]) -> Result<()> {
                 cancel_on_signals(token.clone())?;
                 tokio::select! {
                     r = super::ring::run_ring_netns(cfg) => r,
-                    _ = token.cancelled() => Err(Error::InvalidConfig {
-                        reason: "interrupted; everything was removed".to_string(),
+                    _ = token.cancelled() => Err(Error::Rcpbt {
+                        reason: "interrupted; namespaces, rules and processes were removed".to_string(),
                     }),
                 }
             })?;

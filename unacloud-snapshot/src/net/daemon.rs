@@ -412,16 +412,23 @@ fn translate(id: ParticipantId, ev: &NodeEvent) -> Option<LauncherEvent> {
 
 /// Fault injection for tests: the process kills itself with SIGKILL right after one
 /// step (1–6) of phase 2 completed at this host, as a host powered off mid-snapshot.
+/// Steps are recognised in sequence (colour PRE, drop POST, local snapshot, colour POST,
+/// accept POST, clear colour), so actions outside phase 2 never trigger it.
 #[derive(Debug)]
 pub struct CrashAfterStep {
     inner: Arc<dyn HostActions>,
     step: u8,
+    reached: Arc<std::sync::atomic::AtomicU8>,
 }
 
 impl CrashAfterStep {
     /// Wraps `inner`; `step` is 1–6 in the thesis's numbering.
     pub fn new(inner: Arc<dyn HostActions>, step: u8) -> Self {
-        Self { inner, step }
+        Self {
+            inner,
+            step,
+            reached: Arc::new(std::sync::atomic::AtomicU8::new(0)),
+        }
     }
 }
 
@@ -432,16 +439,19 @@ impl HostActions for CrashAfterStep {
     ) -> futures::future::BoxFuture<'static, crate::protocol::ActionOutcome> {
         use crate::protocol::{Colour, HostAction};
         use futures::FutureExt;
-        let n = match &action {
-            HostAction::SetOutgoingColour(Colour::Pre) => 1,
-            HostAction::DropIncoming(_) => 2,
-            HostAction::TakeLocalSnapshots { .. } => 3,
-            HostAction::SetOutgoingColour(Colour::Post) => 4,
-            HostAction::AcceptIncoming(_) => 5,
-            HostAction::ClearColour => 6,
-            _ => 0,
+        use std::sync::atomic::Ordering;
+        let before = self.reached.load(Ordering::SeqCst);
+        let n = match (&action, before) {
+            (HostAction::SetOutgoingColour(Colour::Pre), _) => 1,
+            (HostAction::DropIncoming(_), 1) => 2,
+            (HostAction::TakeLocalSnapshots { .. }, 2) => 3,
+            (HostAction::SetOutgoingColour(Colour::Post), 3) => 4,
+            (HostAction::AcceptIncoming(_), 4) => 5,
+            (HostAction::ClearColour, 5) => 6,
+            _ => before,
         };
-        let crash = n == self.step;
+        self.reached.store(n, Ordering::SeqCst);
+        let crash = n == self.step && before != n;
         let fut = self.inner.perform(action);
         async move {
             let out = fut.await;

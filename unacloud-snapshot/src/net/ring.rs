@@ -129,8 +129,9 @@ pub struct RingNetnsReport {
     pub namespaces_left: usize,
     /// Why snapshots failed.
     pub failures: Vec<String>,
-    /// After a failure: whether every surviving namespace's filters were gone within the
-    /// protocol deadline.
+    /// After a failure: whether every surviving host stopped colouring its traffic within
+    /// the protocol deadline (a POST filter may stay armed while a host is idle, which
+    /// drops nothing as nobody colours).
     pub survivors_cleared_in_time: Option<bool>,
     /// Ring duration as measured by the test manager (s).
     pub ring_duration_s: f64,
@@ -307,12 +308,12 @@ fn leftovers_in(ns: &str) -> usize {
     n
 }
 
-/// Our active marking/filtering rules in a namespace, for both rule languages.
-fn active_rules_in(ns: &str) -> usize {
+/// Our rules that colour outgoing traffic in a namespace, for both rule languages.
+fn colouring_rules_in(ns: &str) -> usize {
     let exec: Arc<dyn crate::colour::exec::CommandExecutor> = Arc::new(NetnsExec::new(ns));
     let mut nft = Nft::new(NftOneShot::new(exec.clone()), DscpConfig::default());
     let mut ipt = Iptables::new(exec, DscpConfig::default());
-    nft.active_rules().unwrap_or(0) + ipt.active_rules().unwrap_or(0)
+    nft.colouring_rules().unwrap_or(0) + ipt.colouring_rules().unwrap_or(0)
 }
 
 /// Supervisor cleanup of a crashed host: reads its drop counter, removes its rules.
@@ -596,7 +597,7 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
                     ev["who"],
                     ev["why"].as_str().unwrap_or("")
                 ));
-                // Every surviving namespace must be clean within the deadline.
+                // Every surviving host must stop colouring within the deadline.
                 let names: Vec<String> = lab
                     .0
                     .peers()
@@ -609,9 +610,10 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
                 let mut ok = false;
                 while Instant::now() < until {
                     let names2 = names.clone();
-                    let n =
-                        blocking(move || names2.iter().map(|n| active_rules_in(n)).sum::<usize>())
-                            .await?;
+                    let n = blocking(move || {
+                        names2.iter().map(|n| colouring_rules_in(n)).sum::<usize>()
+                    })
+                    .await?;
                     if n == 0 {
                         ok = true;
                         break;
