@@ -9,7 +9,20 @@
 //! * [`node`] — the coordinator, participant and metadata-server drivers;
 //! * [`daemon`] — configuration (TOML and flags), the launcher, the metadata server and
 //!   the `start` trigger;
-//! * [`ring`] — the RCPBT ring across network namespaces with real packet colouring.
+//! * [`ring`] — the RCPBT ring across network namespaces with real packet colouring;
+//! * [`cli`] — the command line shared by the `unacloud-gs` binary and the `ring_netns`
+//!   example.
+//!
+//! A deployment runs `unacloud-gs metadata-server` once, `unacloud-gs launcher` on every
+//! host (it registers the host's VMs, one participant per VM; the first registered VM's
+//! participant coordinates) and `unacloud-gs start` to take a global snapshot. Each host
+//! action of the protocol becomes a [`host::HostActions`] call: colour and filter changes
+//! go to a [`crate::colour::ColourBackend`] (a long-lived `nft` session by default), the
+//! local snapshot to a [`host::LocalSnapshot`] method. Rules are removed on completion,
+//! abort, deadline, error, SIGINT/SIGTERM, and when a host object is dropped; a launcher
+//! that starts again replaces rules a crashed predecessor left behind.
+//!
+//! Needs, at run time: `nftables` (or `iptables`) and, for namespaces, `iproute2`.
 
 pub mod cli;
 pub mod conn;
