@@ -894,6 +894,9 @@ impl<'a> Parser<'a> {
     /// Scans the start tag's attributes directly (`S Name Eq AttValue`, strict XML
     /// syntax, no HTML leniency). Only values whose key some handler reads are
     /// UTF-8-checked and unescaped; duplicates are not diagnosed (the last one wins).
+    ///
+    /// One pass: the key loop also notes the last `:` (for the local name), and one
+    /// `memchr2` search finds the closing quote and whether the value holds a `&`.
     fn attrs_full<F>(&self, e: &BytesStart<'_>, mut f: F) -> Result<()>
     where
         F: FnMut(&[u8], std::borrow::Cow<'_, str>, &Self) -> Result<()>,
@@ -912,7 +915,15 @@ impl<'a> Parser<'a> {
                 return Ok(());
             }
             let key_start = i;
-            while i < n && raw[i] != b'=' && !raw[i].is_ascii_whitespace() {
+            let mut colon = None;
+            while i < n {
+                let c = raw[i];
+                if c == b'=' || c.is_ascii_whitespace() {
+                    break;
+                }
+                if c == b':' {
+                    colon = Some(i);
+                }
                 i += 1;
             }
             let key = &raw[key_start..i];
@@ -934,17 +945,25 @@ impl<'a> Parser<'a> {
                 return Err(err(AttrError::UnquotedValue(i)));
             }
             let value_start = i + 1;
-            let Some(len) = raw[value_start..].iter().position(|&c| c == quote) else {
-                return Err(err(AttrError::ExpectedQuote(n, quote)));
+            let rest = &raw[value_start..];
+            let (len, has_amp) = match memchr::memchr2(quote, b'&', rest) {
+                Some(p) if rest[p] == quote => (p, false),
+                Some(p) => match memchr::memchr(quote, &rest[p + 1..]) {
+                    Some(q) => (p + 1 + q, true),
+                    None => return Err(err(AttrError::ExpectedQuote(n, quote))),
+                },
+                None => return Err(err(AttrError::ExpectedQuote(n, quote))),
             };
-            let value = &raw[value_start..value_start + len];
+            let value = &rest[..len];
             i = value_start + len + 1;
-            if key.starts_with(b"xmlns:") {
-                continue;
-            }
-            let local = match key.iter().rposition(|&c| c == b':') {
-                Some(c) => &key[c + 1..],
+            let local = match colon {
                 None => key,
+                Some(c) => {
+                    if key.starts_with(b"xmlns:") {
+                        continue;
+                    }
+                    &key[c - key_start + 1..]
+                }
             };
             if !is_kept_attribute(local) {
                 continue;
@@ -955,7 +974,7 @@ impl<'a> Parser<'a> {
                     self.xml_error(quick_xml::encoding::EncodingError::from(u).into())
                 })?,
             };
-            let v = if text.contains('&') {
+            let v = if has_amp {
                 quick_xml::escape::unescape(text).map_err(|x| self.xml_error(x.into()))?
             } else {
                 std::borrow::Cow::Borrowed(text)
@@ -994,6 +1013,10 @@ impl<'a> Parser<'a> {
             .strip_prefix('{')
             .and_then(|s| s.strip_suffix('}'))
             .unwrap_or(trimmed);
+        if let Some(u) = parse_hyphenated_uuid(inner.as_bytes()) {
+            return Ok(u);
+        }
+        // Every other form (and every error message) comes from the uuid crate.
         Uuid::try_parse(inner)
             .map_err(|e| self.invalid(element, attribute, v, &format!("not a uuid ({e})")))
     }
@@ -1056,6 +1079,31 @@ impl<'a> Parser<'a> {
     }
 }
 
+/// The common case of a uuid attribute, `8-4-4-4-12` hex digits (VirtualBox writes
+/// it between braces, which the caller strips): decoded directly, `None` for anything
+/// else so the caller can let [`Uuid::try_parse`] accept the other forms or explain
+/// the error.
+fn parse_hyphenated_uuid(s: &[u8]) -> Option<Uuid> {
+    /// Start of each two-digit byte in the hyphenated form.
+    const POS: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+    fn hex(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
+    if s.len() != 36 || s[8] != b'-' || s[13] != b'-' || s[18] != b'-' || s[23] != b'-' {
+        return None;
+    }
+    let mut bytes = [0u8; 16];
+    for (b, &p) in bytes.iter_mut().zip(POS.iter()) {
+        *b = (hex(s[p])? << 4) | hex(s[p + 1])?;
+    }
+    Some(Uuid::from_bytes(bytes))
+}
+
 /// Every attribute name some element's handler reads; others are skipped without
 /// being decoded.
 fn is_kept_attribute(key: &[u8]) -> bool {
@@ -1097,4 +1145,62 @@ fn is_kept_attribute(key: &[u8]) -> bool {
 
 fn local_str(e: &BytesStart<'_>) -> String {
     String::from_utf8_lossy(e.local_name().as_ref()).into_owned()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::parse_hyphenated_uuid;
+    use proptest::prelude::*;
+    use uuid::Uuid;
+
+    #[test]
+    fn fast_uuid_path_matches_the_uuid_crate_on_known_forms() {
+        for s in [
+            "9e02142e-0923-41ba-9f5f-d41958f9f753",
+            "9E02142E-0923-41BA-9F5F-D41958F9F753",
+            "00000000-0000-0000-0000-000000000000",
+        ] {
+            assert_eq!(parse_hyphenated_uuid(s.as_bytes()), Uuid::try_parse(s).ok());
+        }
+        // Forms the fast path leaves to the uuid crate.
+        for s in [
+            "9e02142e092341ba9f5fd41958f9f753",
+            "{9e02142e-0923-41ba-9f5f-d41958f9f753}",
+            "9e02142e-0923-41ba-9f5f-d41958f9f75g",
+            "9e02142e+0923-41ba-9f5f-d41958f9f753",
+            "9e02142e-0923-41ba-9f5f-d41958f9f7530",
+            "",
+        ] {
+            assert_eq!(parse_hyphenated_uuid(s.as_bytes()), None, "{s}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whenever the fast path accepts, the uuid crate accepts the same value.
+        #[test]
+        fn fast_uuid_path_agrees_with_the_uuid_crate(s in "[0-9a-fA-FgG-]{30,40}") {
+            if let Some(u) = parse_hyphenated_uuid(s.as_bytes()) {
+                prop_assert_eq!(Some(u), Uuid::try_parse(&s).ok());
+            }
+            if s.len() == 36 {
+                if let Ok(u) = Uuid::try_parse(&s) {
+                    prop_assert_eq!(parse_hyphenated_uuid(s.as_bytes()), Some(u));
+                }
+            }
+        }
+
+        /// Every uuid's hyphenated text round-trips through the fast path.
+        #[test]
+        fn fast_uuid_path_round_trips(bytes in any::<[u8; 16]>(), upper in any::<bool>()) {
+            let u = Uuid::from_bytes(bytes);
+            let mut text = u.hyphenated().to_string();
+            if upper {
+                text = text.to_ascii_uppercase();
+            }
+            prop_assert_eq!(parse_hyphenated_uuid(text.as_bytes()), Some(u));
+        }
+    }
 }
