@@ -66,7 +66,8 @@ fn coordinator_round(mut c: Coordinator, replies: (Vec<Envelope>, Vec<Envelope>)
         c.handle_message(now, e).expect("done");
     }
     let completed = drain_coordinator(&mut c, now, &mut sent);
-    assert!(completed && sent == 2 * (c.config().participants.len()));
+    // PRECHECK, TAKE_SNAPSHOT and RELEASE to every participant.
+    assert!(completed && sent == 3 * (c.config().participants.len()));
 }
 
 fn replies(n: u32) -> (Vec<Envelope>, Vec<Envelope>) {

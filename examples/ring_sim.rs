@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release --example ring_sim -- --nodes <N> --tokens <T> --snapshot-every <K>
 //!     [--crash-at <token>] [--restore-from <latest|id>] [--transport tcp|udp]
-//!     [--seed <S>] [--no-filter] [--release-colour] [--json]
+//!     [--seed <S>] [--no-filter] [--thesis-order] [--json]
 //! ```
 //!
 //! With `--json` it prints exactly one JSON object (`nodes`, `tokens_expected`,
@@ -14,14 +14,16 @@
 //! `sim_time_ms`, `messages_sent`, `snapshots`, `overhead`); otherwise a summary. Bad input
 //! exits with status 2 and a one-line error.
 //!
-//! By default the protocol core runs as it is, with the thesis's step order, and local
-//! snapshot times that differ between hosts: the checker then reports orphan messages (see
-//! `unacloud_snapshot::sim`). `--release-colour` keeps the POST colour until each global
-//! snapshot completes, which the checker finds consistent.
+//! By default the protocol core runs as it is — each host keeps the POST colour until the
+//! coordinator's RELEASE and drops POST datagrams when idle — with local snapshot times that
+//! differ between hosts; the checker finds no violation. Two negative controls show that it
+//! can: `--no-filter` (hosts never drop POST datagrams) and `--thesis-order` (step 6 right
+//! after the host's own local snapshot, as in the thesis; see `unacloud_snapshot::sim`).
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use unacloud::snapshot::protocol::ClearColourPolicy;
 use unacloud::snapshot::sim::{simulate_ring, RestoreFrom, RingConfig, RingReport, TransportKind};
 use unacloud::snapshot::Error;
 
@@ -52,9 +54,10 @@ struct Args {
     /// Negative control: hosts do not install the POSTSNAPSHOT drop filter.
     #[arg(long)]
     no_filter: bool,
-    /// Protocol variant: keep colouring POST until the global snapshot completes.
+    /// Negative control: the thesis's order, step 6 (stop colouring) right after each
+    /// host's own local snapshot instead of on the coordinator's RELEASE.
     #[arg(long)]
-    release_colour: bool,
+    thesis_order: bool,
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
@@ -84,7 +87,11 @@ fn main() -> ExitCode {
         transport: args.transport,
         seed: args.seed,
         filter: !args.no_filter,
-        release_colour_on_completion: args.release_colour,
+        clear_colour: if args.thesis_order {
+            ClearColourPolicy::AfterOwnSnapshot
+        } else {
+            ClearColourPolicy::OnRelease
+        },
         ..RingConfig::default()
     };
     match simulate_ring(config) {

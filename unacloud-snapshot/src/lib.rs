@@ -6,11 +6,34 @@
 //! with no lost and no duplicated messages.
 //!
 //! Each host colours the IPv4 datagrams its VMs send (the DSCP field: PRESNAPSHOT before
-//! its local snapshot, POSTSNAPSHOT after) and, while its own local snapshot is taken, drops
+//! its local snapshot, POSTSNAPSHOT after) and, until its own local snapshot is taken, drops
 //! datagrams already coloured POSTSNAPSHOT — "messages from the future". TCP retransmits
 //! what was dropped; UDP applications already tolerate the loss. A coordinator runs a
-//! pre-check (are all VMs running?), then has every host run six steps, and completes when
-//! its own steps are done and every participant answered DONE.
+//! pre-check (are all VMs running?), then has every host run the thesis's six steps, and
+//! completes when its own steps are done and every participant answered DONE.
+//!
+//! ## Where this protocol deviates from the thesis
+//!
+//! The deterministic simulator ([`sim`]) found the thesis's literal step order
+//! inconsistent whenever local snapshot times differ between hosts (the thesis measured
+//! 1.9–2.4 s): a host that clears its colour (step 6) right after its own snapshot sends
+//! uncoloured datagrams that a slower host, not yet at its snapshot point, accepts —
+//! orphan messages, and TCP ACKs "from the future" that make messages unrecoverable after
+//! a restore. Two changes, both in the protocol core and on by default, make every global
+//! snapshot consistent for any timing (see `PROTOCOL.md` §6.4):
+//!
+//! * **RELEASE.** A host keeps colouring POST after step 5 and sends DONE; the coordinator,
+//!   once every host has taken its local snapshot (completion), sends RELEASE to everyone,
+//!   and only then does each host perform step 6. ABORT, or the host's own deadline if the
+//!   coordinator vanished, removes every rule instead. Cost: N−1 more messages, no extra
+//!   round trip before completion.
+//! * **Idle drop rule.** A host drops incoming POST datagrams whenever it is not between
+//!   steps 5 and 6: its state machine arms the rule first and again after every
+//!   ClearColour or ClearAll. So POST traffic of a fast host cannot reach a host whose
+//!   TAKE_SNAPSHOT is still on its way.
+//!
+//! [`protocol::ClearColourPolicy::AfterOwnSnapshot`] restores the thesis's order as a
+//! negative control.
 //!
 //! ## Example: one global snapshot, driven by hand
 //!
@@ -105,9 +128,10 @@
 //!
 //! Faults the original design left open are handled explicitly: a participant silent past a
 //! deadline fails that global snapshot (never offered for restore, ABORT tells the others to
-//! clean up); a participant whose steps do not finish in time removes its colour and filter
-//! rules by itself; global snapshot ids are epochs, so late and duplicated messages of
-//! earlier attempts are ignored.
+//! clean up); a participant whose steps do not finish in time, or that hears neither
+//! RELEASE nor ABORT in time, removes its colour and filter rules by itself; global
+//! snapshot ids are epochs, so late and duplicated messages of earlier attempts are
+//! ignored.
 #![deny(missing_docs)]
 
 pub mod catalog_store;

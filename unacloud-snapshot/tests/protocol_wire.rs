@@ -37,6 +37,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
         gs.clone().prop_map(|gs| Message::TakeSnapshot { gs }),
         (gs.clone(), us.clone()).prop_map(|(gs, local_time)| Message::Done { gs, local_time }),
         (gs.clone(), arb_text()).prop_map(|(gs, reason)| Message::SnapshotFailed { gs, reason }),
+        gs.clone().prop_map(|gs| Message::Release { gs }),
         (gs.clone(), arb_text()).prop_map(|(gs, reason)| Message::Abort { gs, reason }),
         (gs.clone(), at.clone()).prop_map(|(gs, attempt)| Message::Poll { gs, attempt }),
         (gs.clone(), at.clone()).prop_map(|(gs, attempt)| Message::PollOk { gs, attempt }),
@@ -325,6 +326,8 @@ fn a_foreign_cluster_frame_is_rejected_by_the_state_machine() {
         vec![],
     ))
     .unwrap();
+    // Its first output is the idle drop rule.
+    assert!(matches!(part.poll_output(), Some(Output::Action { .. })));
     let env = Envelope::new(
         ClusterId(2),
         ParticipantId(0),
@@ -375,6 +378,7 @@ fn one_of_each() -> Vec<Message> {
             gs,
             reason: reason.clone(),
         },
+        Message::Release { gs },
         Message::Abort {
             gs,
             reason: reason.clone(),

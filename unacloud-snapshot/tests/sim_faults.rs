@@ -1,5 +1,6 @@
 //! Property 5: a host dies in the middle of a global snapshot. The snapshot fails cleanly,
-//! no surviving host is left colouring or dropping traffic past the protocol's deadlines,
+//! every surviving host is back in the idle state (no colour, only POST datagrams dropped)
+//! within the protocol's deadlines,
 //! the ring resumes from the previous snapshot, and the next global snapshot succeeds.
 #![allow(clippy::unwrap_used)]
 
@@ -14,14 +15,16 @@ fn reached(h: &Host, stage: u8) -> bool {
     match stage {
         0 => true,
         1 => h.outgoing == Some(Colour::Pre),
-        2 => h.drop_incoming.is_some(),
+        // Step 2 re-installs the idle drop rule: indistinguishable from step 1.
+        2 => h.outgoing == Some(Colour::Pre) && h.drop_incoming.is_some(),
         3 => h.frozen,
         _ => h.outgoing == Some(Colour::Post),
     }
 }
 
+/// The idle state: no colour, only POST dropped, the VM not paused.
 fn clean(h: &Host) -> bool {
-    h.outgoing.is_none() && h.drop_incoming.is_none() && !h.frozen
+    h.outgoing.is_none() && h.drop_incoming == Some(Colour::Post) && !h.frozen
 }
 
 fn sent_by_initiator(c: &Cluster) -> u64 {
@@ -37,7 +40,7 @@ proptest! {
         victim_pick in any::<usize>(),
         stage in 0u8..=4,
         seed in any::<u64>(),
-        release in any::<bool>(),
+        unequal in any::<bool>(),
     ) {
         let victim = victim_pick % nodes;
         let cfg = RingConfig {
@@ -46,8 +49,7 @@ proptest! {
             snapshot_every: 0,
             seed,
             local_snapshot_min: Duration::from_millis(2),
-            local_snapshot_max: Duration::from_millis(if release { 5 } else { 2 }),
-            release_colour_on_completion: release,
+            local_snapshot_max: Duration::from_millis(if unequal { 5 } else { 2 }),
             ..RingConfig::default()
         };
         let timeouts = cfg.timeouts;

@@ -14,9 +14,10 @@ pub struct Timeouts {
     /// for its own VM check). Default 10 s.
     pub precheck: Duration,
     /// Phase 2: how long the coordinator waits, from sending TAKE_SNAPSHOT, for every DONE
-    /// and its own six steps; and how long a participant, from receiving TAKE_SNAPSHOT,
-    /// lets its six steps run before it removes every rule by itself (ClearAll) and reports
-    /// SNAPSHOT_FAILED. Default 120 s.
+    /// and its own steps 1–5; and how long a participant, from receiving TAKE_SNAPSHOT,
+    /// lets its steps run and then waits for RELEASE (or ABORT) before it removes every
+    /// rule by itself (ClearAll) — reporting SNAPSHOT_FAILED if its steps had not finished.
+    /// Default 120 s.
     pub snapshot: Duration,
     /// Resume: interval between POLL rounds to participants that have not answered.
     /// Default 1 s.
@@ -40,6 +41,31 @@ impl Default for Timeouts {
     }
 }
 
+/// When a host performs step 6 (stop colouring its outgoing datagrams POST).
+///
+/// The thesis clears the colour right after the host's own local snapshot (steps 1–6 back
+/// to back). That is only consistent if every host reaches its snapshot point at the same
+/// time: a host that finished early sends uncoloured datagrams that a slower host, which
+/// has not taken its local snapshot yet, accepts — orphan messages (SPEC Eq. 5.3) and TCP
+/// ACKs "from the future" that make messages unrecoverable after a restore (Eq. 5.2). The
+/// deterministic simulator shows it (`sim_controls.rs`; `PROTOCOL.md` §6.4). The default
+/// therefore keeps the POST colour until the coordinator knows that every host has taken
+/// its local snapshot and says so with RELEASE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClearColourPolicy {
+    /// Step 6 runs when RELEASE (or ABORT, as ClearAll) arrives from the coordinator, or
+    /// at the host's own snapshot deadline if the coordinator vanished; the coordinator
+    /// clears its own colour when the global snapshot completes. DONE is sent after step 5.
+    /// Consistent for any local snapshot times (the default).
+    #[default]
+    OnRelease,
+    /// The thesis's literal order: step 6 right after step 5, DONE after step 6, RELEASE
+    /// ignored. **Inconsistent** when local snapshot times differ between hosts; kept only
+    /// as a negative control for tests and for comparison with the thesis.
+    AfterOwnSnapshot,
+}
+
 /// Configuration of a [`super::Coordinator`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CoordinatorConfig {
@@ -56,6 +82,8 @@ pub struct CoordinatorConfig {
     /// Send a SNAPSHOT_REPORT to the metadata server after every completed global
     /// snapshot. Default `false`.
     pub report_to_metadata_server: bool,
+    /// When the coordinator's own host stops colouring POST (default: at completion).
+    pub clear_colour: ClearColourPolicy,
 }
 
 impl CoordinatorConfig {
@@ -68,6 +96,7 @@ impl CoordinatorConfig {
             timeouts: Timeouts::default(),
             dscp: DscpConfig::default(),
             report_to_metadata_server: false,
+            clear_colour: ClearColourPolicy::default(),
         }
     }
 }
@@ -85,6 +114,8 @@ pub struct ParticipantConfig {
     pub timeouts: Timeouts,
     /// DSCP values (informative for the state machine; drivers apply them).
     pub dscp: DscpConfig,
+    /// When this host stops colouring POST (default: on RELEASE).
+    pub clear_colour: ClearColourPolicy,
 }
 
 impl ParticipantConfig {
@@ -96,6 +127,7 @@ impl ParticipantConfig {
             vms,
             timeouts: Timeouts::default(),
             dscp: DscpConfig::default(),
+            clear_colour: ClearColourPolicy::default(),
         }
     }
 }

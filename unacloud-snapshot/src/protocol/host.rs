@@ -1,18 +1,26 @@
-//! Bookkeeping of the one host action a state machine may have outstanding, and the
-//! thesis's six steps. Shared by the coordinator (which runs the steps on its own host) and
-//! the participants.
+//! Bookkeeping of the one host action a state machine may have outstanding (and the one
+//! action queued behind a short rule-maintenance action), and the thesis's six steps.
+//! Shared by the coordinator (which runs the steps on its own host) and the participants.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use super::config::ClearColourPolicy;
 use super::ids::{ActionId, Colour, GlobalSnapshotId};
 use super::output::{HostAction, Output};
 use crate::error::{Error, Result};
 
 /// How many times a failing ClearAll is tried before it is reported.
 pub(crate) const CLEANUP_TRIES: u8 = 3;
-/// Number of steps of phase 2.
-pub(crate) const STEPS: u8 = 6;
+/// Number of steps of phase 2 a host runs after TAKE_SNAPSHOT, before DONE: steps 1–5
+/// with [`ClearColourPolicy::OnRelease`] (step 6 waits for RELEASE), all six with the
+/// thesis's [`ClearColourPolicy::AfterOwnSnapshot`].
+pub(crate) fn steps_before_done(policy: ClearColourPolicy) -> u8 {
+    match policy {
+        ClearColourPolicy::OnRelease => 5,
+        ClearColourPolicy::AfterOwnSnapshot => 6,
+    }
+}
 /// Index (0-based) of the step that takes the local snapshots.
 pub(crate) const SNAPSHOT_STEP: u8 = 2;
 
@@ -43,11 +51,21 @@ pub(crate) fn step_name(step: u8) -> &'static str {
     }
 }
 
-/// The one outstanding action of a host, with what it was for.
+/// The one outstanding action of a host, with what it was for. Actions without a deadline
+/// (ClearAll, arming the idle drop rule) are waited for.
 #[derive(Debug, Clone)]
 pub(crate) struct Outstanding<P> {
     pub id: ActionId,
     pub purpose: P,
+    pub deadline: Option<Instant>,
+}
+
+/// An action waiting for a short rule-maintenance action (step 6 on RELEASE, re-arming the
+/// idle drop rule) to complete.
+#[derive(Debug, Clone)]
+pub(crate) struct Queued<P> {
+    pub purpose: P,
+    pub action: HostAction,
     pub deadline: Instant,
 }
 
@@ -56,6 +74,7 @@ pub(crate) struct Outstanding<P> {
 pub(crate) struct Host<P> {
     next_id: u64,
     outstanding: Option<Outstanding<P>>,
+    queued: Option<Queued<P>>,
 }
 
 impl<P: Clone> Host<P> {
@@ -63,6 +82,7 @@ impl<P: Clone> Host<P> {
         Self {
             next_id: 0,
             outstanding: None,
+            queued: None,
         }
     }
 
@@ -82,6 +102,26 @@ impl<P: Clone> Host<P> {
         action: HostAction,
         deadline: Instant,
     ) -> ActionId {
+        self.issue_with(out, purpose, action, Some(deadline))
+    }
+
+    /// Issues an action that has no deadline (it is waited for).
+    pub fn issue_untimed(
+        &mut self,
+        out: &mut VecDeque<Output>,
+        purpose: P,
+        action: HostAction,
+    ) -> ActionId {
+        self.issue_with(out, purpose, action, None)
+    }
+
+    fn issue_with(
+        &mut self,
+        out: &mut VecDeque<Output>,
+        purpose: P,
+        action: HostAction,
+        deadline: Option<Instant>,
+    ) -> ActionId {
         let id = ActionId(self.next_id);
         self.next_id += 1;
         self.outstanding = Some(Outstanding {
@@ -91,6 +131,45 @@ impl<P: Clone> Host<P> {
         });
         out.push_back(Output::Action { id, action });
         id
+    }
+
+    /// Issues `action` now if nothing is outstanding, otherwise queues it (replacing a
+    /// queued one) until [`Host::issue_queued`] runs it.
+    pub fn issue_or_queue(
+        &mut self,
+        out: &mut VecDeque<Output>,
+        purpose: P,
+        action: HostAction,
+        deadline: Instant,
+    ) {
+        if self.outstanding.is_some() {
+            self.queued = Some(Queued {
+                purpose,
+                action,
+                deadline,
+            });
+        } else {
+            self.issue(out, purpose, action, deadline);
+        }
+    }
+
+    /// The queued action's purpose, if one waits.
+    pub fn queued(&self) -> Option<P> {
+        self.queued.as_ref().map(|q| q.purpose.clone())
+    }
+
+    /// Forgets the queued action.
+    pub fn drop_queued(&mut self) -> Option<P> {
+        self.queued.take().map(|q| q.purpose)
+    }
+
+    /// Issues the queued action if nothing is outstanding.
+    pub fn issue_queued(&mut self, out: &mut VecDeque<Output>) {
+        if self.outstanding.is_none() {
+            if let Some(q) = self.queued.take() {
+                self.issue(out, q.purpose, q.action, q.deadline);
+            }
+        }
     }
 
     /// Forgets the outstanding action; its late completion will be ignored.

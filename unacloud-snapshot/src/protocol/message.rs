@@ -108,7 +108,8 @@ pub enum Message {
         /// The global snapshot to take.
         gs: GlobalSnapshotId,
     },
-    /// Participant → coordinator: my six steps are done. (`DONE`)
+    /// Participant → coordinator: my local snapshot is taken and I colour POST (steps 1–5
+    /// done; step 6 waits for RELEASE). (`DONE`)
     Done {
         /// The global snapshot.
         gs: GlobalSnapshotId,
@@ -122,6 +123,13 @@ pub enum Message {
         gs: GlobalSnapshotId,
         /// Why (for the operator).
         reason: String,
+    },
+    /// Coordinator → participant: the global snapshot is complete (every host has taken
+    /// its local snapshot); stop colouring outgoing datagrams POST (step 6). Sent once to
+    /// every participant at completion. (`RELEASE`; not in the thesis, see `PROTOCOL.md`)
+    Release {
+        /// The completed global snapshot.
+        gs: GlobalSnapshotId,
     },
     /// Coordinator → participant: this global snapshot failed; stop and remove every
     /// colour and filter rule. (`ABORT`)
@@ -256,6 +264,7 @@ impl Message {
             Message::TakeSnapshot { .. } => "TAKE_SNAPSHOT",
             Message::Done { .. } => "DONE",
             Message::SnapshotFailed { .. } => "SNAPSHOT_FAILED",
+            Message::Release { .. } => "RELEASE",
             Message::Abort { .. } => "ABORT",
             Message::Poll { .. } => "POLL",
             Message::PollOk { .. } => "POLL_OK",
@@ -288,6 +297,7 @@ impl Message {
             | Message::TakeSnapshot { gs }
             | Message::Done { gs, .. }
             | Message::SnapshotFailed { gs, .. }
+            | Message::Release { gs }
             | Message::Abort { gs, .. }
             | Message::Poll { gs, .. }
             | Message::PollOk { gs, .. }

@@ -19,7 +19,7 @@ mod participant;
 mod wire;
 
 pub use catalog::{Catalog, CompletedSnapshot};
-pub use config::{CoordinatorConfig, ParticipantConfig, Timeouts};
+pub use config::{ClearColourPolicy, CoordinatorConfig, ParticipantConfig, Timeouts};
 pub use coordinator::Coordinator;
 pub use ids::{
     ActionId, ClusterId, Colour, DscpConfig, GlobalSnapshotId, ParticipantId, ResumeAttempt,

@@ -11,9 +11,13 @@ use super::message::{Envelope, LocalTime};
 /// than one action outstanding per host (except [`HostAction::ClearAll`], see its docs), and
 /// never issues the next step before the previous one's completion was handled.
 ///
-/// Phase 2 issues, in this order: `SetOutgoingColour(Pre)` (step 1), `DropIncoming(Post)`
-/// (step 2), `TakeLocalSnapshots` (step 3), `SetOutgoingColour(Post)` (step 4),
-/// `AcceptIncoming(Post)` (step 5), `ClearColour` (step 6).
+/// A state machine's first action is `DropIncoming(Post)`: the idle state of a host drops
+/// incoming POST datagrams. Phase 2 then issues, in this order: `SetOutgoingColour(Pre)`
+/// (step 1), `DropIncoming(Post)` (step 2), `TakeLocalSnapshots` (step 3),
+/// `SetOutgoingColour(Post)` (step 4), `AcceptIncoming(Post)` (step 5); `ClearColour`
+/// (step 6) when the coordinator's RELEASE arrives (see [`super::ClearColourPolicy`]),
+/// followed by `DropIncoming(Post)` to re-arm the idle drop rule. After a `ClearAll` the
+/// idle drop rule is re-armed the same way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -26,7 +30,9 @@ pub enum HostAction {
     /// Steps 1 and 4: write this colour's DSCP value into every outgoing IPv4 datagram of
     /// the VMs (replacing the previous colour rule).
     SetOutgoingColour(Colour),
-    /// Step 2: drop incoming datagrams carrying this colour's DSCP value.
+    /// Step 2, and the idle state (issued when a state machine starts and after every
+    /// `ClearColour` or `ClearAll`): drop incoming datagrams carrying this colour's DSCP
+    /// value. Idempotent.
     DropIncoming(Colour),
     /// Step 3: take a live local snapshot of every VM, in parallel; answer
     /// [`ActionOutcome::SnapshotTaken`] with the time it took (the slowest VM's time).
@@ -38,12 +44,14 @@ pub enum HostAction {
     },
     /// Step 5: stop dropping incoming datagrams of this colour.
     AcceptIncoming(Colour),
-    /// Step 6: stop colouring outgoing datagrams.
+    /// Step 6 (on RELEASE): stop colouring outgoing datagrams.
     ClearColour,
     /// Safety cleanup after an abort, a failed step or a deadline: remove every colour and
-    /// filter rule the protocol may have installed. Must be idempotent, and safe to run
-    /// while a hung earlier action is still outstanding (it is issued then only after that
-    /// action exceeded its deadline).
+    /// filter rule the protocol may have installed, the idle drop rule included (a state
+    /// machine that keeps running re-arms it next with `DropIncoming(Post)`). Must be
+    /// idempotent, and safe to run while a hung earlier action is still outstanding (it is
+    /// issued then only after that action exceeded its deadline). A driver that shuts down
+    /// runs it too, so no rule outlives the protocol.
     ClearAll,
     /// Resume: restore every VM to its local snapshot of this global snapshot.
     RestoreLocal {
@@ -201,7 +209,7 @@ pub enum ProtocolEvent {
         /// Why.
         why: FailureReason,
     },
-    /// Participant: its six steps are done and DONE was sent.
+    /// Participant: its local snapshot is taken (steps 1–5 done) and DONE was sent.
     LocalSnapshotCompleted {
         /// The global snapshot.
         gs: GlobalSnapshotId,
@@ -223,6 +231,20 @@ pub enum ProtocolEvent {
         /// The global snapshot whose rules could not be removed.
         gs: GlobalSnapshotId,
         /// The last failure.
+        why: String,
+    },
+    /// Participant: neither RELEASE nor ABORT of `gs` arrived before its snapshot deadline
+    /// (the coordinator vanished); it stopped colouring by itself (ClearAll, then the idle
+    /// drop rule). Whether `gs` completed is known only to the coordinator's catalog.
+    ReleaseMissed {
+        /// The global snapshot whose colour was held.
+        gs: GlobalSnapshotId,
+    },
+    /// Coordinator or participant: arming the idle drop rule (`DropIncoming(Post)` outside
+    /// a global snapshot) failed; POST datagrams of a global snapshot may reach this host
+    /// before its TAKE_SNAPSHOT does. The next ClearColour or ClearAll tries again.
+    IdleDropFailed {
+        /// The driver's explanation.
         why: String,
     },
     /// Participant: its VMs were restored to `gs` and started.

@@ -1,17 +1,24 @@
 //! A participant (id ≥ 1): answers the coordinator and runs the six steps on its host.
 //!
-//! Safety rule: a participant never waits for the coordinator while its host filters
-//! traffic — the six steps run back to back once TAKE_SNAPSHOT arrived — and if they have
-//! not all completed `timeouts.snapshot` after TAKE_SNAPSHOT (a hung hypervisor, a lost
-//! completion) it issues [`HostAction::ClearAll`] by itself. So neither a vanished
-//! coordinator nor a hung step leaves a host dropping traffic.
+//! Its idle state drops incoming POST datagrams (the first action it issues, re-armed
+//! after every ClearColour and ClearAll). Once TAKE_SNAPSHOT arrived, steps 1–5 run back
+//! to back and DONE is sent; the host then keeps colouring POST (and accepting POST) until
+//! the coordinator's RELEASE says every host has taken its local snapshot, and performs
+//! step 6 only then ([`ClearColourPolicy::OnRelease`]).
+//!
+//! Safety rule: if the steps have not completed, or neither RELEASE nor ABORT arrived,
+//! `timeouts.snapshot` after TAKE_SNAPSHOT (a hung hypervisor, a lost completion, a
+//! vanished coordinator) it issues [`HostAction::ClearAll`] by itself. So neither a
+//! vanished coordinator nor a hung step leaves a host colouring or filtering beyond the
+//! idle rule, which only drops POST datagrams — and those exist only while some host is
+//! inside a global snapshot.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::config::ParticipantConfig;
-use super::host::{step_action, step_name, Host, CLEANUP_TRIES, SNAPSHOT_STEP, STEPS};
-use super::ids::{ActionId, GlobalSnapshotId, ParticipantId, ResumeAttempt};
+use super::config::{ClearColourPolicy, ParticipantConfig};
+use super::host::{step_action, step_name, steps_before_done, Host, CLEANUP_TRIES, SNAPSHOT_STEP};
+use super::ids::{ActionId, Colour, GlobalSnapshotId, ParticipantId, ResumeAttempt};
 use super::message::{Envelope, Message};
 use super::output::{ActionOutcome, HostAction, Output, ProtocolEvent};
 use crate::error::{Error, Result};
@@ -20,11 +27,22 @@ const ROLE: &str = "participant";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Purpose {
+    /// (Re-)arming the idle drop rule.
+    Arm,
     Check(GlobalSnapshotId),
     Step(GlobalSnapshotId, u8),
+    /// Step 6 after RELEASE.
+    Release(GlobalSnapshotId),
     Cleanup(GlobalSnapshotId, u8),
     Restore(GlobalSnapshotId, ResumeAttempt),
     StartVms(GlobalSnapshotId, ResumeAttempt),
+}
+
+impl Purpose {
+    /// Short rule maintenance: other work queues behind it instead of being refused.
+    fn is_maintenance(self) -> bool {
+        matches!(self, Purpose::Arm | Purpose::Release(_))
+    }
 }
 
 /// What the participant last did for the current global snapshot.
@@ -33,7 +51,15 @@ enum SnapState {
     Idle,
     Checking,
     Checked(bool),
-    Steps { step: u8, deadline: Instant },
+    Steps {
+        step: u8,
+        deadline: Instant,
+    },
+    /// DONE sent; the host colours POST until RELEASE, ABORT or the deadline.
+    Holding {
+        local_time: Duration,
+        deadline: Instant,
+    },
     Done(Duration),
     Abandoned,
 }
@@ -78,7 +104,7 @@ impl Participant {
                 ),
             });
         }
-        Ok(Self {
+        let mut p = Self {
             config,
             gs: GlobalSnapshotId(0),
             snap: SnapState::Idle,
@@ -88,7 +114,10 @@ impl Participant {
             resume: ResumeState::Idle,
             host: Host::new(),
             out: VecDeque::new(),
-        })
+        };
+        // The idle state drops POST: the first action, before anything else.
+        p.arm_idle_drop();
+        Ok(p)
     }
 
     /// This participant's id.
@@ -101,14 +130,17 @@ impl Participant {
         &self.config
     }
 
-    /// Whether the host may currently colour or filter traffic for the protocol (between
-    /// the first step's issue and the completion of step 6 or of a ClearAll).
+    /// Whether the host's rules may currently differ from the idle state (no colour,
+    /// incoming POST dropped): from the first step's issue until step 6 (after RELEASE) or
+    /// a ClearAll completed.
     pub fn may_filter(&self) -> bool {
-        matches!(self.snap, SnapState::Steps { .. })
-            || matches!(
-                self.host.outstanding().map(|o| o.purpose),
-                Some(Purpose::Cleanup(..))
-            )
+        matches!(
+            self.snap,
+            SnapState::Steps { .. } | SnapState::Holding { .. }
+        ) || matches!(
+            self.host.outstanding().map(|o| o.purpose),
+            Some(Purpose::Cleanup(..) | Purpose::Release(_))
+        )
     }
 
     /// Feeds a received envelope. Late and duplicated messages of earlier global
@@ -132,8 +164,11 @@ impl Participant {
         match envelope.message {
             Message::Precheck { gs } => self.on_precheck(now, gs),
             Message::TakeSnapshot { gs } => self.on_take_snapshot(now, gs),
+            Message::Release { gs } => self.on_release(now, gs),
             Message::Abort { gs, reason } => self.on_abort(now, gs, reason),
             Message::Poll { gs, attempt } => {
+                // A coordinator that resumes has decided every global snapshot.
+                self.release_held(now);
                 if attempt >= self.attempt {
                     if attempt > self.attempt {
                         self.attempt = attempt;
@@ -167,6 +202,17 @@ impl Participant {
             return Ok(());
         };
         match purpose {
+            Purpose::Arm => {
+                if let ActionOutcome::Failed(why) = outcome {
+                    self.out
+                        .push_back(Output::Event(ProtocolEvent::IdleDropFailed { why }));
+                }
+                self.host.issue_queued(&mut self.out);
+            }
+            Purpose::Release(gs) => match outcome {
+                ActionOutcome::Failed(_) => self.issue_cleanup(now, gs),
+                _ => self.arm_idle_drop(),
+            },
             Purpose::Check(gs) => {
                 if gs == self.gs && self.snap == SnapState::Checking {
                     let ok = outcome == ActionOutcome::VmsRunning(true);
@@ -175,11 +221,10 @@ impl Participant {
                 }
             }
             Purpose::Step(gs, step) => self.step_done(now, gs, step, outcome),
-            Purpose::Cleanup(gs, tries) => {
-                if let ActionOutcome::Failed(why) = outcome {
-                    self.cleanup_failed(now, gs, tries, why);
-                }
-            }
+            Purpose::Cleanup(gs, tries) => match outcome {
+                ActionOutcome::Failed(why) => self.cleanup_failed(now, gs, tries, why),
+                _ => self.arm_idle_drop(),
+            },
             Purpose::Restore(gs, attempt) | Purpose::StartVms(gs, attempt) => {
                 if attempt != self.attempt {
                     return Ok(());
@@ -211,15 +256,39 @@ impl Participant {
     }
 
     /// Fires deadlines: steps that did not finish in time are abandoned and the host is
-    /// cleaned up (ClearAll); a hung VM check or resume action is reported as failed.
+    /// cleaned up (ClearAll); a host still colouring POST without RELEASE or ABORT cleans
+    /// up by itself; a hung VM check or resume action is reported as failed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let SnapState::Holding {
+            local_time,
+            deadline,
+        } = self.snap
+        {
+            if now >= deadline && !self.host.is_busy() {
+                let gs = self.gs;
+                self.snap = SnapState::Done(local_time);
+                self.out
+                    .push_back(Output::Event(ProtocolEvent::ReleaseMissed { gs }));
+                self.issue_cleanup(now, gs);
+                return;
+            }
+        }
         let Some(o) = self.host.outstanding() else {
             return;
         };
-        if now < o.deadline {
+        let Some(deadline) = o.deadline else {
+            return; // ClearAll and arming the idle drop rule are waited for
+        };
+        if now < deadline {
             return;
         }
         match o.purpose {
+            Purpose::Arm | Purpose::Cleanup(..) => {}
+            Purpose::Release(gs) => {
+                // Step 6 hung: remove everything instead.
+                self.host.abandon();
+                self.issue_cleanup(now, gs);
+            }
             Purpose::Check(gs) => {
                 self.host.abandon();
                 if gs == self.gs && self.snap == SnapState::Checking {
@@ -247,7 +316,6 @@ impl Participant {
                 );
                 self.abandon_snapshot(now, gs, reason, true);
             }
-            Purpose::Cleanup(..) => {}
             Purpose::Restore(gs, attempt) | Purpose::StartVms(gs, attempt) => {
                 self.host.abandon();
                 if attempt == self.attempt {
@@ -274,9 +342,14 @@ impl Participant {
     /// When [`Participant::handle_timeout`] must be called next, if ever.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.host.outstanding() {
-            Some(o) if !matches!(o.purpose, Purpose::Cleanup(..)) => Some(o.deadline),
+        let action = self.host.outstanding().and_then(|o| o.deadline);
+        let holding = match self.snap {
+            SnapState::Holding { deadline, .. } => Some(deadline),
             _ => None,
+        };
+        match (action, holding) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -291,17 +364,83 @@ impl Participant {
         )));
     }
 
+    /// Why new work must be refused: an action other than short rule maintenance is
+    /// outstanding, or one is already queued behind it.
     fn busy_reason(&self) -> Option<String> {
-        self.host.outstanding().map(|o| {
-            let what = match o.purpose {
-                Purpose::Check(gs) => format!("checking VMs for {gs}"),
-                Purpose::Step(gs, step) => format!("{} of {gs}", step_name(step)),
-                Purpose::Cleanup(gs, _) => format!("removing the rules of {gs}"),
-                Purpose::Restore(gs, _) => format!("restoring {gs}"),
-                Purpose::StartVms(gs, _) => format!("starting the VMs of {gs}"),
-            };
-            format!("participant {} is busy {what}", self.config.id)
-        })
+        let purpose = match (
+            self.host.outstanding().map(|o| o.purpose),
+            self.host.queued(),
+        ) {
+            (_, Some(q)) => q,
+            (Some(p), None) if !p.is_maintenance() => p,
+            _ => return None,
+        };
+        let what = match purpose {
+            Purpose::Arm => "arming the idle drop rule".to_string(),
+            Purpose::Check(gs) => format!("checking VMs for {gs}"),
+            Purpose::Step(gs, step) => format!("{} of {gs}", step_name(step)),
+            Purpose::Release(gs) => format!("stopping the colour of {gs}"),
+            Purpose::Cleanup(gs, _) => format!("removing the rules of {gs}"),
+            Purpose::Restore(gs, _) => format!("restoring {gs}"),
+            Purpose::StartVms(gs, _) => format!("starting the VMs of {gs}"),
+        };
+        Some(format!("participant {} is busy {what}", self.config.id))
+    }
+
+    /// Issues `DropIncoming(Post)`: the idle state drops POST datagrams.
+    fn arm_idle_drop(&mut self) {
+        self.host.issue_untimed(
+            &mut self.out,
+            Purpose::Arm,
+            HostAction::DropIncoming(Colour::Post),
+        );
+    }
+
+    /// A message shows that the coordinator has decided the global snapshot whose colour
+    /// this host still holds (a newer epoch, or a resume): perform step 6 now.
+    fn release_held(&mut self, now: Instant) {
+        if let SnapState::Holding { local_time, .. } = self.snap {
+            self.snap = SnapState::Done(local_time);
+            let gs = self.gs;
+            self.issue_release(now, gs);
+        }
+    }
+
+    /// Step 6 (ClearColour), then the idle drop rule is re-armed.
+    fn issue_release(&mut self, now: Instant, gs: GlobalSnapshotId) {
+        let deadline = now + self.config.timeouts.snapshot;
+        self.host.issue(
+            &mut self.out,
+            Purpose::Release(gs),
+            HostAction::ClearColour,
+            deadline,
+        );
+    }
+
+    /// Forgets a VM check, outstanding or queued.
+    fn cancel_check(&mut self) {
+        if let Some(Purpose::Check(_)) = self.host.queued() {
+            self.host.drop_queued();
+        }
+        if let Some(Purpose::Check(_)) = self.host.outstanding().map(|o| o.purpose) {
+            self.host.abandon();
+            self.host.issue_queued(&mut self.out);
+        }
+    }
+
+    fn on_release(&mut self, now: Instant, gs: GlobalSnapshotId) {
+        if gs < self.gs {
+            return; // stale
+        }
+        if gs > self.gs {
+            // Of an attempt we never took part in: nothing of it to clear.
+            self.release_held(now);
+            self.gs = gs;
+            self.snap = SnapState::Abandoned;
+            return;
+        }
+        // Current attempt: release the held colour; a duplicate finds nothing to do.
+        self.release_held(now);
     }
 
     fn on_precheck(&mut self, now: Instant, gs: GlobalSnapshotId) {
@@ -315,6 +454,7 @@ impl Participant {
             }
             return;
         }
+        self.release_held(now);
         self.gs = gs;
         if let Some(reason) = self.busy_reason() {
             self.snap = SnapState::Abandoned;
@@ -324,7 +464,7 @@ impl Participant {
         self.snap = SnapState::Checking;
         let deadline = now + self.config.timeouts.precheck;
         let vms = self.config.vms.clone();
-        self.host.issue(
+        self.host.issue_or_queue(
             &mut self.out,
             Purpose::Check(gs),
             HostAction::CheckVmsRunning { vms },
@@ -352,20 +492,17 @@ impl Participant {
         if gs == self.gs {
             match self.snap {
                 SnapState::Steps { .. } | SnapState::Abandoned => return,
-                SnapState::Done(local_time) => {
+                SnapState::Done(local_time) | SnapState::Holding { local_time, .. } => {
                     self.send(Message::Done { gs, local_time });
                     return;
                 }
                 SnapState::Idle | SnapState::Checking | SnapState::Checked(_) => {}
             }
         }
+        self.release_held(now);
         self.gs = gs;
-        if let Some(o) = self.host.outstanding() {
-            if let Purpose::Check(_) = o.purpose {
-                // The coordinator moved on without our answer being needed.
-                self.host.abandon();
-            }
-        }
+        // The coordinator moved on without our answer being needed.
+        self.cancel_check();
         if let Some(reason) = self.busy_reason() {
             self.snap = SnapState::Abandoned;
             self.send(Message::SnapshotFailed { gs, reason });
@@ -376,7 +513,7 @@ impl Participant {
         self.local_time = Duration::ZERO;
         let action = step_action(0, gs, &self.config.vms);
         self.host
-            .issue(&mut self.out, Purpose::Step(gs, 0), action, deadline);
+            .issue_or_queue(&mut self.out, Purpose::Step(gs, 0), action, deadline);
     }
 
     fn step_done(&mut self, now: Instant, gs: GlobalSnapshotId, step: u8, outcome: ActionOutcome) {
@@ -399,7 +536,8 @@ impl Participant {
                 self.local_time = local_time;
             }
         }
-        if step + 1 < STEPS {
+        let policy = self.config.clear_colour;
+        if step + 1 < steps_before_done(policy) {
             self.snap = SnapState::Steps {
                 step: step + 1,
                 deadline,
@@ -409,7 +547,20 @@ impl Participant {
                 .issue(&mut self.out, Purpose::Step(gs, step + 1), action, deadline);
         } else {
             let local_time = self.local_time;
-            self.snap = SnapState::Done(local_time);
+            match policy {
+                // Keep colouring POST until RELEASE, ABORT or the deadline.
+                ClearColourPolicy::OnRelease => {
+                    self.snap = SnapState::Holding {
+                        local_time,
+                        deadline,
+                    }
+                }
+                // The thesis: step 6 is done; back to the idle drop rule.
+                ClearColourPolicy::AfterOwnSnapshot => {
+                    self.snap = SnapState::Done(local_time);
+                    self.arm_idle_drop();
+                }
+            }
             self.send(Message::Done { gs, local_time });
             self.out
                 .push_back(Output::Event(ProtocolEvent::LocalSnapshotCompleted {
@@ -425,11 +576,22 @@ impl Participant {
         }
         if gs > self.gs {
             // An attempt we never saw: just move the epoch on.
+            self.release_held(now);
             self.gs = gs;
             self.snap = SnapState::Abandoned;
             return;
         }
         match self.snap {
+            SnapState::Steps { .. } if matches!(self.host.queued(), Some(Purpose::Step(..))) => {
+                // Step 1 had not been issued yet: nothing to clean.
+                self.host.drop_queued();
+                self.abandon_snapshot(
+                    now,
+                    gs,
+                    format!("aborted by the coordinator: {reason}"),
+                    false,
+                );
+            }
             SnapState::Steps { .. } => {
                 let running = self.host.is_busy();
                 // A running step is cleaned up when it completes (or at its deadline).
@@ -444,8 +606,20 @@ impl Participant {
                 }
             }
             SnapState::Checking => {
-                self.host.abandon();
+                self.cancel_check();
                 self.snap = SnapState::Abandoned;
+            }
+            SnapState::Holding { .. } => {
+                // Same cleanup as for running steps: remove every rule, then re-arm.
+                self.snap = SnapState::Abandoned;
+                if !self.host.is_busy() {
+                    self.issue_cleanup(now, gs);
+                }
+                self.out
+                    .push_back(Output::Event(ProtocolEvent::LocalSnapshotAbandoned {
+                        gs,
+                        why: format!("aborted by the coordinator: {reason}"),
+                    }));
             }
             SnapState::Done(_) => {
                 self.snap = SnapState::Abandoned;
@@ -501,6 +675,7 @@ impl Participant {
         } else {
             self.out
                 .push_back(Output::Event(ProtocolEvent::CleanupFailed { gs, why }));
+            self.host.issue_queued(&mut self.out);
         }
     }
 
@@ -527,6 +702,7 @@ impl Participant {
             }
             return;
         }
+        self.release_held(now);
         self.attempt = attempt;
         self.resume_gs = gs;
         if let Some(reason) = self.busy_reason() {
@@ -541,7 +717,7 @@ impl Participant {
         self.resume = ResumeState::Restoring;
         let deadline = now + self.config.timeouts.resume_phase;
         let vms = self.config.vms.clone();
-        self.host.issue(
+        self.host.issue_or_queue(
             &mut self.out,
             Purpose::Restore(gs, attempt),
             HostAction::RestoreLocal { gs, vms },
@@ -575,7 +751,7 @@ impl Participant {
         self.resume = ResumeState::Starting;
         let deadline = now + self.config.timeouts.resume_phase;
         let vms = self.config.vms.clone();
-        self.host.issue(
+        self.host.issue_or_queue(
             &mut self.out,
             Purpose::StartVms(gs, attempt),
             HostAction::StartVms { vms },

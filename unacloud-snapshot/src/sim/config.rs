@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::net::LinkConfig;
 use super::transport::{TcpParams, TransportKind};
 use crate::error::{Error, Result};
-use crate::protocol::Timeouts;
+use crate::protocol::{ClearColourPolicy, Timeouts};
 
 /// Which completed global snapshot the resume protocol restores after a crash.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -40,11 +40,12 @@ impl FromStr for RestoreFrom {
 /// A ring run: the RCPBT ring of SPEC §6 on `nodes` simulated hosts (one VM each), with
 /// global snapshots taken by the protocol core, optional crash and resume.
 ///
-/// The defaults run the protocol core as it is (the thesis's step order) with local
-/// snapshot times of 1–3 ms that differ between hosts, so the checker reports the
-/// violations described in the [module documentation](super); set
-/// `release_colour_on_completion` for the variant that keeps the POST colour until the
-/// global snapshot completes.
+/// The defaults run the protocol core as it is — the POST colour held until the
+/// coordinator's RELEASE, POST dropped whenever a host is idle — with local snapshot times
+/// of 1–3 ms that differ between hosts; the checker finds every global snapshot
+/// consistent. `clear_colour: ClearColourPolicy::AfterOwnSnapshot` runs the thesis's literal
+/// order instead, which the checker shows inconsistent (see the
+/// [module documentation](super)).
 ///
 /// Times are virtual: the ring's 0.2 ms LAN hops and the snapshot durations cost no wall
 /// clock. Local snapshots are scaled down from the thesis's seconds to milliseconds so
@@ -106,19 +107,18 @@ pub struct RingConfig {
     pub timeouts: Timeouts,
     /// Step budget before the run is declared a livelock (default: derived from the size).
     pub max_steps: Option<u64>,
-    /// Protocol variant under study: a host keeps colouring POST after step 6 until the
-    /// coordinator has completed (or failed) the global snapshot, as if the coordinator
-    /// broadcast a RELEASE; the colour is then cleared one LAN latency later. With the
-    /// thesis's order (`false`, the protocol core's behaviour) a host that finished early
-    /// sends uncoloured datagrams while slower hosts have not taken their local snapshot.
-    pub release_colour_on_completion: bool,
-    /// Protocol variant under study: a host that is not between steps 2 and 5 of a global
-    /// snapshot drops incoming POST datagrams anyway (the drop rule is the idle state, and
-    /// step 5 lifts it only until the colour is cleared). Closes the window in which a
-    /// host's POST datagrams reach a host whose TAKE_SNAPSHOT is still on its way, which
-    /// matters when local snapshots are shorter than the spread of TAKE_SNAPSHOT arrivals.
-    /// Use it with `release_colour_on_completion`.
-    pub drop_post_when_idle: bool,
+    /// When the hosts stop colouring POST (step 6), passed to every state machine. The
+    /// default, [`ClearColourPolicy::OnRelease`], waits for the coordinator's RELEASE;
+    /// [`ClearColourPolicy::AfterOwnSnapshot`] is the thesis's literal order, a negative
+    /// control: a host that finished early sends uncoloured datagrams while slower hosts
+    /// have not taken their local snapshot yet.
+    pub clear_colour: ClearColourPolicy,
+    /// Negative control, for tests: hosts ignore the idle drop rule (`DropIncoming(Post)`
+    /// issued while they colour nothing), so POST datagrams are dropped only between
+    /// steps 2 and 5, as in the thesis. Reopens the window in which a host's POST
+    /// datagrams reach a host whose TAKE_SNAPSHOT is still on its way.
+    #[doc(hidden)]
+    pub ignore_idle_drop: bool,
     /// Negative control, for tests: hosts colour POST already at step 1, i.e. before the
     /// local snapshot (the six steps reordered).
     ///
@@ -162,8 +162,8 @@ impl Default for RingConfig {
                 resume_phase: Duration::from_secs(1),
             },
             max_steps: None,
-            release_colour_on_completion: false,
-            drop_post_when_idle: false,
+            clear_colour: ClearColourPolicy::OnRelease,
+            ignore_idle_drop: false,
             colour_post_before_snapshot: false,
             accept_post_before_snapshot: false,
         }
@@ -223,11 +223,6 @@ impl RingConfig {
         }
         self.link.validate().or_else(bad)?;
         Ok(())
-    }
-
-    /// The drop rule of an idle host.
-    pub(crate) fn idle_filter(&self) -> Option<crate::protocol::Colour> {
-        (self.filter && self.drop_post_when_idle).then_some(crate::protocol::Colour::Post)
     }
 
     /// The step budget of this run.

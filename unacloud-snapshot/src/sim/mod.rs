@@ -7,7 +7,7 @@
 //! * Links with latency, jitter, reordering and loss ([`LinkConfig`]).
 //! * Application datagrams carry the DSCP colour their host's actions set, and arriving
 //!   POST datagrams are dropped while the receiving host's filter is up — exactly as the
-//!   protocol's host actions drive them. Protocol traffic rides its own reliable
+//!   protocol's host actions drive them (the idle drop rule included). Protocol traffic rides its own reliable
 //!   connection, uncoloured and unfiltered.
 //! * Two application transports per message: TCP-like (sequence numbers, cumulative ACKs,
 //!   retransmission timer, duplicate discard) and UDP-like.
@@ -21,22 +21,24 @@
 //!
 //! # What the simulation shows
 //!
-//! * **The thesis's step order needs close consistency points.** The protocol core stops
-//!   colouring (step 6) right after a host's own local snapshot. When local snapshot times
-//!   differ between hosts — the thesis measured 1.9–2.4 s — a host that finished early sends
-//!   uncoloured datagrams (data and TCP ACKs) that a slower host accepts before its own
-//!   snapshot: orphan messages (Eq. 5.3), and ACKs "from the future" that make a message
-//!   unrecoverable (Eq. 5.2); after a crash and a restore the ring's own count can be wrong.
-//!   With equal local snapshot times the order is consistent. Keeping the POST colour until
-//!   the global snapshot completes ([`RingConfig::release_colour_on_completion`], which
-//!   emulates a RELEASE broadcast by the coordinator with a deadline fallback) is consistent
-//!   for any spread.
-//! * **The drop rule must be up before any POST datagram can arrive.** A host installs it
-//!   at step 2, after TAKE_SNAPSHOT reached it; a host whose local snapshot is shorter than
-//!   the spread of TAKE_SNAPSHOT arrivals sends POST datagrams to hosts that have no rule
-//!   yet. Real VM snapshots take seconds on a sub-millisecond LAN, so this is a timing
-//!   assumption; [`RingConfig::drop_post_when_idle`] (POST is dropped whenever a host is
-//!   not inside its own snapshot window) removes it. With both variants on, the property
+//! * **The thesis's step order needs close consistency points.** With the thesis's order
+//!   a host stops colouring (step 6) right after its own local snapshot. When local
+//!   snapshot times differ between hosts — the thesis measured 1.9–2.4 s — a host that
+//!   finished early sends uncoloured datagrams (data and TCP ACKs) that a slower host
+//!   accepts before its own snapshot: orphan messages (Eq. 5.3), and ACKs "from the future"
+//!   that make a message unrecoverable (Eq. 5.2); after a crash and a restore the ring's own
+//!   count can be wrong. With equal local snapshot times the order is consistent. The
+//!   protocol core therefore keeps the POST colour until the coordinator's RELEASE
+//!   ([`crate::protocol::ClearColourPolicy::OnRelease`], the default); the thesis's order
+//!   remains available as a negative control
+//!   ([`crate::protocol::ClearColourPolicy::AfterOwnSnapshot`], `ring_sim --thesis-order`).
+//! * **The drop rule must be up before any POST datagram can arrive.** In the thesis a
+//!   host installs it at step 2, after TAKE_SNAPSHOT reached it; a host whose local
+//!   snapshot is shorter than the spread of TAKE_SNAPSHOT arrivals then sends POST
+//!   datagrams to hosts that have no rule yet. The protocol core makes the drop rule the
+//!   idle state of a host (armed first, lifted by step 5 only until step 6, re-armed after
+//!   every ClearColour or ClearAll), which removes the timing assumption;
+//!   `RingConfig::ignore_idle_drop` is the negative control. With both, the property
 //!   tests find every global snapshot consistent for any timing.
 //! * **A host driver must not let the VM send between the snapshot's consistency point and
 //!   step 4.** The simulated host keeps the VM paused in that window; otherwise datagrams
@@ -47,8 +49,9 @@
 //! * Over UDP the ring stops at the first token a filter drops or a restore leaves in a
 //!   channel: RCPBT has no application-level retry, and UDP applications accept losses.
 //! * The coordination overhead (global minus slowest local snapshot) is two round trips
-//!   plus six host-action hand-offs, independent of the number of hosts
-//!   (`benches/snapshot_overhead.rs`).
+//!   plus the host-action hand-offs of the pre-check and steps 1–5, independent of the
+//!   number of hosts (`benches/snapshot_overhead.rs`); RELEASE and step 6 follow the
+//!   completion.
 //!
 //! ```
 //! use unacloud_snapshot::sim::{simulate_ring, RingConfig};

@@ -65,7 +65,7 @@ impl Cluster {
             .iter()
             .map(|&id| Participant::new(ParticipantConfig::new(CLUSTER, id, vms_of(id.0))).unwrap())
             .collect();
-        Self {
+        let mut c = Self {
             now: Instant::now(),
             coord,
             parts,
@@ -81,7 +81,14 @@ impl Cluster {
             vms_stopped: BTreeSet::new(),
             snapshot_fails: BTreeSet::new(),
             rng: None,
+        };
+        // Every host starts by arming its idle drop rule (logged in `actions`).
+        c.collect();
+        while let Some(a) = c.pending.pop_front() {
+            assert_eq!(a.action, idle_drop());
+            c.complete(a, ActionOutcome::Done);
         }
+        c
     }
 
     /// Deliver and complete in a random (seeded) order instead of FIFO.
@@ -279,6 +286,42 @@ impl Cluster {
         v.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
         self.in_flight = v.into();
     }
+}
+
+/// The idle state's rule, issued first and after every ClearColour or ClearAll.
+pub fn idle_drop() -> HostAction {
+    HostAction::DropIncoming(Colour::Post)
+}
+
+/// A participant whose initial idle-drop action was completed.
+pub fn started_participant(id: ParticipantId) -> Participant {
+    let mut part = Participant::new(ParticipantConfig::new(CLUSTER, id, vms_of(id.0))).unwrap();
+    let Some(Output::Action { id: a, action }) = part.poll_output() else {
+        panic!("a participant's first output is an action")
+    };
+    assert_eq!(action, idle_drop());
+    part.handle_action_complete(Instant::now(), a, ActionOutcome::Done)
+        .unwrap();
+    assert!(part.poll_output().is_none());
+    part
+}
+
+/// Whether a host's actions leave it in the idle state: the last is the idle drop rule,
+/// right after a ClearColour or a ClearAll.
+pub fn ends_idle(actions: &[HostAction]) -> bool {
+    matches!(
+        actions,
+        [.., HostAction::ClearColour | HostAction::ClearAll, last] if *last == idle_drop()
+    )
+}
+
+/// Every action of one global snapshot at a host, with the default policy: the VM check,
+/// the six steps (step 6 on RELEASE), and re-arming the idle drop rule.
+pub fn snapshot_actions(gs: GlobalSnapshotId, host: u32) -> Vec<HostAction> {
+    let mut v = vec![HostAction::CheckVmsRunning { vms: vms_of(host) }];
+    v.extend(six_steps(gs, host));
+    v.push(idle_drop());
+    v
 }
 
 /// The six steps in the thesis's order, for `gs` and the VMs of `host`.

@@ -1,6 +1,10 @@
 //! The coordinator (participant 0): drives phase 1, phase 2 and the resume protocol, and
 //! runs the six steps on its own host.
 //!
+//! It completes a global snapshot when its own steps 1–5 and every DONE are there, then
+//! sends RELEASE to every participant and performs its own step 6; its idle state drops
+//! incoming POST datagrams, like a participant's.
+//!
 //! Cost: every incoming message is handled in O(1) (an index lookup and a counter); only
 //! starting a phase (sending to everybody), a deadline and the completion (building the
 //! report) touch every participant.
@@ -11,9 +15,9 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::catalog::{Catalog, CompletedSnapshot};
-use super::config::CoordinatorConfig;
-use super::host::{step_action, step_name, Host, CLEANUP_TRIES, SNAPSHOT_STEP, STEPS};
-use super::ids::{ActionId, GlobalSnapshotId, ParticipantId, ResumeAttempt};
+use super::config::{ClearColourPolicy, CoordinatorConfig};
+use super::host::{step_action, step_name, steps_before_done, Host, CLEANUP_TRIES, SNAPSHOT_STEP};
+use super::ids::{ActionId, Colour, GlobalSnapshotId, ParticipantId, ResumeAttempt};
 use super::message::{Envelope, LocalTime, Message};
 use super::output::{ActionOutcome, FailureReason, HostAction, Output, ProtocolEvent};
 use crate::error::{Error, Operation, Result};
@@ -23,11 +27,22 @@ const ROLE: &str = "coordinator";
 /// What the coordinator's own outstanding host action is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Purpose {
+    /// (Re-)arming the idle drop rule.
+    Arm,
     Check(GlobalSnapshotId),
     Step(GlobalSnapshotId, u8),
+    /// Own step 6 at completion.
+    Release(GlobalSnapshotId),
     Cleanup(GlobalSnapshotId, u8),
     Restore(ResumeAttempt),
     StartVms(ResumeAttempt),
+}
+
+impl Purpose {
+    /// Short rule maintenance: new work queues behind it instead of being refused.
+    fn is_maintenance(self) -> bool {
+        matches!(self, Purpose::Arm | Purpose::Release(_))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +139,7 @@ impl Coordinator {
             participants,
             ..config
         };
-        Ok(Self {
+        let mut c = Self {
             config,
             catalog,
             index,
@@ -135,7 +150,10 @@ impl Coordinator {
             phase: Phase::Idle,
             host: Host::new(),
             out: VecDeque::new(),
-        })
+        };
+        // The idle state drops POST: the first action, before anything else.
+        c.arm_idle_drop();
+        Ok(c)
     }
 
     /// The catalog of completed global snapshots (persist it on the events that say so).
@@ -174,7 +192,7 @@ impl Coordinator {
         self.broadcast(Message::Precheck { gs });
         let deadline = now + self.config.timeouts.precheck;
         let vms = self.config.vms.clone();
-        self.host.issue(
+        self.host.issue_or_queue(
             &mut self.out,
             Purpose::Check(gs),
             HostAction::CheckVmsRunning { vms },
@@ -315,6 +333,17 @@ impl Coordinator {
             return Ok(());
         };
         match purpose {
+            Purpose::Arm => {
+                if let ActionOutcome::Failed(why) = outcome {
+                    self.out
+                        .push_back(Output::Event(ProtocolEvent::IdleDropFailed { why }));
+                }
+                self.host.issue_queued(&mut self.out);
+            }
+            Purpose::Release(gs) => match outcome {
+                ActionOutcome::Failed(_) => self.issue_cleanup(now, gs),
+                _ => self.arm_idle_drop(),
+            },
             Purpose::Check(gs) => {
                 if let Phase::Precheck {
                     gs: cur,
@@ -347,8 +376,8 @@ impl Coordinator {
                 }
             }
             Purpose::Step(gs, step) => self.own_step_done(now, gs, step, outcome),
-            Purpose::Cleanup(gs, tries) => {
-                if let ActionOutcome::Failed(why) = outcome {
+            Purpose::Cleanup(gs, tries) => match outcome {
+                ActionOutcome::Failed(why) => {
                     if tries < CLEANUP_TRIES {
                         let deadline = now + self.config.timeouts.snapshot;
                         self.host.issue(
@@ -360,9 +389,12 @@ impl Coordinator {
                     } else {
                         self.out
                             .push_back(Output::Event(ProtocolEvent::CleanupFailed { gs, why }));
+                        self.host.issue_queued(&mut self.out);
                     }
                 }
-            }
+                // Everything is removed: re-arm the idle drop rule.
+                _ => self.arm_idle_drop(),
+            },
             Purpose::Restore(attempt) | Purpose::StartVms(attempt) => {
                 if let Phase::Resume {
                     attempt: cur,
@@ -391,15 +423,17 @@ impl Coordinator {
     /// Fires deadlines that have passed: silent participants fail the running operation,
     /// unanswered POLLs are repeated, a hung own action is abandoned and cleaned up.
     pub fn handle_timeout(&mut self, now: Instant) {
-        // A hung own action during cleanup: abandon it and clear anyway.
+        // A hung own action during cleanup: abandon it and clear anyway. ClearAll and
+        // arming the idle drop rule have no deadline: they are waited for.
         if let Some(o) = self.host.outstanding() {
-            if let Purpose::Cleanup(..) = o.purpose {
-                // Nothing to do: ClearAll is the last resort, wait for it.
-            } else if now >= o.deadline && matches!(self.phase, Phase::Idle) {
+            let due = o.deadline.is_some_and(|d| now >= d);
+            if due && (matches!(self.phase, Phase::Idle) || o.purpose.is_maintenance()) {
                 let purpose = o.purpose;
                 self.host.abandon();
-                if let Purpose::Step(gs, _) = purpose {
+                if let Purpose::Step(gs, _) | Purpose::Release(gs) = purpose {
                     self.issue_cleanup(now, gs);
+                } else {
+                    self.host.issue_queued(&mut self.out);
                 }
             }
         }
@@ -464,9 +498,8 @@ impl Coordinator {
             Phase::Resume { deadline, .. } => Some(deadline),
         };
         let host = match (self.phase, self.host.outstanding()) {
-            (Phase::Idle, Some(o)) if !matches!(o.purpose, Purpose::Cleanup(..)) => {
-                Some(o.deadline)
-            }
+            (Phase::Idle, Some(o)) => o.deadline,
+            (_, Some(o)) if o.purpose.is_maintenance() => o.deadline,
             _ => None,
         };
         match (phase, host) {
@@ -483,6 +516,8 @@ impl Coordinator {
         }
         if let Some(o) = self.host.outstanding() {
             let gs = match o.purpose {
+                // Short rule maintenance: new work queues behind it.
+                Purpose::Arm | Purpose::Release(_) => return Ok(()),
                 Purpose::Check(gs) | Purpose::Step(gs, _) | Purpose::Cleanup(gs, _) => gs,
                 Purpose::Restore(_) | Purpose::StartVms(_) => {
                     self.catalog.last_started.unwrap_or(GlobalSnapshotId(0))
@@ -573,13 +608,18 @@ impl Coordinator {
                         *own_local_time = local_time;
                     }
                 }
-                if step + 1 < STEPS {
+                let policy = self.config.clear_colour;
+                if step + 1 < steps_before_done(policy) {
                     let action = step_action(step + 1, gs, &self.config.vms);
                     // Every own step shares the phase deadline.
                     self.host
                         .issue(&mut self.out, Purpose::Step(gs, step + 1), action, deadline);
                 } else {
                     *own_done = true;
+                    if policy == ClearColourPolicy::AfterOwnSnapshot {
+                        // The thesis: step 6 is done; back to the idle drop rule.
+                        self.arm_idle_drop();
+                    }
                     self.maybe_advance(now);
                 }
             }
@@ -656,6 +696,17 @@ impl Coordinator {
             },
         );
         self.phase = Phase::Idle;
+        // Every host has taken its local snapshot: all may stop colouring POST now.
+        self.broadcast(Message::Release { gs });
+        if self.config.clear_colour == ClearColourPolicy::OnRelease {
+            let deadline = now + self.config.timeouts.snapshot;
+            self.host.issue(
+                &mut self.out,
+                Purpose::Release(gs),
+                HostAction::ClearColour,
+                deadline,
+            );
+        }
         if self.config.report_to_metadata_server {
             self.out.push_back(Output::Transmit(Envelope::new(
                 self.config.cluster,
@@ -679,8 +730,13 @@ impl Coordinator {
     fn fail_snapshot(&mut self, now: Instant, who: Vec<ParticipantId>, why: FailureReason) {
         let (gs, may_have_rules) = match self.phase {
             Phase::Precheck { gs, .. } => (gs, false),
-            // Rules may be installed only while the own steps are unfinished.
-            Phase::Snapshot { gs, own_done, .. } => (gs, !own_done),
+            // Rules are installed from step 1 until step 6: with the default policy, the
+            // colour is held until completion; with the thesis's order, step 6 follows
+            // the own snapshot.
+            Phase::Snapshot { gs, own_done, .. } => (
+                gs,
+                !own_done || self.config.clear_colour == ClearColourPolicy::OnRelease,
+            ),
             _ => return,
         };
         self.phase = Phase::Idle;
@@ -694,13 +750,17 @@ impl Coordinator {
                 who,
                 why,
             }));
+        if let Some(Purpose::Check(_)) = self.host.queued() {
+            // The own VM check had not started yet.
+            self.host.drop_queued();
+        }
         match self.host.outstanding().map(|o| (o.purpose, o.deadline)) {
             // The own VM check is harmless: forget it.
             Some((Purpose::Check(_), _)) => {
                 self.host.abandon();
             }
             // A step runs: clean up when it completes, or when it passed its deadline.
-            Some((Purpose::Step(..), deadline)) if now >= deadline => {
+            Some((Purpose::Step(..), Some(deadline))) if now >= deadline => {
                 self.host.abandon();
                 self.issue_cleanup(now, gs);
             }
@@ -708,6 +768,15 @@ impl Coordinator {
             None if may_have_rules => self.issue_cleanup(now, gs),
             None => {}
         }
+    }
+
+    /// Issues `DropIncoming(Post)`: the idle state drops POST datagrams.
+    fn arm_idle_drop(&mut self) {
+        self.host.issue_untimed(
+            &mut self.out,
+            Purpose::Arm,
+            HostAction::DropIncoming(Colour::Post),
+        );
     }
 
     fn issue_cleanup(&mut self, now: Instant, gs: GlobalSnapshotId) {

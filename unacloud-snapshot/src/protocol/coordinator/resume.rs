@@ -165,7 +165,8 @@ impl Coordinator {
             deadline,
             own_done: false,
         };
-        self.host.issue(&mut self.out, purpose, action, deadline);
+        self.host
+            .issue_or_queue(&mut self.out, purpose, action, deadline);
     }
 
     pub(super) fn is_resume_stage(
@@ -183,7 +184,15 @@ impl Coordinator {
             return;
         };
         self.phase = Phase::Idle;
-        self.host.abandon();
+        // Forget the own restore or start (outstanding or queued), not rule maintenance.
+        if let Some(Purpose::Restore(_) | Purpose::StartVms(_)) = self.host.queued() {
+            self.host.drop_queued();
+        }
+        if let Some(Purpose::Restore(_) | Purpose::StartVms(_)) =
+            self.host.outstanding().map(|o| o.purpose)
+        {
+            self.host.abandon();
+        }
         self.out
             .push_back(Output::Event(ProtocolEvent::ResumeFailed { gs, who, why }));
     }

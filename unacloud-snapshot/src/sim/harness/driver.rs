@@ -47,11 +47,9 @@ impl Cluster {
         let now = self.now;
         let filter = self.cfg.filter;
         let reorder = self.cfg.colour_post_before_snapshot;
-        let defer_clear = self.cfg.release_colour_on_completion;
-        let idle_filter = self.cfg.idle_filter();
+        let ignore_idle_drop = self.cfg.ignore_idle_drop;
         let host = &mut self.hosts[id];
         let mut unfreeze = false;
-        let mut fallback_release = None;
         let outcome = match action {
             HostAction::CheckVmsRunning { .. } => {
                 ActionOutcome::VmsRunning(host.vm.is_some() && host.vm_running)
@@ -67,7 +65,9 @@ impl Cluster {
                 ActionOutcome::Done
             }
             HostAction::DropIncoming(c) => {
-                if filter {
+                // The idle drop rule is the one issued while the host colours nothing.
+                let idle = host.outgoing.is_none();
+                if filter && !(ignore_idle_drop && idle) {
                     host.drop_incoming = Some(c);
                 }
                 ActionOutcome::Done
@@ -79,24 +79,13 @@ impl Cluster {
                 ActionOutcome::Done
             }
             HostAction::ClearColour => {
-                if defer_clear && host.outgoing.is_some() {
-                    host.clear_deferred = true;
-                    // Without a RELEASE (the coordinator vanished) the host clears by
-                    // itself at its snapshot deadline, as the participant does for its
-                    // filter.
-                    let fallback = host.steps_started.unwrap_or(now) + self.cfg.timeouts.snapshot;
-                    fallback_release = Some((fallback.max(now), host.steps_started));
-                } else {
-                    host.outgoing = None;
-                    host.drop_incoming = idle_filter;
-                }
+                host.outgoing = None;
                 unfreeze = true;
                 ActionOutcome::Done
             }
             HostAction::ClearAll => {
-                host.clear_deferred = false;
                 host.outgoing = None;
-                host.drop_incoming = idle_filter;
+                host.drop_incoming = None;
                 unfreeze = true;
                 ActionOutcome::Done
             }
@@ -140,9 +129,6 @@ impl Cluster {
                 None => ActionOutcome::Failed(format!("VM {} does not exist", vm_name(id))),
             },
         };
-        if let Some((at, of_steps)) = fallback_release {
-            self.schedule(at, Ev::Release { host: id, of_steps });
-        }
         let host = &mut self.hosts[id];
         if unfreeze && host.frozen {
             host.frozen = false;
@@ -177,7 +163,6 @@ impl Cluster {
         host.outgoing = None;
         host.drop_incoming = None;
         host.machine = None;
-        host.clear_deferred = false;
         host.vm_epoch += 1;
         self.crashed.push((id, self.now));
         // The connections to the host break: frames still queued for it are lost.
@@ -203,7 +188,8 @@ impl Cluster {
         let host = &mut self.hosts[id];
         host.up = true;
         host.boot += 1;
-        host.drop_incoming = self.cfg.idle_filter();
+        // A fresh host has no rules; its state machine arms the idle drop rule first.
+        host.drop_incoming = None;
         host.machine = Some(machine);
         Ok(())
     }
@@ -289,14 +275,12 @@ impl Cluster {
                 r.local_times = local_times.iter().map(|t| t.local_time).collect();
                 r.phase2 = Some(global_time);
                 r.verdict = verdict;
-                self.release_colours();
             }
             ProtocolEvent::GlobalSnapshotFailed { gs, who, why } => {
                 let r = self.records.entry(gs.0).or_default();
                 r.id = gs.0;
                 let who: Vec<String> = who.iter().map(ToString::to_string).collect();
                 r.failure = Some(format!("{why} (participants {})", who.join(", ")));
-                self.release_colours();
             }
             ProtocolEvent::ResumeStarted { .. } => self.persist_catalog(),
             ProtocolEvent::ResumeCompleted { gs } => {
@@ -314,28 +298,6 @@ impl Cluster {
             }
             ProtocolEvent::TriggerRefused { .. } => self.stats.triggers_refused += 1,
             _ => {}
-        }
-    }
-
-    /// The RELEASE of `release_colour_on_completion`: every host clears its kept colour
-    /// one stream delay from now.
-    pub(super) fn release_colours(&mut self) {
-        if !self.cfg.release_colour_on_completion {
-            return;
-        }
-        for host in 0..self.hosts.len() {
-            let delay = if host == 0 {
-                Duration::ZERO
-            } else {
-                self.cfg.link.stream_delay(&mut self.rng)
-            };
-            self.schedule(
-                self.now + delay,
-                Ev::Release {
-                    host,
-                    of_steps: None,
-                },
-            );
         }
     }
 

@@ -11,8 +11,9 @@
 //!
 //! * `SetOutgoingColour(c)` writes `c` into the DSCP field of every application datagram
 //!   the VM sends from then on (TCP data, ACKs and retransmissions alike);
-//!   `DropIncoming(Post)` makes the host drop arriving application datagrams coloured POST;
-//!   `AcceptIncoming`, `ClearColour` and `ClearAll` undo them. Protocol traffic travels on
+//!   `DropIncoming(Post)` makes the host drop arriving application datagrams coloured POST
+//!   (the state machines issue it first, and again after every `ClearColour` or `ClearAll`:
+//!   the idle state); `AcceptIncoming`, `ClearColour` and `ClearAll` undo them. Protocol traffic travels on
 //!   its own reliable connection, uncoloured and never filtered.
 //! * `TakeLocalSnapshots` lasts a random time; the VM keeps running (a live snapshot) and
 //!   its whole state is captured at the end, the snapshot's consistency point. From that
@@ -127,10 +128,6 @@ pub struct Host {
     restored_capture: Option<Instant>,
     /// Changes whenever the VM's timeline is replaced (restore, crash).
     vm_epoch: u64,
-    /// Step 6 ran but the colour is kept until the global snapshot ends.
-    clear_deferred: bool,
-    /// When the host was asked for step 1 (about when TAKE_SNAPSHOT arrived).
-    steps_started: Option<Instant>,
 }
 
 #[derive(Clone, Debug)]
@@ -163,12 +160,6 @@ enum Ev {
     },
     PowerOn {
         host: usize,
-    },
-    /// End of a global snapshot reaches a host (`release_colour_on_completion`).
-    Release {
-        host: usize,
-        /// For the deadline fallback: only if the host's steps started then.
-        of_steps: Option<Instant>,
     },
 }
 
@@ -306,13 +297,12 @@ impl Cluster {
                 frozen: false,
                 held: Vec::new(),
                 outgoing: None,
-                drop_incoming: cfg.idle_filter(),
+                // No rules yet: the state machine arms the idle drop rule first.
+                drop_incoming: None,
                 machine: None,
                 disk: BTreeMap::new(),
                 restored_capture: None,
                 vm_epoch: 0,
-                clear_deferred: false,
-                steps_started: None,
             });
         }
         let crash_armed = cfg.crash_at.is_some() || cfg.crash_at_time.is_some();
@@ -362,6 +352,7 @@ impl Cluster {
                 vec![vm_name(0)],
             );
             config.timeouts = self.cfg.timeouts;
+            config.clear_colour = self.cfg.clear_colour;
             Ok(Machine::Coordinator(Box::new(Coordinator::new(
                 config, catalog,
             )?)))
@@ -372,6 +363,7 @@ impl Cluster {
                 vec![vm_name(id)],
             );
             config.timeouts = self.cfg.timeouts;
+            config.clear_colour = self.cfg.clear_colour;
             Ok(Machine::Participant(Box::new(Participant::new(config)?)))
         }
     }
@@ -628,14 +620,6 @@ impl Cluster {
             } => self.action_done(host, boot, id, action, took)?,
             Ev::Crash { host } => self.power_off(host),
             Ev::PowerOn { host } => self.power_on(host)?,
-            Ev::Release { host, of_steps } => {
-                let h = &mut self.hosts[host];
-                if h.clear_deferred && (of_steps.is_none() || of_steps == h.steps_started) {
-                    h.clear_deferred = false;
-                    h.outgoing = None;
-                    h.drop_incoming = self.cfg.idle_filter();
-                }
-            }
         }
         Ok(())
     }
@@ -747,9 +731,6 @@ impl Cluster {
                     id: action_id,
                     action,
                 } => {
-                    if action == HostAction::SetOutgoingColour(Colour::Pre) {
-                        self.hosts[id].steps_started = Some(self.now);
-                    }
                     if self.cfg.accept_post_before_snapshot
                         && matches!(action, HostAction::TakeLocalSnapshots { .. })
                     {
