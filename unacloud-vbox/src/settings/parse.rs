@@ -1086,22 +1086,34 @@ impl<'a> Parser<'a> {
 fn parse_hyphenated_uuid(s: &[u8]) -> Option<Uuid> {
     /// Start of each two-digit byte in the hyphenated form.
     const POS: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
-    fn hex(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
+    /// Value of each ASCII hex digit, 0xff for every other byte.
+    const HEX: [u8; 256] = {
+        let mut t = [0xffu8; 256];
+        let mut i = 0;
+        while i < 10 {
+            t[b'0' as usize + i] = i as u8;
+            i += 1;
         }
-    }
+        let mut i = 0;
+        while i < 6 {
+            t[b'a' as usize + i] = 10 + i as u8;
+            t[b'A' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        t
+    };
     if s.len() != 36 || s[8] != b'-' || s[13] != b'-' || s[18] != b'-' || s[23] != b'-' {
         return None;
     }
     let mut bytes = [0u8; 16];
+    let mut bad = 0u8;
     for (b, &p) in bytes.iter_mut().zip(POS.iter()) {
-        *b = (hex(s[p])? << 4) | hex(s[p + 1])?;
+        let (hi, lo) = (HEX[usize::from(s[p])], HEX[usize::from(s[p + 1])]);
+        bad |= hi | lo;
+        *b = (hi << 4) | lo;
     }
-    Some(Uuid::from_bytes(bytes))
+    // Every digit's value is below 16; 0xff marks a byte that is not a digit.
+    (bad < 16).then(|| Uuid::from_bytes(bytes))
 }
 
 /// Every attribute name some element's handler reads; others are skipped without
