@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use unacloud_snapshot::protocol::{
-    decode_frame, encode_frame, ActionId, ActionOutcome, Catalog, ClusterId,
+    decode_frame, encode_frame, ActionId, ActionOutcome, Catalog, ClearColourPolicy, ClusterId,
     Coordinator as RsCoordinator, CoordinatorConfig, Envelope, GlobalSnapshotId, Output,
     Participant as RsParticipant, ParticipantConfig, ParticipantId, ProtocolEvent,
 };
@@ -36,8 +36,9 @@ fn snap_err(e: unacloud_snapshot::Error) -> PyErr {
 /// Runs the RCPBT token ring with periodic global snapshots in the deterministic
 /// simulator and returns the checker's report as a dict (the keys of the `ring_sim`
 /// example's JSON, plus `snapshots` with per-snapshot `local_ms` and `global_ms`).
+/// `thesis_order=True` runs the thesis's literal step order as a negative control.
 #[pyfunction]
-#[pyo3(signature = (nodes=4, tokens=1000, snapshot_every=100, crash_at=None, transport="tcp", seed=0, filter=true, restore_from="latest", latency_ms=None))]
+#[pyo3(signature = (nodes=4, tokens=1000, snapshot_every=100, crash_at=None, transport="tcp", seed=0, filter=true, restore_from="latest", latency_ms=None, thesis_order=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn simulate_ring(
     py: Python<'_>,
@@ -50,6 +51,7 @@ pub fn simulate_ring(
     filter: bool,
     restore_from: &str,
     latency_ms: Option<f64>,
+    thesis_order: bool,
 ) -> PyResult<PyObject> {
     let mut config = RingConfig {
         nodes,
@@ -61,6 +63,11 @@ pub fn simulate_ring(
         ..RingConfig::default()
     };
     config.transport = transport.parse().map_err(invalid)?;
+    if thesis_order {
+        // Negative control: the thesis's literal order (colour cleared right after the
+        // host's own snapshot), which the simulator shows to be inconsistent.
+        config.clear_colour = ClearColourPolicy::AfterOwnSnapshot;
+    }
     config.restore_from = restore_from.parse::<RestoreFrom>().map_err(snap_err)?;
     if let Some(ms) = latency_ms {
         if !(ms.is_finite() && ms >= 0.0) {

@@ -38,6 +38,16 @@ def test_negative_control_without_filter_finds_orphans() -> None:
     assert found > 0
 
 
+def test_thesis_order_is_a_failing_control_and_the_default_is_not() -> None:
+    runs = [
+        snapshot.simulate_ring(nodes=4, tokens=300, snapshot_every=60, seed=s, thesis_order=True)
+        for s in range(10)
+    ]
+    assert sum(r["violations"] for r in runs) > 0
+    for s in range(10):
+        assert snapshot.simulate_ring(nodes=4, tokens=300, snapshot_every=60, seed=s)["violations"] == 0
+
+
 def test_bad_configuration_is_a_typed_error() -> None:
     with pytest.raises(ValueError):
         snapshot.simulate_ring(transport="carrier-pigeon")
