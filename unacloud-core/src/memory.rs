@@ -124,6 +124,16 @@ impl State {
             })
     }
 
+    /// The VM's registry key and a copy of its record, to mutate and store back.
+    fn vm_snapshot(&self, vm: &VmId) -> Result<(String, VmRecord)> {
+        let key = self.vm_key(vm)?;
+        let record = self.vms.get(&key).cloned().ok_or_else(|| Error::NotFound {
+            kind: "vm",
+            id: key.clone(),
+        })?;
+        Ok((key, record))
+    }
+
     fn vm_mut(&mut self, vm: &VmId) -> Result<&mut VmRecord> {
         let key = self.vm_key(vm)?;
         self.vms.get_mut(&key).ok_or_else(|| Error::NotFound {
@@ -346,11 +356,7 @@ impl Hypervisor for InMemoryHypervisor {
     async fn unregister_vm(&self, vm: &VmId, delete_files: bool) -> Result<()> {
         let mut s = self.lock();
         s.check_failure("unregister_vm")?;
-        let key = s.vm_key(vm)?;
-        let record = s.vms.get(&key).cloned().ok_or_else(|| Error::NotFound {
-            kind: "vm",
-            id: key.clone(),
-        })?;
+        let (key, record) = s.vm_snapshot(vm)?;
         if !record.info.state.is_startable() {
             return Err(invalid("unregister", &record));
         }
@@ -486,11 +492,7 @@ impl Hypervisor for InMemoryHypervisor {
     async fn start_vm(&self, vm: &VmId, _mode: StartMode) -> Result<()> {
         let mut s = self.lock();
         s.check_failure("start_vm")?;
-        let key = s.vm_key(vm)?;
-        let record = s.vms.get(&key).cloned().ok_or_else(|| Error::NotFound {
-            kind: "vm",
-            id: key.clone(),
-        })?;
+        let (_, record) = s.vm_snapshot(vm)?;
         if !record.info.state.is_startable() {
             return Err(invalid("start", &record));
         }
@@ -569,11 +571,7 @@ impl Hypervisor for InMemoryHypervisor {
     ) -> Result<SnapshotRef> {
         let mut s = self.lock();
         s.check_failure("take_snapshot")?;
-        let key = s.vm_key(vm)?;
-        let mut r = s.vms.get(&key).cloned().ok_or_else(|| Error::NotFound {
-            kind: "vm",
-            id: key.clone(),
-        })?;
+        let (key, mut r) = s.vm_snapshot(vm)?;
         let running = matches!(r.info.state, PowerState::Running | PowerState::Paused);
         if !running && !r.info.state.is_startable() {
             return Err(invalid("take a snapshot of", &r));
@@ -634,11 +632,7 @@ impl Hypervisor for InMemoryHypervisor {
     async fn restore_snapshot(&self, vm: &VmId, snapshot: &str) -> Result<()> {
         let mut s = self.lock();
         s.check_failure("restore_snapshot")?;
-        let key = s.vm_key(vm)?;
-        let mut r = s.vms.get(&key).cloned().ok_or_else(|| Error::NotFound {
-            kind: "vm",
-            id: key.clone(),
-        })?;
+        let (key, mut r) = s.vm_snapshot(vm)?;
         if !r.info.state.is_startable() {
             return Err(invalid("restore a snapshot of", &r));
         }
@@ -680,11 +674,7 @@ impl Hypervisor for InMemoryHypervisor {
     async fn delete_snapshot(&self, vm: &VmId, snapshot: &str) -> Result<()> {
         let mut s = self.lock();
         s.check_failure("delete_snapshot")?;
-        let key = s.vm_key(vm)?;
-        let r = s.vms.get(&key).cloned().ok_or_else(|| Error::NotFound {
-            kind: "vm",
-            id: key.clone(),
-        })?;
+        let (key, r) = s.vm_snapshot(vm)?;
         let node = r.tree.resolve(snapshot)?;
         if r.tree.children(node).len() > 1 {
             return Err(Error::InvalidState {
@@ -824,11 +814,7 @@ impl Hypervisor for InMemoryHypervisor {
         let mut s = self.lock();
         s.check_failure("attach_disk")?;
         let uuid = s.disk_uuid(&spec.disk)?;
-        let key = s.vm_key(vm)?;
-        let r = s.vms.get(&key).cloned().ok_or_else(|| Error::NotFound {
-            kind: "vm",
-            id: key.clone(),
-        })?;
+        let (_, r) = s.vm_snapshot(vm)?;
         if !r.info.state.is_startable() {
             return Err(invalid("attach a disk to", &r));
         }

@@ -253,6 +253,58 @@ fn envelope_from(obj: &Bound<'_, PyAny>) -> PyResult<Envelope> {
     from_py(obj, "envelope")
 }
 
+/// Generates a `#[pymethods]` block for a sans-IO state machine wrapper (a struct with
+/// `inner` and `clock` fields): the driving methods both machines share, followed by the
+/// class's own `$extra` methods.
+macro_rules! sans_io_class {
+    ($ty:ident { $($extra:tt)* }) => {
+        #[pymethods]
+        impl $ty {
+            $($extra)*
+
+            /// Feeds a received envelope (a dict, or the frame's bytes).
+            fn handle_message(&mut self, now: f64, envelope: &Bound<'_, PyAny>) -> PyResult<()> {
+                let t = self.clock.at(now)?;
+                let env = envelope_from(envelope)?;
+                self.inner.handle_message(t, env).map_err(snap_err)
+            }
+            /// Reports the outcome of host action `action_id`: `outcome` is `done`,
+            /// `vms_running` (with `running`), `snapshot_taken` (with `local_time` in
+            /// seconds) or `failed` (with `error`).
+            #[pyo3(signature = (now, action_id, outcome="done", running=None, local_time=None, error=None))]
+            fn handle_action_complete(
+                &mut self,
+                now: f64,
+                action_id: u64,
+                outcome: &str,
+                running: Option<bool>,
+                local_time: Option<f64>,
+                error: Option<String>,
+            ) -> PyResult<()> {
+                let t = self.clock.at(now)?;
+                let o = self::outcome(outcome, running, local_time, error)?;
+                self.inner
+                    .handle_action_complete(t, ActionId(action_id), o)
+                    .map_err(snap_err)
+            }
+            /// Fires due timers.
+            fn handle_timeout(&mut self, now: f64) -> PyResult<()> {
+                let t = self.clock.at(now)?;
+                self.inner.handle_timeout(t);
+                Ok(())
+            }
+            /// The next output as a dict (`kind`: transmit, action or event), or None.
+            fn poll_output(&mut self, py: Python<'_>) -> PyResult<Option<PyObject>> {
+                self.inner.poll_output().map(|o| output_dict(py, o)).transpose()
+            }
+            /// When `handle_timeout` must be called next, in the caller's seconds, or None.
+            fn poll_timeout(&self) -> Option<f64> {
+                self.inner.poll_timeout().and_then(|t| self.clock.seconds(t))
+            }
+        }
+    };
+}
+
 /// The coordinator (participant 0) of the global-snapshot and resume protocols, as a
 /// sans-IO state machine: feed it messages, completed actions and timeouts with the
 /// current time in seconds; drain `poll_output()` for frames to send, host actions to
@@ -264,8 +316,7 @@ pub struct Coordinator {
     clock: Clock,
 }
 
-#[pymethods]
-impl Coordinator {
+sans_io_class!(Coordinator {
     /// `participants`: the ids of the other participants (1, 2, …); `vms`: the VMs of
     /// the coordinator's own host.
     #[new]
@@ -300,56 +351,9 @@ impl Coordinator {
             .map(|_| ())
             .map_err(snap_err)
     }
-    /// Feeds a received envelope (a dict, or the frame's bytes).
-    fn handle_message(&mut self, now: f64, envelope: &Bound<'_, PyAny>) -> PyResult<()> {
-        let t = self.clock.at(now)?;
-        let env = envelope_from(envelope)?;
-        self.inner.handle_message(t, env).map_err(snap_err)
-    }
-    /// Reports the outcome of host action `action_id`.
-    #[pyo3(signature = (now, action_id, outcome="done", running=None, local_time=None, error=None))]
-    fn handle_action_complete(
-        &mut self,
-        now: f64,
-        action_id: u64,
-        outcome: &str,
-        running: Option<bool>,
-        local_time: Option<f64>,
-        error: Option<String>,
-    ) -> PyResult<()> {
-        let t = self.clock.at(now)?;
-        let o = self::outcome(outcome, running, local_time, error)?;
-        self.inner
-            .handle_action_complete(t, ActionId(action_id), o)
-            .map_err(snap_err)
-    }
-    /// Fires due timers.
-    fn handle_timeout(&mut self, now: f64) -> PyResult<()> {
-        let t = self.clock.at(now)?;
-        self.inner.handle_timeout(t);
-        Ok(())
-    }
-    /// The next output as a dict (`kind`: transmit, action or event), or None.
-    fn poll_output(&mut self, py: Python<'_>) -> PyResult<Option<PyObject>> {
-        self.inner
-            .poll_output()
-            .map(|o| output_dict(py, o))
-            .transpose()
-    }
-    /// When `handle_timeout` must be called next, in the caller's seconds, or None.
-    fn poll_timeout(&self) -> Option<f64> {
-        self.inner
-            .poll_timeout()
-            .and_then(|t| self.clock.seconds(t))
-    }
     /// Ids of the completed (restorable) global snapshots.
     fn completed(&self) -> Vec<u64> {
-        self.inner
-            .catalog()
-            .completed_ids()
-            .into_iter()
-            .map(|g| g.0)
-            .collect()
+        self.inner.catalog().completed_ids().into_iter().map(|g| g.0).collect()
     }
     fn __repr__(&self) -> String {
         format!(
@@ -358,7 +362,7 @@ impl Coordinator {
             self.inner.catalog().completed_ids().len()
         )
     }
-}
+});
 
 /// A participant (id ≥ 1) of the protocols, as a sans-IO state machine; see
 /// `Coordinator`.
@@ -369,8 +373,7 @@ pub struct Participant {
     clock: Clock,
 }
 
-#[pymethods]
-impl Participant {
+sans_io_class!(Participant {
     /// `id`: this participant's id (from the metadata server); `vms`: its host's VMs.
     #[new]
     #[pyo3(signature = (cluster, id, vms=Vec::new()))]
@@ -391,49 +394,7 @@ impl Participant {
     fn id(&self) -> u32 {
         self.inner.id().0
     }
-    /// Feeds a received envelope (a dict, or the frame's bytes).
-    fn handle_message(&mut self, now: f64, envelope: &Bound<'_, PyAny>) -> PyResult<()> {
-        let t = self.clock.at(now)?;
-        let env = envelope_from(envelope)?;
-        self.inner.handle_message(t, env).map_err(snap_err)
-    }
-    /// Reports the outcome of host action `action_id`.
-    #[pyo3(signature = (now, action_id, outcome="done", running=None, local_time=None, error=None))]
-    fn handle_action_complete(
-        &mut self,
-        now: f64,
-        action_id: u64,
-        outcome: &str,
-        running: Option<bool>,
-        local_time: Option<f64>,
-        error: Option<String>,
-    ) -> PyResult<()> {
-        let t = self.clock.at(now)?;
-        let o = self::outcome(outcome, running, local_time, error)?;
-        self.inner
-            .handle_action_complete(t, ActionId(action_id), o)
-            .map_err(snap_err)
-    }
-    /// Fires due timers.
-    fn handle_timeout(&mut self, now: f64) -> PyResult<()> {
-        let t = self.clock.at(now)?;
-        self.inner.handle_timeout(t);
-        Ok(())
-    }
-    /// The next output as a dict (`kind`: transmit, action or event), or None.
-    fn poll_output(&mut self, py: Python<'_>) -> PyResult<Option<PyObject>> {
-        self.inner
-            .poll_output()
-            .map(|o| output_dict(py, o))
-            .transpose()
-    }
-    /// When `handle_timeout` must be called next, in the caller's seconds, or None.
-    fn poll_timeout(&self) -> Option<f64> {
-        self.inner
-            .poll_timeout()
-            .and_then(|t| self.clock.seconds(t))
-    }
     fn __repr__(&self) -> String {
         format!("<Participant {}>", self.inner.id().0)
     }
-}
+});
