@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release --example ring_netns -- --peers 4 --tokens 20000 --snapshots 3 \
-//!     [--snapshot-delay-ms 50] [--backend iptables|nft] [--json]
+//!     [--snapshot-delay-ms 50] [--backend nft|nft-netlink|nft-command|iptables] [--json]
 //! ```
 //!
 //! Needs root (network namespaces, netfilter). Run as an ordinary user it says why in one
@@ -40,7 +40,8 @@ struct Args {
     /// How long each local snapshot freezes its ring peer (ms).
     #[arg(long, default_value_t = 0)]
     snapshot_delay_ms: u64,
-    /// Packet-colouring backend: `nft` (long-lived nft session) or `iptables`.
+    /// Packet-colouring backend: `nft` (long-lived nft session), `nft-netlink` (netlink
+    /// from the launcher, no nft process), `nft-command` (one nft per change) or `iptables`.
     #[arg(long, default_value = "nft")]
     backend: String,
     /// Print one JSON object instead of the summary.
@@ -61,12 +62,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .try_init();
-    let backend = match args.backend.as_str() {
-        "nft" | "nft-session" => BackendKind::NftSession,
-        "nft-command" => BackendKind::Nft,
-        "iptables" => BackendKind::Iptables,
-        other => {
-            eprintln!("error: --backend {other:?}: use iptables or nft");
+    let backend = match args.backend.parse::<BackendKind>() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: --backend: {e}");
             return ExitCode::FAILURE;
         }
     };

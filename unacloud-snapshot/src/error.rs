@@ -226,6 +226,16 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// An nf_tables request over netlink failed (or the netlink socket did).
+    #[error("nftables netlink in {place}: {operation}: {reason}")]
+    Netlink {
+        /// Where the socket lives (`host`, `netns x`).
+        place: String,
+        /// What was asked (`install`, `set colour`, `read counter`, …).
+        operation: String,
+        /// What went wrong (the kernel's errno text, a timeout, a malformed answer).
+        reason: String,
+    },
     /// Taking a local snapshot failed.
     #[error("local snapshot of VM {vm} failed: {reason}")]
     LocalSnapshot {

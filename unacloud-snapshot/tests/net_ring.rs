@@ -93,3 +93,38 @@ async fn iptables_backend_runs_the_same_scenario() {
     assert_eq!(r.rules_left, 0);
     assert_eq!(r.namespaces_left, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nft_netlink_backend_runs_the_same_scenarios() {
+    if !privileged() {
+        return;
+    }
+    let mut cfg = config(4, 20_000, 4, 40);
+    cfg.backend = BackendKind::NftNetlink;
+    let r = run_ring_netns(cfg).await.unwrap();
+    eprintln!("{}", r.human_summary());
+    assert_eq!(r.tokens_counted, 20_000, "{r:?}");
+    assert_eq!(r.global_snapshots_completed, 4, "{r:?}");
+    assert_eq!(r.global_snapshots_failed, 0, "{r:?}");
+    assert_eq!(r.rules_left, 0);
+    assert_eq!(r.namespaces_left, 0);
+    assert!(
+        r.post_packets_dropped > 0,
+        "no POST packet was dropped: {r:?}"
+    );
+
+    let mut cfg = config(4, 20_000, 1, 20);
+    cfg.backend = BackendKind::NftNetlink;
+    cfg.crash = Some(CrashSpec {
+        namespace: 2,
+        after_step: 2,
+    });
+    let r = run_ring_netns(cfg).await.unwrap();
+    eprintln!("{}", r.human_summary());
+    assert_eq!(r.global_snapshots_completed, 0, "{r:?}");
+    assert_eq!(r.global_snapshots_failed, 1, "{r:?}");
+    assert_eq!(r.survivors_cleared_in_time, Some(true), "{r:?}");
+    assert_eq!(r.tokens_counted, 20_000, "{r:?}");
+    assert_eq!(r.rules_left, 0);
+    assert_eq!(r.namespaces_left, 0);
+}

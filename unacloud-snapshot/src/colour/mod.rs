@@ -21,6 +21,10 @@
 //!   IPv6. It runs either one `nft` process per change ([`nft::NftOneShot`]) or through a
 //!   long-lived `nft -j -i` session ([`nft::NftSession`]) that applies a change in well
 //!   under a millisecond instead of the 6–16 ms of spawning a process.
+//! * [`netlink::NftNetlink`] — the same table, built from nf_tables netlink messages that
+//!   the calling process sends itself (no `nft` process at all; the socket is opened inside
+//!   the target network namespace). Only for the local host and namespaces; a VirtualBox
+//!   guest is reached with commands.
 //!
 //! Rules live only in chains/tables of our own, so a user's rules are never touched.
 //! Every call is idempotent; switching colours replaces the marking rule atomically (a
@@ -28,7 +32,7 @@
 //! the future in). [`ColourGuard`] removes everything when dropped, so completion, abort,
 //! timeout, error and unwinding all end with no rule left.
 //!
-//! Where commands run is a [`exec::CommandExecutor`]: the local host, a network namespace
+//! Where commands run (for the command-based backends) is a [`exec::CommandExecutor`]: the local host, a network namespace
 //! (`ip netns exec`) or a VirtualBox guest (`VBoxManage guestcontrol … run`).
 //!
 //! The calls are blocking (each is a short command or a round trip to a session); async
@@ -36,6 +40,7 @@
 
 pub mod exec;
 pub mod iptables;
+pub mod netlink;
 pub mod nft;
 
 use std::fmt;

@@ -6,7 +6,7 @@
 //! unacloud-gs metadata-server [--config F] [--cluster N] [--listen ADDR] [--base-port P]
 //!                             [--results-csv F] [--key-file F]
 //! unacloud-gs launcher [--config F] [--cluster N] [--ms ADDR] [--advertise IP]
-//!                      [--cluster-size N] [--backend nft|nft-command|iptables]
+//!                      [--cluster-size N] [--backend nft|nft-netlink|nft-command|iptables]
 //!                      [--vm NAME [--netns NS] [--freeze-pid PID] [--hold-ms MS]]
 //!                      [--snapshot-timeout-ms MS] [--precheck-timeout-ms MS]
 //!                      [--key-file F] [--events-json]
@@ -15,7 +15,7 @@
 //!                           [--label L] [--csv F] [--deadline-s S]
 //! unacloud-gs rcpbt-peer --manager ADDR --ip IP [--deadline-s S]
 //! unacloud-gs ring-netns --peers P --tokens T --snapshots K [--snapshot-delay-ms D]
-//!                        [--backend nft|nft-command|iptables] [--json]      (root)
+//!                        [--backend nft|nft-netlink|nft-command|iptables] [--json]      (root)
 //! ```
 //!
 //! Flags override the configuration file. `launcher` and `metadata-server` stop on

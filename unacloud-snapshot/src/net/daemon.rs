@@ -20,7 +20,7 @@
 //! [launcher]                                # for `launcher`
 //! advertise = "10.0.0.5"                    # address participants are reached at
 //! cluster_size = 16                         # VMs in the whole deployment
-//! backend = "nft"                           # or "nft-command", "iptables"
+//! backend = "nft"                           # or "nft-netlink", "nft-command", "iptables"
 //! catalog = "/var/lib/unacloud/catalog.json"
 //!
 //! [[launcher.vm]]
@@ -44,6 +44,7 @@ use super::host::{HostActions, HostSummary, LocalSnapshot, VmHost};
 use super::node::{spawn_coordinator, spawn_participant, NodeEvent, NodeHandle};
 use crate::colour::exec::{CommandExecutor, LocalHost, NetnsExec, VBoxGuestExec};
 use crate::colour::iptables::Iptables;
+use crate::colour::netlink::NftNetlink;
 use crate::colour::nft::{Nft, NftOneShot, NftSession};
 use crate::colour::ColourBackend;
 use crate::error::{Error, Result};
@@ -65,6 +66,23 @@ pub enum BackendKind {
     /// iptables, one process per command: `iptables`.
     #[serde(rename = "iptables")]
     Iptables,
+    /// nftables through nf_tables netlink messages sent by the launcher itself (no `nft`
+    /// process; on the host or in a network namespace, not in a VirtualBox guest):
+    /// `nft-netlink`.
+    #[serde(rename = "nft-netlink")]
+    NftNetlink,
+}
+
+impl BackendKind {
+    /// The name used by `--backend` and the configuration file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::NftSession => "nft",
+            Self::Nft => "nft-command",
+            Self::Iptables => "iptables",
+            Self::NftNetlink => "nft-netlink",
+        }
+    }
 }
 
 impl std::str::FromStr for BackendKind {
@@ -74,9 +92,10 @@ impl std::str::FromStr for BackendKind {
             "nft" | "nft-session" => Ok(Self::NftSession),
             "nft-command" => Ok(Self::Nft),
             "iptables" => Ok(Self::Iptables),
+            "nft-netlink" => Ok(Self::NftNetlink),
             other => Err(Error::InvalidConfig {
                 reason: format!(
-                    "unknown colouring backend {other:?}; use nft, nft-command or iptables"
+                    "unknown colouring backend {other:?}; use nft, nft-netlink, nft-command or iptables"
                 ),
             }),
         }
@@ -234,6 +253,8 @@ impl DaemonConfig {
 }
 
 /// Builds a colouring backend of `kind` whose commands run through `exec`.
+///
+/// [`BackendKind::NftNetlink`] runs no commands; build it with [`build_vm_backend`].
 pub fn build_backend(
     kind: BackendKind,
     exec: Arc<dyn CommandExecutor>,
@@ -243,7 +264,40 @@ pub fn build_backend(
         BackendKind::NftSession => Box::new(Nft::new(NftSession::start(exec.as_ref())?, dscp)),
         BackendKind::Nft => Box::new(Nft::new(NftOneShot::new(exec), dscp)),
         BackendKind::Iptables => Box::new(Iptables::new(exec, dscp)),
+        BackendKind::NftNetlink => {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "the nft-netlink backend runs no commands (asked for {}); build it from the VM's configuration",
+                    exec.place()
+                ),
+            })
+        }
     })
+}
+
+/// Builds the colouring backend of `kind` for `vm`: commands through [`vm_executor`], or
+/// for [`BackendKind::NftNetlink`] a netlink socket opened in the VM's namespace (or on
+/// this host when it has none). A VirtualBox guest can only be reached with commands.
+pub fn build_vm_backend(
+    kind: BackendKind,
+    vm: &VmConfig,
+    dscp: DscpConfig,
+) -> Result<Box<dyn ColourBackend>> {
+    if kind != BackendKind::NftNetlink {
+        return build_backend(kind, vm_executor(vm), dscp);
+    }
+    if let Some(ns) = &vm.netns {
+        return Ok(Box::new(NftNetlink::open_in_netns(ns, dscp)?));
+    }
+    if vm.vbox_user.is_some() {
+        return Err(Error::InvalidConfig {
+            reason: format!(
+                "VM {}: the nft-netlink backend cannot reach inside a VirtualBox guest; use backend nft, nft-command or iptables",
+                vm.name
+            ),
+        });
+    }
+    Ok(Box::new(NftNetlink::open_here(dscp)?))
 }
 
 /// The executor where a VM's rules are applied.
@@ -526,7 +580,7 @@ pub async fn run_launcher(
     let mut nodes: Vec<(String, ParticipantId, NodeHandle)> = Vec::new();
     let mut prepared = Vec::new();
     for vm in &section.vms {
-        let backend = build_backend(section.backend, vm_executor(vm), dscp)?;
+        let backend = build_vm_backend(section.backend, vm, dscp)?;
         let host: Arc<dyn HostActions> =
             Arc::new(VmHost::new(&vm.name, backend, local_snapshot(vm))?);
         let host: Arc<dyn HostActions> = match opts.crash_after_step {

@@ -439,12 +439,7 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
             "--cluster-size".into(),
             cfg.peers.to_string(),
             "--backend".into(),
-            match cfg.backend {
-                BackendKind::NftSession => "nft",
-                BackendKind::Nft => "nft-command",
-                BackendKind::Iptables => "iptables",
-            }
-            .into(),
+            cfg.backend.name().into(),
             "--vm".into(),
             format!("vm{i}"),
             "--netns".into(),
