@@ -40,9 +40,10 @@ struct Args {
     /// How long each local snapshot freezes its ring peer (ms).
     #[arg(long, default_value_t = 0)]
     snapshot_delay_ms: u64,
-    /// Packet-colouring backend: `nft` (long-lived nft session), `nft-netlink` (netlink
-    /// from the launcher, no nft process), `nft-command` (one nft per change) or `iptables`.
-    #[arg(long, default_value = "nft")]
+    /// Packet-colouring backend: `nft-netlink` (netlink from each launcher, no nft
+    /// process; the fastest), `nft` (long-lived nft session), `nft-command` (one nft per
+    /// change) or `iptables`.
+    #[arg(long, default_value = "nft-netlink")]
     backend: String,
     /// Print one JSON object instead of the summary.
     #[arg(long)]

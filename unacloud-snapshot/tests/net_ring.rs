@@ -1,6 +1,7 @@
 //! The RCPBT ring across network namespaces with real global snapshots: real TCP, real
 //! netfilter rules, real SIGSTOP/SIGCONT. Needs root; skips with a printed reason
-//! otherwise.
+//! otherwise. The default backend (nft-netlink) runs every scenario; the nft session and
+//! iptables backends run them too.
 #![cfg(feature = "tokio")]
 #![allow(clippy::unwrap_used)]
 
@@ -41,6 +42,7 @@ async fn ring_completes_with_snapshots_and_leaves_nothing() {
         return;
     }
     let cfg = config(4, 20_000, 4, 40);
+    assert_eq!(cfg.backend, BackendKind::NftNetlink, "the default");
     let r = run_ring_netns(cfg).await.unwrap();
     eprintln!("{}", r.human_summary());
     assert_eq!(r.tokens_counted, 20_000, "{r:?}");
@@ -95,12 +97,12 @@ async fn iptables_backend_runs_the_same_scenario() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nft_netlink_backend_runs_the_same_scenarios() {
+async fn nft_session_backend_runs_the_same_scenarios() {
     if !privileged() {
         return;
     }
     let mut cfg = config(4, 20_000, 4, 40);
-    cfg.backend = BackendKind::NftNetlink;
+    cfg.backend = BackendKind::NftSession;
     let r = run_ring_netns(cfg).await.unwrap();
     eprintln!("{}", r.human_summary());
     assert_eq!(r.tokens_counted, 20_000, "{r:?}");
@@ -114,7 +116,7 @@ async fn nft_netlink_backend_runs_the_same_scenarios() {
     );
 
     let mut cfg = config(4, 20_000, 1, 20);
-    cfg.backend = BackendKind::NftNetlink;
+    cfg.backend = BackendKind::NftSession;
     cfg.crash = Some(CrashSpec {
         namespace: 2,
         after_step: 2,

@@ -830,4 +830,35 @@ snapshot_command = ["VBoxManage", "snapshot", "{vm}", "take", "gs-{gs}", "--live
         assert!(c.dscp().is_err());
         assert!("pf".parse::<BackendKind>().is_err());
     }
+
+    #[test]
+    fn backend_names_round_trip() {
+        for k in [
+            BackendKind::NftSession,
+            BackendKind::NftNetlink,
+            BackendKind::Nft,
+            BackendKind::Iptables,
+        ] {
+            assert_eq!(k.name().parse::<BackendKind>().unwrap(), k);
+            let toml = format!("[[launcher]]\nbackend = \"{}\"\n", k.name());
+            let v: toml::Value = toml::from_str(&toml).unwrap();
+            let b: BackendKind = v["launcher"][0]["backend"].clone().try_into().unwrap();
+            assert_eq!(b, k);
+        }
+        // The netlink backend cannot reach into a VirtualBox guest.
+        let vm = VmConfig {
+            name: "web-1".to_string(),
+            vbox_user: Some("admin".to_string()),
+            ..VmConfig::default()
+        };
+        let e = build_vm_backend(BackendKind::NftNetlink, &vm, DscpConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("VirtualBox guest"), "{e}");
+        let e = build_backend(
+            BackendKind::NftNetlink,
+            Arc::new(LocalHost),
+            DscpConfig::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("nft-netlink"), "{e}");
+    }
 }

@@ -77,7 +77,7 @@ pub struct RingNetnsConfig {
 }
 
 impl RingNetnsConfig {
-    /// Defaults: nft-session backend, no crash, 3 s protocol deadlines, 20 ms gap, 120 s
+    /// Defaults: nft-netlink backend (the fastest: no `nft` process), no crash, 3 s protocol deadlines, 20 ms gap, 120 s
     /// overall bound.
     pub fn new(
         peers: u32,
@@ -91,7 +91,7 @@ impl RingNetnsConfig {
             tokens,
             snapshots,
             snapshot_delay: Duration::ZERO,
-            backend: BackendKind::NftSession,
+            backend: BackendKind::NftNetlink,
             program,
             program_args,
             crash: None,
