@@ -625,7 +625,7 @@ impl NftNetlink {
                         match error_code(a.payload) {
                             Some(0) => {}
                             Some(code) => failure = Some(-code),
-                            None => failure = Some(libc_eproto()),
+                            None => failure = Some(Errno::EPROTO as i32),
                         }
                         finished = true;
                     }
@@ -794,10 +794,6 @@ impl NftNetlink {
             |b| b.str(NFTA_TABLE_NAME, table),
         );
     }
-}
-
-fn libc_eproto() -> i32 {
-    Errno::EPROTO as i32
 }
 
 fn open_socket() -> nix::Result<OwnedFd> {
