@@ -76,6 +76,19 @@ struct VmRecord {
     next_snapshot: u64,
 }
 
+impl VmRecord {
+    /// A VM with no snapshots yet.
+    fn new(info: VmInfo, folder: PathBuf) -> Self {
+        VmRecord {
+            info,
+            folder,
+            tree: SnapshotTree::new(),
+            snapshot_states: HashMap::new(),
+            next_snapshot: 1,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     vms: BTreeMap<String, VmRecord>,
@@ -317,16 +330,8 @@ impl Hypervisor for InMemoryHypervisor {
             settings_file: Some(folder.join(format!("{}.vbox", spec.name))),
             template: None,
         };
-        s.vms.insert(
-            spec.name.clone(),
-            VmRecord {
-                info: info.clone(),
-                folder,
-                tree: SnapshotTree::new(),
-                snapshot_states: HashMap::new(),
-                next_snapshot: 1,
-            },
-        );
+        s.vms
+            .insert(spec.name.clone(), VmRecord::new(info.clone(), folder));
         Ok(info)
     }
 
@@ -476,16 +481,8 @@ impl Hypervisor for InMemoryHypervisor {
             settings_file: Some(folder.join(format!("{}.vbox", spec.name))),
             ..src.info.clone()
         };
-        s.vms.insert(
-            spec.name.clone(),
-            VmRecord {
-                info: info.clone(),
-                folder,
-                tree: SnapshotTree::new(),
-                snapshot_states: HashMap::new(),
-                next_snapshot: 1,
-            },
-        );
+        s.vms
+            .insert(spec.name.clone(), VmRecord::new(info.clone(), folder));
         Ok(info)
     }
 

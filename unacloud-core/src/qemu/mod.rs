@@ -786,9 +786,7 @@ impl Hypervisor for QemuHypervisor {
     async fn restore_snapshot(&self, vm: &VmId, snapshot: &str) -> Result<()> {
         let mut st = self.state.lock().await;
         let e = find_mut(&mut st, vm)?;
-        let tree = tree_from_settings(&e.settings);
-        let node = tree.resolve(snapshot)?;
-        let tag = tree.get(node).map(|s| s.id.clone()).unwrap_or_default();
+        let tag = snapshot_tag(&e.settings, snapshot)?;
         let folder = e.folder();
         for d in &e.settings.disks {
             self.img
@@ -805,9 +803,7 @@ impl Hypervisor for QemuHypervisor {
     async fn delete_snapshot(&self, vm: &VmId, snapshot: &str) -> Result<()> {
         let mut st = self.state.lock().await;
         let e = find_mut(&mut st, vm)?;
-        let tree = tree_from_settings(&e.settings);
-        let node = tree.resolve(snapshot)?;
-        let tag = tree.get(node).map(|s| s.id.clone()).unwrap_or_default();
+        let tag = snapshot_tag(&e.settings, snapshot)?;
         let folder = e.folder();
         for d in &e.settings.disks {
             self.img
@@ -1197,6 +1193,13 @@ impl Hypervisor for QemuHypervisor {
         }
         Ok(set)
     }
+}
+
+/// The qemu-img tag of the snapshot a user names (tag or unique name).
+fn snapshot_tag(settings: &VmSettings, selector: &str) -> Result<String> {
+    let tree = tree_from_settings(settings);
+    let node = tree.resolve(selector)?;
+    Ok(tree.get(node).map(|s| s.id.clone()).unwrap_or_default())
 }
 
 /// The tree recorded in the settings.

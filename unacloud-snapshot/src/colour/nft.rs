@@ -295,6 +295,16 @@ pub struct Nft<R: NftRunner> {
 pub const DEFAULT_TABLE: &str = "unacloud";
 
 impl<R: NftRunner> Nft<R> {
+    /// Runs `what` (a `list …` command with `{}` for our table's name) and returns its
+    /// JSON, or `None` when our table does not exist (nothing of ours is left).
+    fn list_own(&mut self, what: &str) -> Result<Option<serde_json::Value>> {
+        let tables = self.runner.exec("list tables", true)?;
+        if !tables.as_ref().is_some_and(|d| has_table(d, &self.table)) {
+            return Ok(None);
+        }
+        self.runner.exec(&what.replace("{}", &self.table), true)
+    }
+
     /// A backend with table `inet unacloud`.
     pub fn new(runner: R, dscp: DscpConfig) -> Self {
         Self {
@@ -458,35 +468,17 @@ impl<R: NftRunner> ColourBackend for Nft<R> {
     }
 
     fn leftovers(&mut self) -> Result<usize> {
-        let tables = self.runner.exec("list tables", true)?;
-        if !tables.as_ref().is_some_and(|d| has_table(d, &self.table)) {
-            return Ok(0);
-        }
-        let doc = self
-            .runner
-            .exec(&format!("list table inet {}", self.table), true)?;
+        let doc = self.list_own("list table inet {}")?;
         Ok(doc.as_ref().map(count_objects).unwrap_or(0))
     }
 
     fn active_rules(&mut self) -> Result<usize> {
-        let tables = self.runner.exec("list tables", true)?;
-        if !tables.as_ref().is_some_and(|d| has_table(d, &self.table)) {
-            return Ok(0);
-        }
-        let doc = self
-            .runner
-            .exec(&format!("list table inet {}", self.table), true)?;
+        let doc = self.list_own("list table inet {}")?;
         Ok(doc.as_ref().map(count_rules).unwrap_or(0))
     }
 
     fn colouring_rules(&mut self) -> Result<usize> {
-        let tables = self.runner.exec("list tables", true)?;
-        if !tables.as_ref().is_some_and(|d| has_table(d, &self.table)) {
-            return Ok(0);
-        }
-        let doc = self
-            .runner
-            .exec(&format!("list chain inet {} colour_out", self.table), true)?;
+        let doc = self.list_own("list chain inet {} colour_out")?;
         Ok(doc.as_ref().map(count_rules).unwrap_or(0))
     }
 
