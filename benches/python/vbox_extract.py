@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Plain-Python baseline for the VirtualBox settings benchmark.
 
-Parses a .vbox file with xml.etree.ElementTree and does the same extraction the Rust
-bench times: the media registry (uuid, location, differencing parent), the snapshot
-tree (uuid, name, parent, stateFile, attached hard disks; StorageControllers inside or
-beside Hardware), and the migration set of the current state (settings file, the chain
-of every attached hard disk up to its base, the machine's stateFile).
+Parses a .vbox file with xml.etree.ElementTree and extracts what the Rust parser
+extracts: the machine's identity and attributes; for the current state and every
+snapshot the CPU count, memory, network adapters (with their attachment) and storage
+controllers with their attached devices (StorageControllers inside or beside
+Hardware); the media registry (hard disks nested by differencing parent with format,
+type and location; DVD and floppy images); the snapshot tree (uuid, name, time stamp,
+description, stateFile, parent); then the migration set of the current state (settings
+file, the chain of every attached hard disk up to its base, the machine's stateFile).
 
 Usage: vbox_extract.py FILE [ITERATIONS]
 Prints one JSON object: median and minimum seconds per parse+extract, bytes, and what was found
@@ -23,42 +26,150 @@ def local(tag):
     return tag.rsplit("}", 1)[-1]
 
 
-def attached_disks(state):
-    """Image uuids of hard disks attached in a Machine or Snapshot element."""
+def flag(el, name):
+    value = el.get(name)
+    return None if value is None else value == "true"
+
+
+def number(el, name):
+    value = el.get(name)
+    return None if value is None else int(value)
+
+
+def description(el):
+    for c in el:
+        if local(c.tag) == "Description":
+            return c.text or ""
+    return None
+
+
+NETWORK_MODES = {
+    "NAT", "NATNetwork", "BridgedInterface", "HostInterface", "InternalNetwork",
+    "HostOnlyInterface", "GenericInterface", "HostOnlyNetwork", "CloudNetwork",
+}
+
+
+def controllers(scs):
     out = []
+    for sc in scs:
+        if local(sc.tag) != "StorageController":
+            continue
+        devices = []
+        for dev in sc:
+            if local(dev.tag) != "AttachedDevice":
+                continue
+            image = None
+            for img in dev:
+                if local(img.tag) == "Image":
+                    image = img.get("uuid")
+            host_drive = None
+            for drive in dev:
+                if local(drive.tag) == "HostDrive":
+                    host_drive = drive.get("src")
+            devices.append({
+                "type": dev.get("type"),
+                "host_drive": host_drive,
+                "port": number(dev, "port") or 0,
+                "device": number(dev, "device") or 0,
+                "image": image,
+                "passthrough": flag(dev, "passthrough"),
+                "nonrotational": flag(dev, "nonrotational"),
+                "hotpluggable": flag(dev, "hotpluggable"),
+            })
+        out.append({
+            "name": sc.get("name"),
+            "type": sc.get("type"),
+            "port_count": number(sc, "PortCount"),
+            "bootable": flag(sc, "Bootable"),
+            "devices": devices,
+        })
+    return out
+
+
+def hardware(state):
+    """CPU count, memory, network adapters and storage controllers of a Machine or
+    Snapshot element (StorageControllers inside Hardware from 1.17, beside it before)."""
+    hw = {"cpus": 1, "memory": None, "adapters": [], "controllers": []}
     for child in state:
         name = local(child.tag)
-        if name == "Hardware":
-            controllers = [c for c in child if local(c.tag) == "StorageControllers"]
-        elif name == "StorageControllers":
-            controllers = [child]
-        else:
+        if name == "StorageControllers":
+            hw["controllers"].extend(controllers(child))
+        if name != "Hardware":
             continue
-        for scs in controllers:
-            for sc in scs:
-                for dev in sc:
-                    if local(dev.tag) != "AttachedDevice" or dev.get("type") != "HardDisk":
+        for part in child:
+            kind = local(part.tag)
+            if kind == "CPU":
+                hw["cpus"] = number(part, "count") or 1
+            elif kind == "Memory":
+                hw["memory"] = number(part, "RAMSize")
+            elif kind == "StorageControllers":
+                hw["controllers"].extend(controllers(part))
+            elif kind == "Network":
+                for a in part:
+                    if local(a.tag) != "Adapter":
                         continue
-                    for img in dev:
-                        if local(img.tag) == "Image":
-                            out.append(img.get("uuid"))
-    return out
+                    attachment = None
+                    for mode in a:
+                        if local(mode.tag) in NETWORK_MODES:
+                            attachment = (local(mode.tag), mode.get("name") or mode.get("driver"))
+                    hw["adapters"].append({
+                        "slot": number(a, "slot"),
+                        "enabled": flag(a, "enabled"),
+                        "mac": a.get("MACAddress"),
+                        "type": a.get("type"),
+                        "cable": flag(a, "cable"),
+                        "attachment": attachment,
+                    })
+    return hw
+
+
+def attached_disks(hw):
+    """Image uuids of the hard disks attached in a state's hardware."""
+    return [d["image"] for c in hw["controllers"] for d in c["devices"]
+            if d["type"] == "HardDisk" and d["image"] is not None]
 
 
 def extract(path):
     root = ET.parse(path).getroot()
     machine = next(c for c in root if local(c.tag) == "Machine")
+    info = {
+        "version": root.get("version"),
+        "namespace": root.tag[1:].split("}")[0] if root.tag.startswith("{") else None,
+        "uuid": machine.get("uuid"),
+        "name": machine.get("name"),
+        "os_type": machine.get("OSType"),
+        "current_snapshot": machine.get("currentSnapshot"),
+        "snapshot_folder": machine.get("snapshotFolder"),
+        "state_file": machine.get("stateFile"),
+        "last_state_change": machine.get("lastStateChange"),
+        "current_state_modified": flag(machine, "currentStateModified"),
+        "aborted": flag(machine, "aborted"),
+        "description": description(machine),
+        "hardware": hardware(machine),
+    }
     disks = {}
+    images = []
     stack = []
     for c in machine:
         if local(c.tag) == "MediaRegistry":
-            for hds in c:
-                if local(hds.tag) == "HardDisks":
-                    stack.extend((hd, None) for hd in hds if local(hd.tag) == "HardDisk")
+            for group in c:
+                kind = local(group.tag)
+                if kind == "HardDisks":
+                    stack.extend((hd, None) for hd in group if local(hd.tag) == "HardDisk")
+                elif kind in ("DVDImages", "FloppyImages"):
+                    images.extend((kind, i.get("uuid"), i.get("location"), i.get("format"))
+                                  for i in group if local(i.tag) == "Image")
     while stack:
         el, parent = stack.pop()
         uuid = el.get("uuid")
-        disks[uuid] = (el.get("location"), parent)
+        disks[uuid] = {
+            "location": el.get("location"),
+            "format": el.get("format"),
+            "type": el.get("type"),
+            "auto_reset": flag(el, "autoReset"),
+            "description": description(el),
+            "parent": parent,
+        }
         stack.extend((c, uuid) for c in el if local(c.tag) == "HardDisk")
     snapshots = {}
     stack = [(c, None) for c in machine if local(c.tag) == "Snapshot"]
@@ -67,9 +178,11 @@ def extract(path):
         uuid = el.get("uuid")
         snapshots[uuid] = {
             "name": el.get("name"),
+            "time_stamp": el.get("timeStamp"),
+            "description": description(el),
             "parent": parent,
             "state_file": el.get("stateFile"),
-            "disks": attached_disks(el),
+            "hardware": hardware(el),
         }
         for c in el:
             if local(c.tag) == "Snapshots":
@@ -77,18 +190,26 @@ def extract(path):
     # Migration set of the current state.
     folder = os.path.dirname(os.path.abspath(path))
     files = [os.path.abspath(path)]
-    for uuid in attached_disks(machine):
+    for uuid in attached_disks(info["hardware"]):
         chain = []
         while uuid is not None:
-            location, parent = disks[uuid]
-            chain.append(os.path.normpath(os.path.join(folder, location)))
-            uuid = parent
+            disk = disks[uuid]
+            chain.append(os.path.normpath(os.path.join(folder, disk["location"])))
+            uuid = disk["parent"]
         for f in reversed(chain):
             if f not in files:
                 files.append(f)
-    if machine.get("stateFile"):
-        files.append(os.path.normpath(os.path.join(folder, machine.get("stateFile"))))
-    return {"snapshots": len(snapshots), "hard_disks": len(disks), "migration_files": len(files)}
+    if info["state_file"]:
+        files.append(os.path.normpath(os.path.join(folder, info["state_file"])))
+    states = [info["hardware"]] + [s["hardware"] for s in snapshots.values()]
+    return {
+        "snapshots": len(snapshots),
+        "hard_disks": len(disks),
+        "adapters": sum(len(h["adapters"]) for h in states),
+        "controllers": sum(len(h["controllers"]) for h in states),
+        "devices": sum(len(c["devices"]) for h in states for c in h["controllers"]),
+        "migration_files": len(files),
+    }
 
 
 def main():
