@@ -72,48 +72,9 @@ impl Location {
     /// (`C:/Users/…`); on a non-Windows host they name no local file, so size look-ups
     /// report them as missing. Shares keep their leading `//`.
     pub fn resolve(original: &str, base: &Path) -> Location {
-        let bytes = original.as_bytes();
-        let is_sep = |b: u8| b == b'/' || b == b'\\';
-        let (kind, resolved) = if bytes.len() >= 2 && is_sep(bytes[0]) && is_sep(bytes[1]) {
-            let mut parts = Vec::new();
-            push_components(&mut parts, &original[2..], 2);
-            (LocationKind::Unc, format!("//{}", parts.join("/")))
-        } else if bytes.len() >= 2
-            && bytes[0].is_ascii_alphabetic()
-            && bytes[1] == b':'
-            && (bytes.len() == 2 || is_sep(bytes[2]))
-        {
-            let drive = &original[..2];
-            let mut parts = Vec::new();
-            push_components(&mut parts, &original[2..], 0);
-            (
-                LocationKind::WindowsDrive,
-                format!("{}/{}", drive.to_ascii_uppercase(), parts.join("/")),
-            )
-        } else if bytes.first().copied().is_some_and(is_sep) {
-            let mut parts = Vec::new();
-            push_components(&mut parts, original, 0);
-            (LocationKind::UnixAbsolute, format!("/{}", parts.join("/")))
-        } else {
-            let base_str = base.to_string_lossy().replace('\\', "/");
-            let absolute_base = base_str.starts_with('/');
-            let mut parts = Vec::new();
-            let floor = if absolute_base { 0 } else { usize::MAX };
-            if absolute_base {
-                push_components(&mut parts, &base_str, 0);
-            } else {
-                push_relative(&mut parts, &base_str, floor);
-            }
-            push_relative(&mut parts, original, floor);
-            let joined = parts.join("/");
-            let s = if absolute_base {
-                format!("/{joined}")
-            } else if joined.is_empty() {
-                ".".to_owned()
-            } else {
-                joined
-            };
-            (LocationKind::Relative, s)
+        let (kind, resolved) = match join_plain(original, base) {
+            Some(resolved) => (LocationKind::Relative, resolved),
+            None => resolve_general(original, base),
         };
         Location {
             original: original.to_owned(),
@@ -154,6 +115,96 @@ impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.resolved.to_string_lossy())
     }
+}
+
+/// Classifies and resolves any location string (see [`Location::resolve`]).
+fn resolve_general(original: &str, base: &Path) -> (LocationKind, String) {
+    let bytes = original.as_bytes();
+    let is_sep = |b: u8| b == b'/' || b == b'\\';
+    if bytes.len() >= 2 && is_sep(bytes[0]) && is_sep(bytes[1]) {
+        let mut parts = Vec::new();
+        push_components(&mut parts, &original[2..], 2);
+        (LocationKind::Unc, format!("//{}", parts.join("/")))
+    } else if bytes.len() >= 2
+        && bytes[0].is_ascii_alphabetic()
+        && bytes[1] == b':'
+        && (bytes.len() == 2 || is_sep(bytes[2]))
+    {
+        let drive = &original[..2];
+        let mut parts = Vec::new();
+        push_components(&mut parts, &original[2..], 0);
+        (
+            LocationKind::WindowsDrive,
+            format!("{}/{}", drive.to_ascii_uppercase(), parts.join("/")),
+        )
+    } else if bytes.first().copied().is_some_and(is_sep) {
+        let mut parts = Vec::new();
+        push_components(&mut parts, original, 0);
+        (LocationKind::UnixAbsolute, format!("/{}", parts.join("/")))
+    } else {
+        let base_str = base.to_string_lossy().replace('\\', "/");
+        let absolute_base = base_str.starts_with('/');
+        let mut parts = Vec::new();
+        let floor = if absolute_base { 0 } else { usize::MAX };
+        if absolute_base {
+            push_components(&mut parts, &base_str, 0);
+        } else {
+            push_relative(&mut parts, &base_str, floor);
+        }
+        push_relative(&mut parts, original, floor);
+        let joined = parts.join("/");
+        let s = if absolute_base {
+            format!("/{joined}")
+        } else if joined.is_empty() {
+            ".".to_owned()
+        } else {
+            joined
+        };
+        (LocationKind::Relative, s)
+    }
+}
+
+/// Whether every `/`- or `\`-separated component of `s` is a name: not empty, not `.`
+/// and not `..` (so `s` neither starts nor ends with a separator nor doubles one).
+fn plain_components(s: &str) -> bool {
+    !s.is_empty()
+        && s.split(['/', '\\'])
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// The common case resolved with one allocation: a relative location whose components
+/// are all names, under an absolute base whose components are all names (one trailing
+/// `/` allowed). Folding and separator rules give the same result as the general path
+/// (a property test holds them equal); `None` sends every other input there.
+fn join_plain(original: &str, base: &Path) -> Option<String> {
+    let first = *original.as_bytes().first()?;
+    if first == b'/' || first == b'\\' || !plain_components(original) {
+        return None;
+    }
+    // A drive letter (`C:` then a separator or nothing) is not relative.
+    let b = original.as_bytes();
+    if b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b':' {
+        return None;
+    }
+    let base = base.to_str()?;
+    let rest = base.strip_prefix('/')?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('\\') || (!rest.is_empty() && !plain_components(rest)) {
+        return None;
+    }
+    let mut out = String::with_capacity(rest.len() + original.len() + 2);
+    out.push('/');
+    out.push_str(rest);
+    if !rest.is_empty() {
+        out.push('/');
+    }
+    for (i, part) in original.split('\\').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(part);
+    }
+    Some(out)
 }
 
 /// Pushes the components of an absolute path, folding `.` and `..`; `..` never climbs
@@ -257,6 +308,64 @@ mod tests {
         assert_eq!(r("a.vdi", "./x/../y"), (Relative, "y/a.vdi".into()));
         // A relative path that happens to contain a colon later is still relative.
         assert_eq!(r("disk:1.vdi", "/x"), (Relative, "/x/disk:1.vdi".into()));
+    }
+
+    proptest::proptest! {
+        /// The one-allocation path agrees with the general one wherever it applies.
+        #[test]
+        fn plain_join_agrees_with_general(
+            original in proptest::collection::vec(
+                proptest::sample::select(vec!["a", "Snap shots", "{1}.vdi", ".", "..", "", "C:", "d:x"]),
+                0..5,
+            ),
+            seps in proptest::collection::vec(proptest::bool::ANY, 5),
+            base in proptest::collection::vec(
+                proptest::sample::select(vec!["vms", "TM", ".", "..", "", "x\\y"]),
+                0..4,
+            ),
+            absolute in proptest::bool::ANY,
+            trailing in proptest::bool::ANY,
+        ) {
+            let mut o = String::new();
+            for (i, c) in original.iter().enumerate() {
+                if i > 0 {
+                    o.push(if seps[i] { '\\' } else { '/' });
+                }
+                o.push_str(c);
+            }
+            let mut b = if absolute { "/".to_owned() } else { String::new() };
+            b.push_str(&base.join("/"));
+            if trailing {
+                b.push('/');
+            }
+            if let Some(fast) = join_plain(&o, Path::new(&b)) {
+                proptest::prop_assert_eq!(
+                    (LocationKind::Relative, fast),
+                    resolve_general(&o, Path::new(&b))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn plain_join_takes_the_common_case() {
+        assert_eq!(
+            join_plain("Snapshots\\{1}.vdi", Path::new("/vms/TM/")).as_deref(),
+            Some("/vms/TM/Snapshots/{1}.vdi")
+        );
+        assert_eq!(
+            join_plain("a.vdi", Path::new("/")).as_deref(),
+            Some("/a.vdi")
+        );
+        for (o, b) in [
+            ("../a", "/x"),
+            ("a", "rel"),
+            ("C:/a", "/x"),
+            ("a//b", "/x"),
+            ("a", "/x/../y"),
+        ] {
+            assert_eq!(join_plain(o, Path::new(b)), None, "{o} under {b}");
+        }
     }
 
     #[test]

@@ -227,6 +227,11 @@ impl std::str::FromStr for TreeFormat {
     }
 }
 
+/// The indices' map: foldhash is several times cheaper than the standard SipHash for
+/// uuid and path keys, and its per-process random seed keeps crafted keys from
+/// colliding on purpose.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A machine ready for file tracking: settings, their location and a uuid index of
 /// every medium it can see.
 #[derive(Debug, Clone)]
@@ -236,13 +241,13 @@ pub struct Machine {
     machine_dir: PathBuf,
     global: Option<GlobalRegistry>,
     media: Vec<Medium>,
-    media_by_uuid: HashMap<Uuid, usize>,
+    media_by_uuid: FastMap<Uuid, usize>,
     /// For each medium, the first medium with the same resolved path (itself unless
     /// two registry entries share a file).
     canonical: Vec<usize>,
     /// Resolved path → first medium with it.
-    media_by_path: HashMap<OsString, usize>,
-    snapshot_by_uuid: HashMap<Uuid, usize>,
+    media_by_path: FastMap<OsString, usize>,
+    snapshot_by_uuid: FastMap<Uuid, usize>,
 }
 
 /// The same type under the thesis's name.
@@ -288,9 +293,9 @@ impl Machine {
             machine_dir,
             global: None,
             media: Vec::new(),
-            media_by_uuid: HashMap::new(),
+            media_by_uuid: FastMap::default(),
             canonical: Vec::new(),
-            media_by_path: HashMap::new(),
+            media_by_path: FastMap::default(),
         };
         let dir = m.machine_dir.clone();
         let own = std::mem::take(&mut m.settings.media);
