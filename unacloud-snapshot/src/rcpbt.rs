@@ -278,33 +278,36 @@ impl TestManager {
 
 /// Appends `tokens,duration_s,label,date` (writing the header when the file is new).
 pub fn append_csv_row(path: &std::path::Path, o: &RingOutcome, label: &str) -> Result<()> {
-    use std::io::Write;
-    let new = !path.exists();
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|source| Error::ResultsIo {
-            path: path.to_path_buf(),
-            source,
-        })?;
     let label = label.replace([',', '\n', '\r'], " ");
-    let mut row = String::new();
-    if new {
-        row.push_str("tokens,duration_s,label,date\n");
-    }
-    row.push_str(&format!(
+    let row = format!(
         "{},{:.6},{},{}\n",
         o.tokens_counted,
         o.duration_s,
         label,
         utc_date_time(std::time::SystemTime::now())
-    ));
-    f.write_all(row.as_bytes())
-        .map_err(|source| Error::ResultsIo {
-            path: path.to_path_buf(),
-            source,
-        })
+    );
+    append_results(path, "tokens,duration_s,label,date\n", &row)
+}
+
+/// Appends `rows` to the results file `path`, after `header` when the file is new.
+pub(crate) fn append_results(path: &std::path::Path, header: &str, rows: &str) -> Result<()> {
+    use std::io::Write;
+    let io_error = |source: std::io::Error| Error::ResultsIo {
+        path: path.to_path_buf(),
+        source,
+    };
+    let new = !path.exists();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_error)?;
+    let text = if new {
+        format!("{header}{rows}")
+    } else {
+        rows.to_string()
+    };
+    f.write_all(text.as_bytes()).map_err(io_error)
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for a system time (UTC).

@@ -35,7 +35,7 @@ use nix::sys::socket::{
 };
 
 use super::exec::DEFAULT_COMMAND_TIMEOUT;
-use super::nft::DEFAULT_TABLE;
+use super::nft::{check_table_name, DEFAULT_TABLE};
 use super::{Colour, ColourBackend, DscpConfig};
 use crate::error::{Error, Result};
 
@@ -178,6 +178,23 @@ impl MsgBuf {
         self.pad();
         let len = u32::try_from(self.buf.len() - start).unwrap_or(u32::MAX);
         self.buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    /// One nf_tables message about family inet.
+    fn nft_msg(&mut self, msg: u16, flags: u16, seq: u32, body: impl FnOnce(&mut Self)) {
+        self.msg(nft_type(msg), flags, seq, NFPROTO_INET, 0, body);
+    }
+
+    /// The begin or end (`ty`) of a batch of nf_tables messages.
+    fn batch_mark(&mut self, ty: u16, seq: u32) {
+        self.msg(
+            ty,
+            NLM_F_REQUEST,
+            seq,
+            NFPROTO_UNSPEC,
+            NFNL_SUBSYS_NFTABLES,
+            |_| {},
+        );
     }
 
     fn attr(&mut self, ty: u16, data: &[u8]) {
@@ -490,17 +507,7 @@ impl NftNetlink {
     /// Uses table `inet <name>` (letters, digits, `_`; at most 32 characters; the same
     /// rule as [`super::nft::Nft::table`]).
     pub fn table(mut self, name: &str) -> Result<Self> {
-        if name.is_empty()
-            || name.len() > 32
-            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            || name.starts_with(|c: char| c.is_ascii_digit())
-        {
-            return Err(Error::InvalidConfig {
-                reason: format!(
-                    "nft table name {name:?} must be 1-32 characters of a-z, A-Z, 0-9, '_' and start with a letter"
-                ),
-            });
-        }
+        check_table_name(name)?;
         self.table = name.to_string();
         Ok(self)
     }
@@ -532,15 +539,7 @@ impl NftNetlink {
         body: impl FnOnce(&mut MsgBuf, &mut dyn FnMut() -> u32),
     ) -> Result<()> {
         let mut m = MsgBuf::default();
-        let begin = self.next_seq();
-        m.msg(
-            NFNL_MSG_BATCH_BEGIN,
-            NLM_F_REQUEST,
-            begin,
-            NFPROTO_UNSPEC,
-            NFNL_SUBSYS_NFTABLES,
-            |_| {},
-        );
+        m.batch_mark(NFNL_MSG_BATCH_BEGIN, self.next_seq());
         let mut seqs = Vec::new();
         {
             let mut seq = self.seq;
@@ -554,15 +553,7 @@ impl NftNetlink {
                 self.seq = last;
             }
         }
-        let end = self.next_seq();
-        m.msg(
-            NFNL_MSG_BATCH_END,
-            NLM_F_REQUEST,
-            end,
-            NFPROTO_UNSPEC,
-            NFNL_SUBSYS_NFTABLES,
-            |_| {},
-        );
+        m.batch_mark(NFNL_MSG_BATCH_END, self.next_seq());
         self.send_all(operation, &m.buf)?;
         let deadline = Instant::now() + self.timeout;
         let mut pending: Vec<u32> = seqs;
@@ -606,7 +597,7 @@ impl NftNetlink {
         let seq = self.next_seq();
         let mut m = MsgBuf::default();
         let flags = NLM_F_REQUEST | NLM_F_ACK | if dump { NLM_F_DUMP } else { 0 };
-        m.msg(nft_type(msg_type), flags, seq, NFPROTO_INET, 0, body);
+        m.nft_msg(msg_type, flags, seq, body);
         self.send_all(operation, &m.buf)?;
         let deadline = Instant::now() + self.timeout;
         let mut out = Vec::new();
@@ -747,12 +738,10 @@ impl NftNetlink {
         chain: &str,
         exprs: impl FnOnce(&mut MsgBuf),
     ) {
-        b.msg(
-            nft_type(NFT_MSG_NEWRULE),
+        b.nft_msg(
+            NFT_MSG_NEWRULE,
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND,
             seq,
-            NFPROTO_INET,
-            0,
             |b| {
                 b.str(NFTA_RULE_TABLE, table);
                 b.str(NFTA_RULE_CHAIN, chain);
@@ -762,37 +751,28 @@ impl NftNetlink {
     }
 
     fn flush_chain(b: &mut MsgBuf, seq: u32, table: &str, chain: &str) {
-        b.msg(
-            nft_type(NFT_MSG_DELRULE),
-            NLM_F_REQUEST | NLM_F_ACK,
+        b.nft_msg(NFT_MSG_DELRULE, NLM_F_REQUEST | NLM_F_ACK, seq, |b| {
+            b.str(NFTA_RULE_TABLE, table);
+            b.str(NFTA_RULE_CHAIN, chain);
+        });
+    }
+
+    /// `add table` (creates ours if missing).
+    fn add_table(b: &mut MsgBuf, seq: u32, table: &str) {
+        b.nft_msg(
+            NFT_MSG_NEWTABLE,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
             seq,
-            NFPROTO_INET,
-            0,
-            |b| {
-                b.str(NFTA_RULE_TABLE, table);
-                b.str(NFTA_RULE_CHAIN, chain);
-            },
+            |b| b.str(NFTA_TABLE_NAME, table),
         );
     }
 
     /// `add table; delete table` (removes ours, idempotent).
     fn remove_msgs(b: &mut MsgBuf, next: &mut dyn FnMut() -> u32, table: &str) {
-        b.msg(
-            nft_type(NFT_MSG_NEWTABLE),
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
-            next(),
-            NFPROTO_INET,
-            0,
-            |b| b.str(NFTA_TABLE_NAME, table),
-        );
-        b.msg(
-            nft_type(NFT_MSG_DELTABLE),
-            NLM_F_REQUEST | NLM_F_ACK,
-            next(),
-            NFPROTO_INET,
-            0,
-            |b| b.str(NFTA_TABLE_NAME, table),
-        );
+        NftNetlink::add_table(b, next(), table);
+        b.nft_msg(NFT_MSG_DELTABLE, NLM_F_REQUEST | NLM_F_ACK, next(), |b| {
+            b.str(NFTA_TABLE_NAME, table)
+        });
     }
 }
 
@@ -812,20 +792,11 @@ impl ColourBackend for NftNetlink {
         let t = self.table.clone();
         self.transaction("install", |b, next| {
             NftNetlink::remove_msgs(b, next, &t);
-            b.msg(
-                nft_type(NFT_MSG_NEWTABLE),
+            NftNetlink::add_table(b, next(), &t);
+            b.nft_msg(
+                NFT_MSG_NEWOBJ,
                 NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
                 next(),
-                NFPROTO_INET,
-                0,
-                |b| b.str(NFTA_TABLE_NAME, &t),
-            );
-            b.msg(
-                nft_type(NFT_MSG_NEWOBJ),
-                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
-                next(),
-                NFPROTO_INET,
-                0,
                 |b| {
                     b.str(NFTA_OBJ_TABLE, &t);
                     b.str(NFTA_OBJ_NAME, COUNTER);
@@ -837,12 +808,10 @@ impl ColourBackend for NftNetlink {
                 (CHAIN_OUT, NF_INET_LOCAL_OUT, NF_IP_PRI_MANGLE),
                 (CHAIN_IN, NF_INET_LOCAL_IN, NF_IP_PRI_FILTER),
             ] {
-                b.msg(
-                    nft_type(NFT_MSG_NEWCHAIN),
+                b.nft_msg(
+                    NFT_MSG_NEWCHAIN,
                     NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
                     next(),
-                    NFPROTO_INET,
-                    0,
                     |b| {
                         b.str(NFTA_CHAIN_TABLE, &t);
                         b.str(NFTA_CHAIN_NAME, chain);

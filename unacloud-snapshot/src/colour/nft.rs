@@ -318,17 +318,7 @@ impl<R: NftRunner> Nft<R> {
 
     /// Uses table `inet <name>` (letters, digits, `_`; at most 32 characters).
     pub fn table(mut self, name: &str) -> Result<Self> {
-        if name.is_empty()
-            || name.len() > 32
-            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            || name.starts_with(|c: char| c.is_ascii_digit())
-        {
-            return Err(Error::InvalidConfig {
-                reason: format!(
-                    "nft table name {name:?} must be 1-32 characters of a-z, A-Z, 0-9, '_' and start with a letter"
-                ),
-            });
-        }
+        check_table_name(name)?;
         self.table = name.to_string();
         Ok(self)
     }
@@ -384,6 +374,23 @@ impl<R: NftRunner> Nft<R> {
         let t = &self.table;
         format!("add table inet {t}; delete table inet {t}")
     }
+}
+
+/// Checks a table name for `inet <name>`: letters, digits, `_`, at most 32 characters,
+/// not starting with a digit.
+pub(crate) fn check_table_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 32
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        || name.starts_with(|c: char| c.is_ascii_digit())
+    {
+        return Err(Error::InvalidConfig {
+            reason: format!(
+                "nft table name {name:?} must be 1-32 characters of a-z, A-Z, 0-9, '_' and start with a letter"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Reads the `packets` of the named counter from `nft -j list counter …` output.

@@ -23,6 +23,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -203,9 +204,7 @@ fn run(args: &[String]) -> Result<()> {
         "metadata-server" => {
             let mut cfg = base_config(&f)?;
             let mut section = cfg.metadata.take().unwrap_or(MetadataSection {
-                listen: "127.0.0.1:7000".parse().map_err(|_| Error::InvalidConfig {
-                    reason: "bad default address".to_string(),
-                })?,
+                listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 7000)),
                 base_port: 7100,
                 results_csv: None,
             });

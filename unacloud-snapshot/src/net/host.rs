@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -84,6 +84,27 @@ struct Inner {
     snapshot: LocalSnapshot,
 }
 
+impl Inner {
+    fn lock_colour(&self) -> Result<MutexGuard<'_, Box<dyn ColourBackend>>> {
+        self.colour.lock().map_err(|_| Error::NftSession {
+            place: self.vm.clone(),
+            reason: "colour backend lock poisoned by an earlier panic".to_string(),
+        })
+    }
+}
+
+/// Runs a backend call on a blocking thread.
+async fn on_blocking_thread<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| Error::NftSession {
+            place: "colour backend".to_string(),
+            reason: format!("blocking task failed: {e}"),
+        })?
+}
+
 impl fmt::Debug for VmHost {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VmHost")
@@ -123,10 +144,7 @@ impl VmHost {
     ) -> Result<T> {
         let inner = inner.clone();
         let call = move || {
-            let mut guard = inner.colour.lock().map_err(|_| Error::NftSession {
-                place: inner.vm.clone(),
-                reason: "colour backend lock poisoned by an earlier panic".to_string(),
-            })?;
+            let mut guard = inner.lock_colour()?;
             if !inner.installed.load(Ordering::SeqCst) {
                 guard.install()?;
                 inner.installed.store(true, Ordering::SeqCst);
@@ -138,34 +156,22 @@ impl VmHost {
             // cost more than the call.
             return call();
         }
-        tokio::task::spawn_blocking(call)
-            .await
-            .map_err(|e| Error::NftSession {
-                place: "colour backend".to_string(),
-                reason: format!("blocking task failed: {e}"),
-            })?
+        on_blocking_thread(call).await
     }
 
     async fn clear_all(inner: &Arc<Inner>) -> Result<()> {
-        let inner2 = inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = inner2.colour.lock().map_err(|_| Error::NftSession {
-                place: inner2.vm.clone(),
-                reason: "colour backend lock poisoned by an earlier panic".to_string(),
-            })?;
-            if inner2.installed.load(Ordering::SeqCst) {
+        let inner = inner.clone();
+        on_blocking_thread(move || {
+            let mut guard = inner.lock_colour()?;
+            if inner.installed.load(Ordering::SeqCst) {
                 let dropped = guard.post_packets_dropped().unwrap_or(0);
-                inner2.dropped_before.fetch_add(dropped, Ordering::SeqCst);
+                inner.dropped_before.fetch_add(dropped, Ordering::SeqCst);
             }
             guard.remove()?;
-            inner2.installed.store(false, Ordering::SeqCst);
+            inner.installed.store(false, Ordering::SeqCst);
             Ok(())
         })
         .await
-        .map_err(|e| Error::NftSession {
-            place: "colour backend".to_string(),
-            reason: format!("blocking task failed: {e}"),
-        })?
     }
 
     async fn take_snapshot(inner: Arc<Inner>, gs: GlobalSnapshotId) -> Result<Duration> {

@@ -25,6 +25,7 @@ use crate::protocol::{
     Message, MetadataServer, MetadataServerConfig, Output, Participant, ParticipantConfig,
     ParticipantId, ProtocolEvent, SnapshotTimes,
 };
+use crate::rcpbt::append_results;
 
 /// Something a node reports to its owner.
 #[derive(Debug, Clone)]
@@ -426,34 +427,9 @@ impl MetadataServerHandle {
 /// Appends the rows of one global snapshot to the results CSV
 /// (`global_snapshot,participant,local_time_s,global_time_s`; header when new).
 pub fn append_times_csv(path: &std::path::Path, t: &SnapshotTimes) -> Result<()> {
-    use std::io::Write;
-    let new = !path.exists();
     let mut rows = String::new();
-    if new {
-        rows.push_str("global_snapshot,participant,local_time_s,global_time_s\n");
-    }
-    for l in &t.local_times {
-        rows.push_str(&format!(
-            "{},{},{:.6},{:.6}\n",
-            t.gs.0,
-            l.participant.0,
-            l.local_time.as_secs_f64(),
-            t.global_time.as_secs_f64()
-        ));
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|source| Error::ResultsIo {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    f.write_all(rows.as_bytes())
-        .map_err(|source| Error::ResultsIo {
-            path: path.to_path_buf(),
-            source,
-        })
+    t.write_csv_rows(&mut rows);
+    append_results(path, SnapshotTimes::CSV_HEADER, &rows)
 }
 
 /// Starts a metadata server on `listener`. With `results_csv`, each reported global
@@ -535,8 +511,9 @@ pub fn spawn_metadata_server(
                     Output::Action { .. } => {}
                 }
             }
-            let all: Vec<SnapshotTimes> = ms.times().cloned().collect();
-            if all.len() > recorded {
+            // Most requests record nothing: copy the times only when some were added.
+            if ms.times().count() > recorded {
+                let all: Vec<SnapshotTimes> = ms.times().cloned().collect();
                 for t in &all[recorded..] {
                     if let Some(p) = &results_csv {
                         if let Err(e) = append_times_csv(p, t) {

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::config::ClearColourPolicy;
 use super::ids::{ActionId, Colour, GlobalSnapshotId};
-use super::output::{HostAction, Output};
+use super::output::{ActionOutcome, HostAction, Output, ProtocolEvent};
 use crate::error::{Error, Result};
 
 /// How many times a failing ClearAll is tried before it is reported.
@@ -67,6 +67,15 @@ pub(crate) struct Queued<P> {
     pub purpose: P,
     pub action: HostAction,
     pub deadline: Instant,
+}
+
+/// The purposes the rule maintenance shared by the coordinator and the participants issues
+/// under: re-arming the idle drop rule and the numbered tries of a ClearAll.
+pub(crate) trait RulePurpose {
+    /// (Re-)arming the idle drop rule.
+    const ARM: Self;
+    /// Try `tries` (from 1) of ClearAll after global snapshot `gs`.
+    fn cleanup(gs: GlobalSnapshotId, tries: u8) -> Self;
 }
 
 /// Allocates action ids and remembers the outstanding action.
@@ -184,6 +193,56 @@ impl<P: Clone> Host<P> {
             Some(o) if o.id == id => Ok(self.outstanding.take().map(|o| o.purpose)),
             _ if id.0 < self.next_id => Ok(None),
             _ => Err(Error::UnknownAction { id }),
+        }
+    }
+}
+
+impl<P: Clone + RulePurpose> Host<P> {
+    /// Issues `DropIncoming(Post)`: the idle state drops POST datagrams.
+    pub fn arm_idle_drop(&mut self, out: &mut VecDeque<Output>) {
+        self.issue_untimed(out, P::ARM, HostAction::DropIncoming(Colour::Post));
+    }
+
+    /// Arming the idle drop rule completed with `outcome`: report a failure, then issue
+    /// the action queued behind it.
+    pub fn armed(&mut self, out: &mut VecDeque<Output>, outcome: ActionOutcome) {
+        if let ActionOutcome::Failed(why) = outcome {
+            out.push_back(Output::Event(ProtocolEvent::IdleDropFailed { why }));
+        }
+        self.issue_queued(out);
+    }
+
+    /// Issues the first try of ClearAll, which removes every rule of `gs`.
+    pub fn issue_cleanup(
+        &mut self,
+        out: &mut VecDeque<Output>,
+        gs: GlobalSnapshotId,
+        deadline: Instant,
+    ) {
+        self.issue(out, P::cleanup(gs, 1), HostAction::ClearAll, deadline);
+    }
+
+    /// Try `tries` of ClearAll failed with `why`: retry (until `deadline`) up to
+    /// [`CLEANUP_TRIES`] times in total, then report it — the host may still colour or
+    /// drop traffic and needs an operator — and go on with the queued action.
+    pub fn cleanup_failed(
+        &mut self,
+        out: &mut VecDeque<Output>,
+        gs: GlobalSnapshotId,
+        tries: u8,
+        why: String,
+        deadline: Instant,
+    ) {
+        if tries < CLEANUP_TRIES {
+            self.issue(
+                out,
+                P::cleanup(gs, tries + 1),
+                HostAction::ClearAll,
+                deadline,
+            );
+        } else {
+            out.push_back(Output::Event(ProtocolEvent::CleanupFailed { gs, why }));
+            self.issue_queued(out);
         }
     }
 }

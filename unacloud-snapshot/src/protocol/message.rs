@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 use super::ids::{ClusterId, GlobalSnapshotId, ParticipantId, ResumeAttempt};
+use crate::error::{Error, Result};
 
 /// Serialises a [`Duration`] as whole microseconds (`u64`), the unit of every time field on
 /// the wire.
@@ -51,6 +52,21 @@ impl Envelope {
             to,
             message,
         }
+    }
+
+    /// Checks that the envelope belongs to `cluster` and is addressed to `me`: fails with
+    /// [`Error::ForeignCluster`] or [`Error::Misaddressed`] otherwise.
+    pub(crate) fn check_addressed_to(&self, cluster: ClusterId, me: ParticipantId) -> Result<()> {
+        if self.cluster != cluster {
+            return Err(Error::ForeignCluster {
+                expected: cluster,
+                got: self.cluster,
+            });
+        }
+        if self.to != me {
+            return Err(Error::Misaddressed { to: self.to, me });
+        }
+        Ok(())
     }
 }
 

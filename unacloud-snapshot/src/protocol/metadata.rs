@@ -36,6 +36,28 @@ pub struct SnapshotTimes {
     pub local_times: Vec<LocalTime>,
 }
 
+impl SnapshotTimes {
+    /// The header line of the times CSV.
+    pub(crate) const CSV_HEADER: &'static str =
+        "global_snapshot,participant,local_time_s,global_time_s\n";
+
+    /// Appends this global snapshot's rows of the times CSV to `csv`, one per participant
+    /// (seconds, microsecond precision).
+    pub(crate) fn write_csv_rows(&self, csv: &mut String) {
+        for l in &self.local_times {
+            // Writing into a String cannot fail.
+            let _ = writeln!(
+                csv,
+                "{},{},{:.6},{:.6}",
+                self.gs.0,
+                l.participant.0,
+                l.local_time.as_secs_f64(),
+                self.global_time.as_secs_f64()
+            );
+        }
+    }
+}
+
 /// The metadata server's state machine.
 #[derive(Debug)]
 pub struct MetadataServer {
@@ -127,19 +149,9 @@ impl MetadataServer {
     /// `global_snapshot,participant,local_time_s,global_time_s` (seconds, microsecond
     /// precision), ready for a spreadsheet or pandas.
     pub fn times_csv(&self) -> String {
-        let mut csv = String::from("global_snapshot,participant,local_time_s,global_time_s\n");
+        let mut csv = String::from(SnapshotTimes::CSV_HEADER);
         for t in self.times.values() {
-            for l in &t.local_times {
-                // Writing into a String cannot fail.
-                let _ = writeln!(
-                    csv,
-                    "{},{},{:.6},{:.6}",
-                    t.gs.0,
-                    l.participant.0,
-                    l.local_time.as_secs_f64(),
-                    t.global_time.as_secs_f64()
-                );
-            }
+            t.write_csv_rows(&mut csv);
         }
         csv
     }
@@ -155,18 +167,7 @@ impl MetadataServer {
         _now: Instant,
         envelope: Envelope,
     ) -> Result<Option<Envelope>> {
-        if envelope.cluster != self.config.cluster {
-            return Err(Error::ForeignCluster {
-                expected: self.config.cluster,
-                got: envelope.cluster,
-            });
-        }
-        if envelope.to != ParticipantId::METADATA_SERVER {
-            return Err(Error::Misaddressed {
-                to: envelope.to,
-                me: ParticipantId::METADATA_SERVER,
-            });
-        }
+        envelope.check_addressed_to(self.config.cluster, ParticipantId::METADATA_SERVER)?;
         let reply = match envelope.message {
             Message::Insert { addr, vms } => match self.register(addr, vms) {
                 Ok(r) => Message::Inserted {

@@ -17,8 +17,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::config::{ClearColourPolicy, ParticipantConfig};
-use super::host::{step_action, step_name, steps_before_done, Host, CLEANUP_TRIES, SNAPSHOT_STEP};
-use super::ids::{ActionId, Colour, GlobalSnapshotId, ParticipantId, ResumeAttempt};
+use super::host::{step_action, step_name, steps_before_done, Host, RulePurpose, SNAPSHOT_STEP};
+use super::ids::{ActionId, GlobalSnapshotId, ParticipantId, ResumeAttempt};
 use super::message::{Envelope, Message};
 use super::output::{ActionOutcome, HostAction, Output, ProtocolEvent};
 use crate::error::{Error, Result};
@@ -38,6 +38,13 @@ enum Purpose {
     StartVms(GlobalSnapshotId, ResumeAttempt),
 }
 
+impl RulePurpose for Purpose {
+    const ARM: Self = Purpose::Arm;
+    fn cleanup(gs: GlobalSnapshotId, tries: u8) -> Self {
+        Purpose::Cleanup(gs, tries)
+    }
+}
+
 impl Purpose {
     /// Short rule maintenance: other work queues behind it instead of being refused.
     fn is_maintenance(self) -> bool {
@@ -51,9 +58,10 @@ enum SnapState {
     Idle,
     Checking,
     Checked(bool),
+    /// Steps 1–5 (or 6) run; `local_time` is set once step 3 reported it.
     Steps {
-        step: u8,
         deadline: Instant,
+        local_time: Duration,
     },
     /// DONE sent; the host colours POST until RELEASE, ABORT or the deadline.
     Holding {
@@ -81,7 +89,6 @@ pub struct Participant {
     /// The newest global snapshot seen (the epoch); older ones are ignored.
     gs: GlobalSnapshotId,
     snap: SnapState,
-    local_time: Duration,
     /// The newest resume attempt seen.
     attempt: ResumeAttempt,
     resume_gs: GlobalSnapshotId,
@@ -108,7 +115,6 @@ impl Participant {
             config,
             gs: GlobalSnapshotId(0),
             snap: SnapState::Idle,
-            local_time: Duration::ZERO,
             attempt: ResumeAttempt(0),
             resume_gs: GlobalSnapshotId(0),
             resume: ResumeState::Idle,
@@ -146,18 +152,7 @@ impl Participant {
     /// Feeds a received envelope. Late and duplicated messages of earlier global
     /// snapshots or resume attempts are ignored (`Ok`).
     pub fn handle_message(&mut self, now: Instant, envelope: Envelope) -> Result<()> {
-        if envelope.cluster != self.config.cluster {
-            return Err(Error::ForeignCluster {
-                expected: self.config.cluster,
-                got: envelope.cluster,
-            });
-        }
-        if envelope.to != self.config.id {
-            return Err(Error::Misaddressed {
-                to: envelope.to,
-                me: self.config.id,
-            });
-        }
+        envelope.check_addressed_to(self.config.cluster, self.config.id)?;
         if envelope.from != ParticipantId::COORDINATOR {
             return Err(Error::UnknownParticipant { id: envelope.from });
         }
@@ -202,13 +197,7 @@ impl Participant {
             return Ok(());
         };
         match purpose {
-            Purpose::Arm => {
-                if let ActionOutcome::Failed(why) = outcome {
-                    self.out
-                        .push_back(Output::Event(ProtocolEvent::IdleDropFailed { why }));
-                }
-                self.host.issue_queued(&mut self.out);
-            }
+            Purpose::Arm => self.host.armed(&mut self.out, outcome),
             Purpose::Release(gs) => match outcome {
                 ActionOutcome::Failed(_) => self.issue_cleanup(now, gs),
                 _ => self.arm_idle_drop(),
@@ -222,7 +211,11 @@ impl Participant {
             }
             Purpose::Step(gs, step) => self.step_done(now, gs, step, outcome),
             Purpose::Cleanup(gs, tries) => match outcome {
-                ActionOutcome::Failed(why) => self.cleanup_failed(now, gs, tries, why),
+                ActionOutcome::Failed(why) => {
+                    let deadline = now + self.config.timeouts.snapshot;
+                    self.host
+                        .cleanup_failed(&mut self.out, gs, tries, why, deadline);
+                }
                 _ => self.arm_idle_drop(),
             },
             Purpose::Restore(gs, attempt) | Purpose::StartVms(gs, attempt) => {
@@ -389,11 +382,7 @@ impl Participant {
 
     /// Issues `DropIncoming(Post)`: the idle state drops POST datagrams.
     fn arm_idle_drop(&mut self) {
-        self.host.issue_untimed(
-            &mut self.out,
-            Purpose::Arm,
-            HostAction::DropIncoming(Colour::Post),
-        );
+        self.host.arm_idle_drop(&mut self.out);
     }
 
     /// A message shows that the coordinator has decided the global snapshot whose colour
@@ -434,13 +423,19 @@ impl Participant {
         }
         if gs > self.gs {
             // Of an attempt we never took part in: nothing of it to clear.
-            self.release_held(now);
-            self.gs = gs;
-            self.snap = SnapState::Abandoned;
+            self.skip_to(now, gs);
             return;
         }
         // Current attempt: release the held colour; a duplicate finds nothing to do.
         self.release_held(now);
+    }
+
+    /// Moves the epoch on to `gs`, an attempt this host never took part in (after
+    /// releasing the colour it still holds for the current one).
+    fn skip_to(&mut self, now: Instant, gs: GlobalSnapshotId) {
+        self.release_held(now);
+        self.gs = gs;
+        self.snap = SnapState::Abandoned;
     }
 
     fn on_precheck(&mut self, now: Instant, gs: GlobalSnapshotId) {
@@ -509,15 +504,21 @@ impl Participant {
             return;
         }
         let deadline = now + self.config.timeouts.snapshot;
-        self.snap = SnapState::Steps { step: 0, deadline };
-        self.local_time = Duration::ZERO;
+        self.snap = SnapState::Steps {
+            deadline,
+            local_time: Duration::ZERO,
+        };
         let action = step_action(0, gs, &self.config.vms);
         self.host
             .issue_or_queue(&mut self.out, Purpose::Step(gs, 0), action, deadline);
     }
 
     fn step_done(&mut self, now: Instant, gs: GlobalSnapshotId, step: u8, outcome: ActionOutcome) {
-        let SnapState::Steps { deadline, .. } = self.snap else {
+        let SnapState::Steps {
+            deadline,
+            mut local_time,
+        } = self.snap
+        else {
             // Aborted while the step ran: remove whatever it installed.
             self.issue_cleanup(now, gs);
             return;
@@ -532,21 +533,20 @@ impl Participant {
             return;
         }
         if step == SNAPSHOT_STEP {
-            if let ActionOutcome::SnapshotTaken { local_time } = outcome {
-                self.local_time = local_time;
+            if let ActionOutcome::SnapshotTaken { local_time: t } = outcome {
+                local_time = t;
             }
         }
         let policy = self.config.clear_colour;
         if step + 1 < steps_before_done(policy) {
             self.snap = SnapState::Steps {
-                step: step + 1,
                 deadline,
+                local_time,
             };
             let action = step_action(step + 1, gs, &self.config.vms);
             self.host
                 .issue(&mut self.out, Purpose::Step(gs, step + 1), action, deadline);
         } else {
-            let local_time = self.local_time;
             match policy {
                 // Keep colouring POST until RELEASE, ABORT or the deadline.
                 ClearColourPolicy::OnRelease => {
@@ -576,31 +576,20 @@ impl Participant {
         }
         if gs > self.gs {
             // An attempt we never saw: just move the epoch on.
-            self.release_held(now);
-            self.gs = gs;
-            self.snap = SnapState::Abandoned;
+            self.skip_to(now, gs);
             return;
         }
+        let why = || format!("aborted by the coordinator: {reason}");
         match self.snap {
             SnapState::Steps { .. } if matches!(self.host.queued(), Some(Purpose::Step(..))) => {
                 // Step 1 had not been issued yet: nothing to clean.
                 self.host.drop_queued();
-                self.abandon_snapshot(
-                    now,
-                    gs,
-                    format!("aborted by the coordinator: {reason}"),
-                    false,
-                );
+                self.abandon_snapshot(now, gs, why(), false);
             }
             SnapState::Steps { .. } => {
                 let running = self.host.is_busy();
                 // A running step is cleaned up when it completes (or at its deadline).
-                self.abandon_snapshot(
-                    now,
-                    gs,
-                    format!("aborted by the coordinator: {reason}"),
-                    false,
-                );
+                self.abandon_snapshot(now, gs, why(), false);
                 if !running {
                     self.issue_cleanup(now, gs);
                 }
@@ -609,24 +598,18 @@ impl Participant {
                 self.cancel_check();
                 self.snap = SnapState::Abandoned;
             }
-            SnapState::Holding { .. } => {
-                // Same cleanup as for running steps: remove every rule, then re-arm.
+            SnapState::Holding { .. } | SnapState::Done(_) => {
+                // Holding: same cleanup as for running steps: remove every rule, then
+                // re-arm.
+                let holding = matches!(self.snap, SnapState::Holding { .. });
                 self.snap = SnapState::Abandoned;
-                if !self.host.is_busy() {
+                if holding && !self.host.is_busy() {
                     self.issue_cleanup(now, gs);
                 }
                 self.out
                     .push_back(Output::Event(ProtocolEvent::LocalSnapshotAbandoned {
                         gs,
-                        why: format!("aborted by the coordinator: {reason}"),
-                    }));
-            }
-            SnapState::Done(_) => {
-                self.snap = SnapState::Abandoned;
-                self.out
-                    .push_back(Output::Event(ProtocolEvent::LocalSnapshotAbandoned {
-                        gs,
-                        why: format!("aborted by the coordinator: {reason}"),
+                        why: why(),
                     }));
             }
             SnapState::Idle | SnapState::Checked(_) | SnapState::Abandoned => {
@@ -661,32 +644,9 @@ impl Participant {
             }));
     }
 
-    /// A ClearAll failed: retry up to [`CLEANUP_TRIES`] times in total, then report it —
-    /// the host may still colour or drop traffic and needs an operator.
-    fn cleanup_failed(&mut self, now: Instant, gs: GlobalSnapshotId, tries: u8, why: String) {
-        if tries < CLEANUP_TRIES {
-            let deadline = now + self.config.timeouts.snapshot;
-            self.host.issue(
-                &mut self.out,
-                Purpose::Cleanup(gs, tries + 1),
-                HostAction::ClearAll,
-                deadline,
-            );
-        } else {
-            self.out
-                .push_back(Output::Event(ProtocolEvent::CleanupFailed { gs, why }));
-            self.host.issue_queued(&mut self.out);
-        }
-    }
-
     fn issue_cleanup(&mut self, now: Instant, gs: GlobalSnapshotId) {
         let deadline = now + self.config.timeouts.snapshot;
-        self.host.issue(
-            &mut self.out,
-            Purpose::Cleanup(gs, 1),
-            HostAction::ClearAll,
-            deadline,
-        );
+        self.host.issue_cleanup(&mut self.out, gs, deadline);
     }
 
     fn on_restore(&mut self, now: Instant, gs: GlobalSnapshotId, attempt: ResumeAttempt) {

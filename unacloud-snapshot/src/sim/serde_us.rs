@@ -5,18 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serializer};
 
-/// `Duration` ↔ microseconds.
-pub(crate) mod micros {
-    use super::*;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_micros(u64::deserialize(d)?))
-    }
-}
+/// `Duration` ↔ microseconds, as on the protocol's wire.
+pub(crate) use crate::protocol::micros;
 
 /// `Option<Duration>` ↔ microseconds or `null`.
 pub(crate) mod opt_micros {

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use super::catalog::{Catalog, CompletedSnapshot};
 use super::config::{ClearColourPolicy, CoordinatorConfig};
-use super::host::{step_action, step_name, steps_before_done, Host, CLEANUP_TRIES, SNAPSHOT_STEP};
-use super::ids::{ActionId, Colour, GlobalSnapshotId, ParticipantId, ResumeAttempt};
+use super::host::{step_action, step_name, steps_before_done, Host, RulePurpose, SNAPSHOT_STEP};
+use super::ids::{ActionId, GlobalSnapshotId, ParticipantId, ResumeAttempt};
 use super::message::{Envelope, LocalTime, Message};
 use super::output::{ActionOutcome, FailureReason, HostAction, Output, ProtocolEvent};
 use crate::error::{Error, Operation, Result};
@@ -36,6 +36,13 @@ enum Purpose {
     Cleanup(GlobalSnapshotId, u8),
     Restore(ResumeAttempt),
     StartVms(ResumeAttempt),
+}
+
+impl RulePurpose for Purpose {
+    const ARM: Self = Purpose::Arm;
+    fn cleanup(gs: GlobalSnapshotId, tries: u8) -> Self {
+        Purpose::Cleanup(gs, tries)
+    }
 }
 
 impl Purpose {
@@ -213,18 +220,7 @@ impl Coordinator {
     /// ignored (`Ok`). Errors: [`Error::ForeignCluster`], [`Error::Misaddressed`],
     /// [`Error::UnknownParticipant`], [`Error::UnexpectedMessage`].
     pub fn handle_message(&mut self, now: Instant, envelope: Envelope) -> Result<()> {
-        if envelope.cluster != self.config.cluster {
-            return Err(Error::ForeignCluster {
-                expected: self.config.cluster,
-                got: envelope.cluster,
-            });
-        }
-        if envelope.to != ParticipantId::COORDINATOR {
-            return Err(Error::Misaddressed {
-                to: envelope.to,
-                me: ParticipantId::COORDINATOR,
-            });
-        }
+        envelope.check_addressed_to(self.config.cluster, ParticipantId::COORDINATOR)?;
         if envelope.from == ParticipantId::METADATA_SERVER {
             return match envelope.message {
                 Message::TriggerGlobalSnapshot => {
@@ -248,11 +244,9 @@ impl Coordinator {
         let from = envelope.from;
         match envelope.message {
             Message::PrecheckOk { gs } => {
-                if let Phase::Precheck { gs: cur, .. } = self.phase {
-                    if gs == cur {
-                        self.mark(i);
-                        self.maybe_advance(now);
-                    }
+                if matches!(self.phase, Phase::Precheck { gs: cur, .. } if cur == gs) {
+                    self.mark(i);
+                    self.maybe_advance(now);
                 }
             }
             Message::PrecheckFailed { gs, reason } => {
@@ -333,88 +327,24 @@ impl Coordinator {
             return Ok(());
         };
         match purpose {
-            Purpose::Arm => {
-                if let ActionOutcome::Failed(why) = outcome {
-                    self.out
-                        .push_back(Output::Event(ProtocolEvent::IdleDropFailed { why }));
-                }
-                self.host.issue_queued(&mut self.out);
-            }
+            Purpose::Arm => self.host.armed(&mut self.out, outcome),
             Purpose::Release(gs) => match outcome {
                 ActionOutcome::Failed(_) => self.issue_cleanup(now, gs),
                 _ => self.arm_idle_drop(),
             },
-            Purpose::Check(gs) => {
-                if let Phase::Precheck {
-                    gs: cur,
-                    ref mut own_ok,
-                    ..
-                } = self.phase
-                {
-                    if cur == gs {
-                        match outcome {
-                            ActionOutcome::VmsRunning(true) => {
-                                *own_ok = true;
-                                self.maybe_advance(now);
-                            }
-                            ActionOutcome::VmsRunning(false) => self.fail_snapshot(
-                                now,
-                                vec![ParticipantId::COORDINATOR],
-                                FailureReason::VmsNotRunning {
-                                    detail: "not all VMs of the coordinator's host run".into(),
-                                },
-                            ),
-                            other => self.fail_snapshot(
-                                now,
-                                vec![ParticipantId::COORDINATOR],
-                                FailureReason::ActionFailed {
-                                    detail: outcome_detail(other, "check VMs running"),
-                                },
-                            ),
-                        }
-                    }
-                }
-            }
+            Purpose::Check(gs) => self.own_check_done(now, gs, outcome),
             Purpose::Step(gs, step) => self.own_step_done(now, gs, step, outcome),
             Purpose::Cleanup(gs, tries) => match outcome {
                 ActionOutcome::Failed(why) => {
-                    if tries < CLEANUP_TRIES {
-                        let deadline = now + self.config.timeouts.snapshot;
-                        self.host.issue(
-                            &mut self.out,
-                            Purpose::Cleanup(gs, tries + 1),
-                            HostAction::ClearAll,
-                            deadline,
-                        );
-                    } else {
-                        self.out
-                            .push_back(Output::Event(ProtocolEvent::CleanupFailed { gs, why }));
-                        self.host.issue_queued(&mut self.out);
-                    }
+                    let deadline = now + self.config.timeouts.snapshot;
+                    self.host
+                        .cleanup_failed(&mut self.out, gs, tries, why, deadline);
                 }
                 // Everything is removed: re-arm the idle drop rule.
                 _ => self.arm_idle_drop(),
             },
             Purpose::Restore(attempt) | Purpose::StartVms(attempt) => {
-                if let Phase::Resume {
-                    attempt: cur,
-                    ref mut own_done,
-                    ..
-                } = self.phase
-                {
-                    if cur == attempt {
-                        match outcome {
-                            ActionOutcome::Failed(detail) => self.fail_resume(
-                                vec![ParticipantId::COORDINATOR],
-                                FailureReason::ActionFailed { detail },
-                            ),
-                            _ => {
-                                *own_done = true;
-                                self.maybe_advance(now);
-                            }
-                        }
-                    }
-                }
+                self.own_resume_step_done(now, attempt, outcome);
             }
         }
         Ok(())
@@ -442,36 +372,14 @@ impl Coordinator {
             Phase::Precheck {
                 deadline, own_ok, ..
             } if now >= deadline => {
-                let mut who = self.silent();
-                if !own_ok {
-                    who.insert(0, ParticipantId::COORDINATOR);
-                }
-                let deadline = self.config.timeouts.precheck;
-                self.fail_snapshot(
-                    now,
-                    who,
-                    FailureReason::Timeout {
-                        phase: "precheck".into(),
-                        deadline,
-                    },
-                );
+                let limit = self.config.timeouts.precheck;
+                self.snapshot_timed_out(now, own_ok, "precheck", limit);
             }
             Phase::Snapshot {
                 deadline, own_done, ..
             } if now >= deadline => {
-                let mut who = self.silent();
-                if !own_done {
-                    who.insert(0, ParticipantId::COORDINATOR);
-                }
-                let deadline = self.config.timeouts.snapshot;
-                self.fail_snapshot(
-                    now,
-                    who,
-                    FailureReason::Timeout {
-                        phase: "snapshot".into(),
-                        deadline,
-                    },
-                );
+                let limit = self.config.timeouts.snapshot;
+                self.snapshot_timed_out(now, own_done, "snapshot", limit);
             }
             Phase::Resume { .. } => self.resume_timeout(now),
             _ => {}
@@ -556,6 +464,44 @@ impl Coordinator {
             .collect()
     }
 
+    /// Who held up a phase past its deadline: the coordinator first (unless its own part
+    /// is `own_finished`), then the participants that have not answered.
+    fn late(&self, own_finished: bool) -> Vec<ParticipantId> {
+        let mut who = self.silent();
+        if !own_finished {
+            who.insert(0, ParticipantId::COORDINATOR);
+        }
+        who
+    }
+
+    /// Phase `phase` of the global snapshot passed its deadline `limit`.
+    fn snapshot_timed_out(
+        &mut self,
+        now: Instant,
+        own_finished: bool,
+        phase: &str,
+        limit: Duration,
+    ) {
+        let who = self.late(own_finished);
+        self.fail_snapshot(
+            now,
+            who,
+            FailureReason::Timeout {
+                phase: phase.into(),
+                deadline: limit,
+            },
+        );
+    }
+
+    fn send(&mut self, to: ParticipantId, message: Message) {
+        self.out.push_back(Output::Transmit(Envelope::new(
+            self.config.cluster,
+            ParticipantId::COORDINATOR,
+            to,
+            message,
+        )));
+    }
+
     fn broadcast(&mut self, message: Message) {
         let cluster = self.config.cluster;
         self.out.reserve(self.config.participants.len());
@@ -566,6 +512,40 @@ impl Coordinator {
                 p,
                 message.clone(),
             )));
+        }
+    }
+
+    fn own_check_done(&mut self, now: Instant, gs: GlobalSnapshotId, outcome: ActionOutcome) {
+        let Phase::Precheck {
+            gs: cur,
+            ref mut own_ok,
+            ..
+        } = self.phase
+        else {
+            return;
+        };
+        if cur != gs {
+            return;
+        }
+        match outcome {
+            ActionOutcome::VmsRunning(true) => {
+                *own_ok = true;
+                self.maybe_advance(now);
+            }
+            ActionOutcome::VmsRunning(false) => self.fail_snapshot(
+                now,
+                vec![ParticipantId::COORDINATOR],
+                FailureReason::VmsNotRunning {
+                    detail: "not all VMs of the coordinator's host run".into(),
+                },
+            ),
+            other => self.fail_snapshot(
+                now,
+                vec![ParticipantId::COORDINATOR],
+                FailureReason::ActionFailed {
+                    detail: outcome_detail(other, "check VMs running"),
+                },
+            ),
         }
     }
 
@@ -708,16 +688,14 @@ impl Coordinator {
             );
         }
         if self.config.report_to_metadata_server {
-            self.out.push_back(Output::Transmit(Envelope::new(
-                self.config.cluster,
-                ParticipantId::COORDINATOR,
+            self.send(
                 ParticipantId::METADATA_SERVER,
                 Message::SnapshotReport {
                     gs,
                     global_time,
                     local_times: local_times.clone(),
                 },
-            )));
+            );
         }
         self.out
             .push_back(Output::Event(ProtocolEvent::GlobalSnapshotCompleted {
@@ -772,21 +750,12 @@ impl Coordinator {
 
     /// Issues `DropIncoming(Post)`: the idle state drops POST datagrams.
     fn arm_idle_drop(&mut self) {
-        self.host.issue_untimed(
-            &mut self.out,
-            Purpose::Arm,
-            HostAction::DropIncoming(Colour::Post),
-        );
+        self.host.arm_idle_drop(&mut self.out);
     }
 
     fn issue_cleanup(&mut self, now: Instant, gs: GlobalSnapshotId) {
         let deadline = now + self.config.timeouts.snapshot;
-        self.host.issue(
-            &mut self.out,
-            Purpose::Cleanup(gs, 1),
-            HostAction::ClearAll,
-            deadline,
-        );
+        self.host.issue_cleanup(&mut self.out, gs, deadline);
     }
 }
 

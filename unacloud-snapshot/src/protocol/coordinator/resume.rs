@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use super::{Coordinator, Phase, Purpose, ResumeStage};
 use crate::error::{Error, Result};
 use crate::protocol::ids::{GlobalSnapshotId, ParticipantId, ResumeAttempt};
-use crate::protocol::message::{Envelope, Message};
-use crate::protocol::output::{FailureReason, HostAction, Output, ProtocolEvent};
+use crate::protocol::message::Message;
+use crate::protocol::output::{ActionOutcome, FailureReason, HostAction, Output, ProtocolEvent};
 
 impl Coordinator {
     /// Starts resuming from `gs`, by default the latest completed global snapshot:
@@ -72,10 +72,7 @@ impl Coordinator {
             return;
         };
         if now >= deadline {
-            let mut who = self.silent();
-            if !own_done {
-                who.insert(0, ParticipantId::COORDINATOR);
-            }
+            let who = self.late(own_done);
             let (phase, limit) = match stage {
                 ResumeStage::Poll { .. } => (
                     "poll",
@@ -93,15 +90,8 @@ impl Coordinator {
             );
         } else if let ResumeStage::Poll { rounds, next_poll } = stage {
             if now >= next_poll {
-                for (i, &p) in self.config.participants.iter().enumerate() {
-                    if self.answered[i] != self.stamp {
-                        self.out.push_back(Output::Transmit(Envelope::new(
-                            self.config.cluster,
-                            ParticipantId::COORDINATOR,
-                            p,
-                            Message::Poll { gs, attempt },
-                        )));
-                    }
+                for p in self.silent() {
+                    self.send(p, Message::Poll { gs, attempt });
                 }
                 if let Phase::Resume { ref mut stage, .. } = self.phase {
                     *stage = ResumeStage::Poll {
@@ -167,6 +157,36 @@ impl Coordinator {
         };
         self.host
             .issue_or_queue(&mut self.out, purpose, action, deadline);
+    }
+
+    /// The own restore or start of resume attempt `attempt` completed.
+    pub(super) fn own_resume_step_done(
+        &mut self,
+        now: Instant,
+        attempt: ResumeAttempt,
+        outcome: ActionOutcome,
+    ) {
+        let Phase::Resume {
+            attempt: cur,
+            ref mut own_done,
+            ..
+        } = self.phase
+        else {
+            return;
+        };
+        if cur != attempt {
+            return;
+        }
+        match outcome {
+            ActionOutcome::Failed(detail) => self.fail_resume(
+                vec![ParticipantId::COORDINATOR],
+                FailureReason::ActionFailed { detail },
+            ),
+            _ => {
+                *own_done = true;
+                self.maybe_advance(now);
+            }
+        }
     }
 
     pub(super) fn is_resume_stage(
