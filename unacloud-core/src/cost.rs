@@ -142,8 +142,11 @@ fn mul(a: u64, b: u64, what: &str) -> Result<u64> {
     a.checked_mul(b).ok_or_else(|| overflow(what))
 }
 
-fn add(a: u64, b: u64, what: &str) -> Result<u64> {
-    a.checked_add(b).ok_or_else(|| overflow(what))
+fn sum(parts: &[u64], what: &str) -> Result<u64> {
+    parts
+        .iter()
+        .try_fold(0u64, |acc, &p| acc.checked_add(p))
+        .ok_or_else(|| overflow(what))
 }
 
 impl VmStorage {
@@ -166,15 +169,7 @@ impl VmStorage {
             "the differencing images' size",
         )?;
         let savs = mul(s, self.saved_state_bytes, "the saved states' size")?;
-        let bytes = add(
-            add(
-                add(self.settings_bytes, bases, "the VM's size")?,
-                diffs,
-                "the VM's size",
-            )?,
-            savs,
-            "the VM's size",
-        )?;
+        let bytes = sum(&[self.settings_bytes, bases, diffs, savs], "the VM's size")?;
         Ok(FileSet { files, bytes })
     }
 
@@ -208,13 +203,13 @@ impl VmStorage {
             self.differencing_bytes,
             "the differencing images' size",
         )?;
-        let bytes = add(
-            add(
-                add(self.settings_bytes, bases, "the transfer size")?,
+        let bytes = sum(
+            &[
+                self.settings_bytes,
+                bases,
                 diffs,
-                "the transfer size",
-            )?,
-            sav * self.saved_state_bytes,
+                sav * self.saved_state_bytes,
+            ],
             "the transfer size",
         )?;
         Ok(FileSet { files, bytes })

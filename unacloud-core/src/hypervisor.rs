@@ -296,7 +296,8 @@ impl<H> WithTimeouts<H> {
     }
 }
 
-async fn bounded<T>(
+/// Runs `fut`, failing with [`Error::Timeout`] naming `operation` once `after` has passed.
+pub(crate) async fn bounded<T>(
     operation: &'static str,
     after: Duration,
     fut: impl std::future::Future<Output = Result<T>>,

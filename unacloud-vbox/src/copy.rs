@@ -490,16 +490,8 @@ fn execute<F: FnMut(&CopyProgress<'_>)>(
 ) -> Result<()> {
     let total: u64 = plans.iter().map(|p| p.len).sum();
     let mut done_before = 0u64;
-    let canonical_root = {
-        create_dirs(dest_root, &mut report.created_dirs).map_err(|source| Error::Io {
-            path: dest_root.to_path_buf(),
-            source,
-        })?;
-        fs::canonicalize(dest_root).map_err(|source| Error::Io {
-            path: dest_root.to_path_buf(),
-            source,
-        })?
-    };
+    create_dirs(dest_root, &mut report.created_dirs).map_err(|e| Error::io(dest_root, e))?;
+    let canonical_root = fs::canonicalize(dest_root).map_err(|e| Error::io(dest_root, e))?;
     let mut buf = vec![0u8; options.buffer_size.max(4096)];
     for (index, plan) in plans.iter().enumerate() {
         let fail = |step: &'static str| {

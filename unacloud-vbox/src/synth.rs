@@ -351,7 +351,7 @@ pub fn generate(spec: &SynthSpec) -> SynthMachine {
             parent,
             depth: parent.map_or(1, |p| snapshots[p].depth + 1),
             state_file,
-            attached: Vec::with_capacity(spec.disks),
+            attached: Vec::new(),
         });
     }
     // Disks: a base per machine disk, then one child per non-root snapshot, then the
@@ -370,38 +370,19 @@ pub fn generate(spec: &SynthSpec) -> SynthMachine {
             location,
         });
     }
-    let new_child = |disks: &mut Vec<SynthDisk>, rng: &mut Rng, parent: usize| {
-        let u = rng.uuid();
-        disks.push(SynthDisk {
-            uuid: u,
-            parent: Some(parent),
-            disk: disks[parent].disk,
-            location: format!("Snapshots/{{{u}}}.vdi"),
-        });
-        disks.len() - 1
-    };
     for i in 0..snapshots.len() {
-        let attached: Vec<usize> = match snapshots[i].parent {
-            None => (0..spec.disks).collect(),
-            Some(p) => (0..spec.disks)
-                .map(|d| {
-                    let parent_image = snapshots[p].attached[d];
-                    new_child(&mut disks, &mut rng, parent_image)
-                })
-                .collect(),
-        };
-        snapshots[i].attached = attached;
+        let parent = snapshots[i]
+            .parent
+            .map(|p| snapshots[p].attached.as_slice());
+        snapshots[i].attached = attach_below(parent, spec.disks, &mut disks, &mut rng);
     }
     let current_snapshot = snapshots.len().checked_sub(1);
-    let current_attached: Vec<usize> = match current_snapshot {
-        None => (0..spec.disks).collect(),
-        Some(c) => (0..spec.disks)
-            .map(|d| {
-                let parent_image = snapshots[c].attached[d];
-                new_child(&mut disks, &mut rng, parent_image)
-            })
-            .collect(),
-    };
+    let current_attached = attach_below(
+        current_snapshot.map(|c| snapshots[c].attached.as_slice()),
+        spec.disks,
+        &mut disks,
+        &mut rng,
+    );
     let last_change = time + 60 + rng.below(86_400);
     let state_file = spec
         .machine_saved
@@ -418,6 +399,33 @@ pub fn generate(spec: &SynthSpec) -> SynthMachine {
     };
     m.xml = render(spec, &m, &times, last_change, &mut rng);
     m
+}
+
+/// The images a state sees: the `disk_count` base images when it hangs below no
+/// snapshot, else a new differencing child of each image its parent snapshot saw
+/// (`parent_attached`).
+fn attach_below(
+    parent_attached: Option<&[usize]>,
+    disk_count: usize,
+    disks: &mut Vec<SynthDisk>,
+    rng: &mut Rng,
+) -> Vec<usize> {
+    let Some(parent_attached) = parent_attached else {
+        return (0..disk_count).collect();
+    };
+    parent_attached
+        .iter()
+        .map(|&parent| {
+            let u = rng.uuid();
+            disks.push(SynthDisk {
+                uuid: u,
+                parent: Some(parent),
+                disk: disks[parent].disk,
+                location: format!("Snapshots/{{{u}}}.vdi"),
+            });
+            disks.len() - 1
+        })
+        .collect()
 }
 
 /// Writer with VirtualBox's indentation.

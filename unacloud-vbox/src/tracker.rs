@@ -787,7 +787,7 @@ impl Machine {
     /// [`Machine::all_files`], reading each file's length only if `measure_sizes`
     /// (without it every `bytes` is `None` and the file system is not touched).
     pub fn all_files_with(&self, measure_sizes: bool) -> AllFiles {
-        let set = self.collect_all(measure_sizes, |_| true);
+        let set = self.collect_all(&self.used_media(), measure_sizes, |_| true);
         let disks = self
             .settings
             .hardware
@@ -808,34 +808,26 @@ impl Machine {
     /// needs: what a clean-up could delete.
     pub fn unneeded_files(&self) -> Vec<VmFile> {
         let used = self.used_media();
-        let needed_states: HashSet<OsString> = self
-            .state_files()
-            .map(|sf| {
-                Location::resolve(sf, &self.machine_dir)
-                    .path()
-                    .as_os_str()
-                    .to_owned()
-            })
-            .collect();
-        self.collect_all(true, |f| match f {
-            Candidate::Settings => false,
+        // Every saved state belongs to a snapshot or to the current state: all are needed.
+        self.collect_all(&used, true, |f| match f {
+            Candidate::Settings | Candidate::StateFile => false,
             Candidate::Medium(i) => !used[i],
-            Candidate::StateFile(p) => !needed_states.contains(p.as_os_str()),
         })
         .files
     }
 
-    /// The files of [`Machine::all_files`] that `keep` accepts, measured if asked.
+    /// The files of [`Machine::all_files`] that `keep` accepts, measured if asked;
+    /// `used` is [`Machine::used_media`].
     fn collect_all(
         &self,
+        used: &[bool],
         measure: bool,
-        mut keep: impl FnMut(Candidate<'_>) -> bool,
+        mut keep: impl FnMut(Candidate) -> bool,
     ) -> MigrationSet {
         let mut b = SetBuilder::new(self, measure);
         if keep(Candidate::Settings) {
             b.push_path(self.settings_path.clone(), FileRole::Settings);
         }
-        let used = self.used_media();
         for (i, m) in self.media.iter().enumerate() {
             if m.kind == MediumKind::HardDisk
                 && (m.source == RegistrySource::Machine || used[i])
@@ -845,8 +837,8 @@ impl Machine {
             }
         }
         for sf in self.state_files() {
-            let loc = Location::resolve(sf, &self.machine_dir);
-            if keep(Candidate::StateFile(loc.path())) {
+            if keep(Candidate::StateFile) {
+                let loc = Location::resolve(sf, &self.machine_dir);
                 b.push_path(loc.path().to_path_buf(), FileRole::SavedState);
             }
         }
@@ -1041,10 +1033,10 @@ fn is_vdi(format: Option<&str>) -> bool {
 }
 
 /// What [`Machine::collect_all`] offers to its filter.
-enum Candidate<'a> {
+enum Candidate {
     Settings,
     Medium(usize),
-    StateFile(&'a Path),
+    StateFile,
 }
 
 /// The hyphenated lower-case form, without going through `fmt`.

@@ -54,7 +54,7 @@ pub use tokio_util::sync::CancellationToken;
 use super::catalog::Catalog;
 use super::multiattach::{remove_vm_quietly, MultiattachManager};
 use crate::error::{Error, Result};
-use crate::hypervisor::{DiskRef, Hypervisor, StartMode};
+use crate::hypervisor::{bounded, DiskRef, Hypervisor, StartMode};
 use crate::lifecycle::{Event, Lifecycle, LifecycleTimeouts, State};
 use crate::model::{DiskType, HostId, VmId, VmSpec};
 use crate::placement::{Placement, VmRequest};
@@ -581,16 +581,5 @@ async fn run_vm(
             remove_vm_quietly(hv, &id).await;
             tr.fail(e.to_string())
         }
-    }
-}
-
-async fn bounded<T>(
-    operation: &'static str,
-    after: Duration,
-    fut: impl std::future::Future<Output = Result<T>>,
-) -> Result<T> {
-    match tokio::time::timeout(after, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(Error::Timeout { operation, after }),
     }
 }

@@ -59,7 +59,7 @@ use crate::hypervisor::{
 use crate::model::{
     DiskAttachment, DiskFormat, DiskInfo, DiskType, PowerState, Uuid, VmId, VmInfo, VmSpec,
 };
-use crate::tree::{Snapshot, SnapshotTree};
+use crate::tree::{NodeId, Snapshot, SnapshotTree};
 use img::BACKEND;
 use settings::{validate_name, Registry, SETTINGS_FORMAT};
 
@@ -79,12 +79,43 @@ impl Entry {
             .map(Path::to_path_buf)
             .unwrap_or_default()
     }
+
+    /// The image file of each disk slot, in slot order.
+    fn disk_paths(&self) -> impl Iterator<Item = PathBuf> + '_ {
+        let folder = self.folder();
+        self.settings
+            .disks
+            .iter()
+            .map(move |d| VmSettings::disk_path(&folder, d))
+    }
+
+    /// Applies `change` to a copy of the settings, saves it, and only then keeps it.
+    fn update(&mut self, durable: bool, change: impl FnOnce(&mut VmSettings)) -> Result<()> {
+        let mut s = self.settings.clone();
+        change(&mut s);
+        s.save(&self.settings_file, durable)?;
+        self.settings = s;
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
 struct State {
     registry: Registry,
     vms: BTreeMap<String, Entry>,
+}
+
+impl State {
+    /// Keeps a VM whose settings file is written and registered; returns its info.
+    fn add_vm(&mut self, settings_file: PathBuf, settings: VmSettings) -> VmInfo {
+        let entry = Entry {
+            settings_file,
+            settings,
+        };
+        let info = info_of(&entry);
+        self.vms.insert(entry.settings.name.clone(), entry);
+        info
+    }
 }
 
 /// The QEMU/KVM backend. See the [module documentation](self).
@@ -180,16 +211,7 @@ impl QemuHypervisor {
     /// The backing chain of every disk of `vm`, from the VM's image down to its base, as
     /// `qemu-img info --backing-chain` reports it.
     pub async fn backing_chains(&self, vm: &VmId) -> Result<Vec<Vec<ImageInfo>>> {
-        let paths = {
-            let st = self.state.lock().await;
-            let e = find(&st, vm)?;
-            let folder = e.folder();
-            e.settings
-                .disks
-                .iter()
-                .map(|d| VmSettings::disk_path(&folder, d))
-                .collect::<Vec<_>>()
-        };
+        let paths: Vec<PathBuf> = find(&*self.state.lock().await, vm)?.disk_paths().collect();
         let mut out = Vec::with_capacity(paths.len());
         for p in paths {
             out.push(self.img.info_chain(&p).await?);
@@ -200,16 +222,27 @@ impl QemuHypervisor {
     /// Records the template version a VM was built from in its settings file.
     pub async fn set_vm_template(&self, vm: &VmId, template: Option<String>) -> Result<()> {
         let mut st = self.state.lock().await;
-        let e = find_mut(&mut st, vm)?;
-        let mut s = e.settings.clone();
-        s.template = template;
-        s.save(&e.settings_file, self.durable)?;
-        e.settings = s;
+        find_mut(&mut st, vm)?.update(self.durable, |s| s.template = template)
+    }
+
+    /// Applies `change` to a copy of the registry, saves it, and only then keeps it.
+    fn update_registry(&self, st: &mut State, change: impl FnOnce(&mut Registry)) -> Result<()> {
+        let mut reg = st.registry.clone();
+        change(&mut reg);
+        reg.save(&self.root.join("registry.json"), self.durable)?;
+        st.registry = reg;
         Ok(())
     }
 
-    fn save_registry(&self, reg: &Registry) -> Result<()> {
-        reg.save(&self.root.join("registry.json"), self.durable)
+    /// VMs managed here are always powered off: `operation`, which needs a running VM,
+    /// is refused (after checking that `vm` exists).
+    async fn refuse_powered_off(&self, vm: &VmId, operation: &'static str) -> Result<()> {
+        let st = self.state.lock().await;
+        Err(Error::InvalidState {
+            operation,
+            id: find(&st, vm)?.settings.name.clone(),
+            state: PowerState::PoweredOff.to_string(),
+        })
     }
 
     fn unsupported(operation: &'static str) -> Error {
@@ -332,6 +365,17 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
+/// The file name of a VM's own image in the slot `controller:port:device`.
+fn own_image_file(vm: &str, controller: &str, port: u32, device: u32) -> PathBuf {
+    PathBuf::from(format!(
+        "{}-{}-{}-{}.qcow2",
+        sanitize(vm),
+        sanitize(controller),
+        port,
+        device
+    ))
+}
+
 fn fresh_tag() -> String {
     format!("uc-{}", Uuid::new_v4().simple())
 }
@@ -434,11 +478,9 @@ impl Hypervisor for QemuHypervisor {
             current_snapshot: None,
             template: None,
         };
-        let mut reg = st.registry.clone();
-        reg.vms.push(settings_file.clone());
-        let res = settings
-            .save(&settings_file, self.durable)
-            .and_then(|()| self.save_registry(&reg));
+        let res = settings.save(&settings_file, self.durable).and_then(|()| {
+            self.update_registry(&mut st, |reg| reg.vms.push(settings_file.clone()))
+        });
         if let Err(e) = res {
             let _ = std::fs::remove_file(&settings_file);
             if created_folder {
@@ -446,14 +488,7 @@ impl Hypervisor for QemuHypervisor {
             }
             return Err(e);
         }
-        st.registry = reg;
-        let entry = Entry {
-            settings_file,
-            settings,
-        };
-        let info = info_of(&entry);
-        st.vms.insert(spec.name.clone(), entry);
-        Ok(info)
+        Ok(st.add_vm(settings_file, settings))
     }
 
     async fn register_vm(&self, settings_path: &Path) -> Result<VmInfo> {
@@ -542,45 +577,28 @@ impl Hypervisor for QemuHypervisor {
         if changed {
             settings.save(&settings_file, self.durable)?;
         }
-        let mut reg = st.registry.clone();
-        reg.vms.push(settings_file.clone());
-        self.save_registry(&reg)?;
-        st.registry = reg;
-        let entry = Entry {
-            settings_file,
-            settings,
-        };
-        let info = info_of(&entry);
-        st.vms.insert(entry.settings.name.clone(), entry);
-        Ok(info)
+        self.update_registry(&mut st, |reg| reg.vms.push(settings_file.clone()))?;
+        Ok(st.add_vm(settings_file, settings))
     }
 
     async fn unregister_vm(&self, vm: &VmId, delete_files: bool) -> Result<()> {
         let mut st = self.state.lock().await;
-        let name = find(&st, vm)?.settings.name.clone();
-        let Some(entry) = st.vms.get(&name) else {
-            return Err(Error::NotFound {
-                kind: "vm",
-                id: vm.to_string(),
-            });
-        };
+        let entry = find(&st, vm)?;
+        let name = entry.settings.name.clone();
+        let settings_file = entry.settings_file.clone();
         let folder = entry.folder();
-        let own: Vec<(Uuid, PathBuf)> = entry
+        let own: Vec<PathBuf> = entry
             .settings
             .disks
             .iter()
             .filter(|d| d.own)
-            .map(|d| (d.uuid, VmSettings::disk_path(&folder, d)))
+            .map(|d| VmSettings::disk_path(&folder, d))
             .collect();
-        let mut reg = st.registry.clone();
-        reg.vms.retain(|p| *p != entry.settings_file);
-        self.save_registry(&reg)?;
-        let settings_file = entry.settings_file.clone();
-        st.registry = reg;
+        self.update_registry(&mut st, |reg| reg.vms.retain(|p| *p != settings_file))?;
         st.vms.remove(&name);
         drop(st);
         if delete_files {
-            for (_, p) in &own {
+            for p in &own {
                 remove_if_exists(p)?;
             }
             remove_if_exists(&settings_file)?;
@@ -640,13 +658,7 @@ impl Hypervisor for QemuHypervisor {
             let mut slots = Vec::new();
             for d in &src.disks {
                 let from = VmSettings::disk_path(&src_folder, d);
-                let file = PathBuf::from(format!(
-                    "{}-{}-{}-{}.qcow2",
-                    sanitize(&spec.name),
-                    sanitize(&d.controller),
-                    d.port,
-                    d.device
-                ));
+                let file = own_image_file(&spec.name, &d.controller, d.port, d.device);
                 let to = folder.join(&file);
                 tokio::fs::copy(&from, &to)
                     .await
@@ -682,17 +694,8 @@ impl Hypervisor for QemuHypervisor {
                     id: spec.name.clone(),
                 });
             }
-            let mut reg = st.registry.clone();
-            reg.vms.push(settings_file.clone());
-            self.save_registry(&reg)?;
-            st.registry = reg;
-            let entry = Entry {
-                settings_file,
-                settings,
-            };
-            let info = info_of(&entry);
-            st.vms.insert(spec.name.clone(), entry);
-            Ok(info)
+            self.update_registry(&mut st, |reg| reg.vms.push(settings_file.clone()))?;
+            Ok(st.add_vm(settings_file, settings))
         }
         .await;
         if result.is_err() {
@@ -706,13 +709,7 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn power_off(&self, vm: &VmId) -> Result<()> {
-        let st = self.state.lock().await;
-        let e = find(&st, vm)?;
-        Err(Error::InvalidState {
-            operation: "power off",
-            id: e.settings.name.clone(),
-            state: PowerState::PoweredOff.to_string(),
-        })
+        self.refuse_powered_off(vm, "power off").await
     }
 
     async fn save_state(&self, _vm: &VmId) -> Result<()> {
@@ -724,13 +721,7 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn resume(&self, vm: &VmId) -> Result<()> {
-        let st = self.state.lock().await;
-        let e = find(&st, vm)?;
-        Err(Error::InvalidState {
-            operation: "resume",
-            id: e.settings.name.clone(),
-            state: PowerState::PoweredOff.to_string(),
-        })
+        self.refuse_powered_off(vm, "resume").await
     }
 
     async fn take_snapshot(
@@ -749,11 +740,9 @@ impl Hypervisor for QemuHypervisor {
                 state: "without disks".to_owned(),
             });
         }
-        let folder = e.folder();
         let tag = fresh_tag();
         let mut done: Vec<PathBuf> = Vec::new();
-        for d in &e.settings.disks {
-            let p = VmSettings::disk_path(&folder, d);
+        for p in e.disk_paths() {
             if let Err(err) = self.img.snapshot_create(&p, &tag).await {
                 for q in &done {
                     let _ = self.img.snapshot_delete(q, &tag).await;
@@ -762,21 +751,21 @@ impl Hypervisor for QemuHypervisor {
             }
             done.push(p);
         }
-        let mut s = e.settings.clone();
-        s.snapshots.push(SnapshotMeta {
-            tag: tag.clone(),
-            name: name.to_owned(),
-            description: description.map(str::to_owned),
-            parent: s.current_snapshot.clone(),
+        let recorded = e.update(self.durable, |s| {
+            s.snapshots.push(SnapshotMeta {
+                tag: tag.clone(),
+                name: name.to_owned(),
+                description: description.map(str::to_owned),
+                parent: s.current_snapshot.clone(),
+            });
+            s.current_snapshot = Some(tag.clone());
         });
-        s.current_snapshot = Some(tag.clone());
-        if let Err(err) = s.save(&e.settings_file, self.durable) {
+        if let Err(err) = recorded {
             for q in &done {
                 let _ = self.img.snapshot_delete(q, &tag).await;
             }
             return Err(err);
         }
-        e.settings = s;
         Ok(SnapshotRef {
             id: tag,
             name: name.to_owned(),
@@ -787,61 +776,43 @@ impl Hypervisor for QemuHypervisor {
         let mut st = self.state.lock().await;
         let e = find_mut(&mut st, vm)?;
         let tag = snapshot_tag(&e.settings, snapshot)?;
-        let folder = e.folder();
-        for d in &e.settings.disks {
-            self.img
-                .snapshot_apply(&VmSettings::disk_path(&folder, d), &tag)
-                .await?;
+        for p in e.disk_paths() {
+            self.img.snapshot_apply(&p, &tag).await?;
         }
-        let mut s = e.settings.clone();
-        s.current_snapshot = Some(tag);
-        s.save(&e.settings_file, self.durable)?;
-        e.settings = s;
-        Ok(())
+        e.update(self.durable, |s| s.current_snapshot = Some(tag))
     }
 
     async fn delete_snapshot(&self, vm: &VmId, snapshot: &str) -> Result<()> {
         let mut st = self.state.lock().await;
         let e = find_mut(&mut st, vm)?;
         let tag = snapshot_tag(&e.settings, snapshot)?;
-        let folder = e.folder();
-        for d in &e.settings.disks {
-            self.img
-                .snapshot_delete(&VmSettings::disk_path(&folder, d), &tag)
-                .await?;
+        for p in e.disk_paths() {
+            self.img.snapshot_delete(&p, &tag).await?;
         }
-        let mut s = e.settings.clone();
-        let parent = s
-            .snapshots
-            .iter()
-            .find(|m| m.tag == tag)
-            .and_then(|m| m.parent.clone());
-        s.snapshots.retain(|m| m.tag != tag);
-        for m in &mut s.snapshots {
-            if m.parent.as_deref() == Some(tag.as_str()) {
-                m.parent = parent.clone();
+        e.update(self.durable, |s| {
+            let parent = s
+                .snapshots
+                .iter()
+                .find(|m| m.tag == tag)
+                .and_then(|m| m.parent.clone());
+            s.snapshots.retain(|m| m.tag != tag);
+            for m in &mut s.snapshots {
+                if m.parent.as_deref() == Some(tag.as_str()) {
+                    m.parent = parent.clone();
+                }
             }
-        }
-        if s.current_snapshot.as_deref() == Some(tag.as_str()) {
-            s.current_snapshot = parent;
-        }
-        s.save(&e.settings_file, self.durable)?;
-        e.settings = s;
-        Ok(())
+            if s.current_snapshot.as_deref() == Some(tag.as_str()) {
+                s.current_snapshot = parent;
+            }
+        })
     }
 
     async fn snapshot_tree(&self, vm: &VmId) -> Result<SnapshotTree> {
         let (settings, first_disk) = {
             let st = self.state.lock().await;
             let e = find(&st, vm)?;
-            let folder = e.folder();
-            (
-                e.settings.clone(),
-                e.settings
-                    .disks
-                    .first()
-                    .map(|d| VmSettings::disk_path(&folder, d)),
-            )
+            let first_disk = e.disk_paths().next();
+            (e.settings.clone(), first_disk)
         };
         let Some(disk) = first_disk else {
             return Ok(tree_from_settings(&settings));
@@ -891,10 +862,7 @@ impl Hypervisor for QemuHypervisor {
             parent,
             logical_size: Some(info.virtual_size),
         };
-        let mut reg = st.registry.clone();
-        reg.disks.push(disk.clone());
-        self.save_registry(&reg)?;
-        st.registry = reg;
+        self.update_registry(&mut st, |reg| reg.disks.push(disk.clone()))?;
         Ok(disk)
     }
 
@@ -921,10 +889,7 @@ impl Hypervisor for QemuHypervisor {
                 users: children,
             });
         }
-        let mut reg = st.registry.clone();
-        reg.disks.retain(|x| x.uuid != d.uuid);
-        self.save_registry(&reg)?;
-        st.registry = reg;
+        self.update_registry(&mut st, |reg| reg.disks.retain(|x| x.uuid != d.uuid))?;
         if delete_file {
             remove_if_exists(&d.location)?;
         }
@@ -962,17 +927,17 @@ impl Hypervisor for QemuHypervisor {
             )));
         }
         set_writable(&d.location, writable)?;
-        let mut reg = st.registry.clone();
-        for x in &mut reg.disks {
-            if x.uuid == d.uuid {
-                x.disk_type = disk_type;
+        let recorded = self.update_registry(&mut st, |reg| {
+            for x in &mut reg.disks {
+                if x.uuid == d.uuid {
+                    x.disk_type = disk_type;
+                }
             }
-        }
-        if let Err(e) = self.save_registry(&reg) {
+        });
+        if let Err(e) = recorded {
             let _ = set_writable(&d.location, d.disk_type == DiskType::Normal);
             return Err(e);
         }
-        st.registry = reg;
         Ok(())
     }
 
@@ -1004,13 +969,7 @@ impl Hypervisor for QemuHypervisor {
         let settings_file = e.settings_file.clone();
         let mut settings = e.settings.clone();
         let (slot, new_disk) = if disk.disk_type == DiskType::MultiAttach {
-            let file = PathBuf::from(format!(
-                "{}-{}-{}-{}.qcow2",
-                sanitize(&name),
-                sanitize(&spec.controller),
-                spec.port,
-                spec.device
-            ));
+            let file = own_image_file(&name, &spec.controller, spec.port, spec.device);
             let overlay = folder.join(&file);
             if overlay.exists() {
                 return Err(Error::AlreadyExists {
@@ -1214,13 +1173,7 @@ fn tree_from_image(s: &VmSettings, image: &[ImageSnapshot]) -> SnapshotTree {
     let check = !image.is_empty();
     let present = |tag: &str| !check || image.iter().any(|i| i.name == tag);
     let mut tree = SnapshotTree::new();
-    let mut nodes: BTreeMap<&str, crate::tree::NodeId> = BTreeMap::new();
-    let parent_of = |tag: &str| {
-        s.snapshots
-            .iter()
-            .find(|m| m.tag == tag)
-            .and_then(|m| m.parent.as_deref())
-    };
+    let mut nodes: BTreeMap<&str, NodeId> = BTreeMap::new();
     for m in &s.snapshots {
         if !present(&m.tag) {
             continue;
@@ -1230,18 +1183,8 @@ fn tree_from_image(s: &VmSettings, image: &[ImageSnapshot]) -> SnapshotTree {
         if let Some(i) = image.iter().find(|i| i.name == m.tag) {
             snap.time_stamp = Some(iso8601(i.date_sec));
         }
-        // Nearest recorded ancestor that is in the tree.
-        let mut p = m.parent.as_deref();
-        let mut hops = 0;
-        while let Some(t) = p {
-            if nodes.contains_key(t) || hops > s.snapshots.len() {
-                break;
-            }
-            p = parent_of(t);
-            hops += 1;
-        }
-        let added = match p.and_then(|t| nodes.get(t)) {
-            Some(parent) => tree.add_child(*parent, snap),
+        let added = match nearest_in_tree(s, &nodes, m.parent.as_deref()) {
+            Some(parent) => tree.add_child(parent, snap),
             None => tree.add_root(snap),
         };
         if let Ok(n) = added {
@@ -1255,17 +1198,30 @@ fn tree_from_image(s: &VmSettings, image: &[ImageSnapshot]) -> SnapshotTree {
             let _ = tree.add_root(snap);
         }
     }
-    let mut cur = s.current_snapshot.as_deref();
+    tree.set_current(nearest_in_tree(s, &nodes, s.current_snapshot.as_deref()));
+    tree
+}
+
+/// The node of the snapshot tagged `tag`, or else of its nearest recorded ancestor that
+/// is in the tree (`nodes`); the walk up is bounded, so a parent cycle ends it.
+fn nearest_in_tree<'a>(
+    s: &'a VmSettings,
+    nodes: &BTreeMap<&'a str, NodeId>,
+    mut tag: Option<&'a str>,
+) -> Option<NodeId> {
     let mut hops = 0;
-    while let Some(t) = cur {
+    while let Some(t) = tag {
         if nodes.contains_key(t) || hops > s.snapshots.len() {
             break;
         }
-        cur = parent_of(t);
+        tag = s
+            .snapshots
+            .iter()
+            .find(|m| m.tag == t)
+            .and_then(|m| m.parent.as_deref());
         hops += 1;
     }
-    tree.set_current(cur.and_then(|t| nodes.get(t)).copied());
-    tree
+    tag.and_then(|t| nodes.get(t)).copied()
 }
 
 #[cfg(test)]

@@ -121,6 +121,12 @@ impl VBoxManageHypervisor {
             .unwrap_or_else(|| selector.to_owned()))
     }
 
+    /// `controlvm <vm> <action>`.
+    async fn control(&self, vm: &VmId, action: ControlAction) -> Result<()> {
+        self.exec(&command::control_vm(vm.as_str(), action)).await?;
+        Ok(())
+    }
+
     /// `snapshot <vm> restorecurrent`: back to the current snapshot's state.
     pub async fn restore_current(&self, vm: &VmId) -> Result<()> {
         self.exec(&command::snapshot_restore_current(vm.as_str()))
@@ -314,27 +320,19 @@ impl Hypervisor for VBoxManageHypervisor {
     }
 
     async fn power_off(&self, vm: &VmId) -> CoreResult<()> {
-        self.exec(&command::control_vm(vm.as_str(), ControlAction::PowerOff))
-            .await?;
-        Ok(())
+        Ok(self.control(vm, ControlAction::PowerOff).await?)
     }
 
     async fn save_state(&self, vm: &VmId) -> CoreResult<()> {
-        self.exec(&command::control_vm(vm.as_str(), ControlAction::SaveState))
-            .await?;
-        Ok(())
+        Ok(self.control(vm, ControlAction::SaveState).await?)
     }
 
     async fn pause(&self, vm: &VmId) -> CoreResult<()> {
-        self.exec(&command::control_vm(vm.as_str(), ControlAction::Pause))
-            .await?;
-        Ok(())
+        Ok(self.control(vm, ControlAction::Pause).await?)
     }
 
     async fn resume(&self, vm: &VmId) -> CoreResult<()> {
-        self.exec(&command::control_vm(vm.as_str(), ControlAction::Resume))
-            .await?;
-        Ok(())
+        Ok(self.control(vm, ControlAction::Resume).await?)
     }
 
     async fn take_snapshot(

@@ -26,7 +26,7 @@ use unacloud_core::model::{PowerState, Uuid, VmId};
 use unacloud_core::{Error, Result};
 
 use crate::copy::{CopyOptions, CopyReport};
-use crate::tracker::{Machine, MigrationOptions};
+use crate::tracker::{Machine, MigrationOptions, StateRef};
 
 /// What a step did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +91,19 @@ pub struct ResumeReport {
 }
 
 impl ResumeReport {
+    /// A report on resuming `vm` from a snapshot, with no step taken yet.
+    fn new(vm: String, snapshot_id: String, snapshot_name: String) -> Self {
+        ResumeReport {
+            vm,
+            snapshot_id,
+            snapshot_name,
+            steps: Vec::new(),
+            migration: None,
+            registered_settings: None,
+            copied_bytes: None,
+        }
+    }
+
     fn step(&mut self, action: ResumeAction, detail: impl Into<String>) {
         let detail = detail.into();
         tracing::info!(vm = %self.vm, %action, %detail, "resume step");
@@ -134,15 +147,7 @@ pub async fn restore_in_place(
         kind: "snapshot",
         id: selector.unwrap_or("latest").to_owned(),
     })?;
-    let mut report = ResumeReport {
-        vm: vm.to_string(),
-        snapshot_id: snap.id.clone(),
-        snapshot_name: snap.name.clone(),
-        steps: Vec::new(),
-        migration: None,
-        registered_settings: None,
-        copied_bytes: None,
-    };
+    let mut report = ResumeReport::new(vm.to_string(), snap.id.clone(), snap.name.clone());
     report.step(
         ResumeAction::SelectSnapshot,
         format!(
@@ -209,19 +214,16 @@ pub async fn restore_elsewhere(
     options: &ElsewhereOptions,
 ) -> Result<ResumeReport> {
     let machine = Machine::load(settings, options.global_registry.as_deref())?;
-    let snap = match selector {
-        Some(s) => {
-            let state = machine.select(s)?;
-            match state {
-                crate::tracker::StateRef::Snapshot(i) => machine.snapshots()[i].clone(),
-                crate::tracker::StateRef::Current => machine
-                    .current_snapshot()
-                    .cloned()
-                    .ok_or_else(|| Error::NotFound {
-                        kind: "snapshot",
-                        id: format!("current snapshot of {}", machine.name()),
-                    })?,
-            }
+    let snap = match selector.map(|s| machine.select(s)).transpose()? {
+        Some(StateRef::Snapshot(i)) => machine.snapshots()[i].clone(),
+        Some(StateRef::Current) => {
+            machine
+                .current_snapshot()
+                .cloned()
+                .ok_or_else(|| Error::NotFound {
+                    kind: "snapshot",
+                    id: format!("current snapshot of {}", machine.name()),
+                })?
         }
         None => machine
             .current_snapshot()
@@ -234,15 +236,11 @@ pub async fn restore_elsewhere(
                 ),
             })?,
     };
-    let mut report = ResumeReport {
-        vm: machine.uuid().to_string(),
-        snapshot_id: snap.uuid.to_string(),
-        snapshot_name: snap.name.clone(),
-        steps: Vec::new(),
-        migration: None,
-        registered_settings: None,
-        copied_bytes: None,
-    };
+    let mut report = ResumeReport::new(
+        machine.uuid().to_string(),
+        snap.uuid.to_string(),
+        snap.name.clone(),
+    );
     report.step(
         ResumeAction::SelectSnapshot,
         format!("{:?} {{{}}}", snap.name, snap.uuid),

@@ -19,6 +19,8 @@
 //!   is a well-formed escaped string (every `\` starts `\\` or `\"`), which a raw Windows
 //!   path never is.
 
+use std::borrow::Cow;
+
 /// One `key=value` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -177,7 +179,8 @@ pub fn parse(text: &str) -> MachineReadable {
             });
             continue;
         };
-        if is_multiline_key(&key) {
+        // A quoted value: its raw text, and the text after the closing quote.
+        let (raw, trailing): (Cow<'_, str>, &str) = if is_multiline_key(&key) {
             // The value ends at the first line (this one included) that ends with a
             // closing quote; for escaped keys that quote must not be escaped itself.
             let raw_key = is_raw_key(&key);
@@ -198,49 +201,33 @@ pub fn parse(text: &str) -> MachineReadable {
                 current = lines[i];
                 i += 1;
             }
-            doc.entries.push(Entry {
-                value: decode(&key, &value),
-                key,
-                quoted_key,
-                quoted_value: true,
-                trailing: String::new(),
-                line: lineno,
-            });
-            continue;
-        }
-        match body.rfind('"') {
-            Some(end) => doc.entries.push(Entry {
-                value: decode(&key, &body[..end]),
-                key,
-                quoted_key,
-                quoted_value: true,
-                trailing: body[end + 1..].to_owned(),
-                line: lineno,
-            }),
-            None => {
-                // An opening quote with no closing one on the line: a value spanning
-                // lines under a key not known to do so. Join until a line ends with `"`.
-                let mut value = body.to_owned();
-                while i < lines.len() {
-                    let next = lines[i];
-                    i += 1;
-                    value.push('\n');
-                    if let Some(stripped) = next.strip_suffix('"') {
-                        value.push_str(stripped);
-                        break;
-                    }
-                    value.push_str(next);
+            (Cow::Owned(value), "")
+        } else if let Some(end) = body.rfind('"') {
+            (Cow::Borrowed(&body[..end]), &body[end + 1..])
+        } else {
+            // An opening quote with no closing one on the line: a value spanning lines
+            // under a key not known to do so. Join until a line ends with `"`.
+            let mut value = body.to_owned();
+            while i < lines.len() {
+                let next = lines[i];
+                i += 1;
+                value.push('\n');
+                if let Some(stripped) = next.strip_suffix('"') {
+                    value.push_str(stripped);
+                    break;
                 }
-                doc.entries.push(Entry {
-                    value: decode(&key, &value),
-                    key,
-                    quoted_key,
-                    quoted_value: true,
-                    trailing: String::new(),
-                    line: lineno,
-                });
+                value.push_str(next);
             }
-        }
+            (Cow::Owned(value), "")
+        };
+        doc.entries.push(Entry {
+            value: decode(&key, &raw),
+            key,
+            quoted_key,
+            quoted_value: true,
+            trailing: trailing.to_owned(),
+            line: lineno,
+        });
     }
     doc
 }
