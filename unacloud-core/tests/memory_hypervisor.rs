@@ -49,19 +49,38 @@ fn conformance_runs_through_an_arc_dyn_with_timeouts() {
     });
 }
 
+/// Creates a small VM `name` and attaches the registered image `disk` to it.
+async fn vm_attached_to(
+    hv: &InMemoryHypervisor,
+    name: &str,
+    disk: unacloud_core::model::Uuid,
+) -> VmId {
+    hv.create_vm(&VmSpec::new(name, HardwareProfile::Small))
+        .await
+        .unwrap();
+    let id = VmId::from(name);
+    hv.attach_disk(&id, &AttachSpec::sata(DiskRef::Uuid(disk)))
+        .await
+        .unwrap();
+    id
+}
+
 async fn vm_with_disk(hv: &InMemoryHypervisor, name: &str) -> (VmId, DiskInfo) {
     let disk = hv
         .register_disk(Path::new(&format!("/vms/{name}/{name}.vdi")))
         .await
         .unwrap();
-    hv.create_vm(&VmSpec::new(name, HardwareProfile::Small))
-        .await
-        .unwrap();
-    let id = VmId::from(name);
-    hv.attach_disk(&id, &AttachSpec::sata(DiskRef::Uuid(disk.uuid)))
-        .await
-        .unwrap();
+    let id = vm_attached_to(hv, name, disk.uuid).await;
     (id, disk)
+}
+
+/// Registers `/t/ubuntu.vdi` and makes it a multiattach template.
+async fn multiattach_template(hv: &InMemoryHypervisor) -> DiskInfo {
+    let t = hv.register_disk(Path::new("/t/ubuntu.vdi")).await.unwrap();
+    hv.set_disk_type(&DiskRef::Uuid(t.uuid), DiskType::MultiAttach)
+        .await
+        .unwrap();
+    t
 }
 
 fn chain(disks: &[DiskInfo], from: unacloud_core::model::Uuid) -> Vec<unacloud_core::model::Uuid> {
@@ -154,13 +173,7 @@ fn a_normal_disk_runs_in_one_vm_at_a_time() {
     rt().block_on(async {
         let hv = InMemoryHypervisor::new();
         let (a, disk) = vm_with_disk(&hv, "a").await;
-        hv.create_vm(&VmSpec::new("b", HardwareProfile::Small))
-            .await
-            .unwrap();
-        let b = VmId::from("b");
-        hv.attach_disk(&b, &AttachSpec::sata(DiskRef::Uuid(disk.uuid)))
-            .await
-            .unwrap();
+        let b = vm_attached_to(&hv, "b", disk.uuid).await;
         hv.start_vm(&a, StartMode::Headless).await.unwrap();
         assert!(matches!(
             hv.start_vm(&b, StartMode::Headless).await,
@@ -173,20 +186,10 @@ fn a_normal_disk_runs_in_one_vm_at_a_time() {
 fn deleting_a_vm_removes_its_own_images_only() {
     rt().block_on(async {
         let hv = InMemoryHypervisor::new();
-        let t = hv.register_disk(Path::new("/t/ubuntu.vdi")).await.unwrap();
-        hv.set_disk_type(&DiskRef::Uuid(t.uuid), DiskType::MultiAttach)
-            .await
-            .unwrap();
+        let t = multiattach_template(&hv).await;
         for name in ["a", "b"] {
-            hv.create_vm(&VmSpec::new(name, HardwareProfile::Small))
-                .await
-                .unwrap();
-            hv.attach_disk(&VmId::from(name), &AttachSpec::sata(DiskRef::Uuid(t.uuid)))
-                .await
-                .unwrap();
-            hv.take_snapshot(&VmId::from(name), "s", None, false)
-                .await
-                .unwrap();
+            let vm = vm_attached_to(&hv, name, t.uuid).await;
+            hv.take_snapshot(&vm, "s", None, false).await.unwrap();
         }
         assert_eq!(hv.list_disks().await.unwrap().len(), 5);
         hv.unregister_vm(&VmId::from("a"), true).await.unwrap();
@@ -357,17 +360,8 @@ fn with_timeouts_turns_a_hang_into_a_typed_error() {
 fn vm_files_list_the_own_chain_and_expect_the_template() {
     rt().block_on(async {
         let hv = InMemoryHypervisor::new();
-        let t = hv.register_disk(Path::new("/t/ubuntu.vdi")).await.unwrap();
-        hv.set_disk_type(&DiskRef::Uuid(t.uuid), DiskType::MultiAttach)
-            .await
-            .unwrap();
-        hv.create_vm(&VmSpec::new("a", HardwareProfile::Small))
-            .await
-            .unwrap();
-        let a = VmId::from("a");
-        hv.attach_disk(&a, &AttachSpec::sata(DiskRef::Uuid(t.uuid)))
-            .await
-            .unwrap();
+        let t = multiattach_template(&hv).await;
+        let a = vm_attached_to(&hv, "a", t.uuid).await;
         hv.take_snapshot(&a, "s", None, false).await.unwrap();
         let set = hv.vm_files(&a).await.unwrap();
         // settings + the VM's child of the template + the child after the snapshot

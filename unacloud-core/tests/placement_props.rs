@@ -26,6 +26,16 @@ fn names(p: &Placement) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `n` VMs of one profile, named `v0`, `v1`, ….
+fn numbered_vms(n: usize, profile: HardwareProfile) -> Vec<VmRequest> {
+    (0..n).map(|i| vm(&format!("v{i}"), profile)).collect()
+}
+
+/// The host of each assignment, in assignment order.
+fn hosts_in_order(p: &Placement) -> Vec<String> {
+    names(p).into_iter().map(|(_, h)| h).collect()
+}
+
 fn on(p: &Placement, vm: &str) -> String {
     p.host_of(vm).unwrap().to_string()
 }
@@ -299,19 +309,15 @@ fn three_hosts() -> Vec<Host> {
 
 #[test]
 fn first_fit_fills_hosts_in_the_order_given() {
-    let vms: Vec<_> = (0..4)
-        .map(|i| vm(&format!("v{i}"), HardwareProfile::Small))
-        .collect();
+    let vms = numbered_vms(4, HardwareProfile::Small);
     let p = place(&three_hosts(), &vms, Algorithm::FirstFit, None).unwrap();
-    let hosts: Vec<_> = names(&p).into_iter().map(|(_, h)| h).collect();
+    let hosts = hosts_in_order(&p);
     assert_eq!(hosts, ["small", "small", "big", "big"]);
 }
 
 #[test]
 fn first_fit_decreasing_starts_with_the_host_with_most_free() {
-    let vms: Vec<_> = (0..3)
-        .map(|i| vm(&format!("v{i}"), HardwareProfile::Medium))
-        .collect();
+    let vms = numbered_vms(3, HardwareProfile::Medium);
     let p = place(&three_hosts(), &vms, Algorithm::FirstFitDecreasing, None).unwrap();
     // Sorted once (big 8, mid 4, small 2) and then first fit: big takes all three.
     assert!(names(&p).iter().all(|(_, h)| h == "big"));
@@ -362,11 +368,9 @@ fn sorting_prefers_hosts_with_a_user_logged_in() {
 
 #[test]
 fn singleton_puts_at_most_one_vm_per_host() {
-    let vms: Vec<_> = (0..4)
-        .map(|i| vm(&format!("v{i}"), HardwareProfile::Small))
-        .collect();
+    let vms = numbered_vms(4, HardwareProfile::Small);
     let p = place_best_effort(&three_hosts(), &vms, Algorithm::Singleton, None).unwrap();
-    let hosts: Vec<_> = names(&p).into_iter().map(|(_, h)| h).collect();
+    let hosts = hosts_in_order(&p);
     assert_eq!(hosts, ["small", "big", "mid"]);
     assert_eq!(p.unplaced.len(), 1);
     assert_eq!(p.unplaced[0].vm, "v3");
@@ -379,18 +383,14 @@ fn singleton_puts_at_most_one_vm_per_host() {
 
 #[test]
 fn round_robin_deals_vms_in_turn_and_wraps() {
-    let vms: Vec<_> = (0..5)
-        .map(|i| vm(&format!("v{i}"), HardwareProfile::Small))
-        .collect();
+    let vms = numbered_vms(5, HardwareProfile::Small);
     let p = place(&three_hosts(), &vms, Algorithm::RoundRobin, None).unwrap();
-    let hosts: Vec<_> = names(&p).into_iter().map(|(_, h)| h).collect();
+    let hosts = hosts_in_order(&p);
     assert_eq!(hosts, ["small", "big", "mid", "small", "big"]);
     // Hosts that are full are skipped, and the turn continues after the chosen one.
-    let vms: Vec<_> = (0..4)
-        .map(|i| vm(&format!("v{i}"), HardwareProfile::Large))
-        .collect();
+    let vms = numbered_vms(4, HardwareProfile::Large);
     let p = place_best_effort(&three_hosts(), &vms, Algorithm::RoundRobin, None).unwrap();
-    let hosts: Vec<_> = names(&p).into_iter().map(|(_, h)| h).collect();
+    let hosts = hosts_in_order(&p);
     assert_eq!(hosts, ["big", "mid", "big"]);
     assert_eq!(p.unplaced[0].vm, "v3");
 }
@@ -400,9 +400,7 @@ fn random_is_reproducible_and_seed_dependent() {
     let hosts: Vec<_> = (0..50)
         .map(|i| host(&format!("h{i}"), 8, 16, 100))
         .collect();
-    let vms: Vec<_> = (0..40)
-        .map(|i| vm(&format!("v{i}"), HardwareProfile::Small))
-        .collect();
+    let vms = numbered_vms(40, HardwareProfile::Small);
     let plans: Vec<_> = (0..5)
         .map(|s| place(&hosts, &vms, Algorithm::Random, Some(s)).unwrap())
         .collect();

@@ -66,6 +66,12 @@ fn requests(n: usize) -> Vec<VmRequest> {
         .collect()
 }
 
+/// The plan for `requests(n)` placed on the cluster's hosts by `algorithm`.
+fn plan_for(c: &Cluster, n: usize, algorithm: Algorithm) -> DeploymentPlan {
+    let vms = requests(n);
+    DeploymentPlan::from_placement(&place(&c.hosts, &vms, algorithm, None).unwrap(), &vms).unwrap()
+}
+
 fn fast_options() -> DeployOptions {
     DeployOptions {
         retry: RetryPolicy {
@@ -162,11 +168,7 @@ async fn a_disk_aware_plan_is_deployed_host_by_host() {
 #[tokio::test]
 async fn transient_errors_are_retried_and_permanent_ones_reported() {
     let c = cluster(2, None).await;
-    let plan = DeploymentPlan::from_placement(
-        &place(&c.hosts, &requests(4), Algorithm::RoundRobin, None).unwrap(),
-        &requests(4),
-    )
-    .unwrap();
+    let plan = plan_for(&c, 4, Algorithm::RoundRobin);
     // Host 0: two time-outs, then success. Host 1: a permanent failure once.
     c.faulty[0].inject("attach_disk", 0, Fault::Timeout, 2);
     c.faulty[1].inject("attach_disk", 0, Fault::Fail, 1);
@@ -193,12 +195,7 @@ async fn transient_errors_are_retried_and_permanent_ones_reported() {
 #[tokio::test]
 async fn a_step_over_its_time_limit_fails_and_is_rolled_back() {
     let c = cluster(1, None).await;
-    let vms = requests(2);
-    let plan = DeploymentPlan::from_placement(
-        &place(&c.hosts, &vms, Algorithm::FirstFit, None).unwrap(),
-        &vms,
-    )
-    .unwrap();
+    let plan = plan_for(&c, 2, Algorithm::FirstFit);
     c.faulty[0].inject("attach_disk", 0, Fault::Delay(Duration::from_secs(30)), 1);
     let mut options = fast_options();
     options.retry.max_attempts = 1;
@@ -218,12 +215,7 @@ async fn a_step_over_its_time_limit_fails_and_is_rolled_back() {
 #[tokio::test]
 async fn missing_template_or_host_fails_those_vms_with_the_reason() {
     let mut c = cluster(2, None).await;
-    let vms = requests(4);
-    let plan = DeploymentPlan::from_placement(
-        &place(&c.hosts, &vms, Algorithm::RoundRobin, None).unwrap(),
-        &vms,
-    )
-    .unwrap();
+    let plan = plan_for(&c, 4, Algorithm::RoundRobin);
     c.targets.get_mut(&c.hosts[0].id).unwrap().templates.clear();
     c.targets.remove(&c.hosts[1].id);
     let report = deploy(&plan, &c.targets, &fast_options(), None, None).await;
@@ -241,12 +233,7 @@ async fn missing_template_or_host_fails_those_vms_with_the_reason() {
 #[tokio::test]
 async fn an_existing_vm_is_never_touched() {
     let c = cluster(1, None).await;
-    let vms = requests(1);
-    let plan = DeploymentPlan::from_placement(
-        &place(&c.hosts, &vms, Algorithm::FirstFit, None).unwrap(),
-        &vms,
-    )
-    .unwrap();
+    let plan = plan_for(&c, 1, Algorithm::FirstFit);
     let first = deploy(&plan, &c.targets, &fast_options(), None, None).await;
     assert_eq!(first.created(), 1);
     let second = deploy(&plan, &c.targets, &fast_options(), None, None).await;
@@ -267,12 +254,7 @@ async fn host_parallelism_is_bounded() {
         for f in &c.faulty {
             f.inject("create_vm", 0, Fault::Delay(Duration::from_millis(40)), 2);
         }
-        let vms = requests(12);
-        let plan = DeploymentPlan::from_placement(
-            &place(&c.hosts, &vms, Algorithm::RoundRobin, None).unwrap(),
-            &vms,
-        )
-        .unwrap();
+        let plan = plan_for(&c, 12, Algorithm::RoundRobin);
         let mut options = fast_options();
         options.max_parallel_hosts = limit;
         let report = deploy(&plan, &c.targets, &options, None, None).await;
@@ -295,12 +277,7 @@ async fn cancellation_stops_new_work_and_rolls_back_unfinished_vms() {
             100,
         );
     }
-    let vms = requests(10);
-    let plan = DeploymentPlan::from_placement(
-        &place(&c.hosts, &vms, Algorithm::RoundRobin, None).unwrap(),
-        &vms,
-    )
-    .unwrap();
+    let plan = plan_for(&c, 10, Algorithm::RoundRobin);
     let cancel = CancellationToken::new();
     let c2 = cancel.clone();
     tokio::spawn(async move {

@@ -28,6 +28,16 @@ async fn setup(
     (src, t, hv)
 }
 
+/// Preloads `t` from `src` into `store` without interrupting it.
+async fn preload_all(
+    hv: &dyn Hypervisor,
+    t: &TemplateVersion,
+    src: &std::path::Path,
+    store: &std::path::Path,
+) -> unacloud_core::Result<PreloadOutcome> {
+    preload(hv, t, src, store, &mut |_| ControlFlow::Continue(())).await
+}
+
 #[tokio::test]
 async fn interrupted_copy_resumes_and_registers_multiattach() {
     let dir = tempfile::tempdir().unwrap();
@@ -113,15 +123,7 @@ async fn not_enough_space_is_reported_before_writing() {
         total: 1 << 40,
     });
     let store = dir.path().join("host/templates");
-    match preload(
-        &faulty,
-        &t,
-        &src,
-        &store,
-        &mut |_| ControlFlow::Continue(()),
-    )
-    .await
-    {
+    match preload_all(&faulty, &t, &src, &store).await {
         Err(e @ Error::InsufficientSpace { .. }) => {
             let msg = e.to_string();
             assert!(
@@ -143,11 +145,7 @@ async fn a_corrupted_copy_is_rejected_and_discarded() {
     // A partial file whose bytes are not a prefix of the template.
     let partial = partial_path(&std::fs::canonicalize(&store).unwrap(), &t);
     std::fs::write(&partial, vec![0xffu8; 1 << 20]).unwrap();
-    match preload(hv.as_ref(), &t, &src, &store, &mut |_| {
-        ControlFlow::Continue(())
-    })
-    .await
-    {
+    match preload_all(hv.as_ref(), &t, &src, &store).await {
         Err(Error::ChecksumMismatch { .. }) => {}
         other => panic!("expected ChecksumMismatch, got {other:?}"),
     }
@@ -157,11 +155,7 @@ async fn a_corrupted_copy_is_rejected_and_discarded() {
     );
     assert!(!store.join(&t.file_name).exists());
     // The next attempt starts over and succeeds.
-    preload(hv.as_ref(), &t, &src, &store, &mut |_| {
-        ControlFlow::Continue(())
-    })
-    .await
-    .unwrap();
+    preload_all(hv.as_ref(), &t, &src, &store).await.unwrap();
 
     // A tampered file under the final name is reported, never silently replaced.
     let final_path = store.join(&t.file_name);
@@ -169,11 +163,7 @@ async fn a_corrupted_copy_is_rejected_and_discarded() {
     other.checksum = "blake3:0000000000000000000000000000000000000000000000000000000000000000"
         .parse()
         .unwrap();
-    match preload(hv.as_ref(), &other, &src, &store, &mut |_| {
-        ControlFlow::Continue(())
-    })
-    .await
-    {
+    match preload_all(hv.as_ref(), &other, &src, &store).await {
         Err(e @ Error::ChecksumMismatch { .. }) => {
             assert!(e.to_string().contains("remove the file"))
         }
@@ -189,25 +179,9 @@ async fn failing_registration_leaves_no_registered_disk() {
     let faulty = Faulty::new(hv.clone());
     faulty.inject("set_disk_type", 0, Fault::Fail, 1);
     let store = dir.path().join("host/templates");
-    assert!(preload(
-        &faulty,
-        &t,
-        &src,
-        &store,
-        &mut |_| ControlFlow::Continue(())
-    )
-    .await
-    .is_err());
+    assert!(preload_all(&faulty, &t, &src, &store).await.is_err());
     assert!(hv.list_disks().await.unwrap().is_empty());
     // The verified file stays; the next call only registers it.
-    let out = preload(
-        &faulty,
-        &t,
-        &src,
-        &store,
-        &mut |_| ControlFlow::Continue(()),
-    )
-    .await
-    .unwrap();
+    let out = preload_all(&faulty, &t, &src, &store).await.unwrap();
     assert!(matches!(out, PreloadOutcome::Registered { .. }), "{out:?}");
 }

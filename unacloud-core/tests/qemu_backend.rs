@@ -3,7 +3,7 @@
 
 mod provision_support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use provision_support::{make_template, require_qemu_img};
 use unacloud_core::conformance::{run_all, ConformanceEnv};
@@ -226,21 +226,35 @@ async fn missing_qemu_img_is_reported_as_unsupported() {
     }
 }
 
+/// A QEMU host under `dir` with one small VM `name` on a fresh multiattach template
+/// (`make_template(dir, "base", virtual_size, data_bytes)`); returns the host, the
+/// template's file and the VM.
+async fn host_with_vm_on_template(
+    dir: &Path,
+    name: &str,
+    virtual_size: u64,
+    data_bytes: usize,
+) -> (QemuHypervisor, PathBuf, VmId) {
+    let template = make_template(dir, "base", virtual_size, data_bytes).await;
+    let hv = QemuHypervisor::open(dir.join("host")).await.unwrap();
+    {
+        let m = MultiattachManager::new(&hv);
+        let t = m.register_template(&template).await.unwrap();
+        m.create_vm(
+            &VmSpec::new(name, HardwareProfile::Small),
+            &DiskRef::Uuid(t.uuid),
+        )
+        .await
+        .unwrap();
+    }
+    (hv, template, VmId::new(name))
+}
+
 #[tokio::test]
 async fn vm_files_follow_the_real_backing_chain() {
     require_qemu_img();
     let dir = tempfile::tempdir().unwrap();
-    let template = make_template(dir.path(), "base", 8 << 20, 1 << 20).await;
-    let hv = QemuHypervisor::open(dir.path().join("host")).await.unwrap();
-    let m = MultiattachManager::new(&hv);
-    let t = m.register_template(&template).await.unwrap();
-    m.create_vm(
-        &VmSpec::new("TM", HardwareProfile::Small),
-        &DiskRef::Uuid(t.uuid),
-    )
-    .await
-    .unwrap();
-    let id = VmId::new("TM");
+    let (hv, template, id) = host_with_vm_on_template(dir.path(), "TM", 8 << 20, 1 << 20).await;
     let set = hv.vm_files(&id).await.unwrap();
     assert!(set.warnings.is_empty(), "{:?}", set.warnings);
     assert_eq!(set.files.len(), 2);
@@ -292,14 +306,7 @@ proptest::proptest! {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let template = make_template(dir.path(), "base", 4 << 20, 64 << 10).await;
-            let hv = QemuHypervisor::open(dir.path().join("host")).await.unwrap();
-            let m = MultiattachManager::new(&hv);
-            let t = m.register_template(&template).await.unwrap();
-            m.create_vm(&VmSpec::new("p", HardwareProfile::Small), &DiskRef::Uuid(t.uuid))
-                .await
-                .unwrap();
-            let id = VmId::new("p");
+            let (hv, _, id) = host_with_vm_on_template(dir.path(), "p", 4 << 20, 64 << 10).await;
             // Model: (tag, parent) in creation order, and the current snapshot.
             let mut model: Vec<(String, Option<String>)> = Vec::new();
             let mut current: Option<String> = None;
@@ -354,17 +361,7 @@ proptest::proptest! {
 async fn deleting_a_middle_snapshot_moves_its_children_up() {
     require_qemu_img();
     let dir = tempfile::tempdir().unwrap();
-    let template = make_template(dir.path(), "base", 4 << 20, 64 << 10).await;
-    let hv = QemuHypervisor::open(dir.path().join("host")).await.unwrap();
-    let m = MultiattachManager::new(&hv);
-    let t = m.register_template(&template).await.unwrap();
-    m.create_vm(
-        &VmSpec::new("p", HardwareProfile::Small),
-        &DiskRef::Uuid(t.uuid),
-    )
-    .await
-    .unwrap();
-    let id = VmId::new("p");
+    let (hv, _, id) = host_with_vm_on_template(dir.path(), "p", 4 << 20, 64 << 10).await;
     let a = hv.take_snapshot(&id, "a", None, false).await.unwrap();
     let b = hv.take_snapshot(&id, "b", None, false).await.unwrap();
     let c = hv.take_snapshot(&id, "c", None, false).await.unwrap();

@@ -13,7 +13,7 @@ use unacloud_snapshot::net::conn::request;
 use unacloud_snapshot::net::daemon::trigger_global_snapshot;
 use unacloud_snapshot::net::{
     spawn_coordinator, spawn_metadata_server, spawn_participant, ClusterKey, LocalSnapshot,
-    NodeEvent, TransportConfig, VmHost,
+    MetadataServerHandle, NodeEvent, TransportConfig, VmHost,
 };
 use unacloud_snapshot::protocol::{
     ClusterId, CoordinatorConfig, Envelope, Message, MetadataServerConfig, ParticipantConfig,
@@ -82,6 +82,24 @@ fn transport(key: Option<u8>) -> TransportConfig {
     t
 }
 
+/// A metadata server of cluster 42 on a free loopback port, with the cluster key made
+/// of byte `key` (if any), writing its results to `results_csv` (if any).
+async fn metadata_server(
+    key: Option<u8>,
+    results_csv: Option<std::path::PathBuf>,
+) -> MetadataServerHandle {
+    spawn_metadata_server(
+        MetadataServerConfig {
+            cluster: ClusterId(42),
+            base_port: 1,
+        },
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        transport(key),
+        results_csv,
+    )
+    .unwrap()
+}
+
 async fn next_protocol(h: &mut unacloud_snapshot::net::NodeHandle) -> ProtocolEvent {
     loop {
         if let NodeEvent::Protocol(
@@ -104,16 +122,7 @@ async fn global_snapshot_over_loopback_with_a_cluster_key() {
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("times.csv");
-    let ms = spawn_metadata_server(
-        MetadataServerConfig {
-            cluster: ClusterId(42),
-            base_port: 1,
-        },
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        transport(Some(7)),
-        Some(csv.clone()),
-    )
-    .unwrap();
+    let ms = metadata_server(Some(7), Some(csv.clone())).await;
     // Register the three VMs as launchers do.
     for i in 0..3 {
         let env = Envelope::new(
@@ -246,16 +255,7 @@ async fn global_snapshot_over_loopback_with_a_cluster_key() {
 
 #[tokio::test]
 async fn different_keys_are_refused_with_a_clear_error() {
-    let ms = spawn_metadata_server(
-        MetadataServerConfig {
-            cluster: ClusterId(42),
-            base_port: 1,
-        },
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        transport(Some(1)),
-        None,
-    )
-    .unwrap();
+    let ms = metadata_server(Some(1), None).await;
     for (key, needle) in [
         (Some(2), "different cluster keys"),
         (None, "requires the cluster key"),
@@ -267,16 +267,7 @@ async fn different_keys_are_refused_with_a_clear_error() {
         assert!(e.to_string().contains(needle), "{e}");
     }
     // A node without key talking to one with a key: this side says so itself.
-    let plain = spawn_metadata_server(
-        MetadataServerConfig {
-            cluster: ClusterId(42),
-            base_port: 1,
-        },
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        transport(None),
-        None,
-    )
-    .unwrap();
+    let plain = metadata_server(None, None).await;
     let e = trigger_global_snapshot(plain.local_addr(), &transport(Some(3)))
         .await
         .unwrap_err();
@@ -292,16 +283,7 @@ async fn different_keys_are_refused_with_a_clear_error() {
 
 #[tokio::test]
 async fn foreign_and_malformed_connections_do_not_disturb_others() {
-    let ms = spawn_metadata_server(
-        MetadataServerConfig {
-            cluster: ClusterId(42),
-            base_port: 1,
-        },
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        transport(None),
-        None,
-    )
-    .unwrap();
+    let ms = metadata_server(None, None).await;
     // Garbage, an oversize length prefix, and a foreign cluster, each on its own connection.
     let mut garbage = TcpStream::connect(ms.local_addr()).await.unwrap();
     garbage.write_all(b"\x00\x00\x00\x05GET /").await.unwrap();

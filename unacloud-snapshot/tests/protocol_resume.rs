@@ -127,8 +127,7 @@ fn a_participant_that_cannot_restore_fails_the_resume() {
     c.hold.insert(p(1));
     let gs = c.coord.start_resume(c.now, None).unwrap();
     c.drive();
-    let a = c.pending.iter().position(|a| a.host == p(1)).unwrap();
-    let a = c.pending.remove(a).unwrap();
+    let a = c.take_pending(p(1));
     assert!(matches!(a.action, HostAction::RestoreLocal { .. }));
     c.complete(a, ActionOutcome::Failed("snapshot file missing".into()));
     c.drive();

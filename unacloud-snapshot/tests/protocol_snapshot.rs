@@ -14,6 +14,48 @@ fn p(id: u32) -> ParticipantId {
     ParticipantId(id)
 }
 
+/// Starts a global snapshot, lets the coordinator's own VM check through by hand, then
+/// holds the coordinator's own steps while the participants run.
+fn start_holding_own_steps(c: &mut Cluster) -> GlobalSnapshotId {
+    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+    c.collect();
+    let check = c.take_pending(p(0));
+    c.complete(check, ActionOutcome::VmsRunning(true));
+    c.hold.insert(p(0));
+    c.drive();
+    gs
+}
+
+/// Participant 1, started, after the coordinator's TAKE_SNAPSHOT for `gs` reached it.
+fn participant_taking(gs: GlobalSnapshotId, now: std::time::Instant) -> Participant {
+    let mut part = started_participant(p(1));
+    part.handle_message(
+        now,
+        Envelope::new(CLUSTER, p(0), p(1), Message::TakeSnapshot { gs }),
+    )
+    .unwrap();
+    part
+}
+
+/// The participant's next output, which must be a host action.
+fn next_action(part: &mut Participant) -> (ActionId, HostAction) {
+    match part.poll_output() {
+        Some(Output::Action { id, action }) => (id, action),
+        other => panic!("expected a host action, got {other:?}"),
+    }
+}
+
+/// The host actions among `outputs`, in order.
+fn actions_in(outputs: &[Output]) -> Vec<HostAction> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Action { action, .. } => Some(action.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn a_global_snapshot_costs_two_n_minus_one_for_the_precheck_two_for_the_snapshot_and_n_minus_one_releases(
 ) {
@@ -78,13 +120,7 @@ fn a_state_machine_arms_the_idle_drop_rule_before_anything_else() {
 fn a_participant_holds_the_post_colour_until_release() {
     let mut c = Cluster::new(3);
     // Hold the coordinator's own steps: every participant sends DONE and waits.
-    c.coord.start_global_snapshot(c.now).unwrap();
-    c.collect();
-    let i = c.pending.iter().position(|a| a.host == p(0)).unwrap();
-    let a = c.pending.remove(i).unwrap();
-    c.complete(a, ActionOutcome::VmsRunning(true));
-    c.hold.insert(p(0));
-    c.drive();
+    start_holding_own_steps(&mut c);
     assert_eq!(c.count_kind("DONE"), 2);
     for h in 1..3 {
         assert_eq!(
@@ -121,14 +157,9 @@ fn the_thesis_policy_clears_the_colour_right_after_the_own_snapshot() {
     }
     c.actions.clear();
     c.drive(); // the new machines arm their idle drop rule
-    let gs = c.coord.start_global_snapshot(c.now).unwrap();
+
     // Participant 1's DONE comes after its step 6, before the coordinator completes.
-    c.collect();
-    let i = c.pending.iter().position(|a| a.host == p(0)).unwrap();
-    let a = c.pending.remove(i).unwrap();
-    c.complete(a, ActionOutcome::VmsRunning(true));
-    c.hold.insert(p(0));
-    c.drive();
+    let gs = start_holding_own_steps(&mut c);
     let p1 = c.actions_of(p(1));
     assert!(ends_idle(&p1), "{p1:?}");
     assert!(c.completed().is_empty());
@@ -239,14 +270,8 @@ fn done_carries_the_local_time_and_completion_reports_every_local_time() {
 #[test]
 fn all_dones_before_the_coordinators_own_steps_complete_it_only_after_its_steps() {
     let mut c = Cluster::new(4);
-    c.hold.insert(p(0));
-    let gs = c.coord.start_global_snapshot(c.now).unwrap();
     // Let the coordinator's own check through by hand, then hold its steps.
-    c.collect();
-    let check = c.pending.iter().position(|a| a.host == p(0)).unwrap();
-    let a = c.pending.remove(check).unwrap();
-    c.complete(a, ActionOutcome::VmsRunning(true));
-    c.drive();
+    let gs = start_holding_own_steps(&mut c);
     assert_eq!(c.count_kind("DONE"), 3, "every DONE arrived");
     assert!(c.completed().is_empty(), "own steps still running");
     c.hold.clear();
@@ -351,13 +376,11 @@ fn a_participant_silent_in_phase_two_fails_it_and_every_other_host_ends_unfilter
     let gs = c.coord.start_global_snapshot(c.now).unwrap();
     c.drive();
     // p3 is stuck in its check: let it pass, then stick in step 3 (hold again).
-    let a = c.pending.iter().position(|a| a.host == p(3)).unwrap();
-    let a = c.pending.remove(a).unwrap();
+    let a = c.take_pending(p(3));
     c.complete(a, ActionOutcome::VmsRunning(true));
     c.drive();
     for _ in 0..2 {
-        let a = c.pending.iter().position(|a| a.host == p(3)).unwrap();
-        let a = c.pending.remove(a).unwrap();
+        let a = c.take_pending(p(3));
         c.complete(a, ActionOutcome::Done);
         c.drive();
     }
@@ -386,8 +409,7 @@ fn a_participant_silent_in_phase_two_fails_it_and_every_other_host_ends_unfilter
     // The next global snapshot, with p3's host rebooted (a fresh participant), succeeds.
     c.down.clear();
     c.hold.clear();
-    c.pending.retain(|a| a.host != p(3));
-    c.parts[2] = Participant::new(ParticipantConfig::new(CLUSTER, p(3), vms_of(3))).unwrap();
+    c.reboot(p(3));
     let gs2 = c.coord.start_global_snapshot(c.now).unwrap();
     c.drive();
     assert_eq!(c.completed(), vec![gs2]);
@@ -448,15 +470,11 @@ fn the_coordinators_own_failed_step_aborts_and_clears_its_host() {
 
 #[test]
 fn abort_in_the_middle_of_a_step_clears_the_host_once_the_step_completes() {
-    let mut part = started_participant(p(1));
     let now = std::time::Instant::now();
     let gs = GlobalSnapshotId(5);
+    let mut part = participant_taking(gs, now);
     let to_me = |m| Envelope::new(CLUSTER, p(0), p(1), m);
-    part.handle_message(now, to_me(Message::TakeSnapshot { gs }))
-        .unwrap();
-    let Some(Output::Action { id, action }) = part.poll_output() else {
-        panic!()
-    };
+    let (id, action) = next_action(&mut part);
     assert_eq!(action, HostAction::SetOutgoingColour(Colour::Pre));
     part.handle_message(
         now,
@@ -472,36 +490,22 @@ fn abort_in_the_middle_of_a_step_clears_the_host_once_the_step_completes() {
     }
     part.handle_action_complete(now, id, ActionOutcome::Done)
         .unwrap();
-    let actions: Vec<_> = std::iter::from_fn(|| part.poll_output())
-        .filter_map(|o| match o {
-            Output::Action { action, .. } => Some(action),
-            _ => None,
-        })
-        .collect();
+    let outs: Vec<_> = std::iter::from_fn(|| part.poll_output()).collect();
+    let actions = actions_in(&outs);
     assert_eq!(actions, vec![HostAction::ClearAll]);
 }
 
 #[test]
 fn a_participant_whose_coordinator_vanished_clears_its_host_by_itself_after_the_deadline() {
-    let mut part = started_participant(p(1));
     let t0 = std::time::Instant::now();
-    let gs = GlobalSnapshotId(1);
-    part.handle_message(
-        t0,
-        Envelope::new(CLUSTER, p(0), p(1), Message::TakeSnapshot { gs }),
-    )
-    .unwrap();
+    let mut part = participant_taking(GlobalSnapshotId(1), t0);
     // Steps 1 and 2 complete; step 3 hangs; the coordinator is gone and never aborts.
     for _ in 0..2 {
-        let Some(Output::Action { id, .. }) = part.poll_output() else {
-            panic!()
-        };
+        let (id, _) = next_action(&mut part);
         part.handle_action_complete(t0, id, ActionOutcome::Done)
             .unwrap();
     }
-    let Some(Output::Action { id: hung, action }) = part.poll_output() else {
-        panic!()
-    };
+    let (hung, action) = next_action(&mut part);
     assert!(matches!(action, HostAction::TakeLocalSnapshots { .. }));
     assert!(part.may_filter());
     let deadline = part.poll_timeout().unwrap();
@@ -538,13 +542,7 @@ fn a_participant_whose_coordinator_vanished_clears_its_host_by_itself_after_the_
     assert!(part.poll_timeout().is_none());
     // Back to the idle state: only the idle drop rule is re-armed.
     let later: Vec<_> = std::iter::from_fn(|| part.poll_output()).collect();
-    let actions: Vec<_> = later
-        .iter()
-        .filter_map(|o| match o {
-            Output::Action { action, .. } => Some(action.clone()),
-            _ => None,
-        })
-        .collect();
+    let actions = actions_in(&later);
     assert_eq!(actions, vec![idle_drop()], "{later:?}");
     assert!(
         later.iter().all(|o| !matches!(o, Output::Transmit(_))),
@@ -642,8 +640,7 @@ fn a_duplicated_done_is_counted_once() {
     c.hold.insert(p(2));
     let gs = c.coord.start_global_snapshot(c.now).unwrap();
     c.drive();
-    let a = c.pending.iter().position(|a| a.host == p(2)).unwrap();
-    let a = c.pending.remove(a).unwrap();
+    let a = c.take_pending(p(2));
     c.complete(a, ActionOutcome::VmsRunning(true));
     c.drive();
     // p1 and the coordinator are done; p2 is in its steps. Duplicate p1's DONE.
@@ -871,15 +868,11 @@ proptest! {
 
 #[test]
 fn an_abort_during_a_hung_step_clears_the_host_at_the_step_deadline() {
-    let mut part = started_participant(p(1));
     let t0 = std::time::Instant::now();
     let gs = GlobalSnapshotId(2);
+    let mut part = participant_taking(gs, t0);
     let to_me = |m| Envelope::new(CLUSTER, p(0), p(1), m);
-    part.handle_message(t0, to_me(Message::TakeSnapshot { gs }))
-        .unwrap();
-    let Some(Output::Action { .. }) = part.poll_output() else {
-        panic!()
-    };
+    next_action(&mut part);
     part.handle_message(
         t0,
         to_me(Message::Abort {
@@ -908,14 +901,8 @@ fn an_abort_during_a_hung_step_clears_the_host_at_the_step_deadline() {
 #[test]
 fn a_hung_own_step_fails_the_snapshot_and_clears_the_coordinators_host_at_the_deadline() {
     let mut c = Cluster::new(3);
-    c.coord.start_global_snapshot(c.now).unwrap();
-    c.collect();
     // Let the own check pass, then hold the own steps.
-    let i = c.pending.iter().position(|a| a.host == p(0)).unwrap();
-    let a = c.pending.remove(i).unwrap();
-    c.complete(a, ActionOutcome::VmsRunning(true));
-    c.hold.insert(p(0));
-    c.drive();
+    start_holding_own_steps(&mut c);
     assert_eq!(c.count_kind("DONE"), 2);
     let deadline = c.coord.poll_timeout().unwrap();
     c.advance_to(deadline);
@@ -1006,9 +993,7 @@ proptest! {
         }
         // Reboot the victim: a fresh participant, nothing pending.
         c.down.clear();
-        c.pending.retain(|a| a.host != victim);
-        c.parts[(victim.0 - 1) as usize] =
-            Participant::new(ParticipantConfig::new(CLUSTER, victim, vms_of(victim.0))).unwrap();
+        c.reboot(victim);
         let gs2 = c.coord.start_global_snapshot(c.now).unwrap();
         c.drive();
         prop_assert!(c.completed().contains(&gs2));
@@ -1017,17 +1002,10 @@ proptest! {
 
 #[test]
 fn a_clear_all_that_keeps_failing_is_retried_then_reported() {
-    let mut part = started_participant(p(1));
     let now = std::time::Instant::now();
     let gs = GlobalSnapshotId(1);
-    part.handle_message(
-        now,
-        Envelope::new(CLUSTER, p(0), p(1), Message::TakeSnapshot { gs }),
-    )
-    .unwrap();
-    let Some(Output::Action { id, .. }) = part.poll_output() else {
-        panic!()
-    };
+    let mut part = participant_taking(gs, now);
+    let (id, _) = next_action(&mut part);
     part.handle_action_complete(now, id, ActionOutcome::Failed("iptables missing".into()))
         .unwrap();
     let mut clear_alls = 0;

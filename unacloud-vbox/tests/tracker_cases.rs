@@ -28,6 +28,47 @@ fn gb2(bytes: u64) -> f64 {
     (bytes as f64 / GB as f64 * 100.0).round() / 100.0
 }
 
+/// A base image (no parent) of type `disk_type`.
+fn base_disk(uuid: String, location: impl Into<String>, disk_type: &'static str) -> Disk {
+    Disk {
+        uuid,
+        location: location.into(),
+        disk_type: Some(disk_type),
+        parent: None,
+        auto_reset: false,
+    }
+}
+
+/// A differencing image whose parent is disk number `parent` of the same registry.
+fn diff_disk(uuid: String, location: impl Into<String>, parent: usize) -> Disk {
+    Disk {
+        uuid,
+        location: location.into(),
+        disk_type: None,
+        parent: Some(parent),
+        auto_reset: false,
+    }
+}
+
+/// The machine `doc` describes, as if its settings file were at `path`, without a
+/// global registry.
+fn machine(doc: &VboxDoc, path: &str) -> Machine {
+    Machine::from_settings(
+        MachineSettings::parse_str(&doc.to_xml()).unwrap(),
+        path,
+        None,
+    )
+    .unwrap()
+}
+
+/// Options that list the files without measuring their sizes.
+fn unmeasured() -> MigrationOptions {
+    MigrationOptions {
+        measure_sizes: false,
+        ..Default::default()
+    }
+}
+
 fn write_machine(dir: &Path, doc: &VboxDoc) -> std::path::PathBuf {
     let path = dir.join(format!("{}.vbox", doc.name));
     fs::create_dir_all(dir).unwrap();
@@ -126,21 +167,8 @@ fn the_worked_example_parses_alike_in_every_layout() {
             namespace: ns,
             ..thesis_example()
         };
-        let m = Machine::from_settings(
-            MachineSettings::parse_str(&doc.to_xml()).unwrap(),
-            "/vms/TM/TM.vbox",
-            None,
-        )
-        .unwrap();
-        let set = m
-            .migration_set(
-                "Snapshot 4",
-                &MigrationOptions {
-                    measure_sizes: false,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let m = machine(&doc, "/vms/TM/TM.vbox");
+        let set = m.migration_set("Snapshot 4", &unmeasured()).unwrap();
         assert_eq!(set.files.len(), 6, "{version}");
         assert!(set.warnings.is_empty());
         assert_eq!(m.settings().snapshots[3].hardware.cpu_count, 1);
@@ -173,34 +201,10 @@ fn missing_files_are_reported_one_by_one() {
 fn multiattach_doc() -> VboxDoc {
     let mut doc = VboxDoc::new("RTP");
     doc.disks = vec![
-        Disk {
-            uuid: uuid(0x7e, 0),
-            location: "../Templates/Ubuntu1604.vdi".into(),
-            disk_type: Some("MultiAttach"),
-            parent: None,
-            auto_reset: false,
-        },
-        Disk {
-            uuid: uuid(0x7e, 1),
-            location: "RTP.vdi".into(),
-            disk_type: None,
-            parent: Some(0),
-            auto_reset: false,
-        },
-        Disk {
-            uuid: uuid(0x7e, 2),
-            location: "Snapshots/{s1}.vdi".into(),
-            disk_type: None,
-            parent: Some(1),
-            auto_reset: false,
-        },
-        Disk {
-            uuid: uuid(0x7e, 3),
-            location: "Snapshots/{s2}.vdi".into(),
-            disk_type: None,
-            parent: Some(2),
-            auto_reset: false,
-        },
+        base_disk(uuid(0x7e, 0), "../Templates/Ubuntu1604.vdi", "MultiAttach"),
+        diff_disk(uuid(0x7e, 1), "RTP.vdi", 0),
+        diff_disk(uuid(0x7e, 2), "Snapshots/{s1}.vdi", 1),
+        diff_disk(uuid(0x7e, 3), "Snapshots/{s2}.vdi", 2),
     ];
     doc.snaps = vec![
         Snap {
@@ -226,16 +230,8 @@ fn multiattach_doc() -> VboxDoc {
 #[test]
 fn multiattach_templates_are_followed_or_expected_at_destination() {
     let doc = multiattach_doc();
-    let m = Machine::from_settings(
-        MachineSettings::parse_str(&doc.to_xml()).unwrap(),
-        "/vms/RTP/RTP.vbox",
-        None,
-    )
-    .unwrap();
-    let opts = MigrationOptions {
-        measure_sizes: false,
-        ..Default::default()
-    };
+    let m = machine(&doc, "/vms/RTP/RTP.vbox");
+    let opts = unmeasured();
     let set = m.migration_set("two", &opts).unwrap();
     let paths: Vec<_> = set
         .files
@@ -290,30 +286,20 @@ fn templates_registered_only_globally_need_the_global_registry() {
     // The template and every differencing image below it live in VirtualBox.xml:
     // children are registered where their parent is.
     let global_disks = vec![
-        Disk {
-            uuid: uuid(0x7e, 0),
-            location: "Templates/Ubuntu1604.vdi".into(),
-            disk_type: Some("MultiAttach"),
-            parent: None,
-            auto_reset: false,
-        },
-        Disk {
-            uuid: uuid(0x7e, 1),
-            location: vmdir.join("TM.vdi").to_string_lossy().into_owned(),
-            disk_type: None,
-            parent: Some(0),
-            auto_reset: false,
-        },
-        Disk {
-            uuid: uuid(0x7e, 2),
-            location: vmdir
+        base_disk(uuid(0x7e, 0), "Templates/Ubuntu1604.vdi", "MultiAttach"),
+        diff_disk(
+            uuid(0x7e, 1),
+            vmdir.join("TM.vdi").to_string_lossy().into_owned(),
+            0,
+        ),
+        diff_disk(
+            uuid(0x7e, 2),
+            vmdir
                 .join("Snapshots/{a}.vdi")
                 .to_string_lossy()
                 .into_owned(),
-            disk_type: None,
-            parent: Some(1),
-            auto_reset: false,
-        },
+            1,
+        ),
     ];
     fs::create_dir_all(&home).unwrap();
     let gpath = home.join("VirtualBox.xml");
@@ -329,10 +315,7 @@ fn templates_registered_only_globally_need_the_global_registry() {
     doc.current = Some(0);
     doc.attach = vec![("HardDisk", uuid(0x7e, 2))];
     let vbox = write_machine(&vmdir, &doc);
-    let opts = MigrationOptions {
-        measure_sizes: false,
-        ..Default::default()
-    };
+    let opts = unmeasured();
 
     // Without the registry: reported, naming the uuid; strict makes it an error.
     let m = Machine::load(&vbox, None).unwrap();
@@ -387,39 +370,15 @@ fn registries_that_disagree_are_refused() {
     // The machine says B is a child of A; the global registry says A is a child of B.
     let mut doc = VboxDoc::new("X");
     doc.disks = vec![
-        Disk {
-            uuid: uuid(0xa, 0),
-            location: "a.vdi".into(),
-            disk_type: Some("Normal"),
-            parent: None,
-            auto_reset: false,
-        },
-        Disk {
-            uuid: uuid(0xb, 0),
-            location: "b.vdi".into(),
-            disk_type: None,
-            parent: Some(0),
-            auto_reset: false,
-        },
+        base_disk(uuid(0xa, 0), "a.vdi", "Normal"),
+        diff_disk(uuid(0xb, 0), "b.vdi", 0),
     ];
     doc.attach = vec![("HardDisk", uuid(0xb, 0))];
     let settings = MachineSettings::parse_str(&doc.to_xml()).unwrap();
     let g = GlobalRegistry::parse_str(
         &global_xml(&[
-            Disk {
-                uuid: uuid(0xb, 0),
-                location: "b.vdi".into(),
-                disk_type: Some("Normal"),
-                parent: None,
-                auto_reset: false,
-            },
-            Disk {
-                uuid: uuid(0xa, 0),
-                location: "a.vdi".into(),
-                disk_type: None,
-                parent: Some(0),
-                auto_reset: false,
-            },
+            base_disk(uuid(0xb, 0), "b.vdi", "Normal"),
+            diff_disk(uuid(0xa, 0), "a.vdi", 0),
         ]),
         "/home/u/.config/VirtualBox",
     )
@@ -433,20 +392,8 @@ fn registries_that_disagree_are_refused() {
     // Same uuid under two different parents.
     let g = GlobalRegistry::parse_str(
         &global_xml(&[
-            Disk {
-                uuid: uuid(0xc, 0),
-                location: "c.vdi".into(),
-                disk_type: Some("Normal"),
-                parent: None,
-                auto_reset: false,
-            },
-            Disk {
-                uuid: uuid(0xb, 0),
-                location: "b.vdi".into(),
-                disk_type: None,
-                parent: Some(0),
-                auto_reset: false,
-            },
+            base_disk(uuid(0xc, 0), "c.vdi", "Normal"),
+            diff_disk(uuid(0xb, 0), "b.vdi", 0),
         ]),
         "/g",
     )
@@ -461,34 +408,17 @@ fn registries_that_disagree_are_refused() {
 fn immutable_disks_bring_their_base() {
     let mut doc = VboxDoc::new("I");
     doc.disks = vec![
+        base_disk(uuid(0x1, 0), "base.vdi", "Immutable"),
         Disk {
-            uuid: uuid(0x1, 0),
-            location: "base.vdi".into(),
-            disk_type: Some("Immutable"),
-            parent: None,
-            auto_reset: false,
-        },
-        Disk {
-            uuid: uuid(0x1, 1),
-            location: "Snapshots/{r}.vdi".into(),
-            disk_type: None,
-            parent: Some(0),
             auto_reset: true,
+            ..diff_disk(uuid(0x1, 1), "Snapshots/{r}.vdi", 0)
         },
     ];
     doc.attach = vec![("HardDisk", uuid(0x1, 1))];
     let s = MachineSettings::parse_str(&doc.to_xml()).unwrap();
     assert!(s.media.hard_disks[1].auto_reset);
     let m = Machine::from_settings(s, "/v/I/I.vbox", None).unwrap();
-    let set = m
-        .migration_set(
-            "current",
-            &MigrationOptions {
-                measure_sizes: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let set = m.migration_set("current", &unmeasured()).unwrap();
     assert_eq!(set.files.len(), 3);
     assert_eq!(
         m.effective_disk_type(&uuid(0x1, 1).parse().unwrap()),
@@ -540,12 +470,7 @@ fn several_disks_with_snapshots() {
             version,
             ..two_disk_doc()
         };
-        let m = Machine::from_settings(
-            MachineSettings::parse_str(&doc.to_xml()).unwrap(),
-            "/v/M/M.vbox",
-            None,
-        )
-        .unwrap();
+        let m = machine(&doc, "/v/M/M.vbox");
         let all = m.all_files();
         assert_eq!((all.disks, all.snapshots), (2, 2));
         assert_eq!(
@@ -553,10 +478,7 @@ fn several_disks_with_snapshots() {
             all.expected_count,
             "Eq. 5.4: (2+1)(2+1) = 9"
         );
-        let opts = MigrationOptions {
-            measure_sizes: false,
-            ..Default::default()
-        };
+        let opts = unmeasured();
         let set = m.migration_set("s1", &opts).unwrap();
         let uuids: Vec<_> = set.files.iter().filter_map(|f| f.uuid.clone()).collect();
         assert_eq!(
@@ -583,20 +505,10 @@ fn several_disks_with_snapshots() {
 #[test]
 fn orphaned_images_are_what_a_clean_up_may_delete() {
     let mut doc = thesis_example();
-    doc.disks.push(Disk {
-        uuid: uuid(0x0f, 0),
-        location: "old.vdi".into(),
-        disk_type: Some("Normal"),
-        parent: None,
-        auto_reset: false,
-    });
+    doc.disks
+        .push(base_disk(uuid(0x0f, 0), "old.vdi", "Normal"));
     doc.state_file = None;
-    let m = Machine::from_settings(
-        MachineSettings::parse_str(&doc.to_xml()).unwrap(),
-        "/v/TM/TM.vbox",
-        None,
-    )
-    .unwrap();
+    let m = machine(&doc, "/v/TM/TM.vbox");
     let unneeded = m.unneeded_files();
     assert_eq!(unneeded.len(), 1);
     assert_eq!(unneeded[0].uuid.as_deref(), Some(uuid(0x0f, 0).as_str()));
@@ -653,11 +565,11 @@ proptest! {
     #[test]
     fn migration_set_is_exactly_the_chain(parents in arb_parents(), k_seed in any::<usize>(), old in any::<bool>()) {
         let doc = tree_doc(&parents, old);
-        let m = Machine::from_settings(MachineSettings::parse_str(&doc.to_xml()).unwrap(), "/v/P/P.vbox", None).unwrap();
+        let m = machine(&doc, "/v/P/P.vbox");
         let n = parents.len() + 1;
         let k = k_seed % n;
         // Snapshot index k in `doc` corresponds to the snapshot with uuid(5, k).
-        let set = m.migration_set(&uuid(0x5, k as u32), &MigrationOptions { measure_sizes: false, ..Default::default() }).unwrap();
+        let set = m.migration_set(&uuid(0x5, k as u32), &unmeasured()).unwrap();
         let mut path = vec![k];
         while let Some(p) = (path[path.len() - 1] > 0).then(|| parents[path[path.len() - 1] - 1]) {
             path.push(p);
@@ -684,12 +596,7 @@ proptest! {
 #[test]
 fn snapshot_tree_json_matches_the_core_shape_and_survives_deep_trees() {
     let doc = tree_doc(&[0, 1, 1, 0, 3], false);
-    let m = Machine::from_settings(
-        MachineSettings::parse_str(&doc.to_xml()).unwrap(),
-        "/v/P/P.vbox",
-        None,
-    )
-    .unwrap();
+    let m = machine(&doc, "/v/P/P.vbox");
     let ours: serde_json::Value =
         serde_json::from_str(&m.render_snapshot_tree(TreeFormat::Json).unwrap()).unwrap();
     let core = serde_json::to_value(m.snapshot_tree().unwrap().to_json()).unwrap();
@@ -707,24 +614,11 @@ fn snapshot_tree_json_matches_the_core_shape_and_survives_deep_trees() {
     // set and the JSON need no recursion.
     let parents: Vec<usize> = (0..4_999).collect();
     let deep = tree_doc(&parents, false);
-    let m = Machine::from_settings(
-        MachineSettings::parse_str(&deep.to_xml()).unwrap(),
-        "/v/P/P.vbox",
-        None,
-    )
-    .unwrap();
+    let m = machine(&deep, "/v/P/P.vbox");
     assert_eq!(m.settings().snapshot_depth(), 5_000);
     let json = m.render_snapshot_tree(TreeFormat::Json).unwrap();
     assert!(json.ends_with(&"]}".repeat(5_001)));
-    let set = m
-        .migration_set(
-            "current",
-            &MigrationOptions {
-                measure_sizes: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let set = m.migration_set("current", &unmeasured()).unwrap();
     assert_eq!(set.files.len(), 1 + 5_001);
     let mut opts = MigrationOptions::default();
     opts.preload(&format!("{{{}}}", uuid(0xd, 0).to_uppercase()))

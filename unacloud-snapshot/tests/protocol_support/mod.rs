@@ -163,6 +163,25 @@ impl Cluster {
         }
     }
 
+    /// Removes the first pending action of `host` (panics when it has none), for a test
+    /// to complete by hand.
+    pub fn take_pending(&mut self, host: ParticipantId) -> PendingAction {
+        let i = self
+            .pending
+            .iter()
+            .position(|a| a.host == host)
+            .unwrap_or_else(|| panic!("no pending action at {host:?}"));
+        self.pending.remove(i).unwrap()
+    }
+
+    /// Reboots a participant's host: its pending actions vanish and a fresh participant
+    /// (no snapshot running, idle drop not yet armed) takes its place.
+    pub fn reboot(&mut self, id: ParticipantId) {
+        self.pending.retain(|a| a.host != id);
+        *self.participant(id) =
+            Participant::new(ParticipantConfig::new(CLUSTER, id, vms_of(id.0))).unwrap();
+    }
+
     pub fn deliver(&mut self, env: Envelope) {
         let now = self.now;
         if env.to.is_coordinator() {
