@@ -6,6 +6,8 @@
 //! * `vbox_migration_set/10000_snapshots`: `Machine::migration_set` for the current
 //!   snapshot (selected by uuid) of a 10,000-snapshot tree, without and with reading
 //!   file sizes (the files do not exist, so each costs one failed `stat`).
+//! * `vbox_extract_parts/{quick_xml_alone,from_settings,drop_machine}_{deep,bushy}`:
+//!   the parts of the extraction below, each timed alone.
 //! * `vbox_extract/rust_vs_python`: the same parse + extraction (everything
 //!   `MachineSettings` holds: machine identity, hardware of the current state and of
 //!   every snapshot, media registry, snapshot tree; then the migration set of the
@@ -24,7 +26,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use unacloud_vbox::settings::MachineSettings;
 use unacloud_vbox::synth::{generate, SynthSpec, TreeShape};
 use unacloud_vbox::tracker::{Machine, MigrationOptions};
@@ -310,5 +312,34 @@ fn versus_python_shaped(c: &mut Criterion, label: &str, branch: u8) {
     );
 }
 
-criterion_group!(benches, parse, migration_set, versus_python);
+/// The parts of the extraction, to show where its time goes: quick-xml alone on the
+/// input in memory (compare with `vbox_parse/…`), `Machine::from_settings` and freeing
+/// the machine (setup and the other part are outside the timing).
+fn extract_parts(c: &mut Criterion) {
+    let mut group = c.benchmark_group("vbox_extract_parts");
+    group.sample_size(30);
+    group.measurement_time(Duration::from_secs(5));
+    for (label, branch) in SHAPES {
+        let xml = generate(&spec_shaped(1_000, branch)).xml;
+        let settings = MachineSettings::parse_str(&xml).expect("generated settings parse");
+        let path = std::env::temp_dir().join("unacloud-bench-does-not-exist/TM.vbox");
+        let build = || Machine::from_settings(settings.clone(), &path, None);
+        group.bench_function(format!("quick_xml_alone_{label}"), |b| {
+            b.iter(|| quick_xml_alone(std::hint::black_box(&xml)))
+        });
+        group.bench_function(format!("from_settings_{label}"), |b| {
+            b.iter_batched(
+                || settings.clone(),
+                |s| Machine::from_settings(s, &path, None),
+                BatchSize::LargeInput,
+            )
+        });
+        group.bench_function(format!("drop_machine_{label}"), |b| {
+            b.iter_batched(build, drop, BatchSize::LargeInput)
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, parse, migration_set, extract_parts, versus_python);
 criterion_main!(benches);
