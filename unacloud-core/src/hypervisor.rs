@@ -230,6 +230,19 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
             reason: "this backend cannot list the files of a VM".to_owned(),
         })
     }
+    /// The minimal files to resume `snapshot` (id or unique name) of `vm` on another
+    /// host: the settings, the VM's own images from the template up to the snapshot's,
+    /// and the snapshot's saved state. Templates are "expected at destination".
+    ///
+    /// The default returns [`Error::Unsupported`].
+    async fn snapshot_files(&self, vm: &VmId, snapshot: &str) -> Result<MigrationSet> {
+        let _ = (vm, snapshot);
+        Err(Error::Unsupported {
+            backend: self.backend().to_owned(),
+            operation: "list a snapshot's files",
+            reason: "this backend cannot list the files of a snapshot".to_owned(),
+        })
+    }
 }
 
 /// Time limits per kind of operation, used by [`WithTimeouts`].
@@ -463,6 +476,14 @@ impl<H: Hypervisor> Hypervisor for WithTimeouts<H> {
     async fn vm_files(&self, vm: &VmId) -> Result<MigrationSet> {
         bounded("list VM files", self.limits.query, self.inner.vm_files(vm)).await
     }
+    async fn snapshot_files(&self, vm: &VmId, snapshot: &str) -> Result<MigrationSet> {
+        bounded(
+            "list snapshot files",
+            self.limits.query,
+            self.inner.snapshot_files(vm, snapshot),
+        )
+        .await
+    }
 }
 
 #[async_trait]
@@ -544,5 +565,8 @@ impl<H: Hypervisor + ?Sized> Hypervisor for Arc<H> {
     }
     async fn vm_files(&self, vm: &VmId) -> Result<MigrationSet> {
         (**self).vm_files(vm).await
+    }
+    async fn snapshot_files(&self, vm: &VmId, snapshot: &str) -> Result<MigrationSet> {
+        (**self).snapshot_files(vm, snapshot).await
     }
 }

@@ -323,8 +323,8 @@ impl Hypervisor for InMemoryHypervisor {
             name: spec.name.clone(),
             uuid: Some(uuid),
             state: PowerState::PoweredOff,
-            cores: spec.profile.cores(),
-            memory_mb: spec.profile.memory_mb(),
+            cores: spec.effective_cores(),
+            memory_mb: spec.effective_memory_mb(),
             disks: Vec::new(),
             current_snapshot: None,
             settings_file: Some(folder.join(format!("{}.vbox", spec.name))),
@@ -874,35 +874,45 @@ impl Hypervisor for InMemoryHypervisor {
                 None,
             ));
         }
-        // The chain of every attached image, base first, stopping at a multiattach
-        // template, which the destination must already have.
-        for a in &r.info.disks {
-            let mut chain = Vec::new();
-            let mut cur = Some(a.disk);
-            while let Some(u) = cur {
-                let Some(d) = s.disks.get(&u) else { break };
-                if d.disk_type == DiskType::MultiAttach {
-                    set.expected_at_destination.push(ExpectedFile {
-                        uuid: u.to_string(),
-                        path: Some(d.location.clone()),
-                    });
-                    break;
-                }
-                chain.push(d.clone());
-                cur = d.parent;
-            }
-            for d in chain.into_iter().rev() {
-                set.push(VmFile::new(
-                    d.location,
-                    FileRole::Disk,
-                    Some(d.uuid.to_string()),
-                    None,
-                ));
-            }
-        }
+        push_chains(&s, &mut set, &r.info.disks);
         if r.info.state == PowerState::Saved {
             set.push(VmFile::new(
                 r.folder.join("Snapshots").join("current.sav"),
+                FileRole::SavedState,
+                None,
+                None,
+            ));
+        }
+        Ok(set)
+    }
+
+    async fn snapshot_files(&self, vm: &VmId, snapshot: &str) -> Result<MigrationSet> {
+        let mut s = self.lock();
+        s.check_failure("snapshot_files")?;
+        let r = s.vm_mut(vm)?.clone();
+        let node = r.tree.resolve(snapshot)?;
+        let id = r.tree.get(node).map(|n| n.id.clone()).unwrap_or_default();
+        let st = r
+            .snapshot_states
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
+                kind: "snapshot",
+                id: id.clone(),
+            })?;
+        let mut set = MigrationSet::default();
+        if let Some(settings) = &r.info.settings_file {
+            set.push(VmFile::new(
+                settings.clone(),
+                FileRole::Settings,
+                None,
+                None,
+            ));
+        }
+        push_chains(&s, &mut set, &st.attachments);
+        if st.had_state {
+            set.push(VmFile::new(
+                r.folder.join("Snapshots").join(format!("{{{id}}}.sav")),
                 FileRole::SavedState,
                 None,
                 None,
@@ -918,5 +928,40 @@ impl Hypervisor for InMemoryHypervisor {
             available: 1 << 40,
             total: 1 << 40,
         }))
+    }
+}
+
+/// Adds the chain of every attached image, base first, stopping at a multiattach
+/// template, which the destination must already have.
+fn push_chains(s: &State, set: &mut MigrationSet, attachments: &[DiskAttachment]) {
+    for a in attachments {
+        let mut chain = Vec::new();
+        let mut cur = Some(a.disk);
+        while let Some(u) = cur {
+            let Some(d) = s.disks.get(&u) else { break };
+            if d.disk_type == DiskType::MultiAttach {
+                if !set
+                    .expected_at_destination
+                    .iter()
+                    .any(|x| x.uuid == u.to_string())
+                {
+                    set.expected_at_destination.push(ExpectedFile {
+                        uuid: u.to_string(),
+                        path: Some(d.location.clone()),
+                    });
+                }
+                break;
+            }
+            chain.push(d.clone());
+            cur = d.parent;
+        }
+        for d in chain.into_iter().rev() {
+            set.push(VmFile::new(
+                d.location,
+                FileRole::Disk,
+                Some(d.uuid.to_string()),
+                None,
+            ));
+        }
     }
 }

@@ -426,6 +426,12 @@ pub struct VmSpec {
     pub bridge_adapter: Option<String>,
     /// Folder that holds the VM's files; the backend's default when `None`.
     pub base_folder: Option<PathBuf>,
+    /// Memory in MiB instead of the profile's (small guests in labs and tests).
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    /// Virtual CPUs instead of the profile's.
+    #[serde(default)]
+    pub cores: Option<u32>,
 }
 
 impl VmSpec {
@@ -437,7 +443,37 @@ impl VmSpec {
             os_type: None,
             bridge_adapter: None,
             base_folder: None,
+            memory_mb: None,
+            cores: None,
         }
+    }
+
+    /// Sets the memory in MiB, overriding the profile's.
+    ///
+    /// ```
+    /// use unacloud_core::model::{HardwareProfile, VmSpec};
+    /// let spec = VmSpec::new("tiny", HardwareProfile::Small).with_memory_mb(128).with_cores(1);
+    /// assert_eq!((spec.effective_memory_mb(), spec.effective_cores()), (128, 1));
+    /// ```
+    pub fn with_memory_mb(mut self, memory_mb: u64) -> Self {
+        self.memory_mb = Some(memory_mb);
+        self
+    }
+
+    /// Sets the number of virtual CPUs, overriding the profile's.
+    pub fn with_cores(mut self, cores: u32) -> Self {
+        self.cores = Some(cores);
+        self
+    }
+
+    /// The memory the VM gets: the override, else the profile's.
+    pub fn effective_memory_mb(&self) -> u64 {
+        self.memory_mb.unwrap_or_else(|| self.profile.memory_mb())
+    }
+
+    /// The virtual CPUs the VM gets: the override, else the profile's.
+    pub fn effective_cores(&self) -> u32 {
+        self.cores.unwrap_or_else(|| self.profile.cores())
     }
 }
 

@@ -331,6 +331,85 @@ impl QemuImg {
         self.snapshot("delete snapshot", "-d", tag, path).await
     }
 
+    /// Creates a qcow2 overlay of `backing` without opening it (`-u`), so it can be made
+    /// while a running VM holds the backing image's write lock. `backing` is written
+    /// into the header as given (a relative name is resolved from the overlay's folder).
+    pub async fn create_overlay_unopened(
+        &self,
+        path: &Path,
+        backing: &Path,
+        backing_format: &str,
+        size: u64,
+    ) -> Result<()> {
+        let size = size.to_string();
+        self.run(
+            "create overlay",
+            &[
+                OsStr::new("create"),
+                OsStr::new("-q"),
+                OsStr::new("-f"),
+                OsStr::new("qcow2"),
+                OsStr::new("-u"),
+                OsStr::new("-b"),
+                backing.as_os_str(),
+                OsStr::new("-F"),
+                OsStr::new(backing_format),
+                path.as_os_str(),
+                OsStr::new(&size),
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Moves an overlay onto another backing image, copying whatever differs so the
+    /// overlay's content stays the same (`qemu-img rebase -b <backing> -F <format>`):
+    /// how a snapshot between the two is merged away.
+    pub async fn rebase_safe(&self, path: &Path, backing: &Path, format: &str) -> Result<()> {
+        self.run(
+            "merge snapshot image",
+            &[
+                OsStr::new("rebase"),
+                OsStr::new("-q"),
+                OsStr::new("-b"),
+                backing.as_os_str(),
+                OsStr::new("-F"),
+                OsStr::new(format),
+                path.as_os_str(),
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Writes the content of `src` (its whole chain) into a new qcow2 overlay `dst` of
+    /// `backing`, storing only what differs from it (`qemu-img convert -B`).
+    pub async fn convert_onto(
+        &self,
+        src: &Path,
+        dst: &Path,
+        backing: &Path,
+        backing_format: &str,
+    ) -> Result<()> {
+        self.run(
+            "copy image",
+            &[
+                OsStr::new("convert"),
+                OsStr::new("-q"),
+                OsStr::new("-O"),
+                OsStr::new("qcow2"),
+                OsStr::new("-B"),
+                backing.as_os_str(),
+                OsStr::new("-F"),
+                OsStr::new(backing_format),
+                src.as_os_str(),
+                dst.as_os_str(),
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
     /// Points an overlay at another copy of its backing file without touching data
     /// (`qemu-img rebase -u -b <backing> -F <format>`).
     pub async fn rebase_unsafe(&self, path: &Path, backing: &Path, format: &str) -> Result<()> {

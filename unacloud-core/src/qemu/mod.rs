@@ -1,46 +1,68 @@
-//! A QEMU/KVM backend of [`Hypervisor`] built on the real `qemu-img`.
+//! A QEMU backend of [`Hypervisor`] that runs VMs: `qemu-system-x86_64` driven over
+//! QMP, disks and snapshots with the real `qemu-img`.
 //!
 //! * A **template** is a base image (qcow2 or raw) registered with
 //!   [`Hypervisor::register_disk`] and switched to [`DiskType::MultiAttach`] with
 //!   [`Hypervisor::set_disk_type`], which also makes the file read-only (mode `a-w`).
+//!   [`QemuHypervisor::set_boot_files`] records the kernel and initrd of a template
+//!   whose disk has no boot loader (the reference guest image).
 //! * Attaching a multiattach template to a VM creates the VM's own qcow2 **overlay**
 //!   (`qemu-img create -f qcow2 -b <template> -F <format>`) in the VM's folder: QEMU's
 //!   equivalent of VirtualBox's differencing child.
-//! * **Snapshots** of a stopped VM are qcow2 internal snapshots taken on every disk with
-//!   `qemu-img snapshot -c/-a/-d` under one unique tag; the tree shape and the user's
-//!   names are kept in the VM's settings file, because qcow2 stores a flat list.
-//! * **Inspection** uses `qemu-img info --backing-chain --output=json`: the snapshot tree
-//!   ([`Hypervisor::snapshot_tree`]) and the files to move ([`Hypervisor::vm_files`],
-//!   a [`MigrationSet`] whose templates are "expected at destination").
-//! * A VM's **settings** (name, uuid, cores, memory, bridged adapter, disk slots,
-//!   snapshots) are a small JSON file `<folder>/<name>/<name>.vm.json`, written
-//!   atomically; the backend root holds `registry.json` listing registered VMs and disks.
-//!
-//! **Not supported:** running VMs. Starting, pausing, saving state and guest commands
-//! need `qemu-system-*` and its QMP socket, which this backend does not drive; those
-//! calls return [`Error::Unsupported`] with the reason. VMs managed here are therefore
-//! always powered off, and [`Hypervisor::power_off`] / [`Hypervisor::resume`] report
-//! [`Error::InvalidState`].
+//! * **Running**: one headless, daemonized QEMU process per VM with its QMP socket,
+//!   pid file and console log in the VM's folder ([`QemuHypervisor::start_vm_with`]).
+//!   The accelerator is KVM where a probe boot under KVM works, else TCG
+//!   ([`Accel`]). Networking is none, user-mode, or a tap in a network namespace with a
+//!   fixed MAC and an address the guest reads from its kernel command line
+//!   ([`NetConfig`]). A backend opened again finds its running VMs; a process that died
+//!   without a power-off leaves its VM `Aborted`.
+//! * **Snapshots** follow VirtualBox's layout (see [`SnapshotReport`] and the `snap`
+//!   module): the current overlay becomes the snapshot's frozen image, the VM continues
+//!   on a new overlay, and a running VM's memory goes to the snapshot's own state file,
+//!   captured at the same instant as the disks; with `live` the guest runs on while its
+//!   memory is written (QEMU's `background-snapshot`). The room for the state is checked
+//!   before anything starts ([`Error::InsufficientSpace`]).
+//! * **Files**: [`Hypervisor::vm_files`] (current state) and
+//!   [`Hypervisor::snapshot_files`] (one snapshot) give the minimal set to move; the
+//!   template is "expected at destination". [`Hypervisor::register_vm`] on another host
+//!   re-links the chain to that host's copy of the template by uuid (or file name).
+//! * A VM's **settings** are a small JSON file `<folder>/<name>/<name>.vm.json`, written
+//!   atomically; an operation in progress is recorded there first and rolled back (or
+//!   finished) when the backend next opens the root. The root holds `registry.json`.
 //!
 //! ```no_run
 //! # async fn demo() -> unacloud_core::Result<()> {
+//! use std::time::Duration;
 //! use unacloud_core::hypervisor::{AttachSpec, DiskRef, Hypervisor};
 //! use unacloud_core::model::{DiskType, HardwareProfile, VmSpec};
-//! use unacloud_core::qemu::QemuHypervisor;
+//! use unacloud_core::qemu::{BootFiles, QemuHypervisor, StartOptions};
 //!
 //! let hv = QemuHypervisor::open("/var/lib/unacloud/host").await?;
-//! let base = hv.register_disk("/var/lib/unacloud/templates/ubuntu-1.qcow2".as_ref()).await?;
+//! let base = hv.register_disk("/var/lib/unacloud/guest/rootfs.qcow2".as_ref()).await?;
 //! hv.set_disk_type(&DiskRef::Uuid(base.uuid), DiskType::MultiAttach).await?;
-//! let vm = hv.create_vm(&VmSpec::new("TM", HardwareProfile::Small)).await?;
-//! let overlay = hv
-//!     .attach_disk(&vm.name.as_str().into(), &AttachSpec::sata(DiskRef::Uuid(base.uuid)))
-//!     .await?;
-//! assert_eq!(overlay.parent, Some(base.uuid));
+//! hv.set_boot_files(&DiskRef::Uuid(base.uuid), BootFiles {
+//!     kernel: "/var/lib/unacloud/guest/vmlinuz".into(),
+//!     initrd: Some("/var/lib/unacloud/guest/initrd.img".into()),
+//!     cmdline: None,
+//! }).await?;
+//! let spec = VmSpec::new("TM", HardwareProfile::Small).with_memory_mb(128);
+//! let vm = hv.create_vm(&spec).await?;
+//! let id = vm.name.as_str().into();
+//! hv.attach_disk(&id, &AttachSpec::sata(DiskRef::Uuid(base.uuid))).await?;
+//! let started = hv.start_vm_with(&id, StartOptions { wait_guest: Some(Duration::from_secs(60)) }).await?;
+//! println!("first heartbeat after {:?} ms", started.boot_ms);
+//! let snap = hv.take_snapshot_with(&id, "s1", None, true).await?;
+//! println!("guest paused {:.1} ms", snap.downtime_ms);
 //! # Ok(()) }
 //! ```
 
+mod files;
 mod img;
+mod qmp;
+mod run;
 mod settings;
+mod snap;
+mod vm;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,22 +71,24 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 
 pub use img::{parse_info, ImageInfo, ImageSnapshot, QemuImg};
-pub use settings::{BaseRef, DiskSlot, SnapshotMeta, VmSettings};
+pub use qmp::Qmp;
+pub use run::{kill_all_under, last_heartbeat, mac_for, Accel, QemuSystem, SYSTEM_PACKAGE};
+pub use settings::{
+    BaseRef, BootFiles, DiskSlot, FrozenDisk, NetConfig, PendingOp, SavedState, SnapshotMeta,
+    VmSettings,
+};
+pub use snap::SnapshotReport;
+pub use vm::{StartOptions, StartReport};
 
 use crate::error::{Error, Result};
-use crate::files::{ExpectedFile, FileRole, MigrationSet, VmFile};
+use crate::files::{FileRole, MigrationSet, VmFile};
 use crate::hypervisor::{
     AttachSpec, CloneSpec, DiskRef, GuestCommand, GuestOutput, Hypervisor, SnapshotRef, StartMode,
 };
-use crate::model::{
-    DiskAttachment, DiskFormat, DiskInfo, DiskType, PowerState, Uuid, VmId, VmInfo, VmSpec,
-};
-use crate::tree::{NodeId, Snapshot, SnapshotTree};
+use crate::model::{DiskAttachment, DiskFormat, DiskInfo, DiskType, Uuid, VmId, VmInfo, VmSpec};
+use crate::tree::SnapshotTree;
 use img::BACKEND;
 use settings::{validate_name, Registry, SETTINGS_FORMAT};
-
-const RUN_REASON: &str = "running VMs needs qemu-system and its QMP socket, which this backend \
-     does not drive (it manages images, snapshots of stopped VMs and settings with qemu-img)";
 
 #[derive(Debug)]
 struct Entry {
@@ -126,6 +150,11 @@ pub struct QemuHypervisor {
     img: QemuImg,
     durable: bool,
     state: Mutex<State>,
+    system: QemuSystem,
+    runtimes: std::sync::Mutex<std::collections::HashMap<Uuid, std::sync::Arc<Mutex<vm::Runtime>>>>,
+    accel: Mutex<Option<Accel>>,
+    space_margin: u64,
+    snapshot_timeout: std::time::Duration,
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
@@ -141,6 +170,17 @@ impl QemuHypervisor {
 
     /// Like [`QemuHypervisor::open`] with a configured `qemu-img` runner.
     pub async fn open_with(root: impl AsRef<Path>, img: QemuImg) -> Result<Self> {
+        Self::open_configured(root, img, QemuSystem::new()).await
+    }
+
+    /// Like [`QemuHypervisor::open`] with configured `qemu-img` and `qemu-system`
+    /// runners. VMs that an earlier backend started on this root and that still run
+    /// are found again; operations that were interrupted are rolled back.
+    pub async fn open_configured(
+        root: impl AsRef<Path>,
+        img: QemuImg,
+        system: QemuSystem,
+    ) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
         std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
         let root = std::fs::canonicalize(&root).map_err(|e| Error::io(&root, e))?;
@@ -179,14 +219,131 @@ impl QemuHypervisor {
                 Err(e) => tracing::warn!("skipping registered VM {}: {e}", file.display()),
             }
         }
-        Ok(QemuHypervisor {
+        let hv = QemuHypervisor {
             vm_folder: root.join("vms"),
             root,
             img,
             durable: true,
             state: Mutex::new(State { registry, vms }),
+            system,
+            runtimes: std::sync::Mutex::new(std::collections::HashMap::new()),
+            accel: Mutex::new(None),
+            space_margin: 64 << 20,
+            snapshot_timeout: std::time::Duration::from_secs(600),
             _lock: lock,
+        };
+        hv.reattach_all().await?;
+        Ok(hv)
+    }
+
+    /// Bytes of free space required beyond the guest's memory before a snapshot or a
+    /// save-state starts (new overlays grow while the state is written); 64 MiB by
+    /// default.
+    pub fn with_space_margin(mut self, bytes: u64) -> Self {
+        self.space_margin = bytes;
+        self
+    }
+
+    /// The `qemu-system` runner used for later starts.
+    pub fn with_system(mut self, system: QemuSystem) -> Self {
+        self.system = system;
+        self
+    }
+
+    /// The `qemu-system` runner.
+    pub fn qemu_system(&self) -> &QemuSystem {
+        &self.system
+    }
+
+    /// The accelerator this backend runs guests with (probing once if configured
+    /// `auto` and a VM has a kernel to probe with; TCG otherwise).
+    pub async fn accelerator(&self, vm: Option<&VmId>) -> Result<Accel> {
+        let settings = match vm {
+            Some(v) => Some(find(&*self.state.lock().await, v)?.settings.clone()),
+            None => None,
+        };
+        match settings {
+            Some(s) => self.resolve_accel(&s).await,
+            None => Ok(match self.system.accel {
+                Accel::Kvm => Accel::Kvm,
+                _ => Accel::Tcg,
+            }),
+        }
+    }
+
+    /// Records the kernel and initrd that boot a template whose disk has no boot
+    /// loader; VMs created on the template boot with them, and on another host the
+    /// local template's files are used.
+    pub async fn set_boot_files(&self, template: &DiskRef, boot: BootFiles) -> Result<()> {
+        for p in std::iter::once(&boot.kernel).chain(boot.initrd.iter()) {
+            if !p.is_file() {
+                return Err(Error::NotFound {
+                    kind: "boot file",
+                    id: p.display().to_string(),
+                });
+            }
+        }
+        let mut st = self.state.lock().await;
+        let d = find_disk(&st, template)?;
+        let boot = BootFiles {
+            kernel: std::fs::canonicalize(&boot.kernel).map_err(|e| Error::io(&boot.kernel, e))?,
+            initrd: match &boot.initrd {
+                Some(i) => Some(std::fs::canonicalize(i).map_err(|e| Error::io(i, e))?),
+                None => None,
+            },
+            cmdline: boot.cmdline,
+        };
+        self.update_registry(&mut st, |reg| {
+            reg.boot.insert(d.uuid, boot);
         })
+    }
+
+    /// Sets how a VM's network adapter is connected (the VM must not be running).
+    pub async fn set_vm_network(&self, vm: &VmId, net: NetConfig) -> Result<()> {
+        let (guard, name, _folder, _settings) = self.lock_vm(vm).await?;
+        if guard.live.is_some() {
+            return Err(Error::InvalidState {
+                operation: "change the network of",
+                id: name,
+                state: "running".to_owned(),
+            });
+        }
+        self.change_settings(&name, |s| s.net = net).await.map(drop)
+    }
+
+    /// Sets (or clears) the kernel a VM boots directly.
+    pub async fn set_vm_boot(&self, vm: &VmId, boot: Option<BootFiles>) -> Result<()> {
+        let (_guard, name, _folder, _settings) = self.lock_vm(vm).await?;
+        self.change_settings(&name, |s| s.boot = boot)
+            .await
+            .map(drop)
+    }
+
+    /// A VM's settings as stored.
+    pub async fn vm_settings(&self, vm: &VmId) -> Result<VmSettings> {
+        Ok(find(&*self.state.lock().await, vm)?.settings.clone())
+    }
+
+    /// The console log of a VM and the offset where its current run's output starts.
+    pub async fn console(&self, vm: &VmId) -> Result<(PathBuf, u64)> {
+        let folder = find(&*self.state.lock().await, vm)?.folder();
+        let rec = run::RunRecord::load(&folder);
+        Ok(match rec {
+            Some(r) => (r.console_log, r.console_offset),
+            None => (folder.join("console.log"), 0),
+        })
+    }
+
+    /// The pid of a VM's QEMU process, when it runs.
+    pub async fn vm_pid(&self, vm: &VmId) -> Result<Option<i32>> {
+        let (folder, uuid) = {
+            let st = self.state.lock().await;
+            let e = find(&st, vm)?;
+            (e.folder(), e.settings.uuid.to_string())
+        };
+        Ok(run::RunRecord::load(&folder)
+            .map(|r| r.pid)
+            .filter(|&p| run::is_vm_process(p, &uuid)))
     }
 
     /// Whether settings and registry writes are flushed to stable storage (`fsync` of
@@ -232,25 +389,6 @@ impl QemuHypervisor {
         reg.save(&self.root.join("registry.json"), self.durable)?;
         st.registry = reg;
         Ok(())
-    }
-
-    /// VMs managed here are always powered off: `operation`, which needs a running VM,
-    /// is refused (after checking that `vm` exists).
-    async fn refuse_powered_off(&self, vm: &VmId, operation: &'static str) -> Result<()> {
-        let st = self.state.lock().await;
-        Err(Error::InvalidState {
-            operation,
-            id: find(&st, vm)?.settings.name.clone(),
-            state: PowerState::PoweredOff.to_string(),
-        })
-    }
-
-    fn unsupported(operation: &'static str) -> Error {
-        Error::Unsupported {
-            backend: BACKEND.to_owned(),
-            operation,
-            reason: RUN_REASON.to_owned(),
-        }
     }
 }
 
@@ -319,7 +457,7 @@ fn info_of(e: &Entry) -> VmInfo {
     VmInfo {
         name: e.settings.name.clone(),
         uuid: Some(e.settings.uuid),
-        state: PowerState::PoweredOff,
+        state: vm::state_without_process(&e.settings),
         cores: e.settings.cores,
         memory_mb: e.settings.memory_mb,
         disks: e
@@ -376,10 +514,6 @@ fn own_image_file(vm: &str, controller: &str, port: u32, device: u32) -> PathBuf
     ))
 }
 
-fn fresh_tag() -> String {
-    format!("uc-{}", Uuid::new_v4().simple())
-}
-
 /// Formats Unix seconds as an ISO 8601 UTC time stamp.
 fn iso8601(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
@@ -433,13 +567,29 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn list_vms(&self) -> Result<Vec<VmInfo>> {
-        let st = self.state.lock().await;
-        Ok(st.vms.values().map(info_of).collect())
+        let all: Vec<(VmInfo, VmSettings, PathBuf)> = {
+            let st = self.state.lock().await;
+            st.vms
+                .values()
+                .map(|e| (info_of(e), e.settings.clone(), e.folder()))
+                .collect()
+        };
+        let mut out = Vec::with_capacity(all.len());
+        for (mut info, settings, folder) in all {
+            info.state = self.power_state(&settings, &folder).await;
+            out.push(info);
+        }
+        Ok(out)
     }
 
     async fn vm_info(&self, vm: &VmId) -> Result<VmInfo> {
-        let st = self.state.lock().await;
-        find(&st, vm).map(info_of)
+        let (mut info, settings, folder) = {
+            let st = self.state.lock().await;
+            let e = find(&st, vm)?;
+            (info_of(e), e.settings.clone(), e.folder())
+        };
+        info.state = self.power_state(&settings, &folder).await;
+        Ok(info)
     }
 
     async fn create_vm(&self, spec: &VmSpec) -> Result<VmInfo> {
@@ -469,14 +619,19 @@ impl Hypervisor for QemuHypervisor {
             format: SETTINGS_FORMAT.to_owned(),
             uuid: Uuid::new_v4(),
             name: spec.name.clone(),
-            cores: spec.profile.cores(),
-            memory_mb: spec.profile.memory_mb(),
+            cores: spec.effective_cores(),
+            memory_mb: spec.effective_memory_mb(),
             os_type: spec.os_type.clone(),
             bridge_adapter: spec.bridge_adapter.clone(),
             disks: Vec::new(),
             snapshots: Vec::new(),
             current_snapshot: None,
             template: None,
+            boot: None,
+            net: NetConfig::None,
+            saved_state: None,
+            aborted: false,
+            pending: None,
         };
         let res = settings.save(&settings_file, self.durable).and_then(|()| {
             self.update_registry(&mut st, |reg| reg.vms.push(settings_file.clone()))
@@ -492,236 +647,44 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn register_vm(&self, settings_path: &Path) -> Result<VmInfo> {
-        let settings_file =
-            std::fs::canonicalize(settings_path).map_err(|e| Error::io(settings_path, e))?;
-        let mut settings = VmSettings::load(&settings_file)?;
-        let folder = settings_file
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        let mut st = self.state.lock().await;
-        if let Some(e) = st.vms.get(&settings.name) {
-            return Err(Error::AlreadyExists {
-                kind: "vm",
-                id: format!("{} ({})", settings.name, e.settings_file.display()),
-            });
-        }
-        let known = all_disks(&st);
-        let mut changed = false;
-        for slot in &mut settings.disks {
-            if !slot.own {
-                // A shared image: it must be registered here already.
-                if !st.registry.disks.iter().any(|d| d.uuid == slot.uuid) {
-                    return Err(Error::NotFound {
-                        kind: "shared disk",
-                        id: format!(
-                            "{} ({}) used by VM {}; register it on this host first",
-                            slot.file.display(),
-                            slot.uuid,
-                            settings.name
-                        ),
-                    });
-                }
-                continue;
-            }
-            let path = VmSettings::disk_path(&folder, slot);
-            if !path.exists() {
-                return Err(Error::NotFound {
-                    kind: "disk image",
-                    id: format!("{} of VM {}", path.display(), settings.name),
-                });
-            }
-            if known.iter().any(|d| d.uuid == slot.uuid) {
-                return Err(Error::AlreadyExists {
-                    kind: "disk",
-                    id: slot.uuid.to_string(),
-                });
-            }
-            if let Some(base) = &mut slot.base {
-                let multiattach = || {
-                    st.registry
-                        .disks
-                        .iter()
-                        .filter(|d| d.disk_type == DiskType::MultiAttach)
-                };
-                let local = multiattach()
-                    .find(|d| d.uuid == base.uuid)
-                    .or_else(|| {
-                        multiattach().find(|d| {
-                            d.location.file_name().map(|n| n.to_string_lossy())
-                                == Some(base.file_name.as_str().into())
-                        })
-                    })
-                    .cloned()
-                    .ok_or_else(|| Error::NotFound {
-                        kind: "multiattach template",
-                        id: format!(
-                            "{} (uuid {}) needed by VM {}; preload it on this host first",
-                            base.file_name, base.uuid, settings.name
-                        ),
-                    })?;
-                let info = self.img.info(&path).await?;
-                let current = info.full_backing_filename.or(info.backing_filename);
-                if current.as_deref().map(Path::new) != Some(local.location.as_path()) {
-                    self.img
-                        .rebase_unsafe(&path, &local.location, &base.format)
-                        .await?;
-                }
-                if base.uuid != local.uuid || base.path != local.location {
-                    base.uuid = local.uuid;
-                    base.path = local.location.clone();
-                    changed = true;
-                }
-            }
-        }
-        if changed {
-            settings.save(&settings_file, self.durable)?;
-        }
-        self.update_registry(&mut st, |reg| reg.vms.push(settings_file.clone()))?;
-        Ok(st.add_vm(settings_file, settings))
+        self.register_vm_files(settings_path).await
     }
 
     async fn unregister_vm(&self, vm: &VmId, delete_files: bool) -> Result<()> {
-        let mut st = self.state.lock().await;
-        let entry = find(&st, vm)?;
-        let name = entry.settings.name.clone();
-        let settings_file = entry.settings_file.clone();
-        let folder = entry.folder();
-        let own: Vec<PathBuf> = entry
-            .settings
-            .disks
-            .iter()
-            .filter(|d| d.own)
-            .map(|d| VmSettings::disk_path(&folder, d))
-            .collect();
-        self.update_registry(&mut st, |reg| reg.vms.retain(|p| *p != settings_file))?;
-        st.vms.remove(&name);
-        drop(st);
-        if delete_files {
-            for p in &own {
-                remove_if_exists(p)?;
-            }
-            remove_if_exists(&settings_file)?;
-            // Leaves the folder if anything else is in it.
-            let _ = std::fs::remove_dir(&folder);
-        }
-        Ok(())
+        self.unregister_vm_files(vm, delete_files).await
     }
 
     async fn clone_vm(&self, source: &VmId, spec: &CloneSpec) -> Result<VmInfo> {
-        validate_name(&spec.name)?;
-        let (src, src_folder) = {
-            let st = self.state.lock().await;
-            if st.vms.contains_key(&spec.name) {
-                return Err(Error::AlreadyExists {
-                    kind: "vm",
-                    id: spec.name.clone(),
-                });
-            }
-            let e = find(&st, source)?;
-            (e.settings.clone(), e.folder())
-        };
-        let tag = match &spec.snapshot {
-            Some(sel) => {
-                let tree = tree_from_settings(&src);
-                let node = tree.resolve(sel)?;
-                tree.get(node).map(|s| s.id.clone())
-            }
-            None => None,
-        };
-        if let Some(shared) = src.disks.iter().find(|d| !d.own) {
-            return Err(Error::Unsupported {
-                backend: BACKEND.to_owned(),
-                operation: "clone VM",
-                reason: format!(
-                    "disk {} of {} is a shared image, not the VM's own overlay; only VMs \
-                     whose disks are their own (e.g. overlays of a multiattach template) can \
-                     be cloned",
-                    shared.file.display(),
-                    src.name
-                ),
-            });
-        }
-        let parent_dir = src_folder
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| self.vm_folder.clone());
-        let folder = parent_dir.join(&spec.name);
-        if folder.exists() {
-            return Err(Error::AlreadyExists {
-                kind: "VM folder",
-                id: folder.display().to_string(),
-            });
-        }
-        std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
-        let result = async {
-            let mut slots = Vec::new();
-            for d in &src.disks {
-                let from = VmSettings::disk_path(&src_folder, d);
-                let file = own_image_file(&spec.name, &d.controller, d.port, d.device);
-                let to = folder.join(&file);
-                tokio::fs::copy(&from, &to)
-                    .await
-                    .map_err(|e| Error::io(&to, e))?;
-                set_writable(&to, true)?;
-                if let Some(t) = &tag {
-                    self.img.snapshot_apply(&to, t).await?;
-                }
-                for s in &src.snapshots {
-                    self.img.snapshot_delete(&to, &s.tag).await?;
-                }
-                slots.push(DiskSlot {
-                    file,
-                    uuid: Uuid::new_v4(),
-                    own: true,
-                    ..d.clone()
-                });
-            }
-            let settings = VmSettings {
-                uuid: Uuid::new_v4(),
-                name: spec.name.clone(),
-                disks: slots,
-                snapshots: Vec::new(),
-                current_snapshot: None,
-                ..src.clone()
-            };
-            let settings_file = folder.join(format!("{}.vm.json", spec.name));
-            settings.save(&settings_file, self.durable)?;
-            let mut st = self.state.lock().await;
-            if st.vms.contains_key(&spec.name) {
-                return Err(Error::AlreadyExists {
-                    kind: "vm",
-                    id: spec.name.clone(),
-                });
-            }
-            self.update_registry(&mut st, |reg| reg.vms.push(settings_file.clone()))?;
-            Ok(st.add_vm(settings_file, settings))
-        }
-        .await;
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&folder);
-        }
-        result
+        self.clone_vm_files(source, spec).await
     }
 
-    async fn start_vm(&self, _vm: &VmId, _mode: StartMode) -> Result<()> {
-        Err(Self::unsupported("start VM"))
+    async fn start_vm(&self, vm: &VmId, mode: StartMode) -> Result<()> {
+        if mode == StartMode::Gui {
+            return Err(Error::Unsupported {
+                backend: BACKEND.to_owned(),
+                operation: "start VM with a window",
+                reason: "the QEMU backend runs VMs headless; use StartMode::Headless".to_owned(),
+            });
+        }
+        self.start_vm_with(vm, StartOptions::default())
+            .await
+            .map(drop)
     }
 
     async fn power_off(&self, vm: &VmId) -> Result<()> {
-        self.refuse_powered_off(vm, "power off").await
+        self.power_off_vm(vm).await
     }
 
-    async fn save_state(&self, _vm: &VmId) -> Result<()> {
-        Err(Self::unsupported("save VM state"))
+    async fn save_state(&self, vm: &VmId) -> Result<()> {
+        self.save_state_vm(vm).await
     }
 
-    async fn pause(&self, _vm: &VmId) -> Result<()> {
-        Err(Self::unsupported("pause VM"))
+    async fn pause(&self, vm: &VmId) -> Result<()> {
+        self.pause_vm(vm, true).await
     }
 
     async fn resume(&self, vm: &VmId) -> Result<()> {
-        self.refuse_powered_off(vm, "resume").await
+        self.pause_vm(vm, false).await
     }
 
     async fn take_snapshot(
@@ -729,96 +692,28 @@ impl Hypervisor for QemuHypervisor {
         vm: &VmId,
         name: &str,
         description: Option<&str>,
-        _live: bool,
+        live: bool,
     ) -> Result<SnapshotRef> {
-        let mut st = self.state.lock().await;
-        let e = find_mut(&mut st, vm)?;
-        if e.settings.disks.is_empty() {
-            return Err(Error::InvalidState {
-                operation: "take snapshot of",
-                id: e.settings.name.clone(),
-                state: "without disks".to_owned(),
-            });
-        }
-        let tag = fresh_tag();
-        let mut done: Vec<PathBuf> = Vec::new();
-        for p in e.disk_paths() {
-            if let Err(err) = self.img.snapshot_create(&p, &tag).await {
-                for q in &done {
-                    let _ = self.img.snapshot_delete(q, &tag).await;
-                }
-                return Err(err);
-            }
-            done.push(p);
-        }
-        let recorded = e.update(self.durable, |s| {
-            s.snapshots.push(SnapshotMeta {
-                tag: tag.clone(),
-                name: name.to_owned(),
-                description: description.map(str::to_owned),
-                parent: s.current_snapshot.clone(),
-            });
-            s.current_snapshot = Some(tag.clone());
-        });
-        if let Err(err) = recorded {
-            for q in &done {
-                let _ = self.img.snapshot_delete(q, &tag).await;
-            }
-            return Err(err);
-        }
-        Ok(SnapshotRef {
-            id: tag,
-            name: name.to_owned(),
-        })
+        self.take_snapshot_with(vm, name, description, live)
+            .await
+            .map(|r| r.snapshot)
     }
 
     async fn restore_snapshot(&self, vm: &VmId, snapshot: &str) -> Result<()> {
-        let mut st = self.state.lock().await;
-        let e = find_mut(&mut st, vm)?;
-        let tag = snapshot_tag(&e.settings, snapshot)?;
-        for p in e.disk_paths() {
-            self.img.snapshot_apply(&p, &tag).await?;
-        }
-        e.update(self.durable, |s| s.current_snapshot = Some(tag))
+        self.restore_snapshot_vm(vm, snapshot).await
     }
 
     async fn delete_snapshot(&self, vm: &VmId, snapshot: &str) -> Result<()> {
-        let mut st = self.state.lock().await;
-        let e = find_mut(&mut st, vm)?;
-        let tag = snapshot_tag(&e.settings, snapshot)?;
-        for p in e.disk_paths() {
-            self.img.snapshot_delete(&p, &tag).await?;
-        }
-        e.update(self.durable, |s| {
-            let parent = s
-                .snapshots
-                .iter()
-                .find(|m| m.tag == tag)
-                .and_then(|m| m.parent.clone());
-            s.snapshots.retain(|m| m.tag != tag);
-            for m in &mut s.snapshots {
-                if m.parent.as_deref() == Some(tag.as_str()) {
-                    m.parent = parent.clone();
-                }
-            }
-            if s.current_snapshot.as_deref() == Some(tag.as_str()) {
-                s.current_snapshot = parent;
-            }
-        })
+        self.delete_snapshot_vm(vm, snapshot).await
     }
 
     async fn snapshot_tree(&self, vm: &VmId) -> Result<SnapshotTree> {
-        let (settings, first_disk) = {
-            let st = self.state.lock().await;
-            let e = find(&st, vm)?;
-            let first_disk = e.disk_paths().next();
-            (e.settings.clone(), first_disk)
-        };
-        let Some(disk) = first_disk else {
-            return Ok(tree_from_settings(&settings));
-        };
-        let info = self.img.info(&disk).await?;
-        Ok(tree_from_image(&settings, &info.snapshots))
+        let st = self.state.lock().await;
+        Ok(snap::tree_from_settings(&find(&st, vm)?.settings))
+    }
+
+    async fn snapshot_files(&self, vm: &VmId, snapshot: &str) -> Result<MigrationSet> {
+        QemuHypervisor::snapshot_files(self, vm, snapshot).await
     }
 
     async fn list_disks(&self) -> Result<Vec<DiskInfo>> {
@@ -1032,6 +927,9 @@ impl Hypervisor for QemuHypervisor {
             (slot, None)
         };
         settings.disks.push(slot);
+        if settings.boot.is_none() {
+            settings.boot = st.registry.boot.get(&disk.uuid).cloned();
+        }
         // The overlay is recorded in the VM's settings only (one atomic write).
         if let Err(err) = settings.save(&settings_file, self.durable) {
             if let Some(d) = &new_disk {
@@ -1045,51 +943,38 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn guest_run(&self, _vm: &VmId, _command: &GuestCommand) -> Result<GuestOutput> {
-        Err(Self::unsupported("run guest command"))
+        Err(Error::Unsupported {
+            backend: BACKEND.to_owned(),
+            operation: "run guest command",
+            reason: "the QEMU backend has no guest agent; guests are configured from the \
+                     kernel command line and report on their console"
+                .to_owned(),
+        })
     }
 
-    /// Walks each own disk's real backing chain (`qemu-img info --backing-chain`):
-    /// the VM's images are copied, a registered multiattach template ends the walk as
-    /// "expected at destination", anything else is reported as external.
+    /// The settings, each disk's chain of the VM's own images (walked with
+    /// `qemu-img info --backing-chain`, ending at a registered multiattach template,
+    /// which is "expected at destination") and a saved state when the VM is `Saved`.
     async fn vm_files(&self, vm: &VmId) -> Result<MigrationSet> {
-        let (settings_file, folder, disks, registered) = {
+        let (settings_file, folder, settings, registered) = {
             let st = self.state.lock().await;
             let e = find(&st, vm)?;
-            let folder = e.folder();
-            let disks: Vec<(DiskSlot, PathBuf)> = e
-                .settings
-                .disks
-                .iter()
-                .map(|d| (d.clone(), VmSettings::disk_path(&folder, d)))
-                .collect();
             (
                 e.settings_file.clone(),
-                folder,
-                disks,
+                e.folder(),
+                e.settings.clone(),
                 st.registry.disks.clone(),
             )
         };
-        let len = |p: &Path| std::fs::metadata(p).ok().map(|m| m.len());
         let mut set = MigrationSet::default();
         set.push(VmFile::new(
             settings_file.clone(),
             FileRole::Settings,
             None,
-            len(&settings_file),
+            snap::len(&settings_file),
         ));
-        let expect = |set: &mut MigrationSet, uuid: Uuid, path: &Path| {
-            if !set
-                .expected_at_destination
-                .iter()
-                .any(|x| x.uuid == uuid.to_string())
-            {
-                set.expected_at_destination.push(ExpectedFile {
-                    uuid: uuid.to_string(),
-                    path: Some(path.to_path_buf()),
-                });
-            }
-        };
-        for (slot, path) in disks {
+        for slot in &settings.disks {
+            let path = VmSettings::disk_path(&folder, slot);
             if !slot.own {
                 set.external.push(format!(
                     "shared image {} ({}) is not copied",
@@ -1098,130 +983,21 @@ impl Hypervisor for QemuHypervisor {
                 ));
                 continue;
             }
-            let own_file = |bytes| {
-                VmFile::new(
-                    path.clone(),
-                    FileRole::Disk,
-                    Some(slot.uuid.to_string()),
-                    bytes,
-                )
-            };
-            let chain = match self.img.info_chain(&path).await {
-                Ok(chain) => chain,
-                Err(e) => {
-                    set.warnings
-                        .push(format!("cannot inspect {}: {e}", path.display()));
-                    set.push(own_file(len(&path)));
-                    if let Some(b) = &slot.base {
-                        expect(&mut set, b.uuid, &b.path);
-                    }
-                    continue;
-                }
-            };
-            set.push(own_file(len(&path)));
-            for image in chain.iter().skip(1) {
-                let p = PathBuf::from(&image.filename);
-                if let Some(t) = registered
-                    .iter()
-                    .find(|d| d.location == p && d.disk_type == DiskType::MultiAttach)
-                {
-                    expect(&mut set, t.uuid, &t.location);
-                    break;
-                }
-                if p.starts_with(&folder) {
-                    set.push(VmFile::new(p.clone(), FileRole::Disk, None, len(&p)));
-                } else {
-                    set.external.push(format!(
-                        "backing image {} of {} is neither the VM's own nor a registered \
-                         multiattach template; it is not copied",
-                        p.display(),
-                        path.display()
-                    ));
-                    break;
-                }
-            }
+            self.push_chain(&mut set, &path, Some(slot.uuid), &folder, &registered)
+                .await;
         }
-        let missing: Vec<String> = set
-            .missing()
-            .map(|f| format!("file {} is missing", f.path.display()))
-            .collect();
-        for msg in missing {
-            if !set.warnings.contains(&msg) {
-                set.warnings.push(msg);
-            }
+        if let Some(saved) = &settings.saved_state {
+            let p = folder.join(&saved.file);
+            set.push(VmFile::new(
+                p.clone(),
+                FileRole::SavedState,
+                None,
+                snap::len(&p),
+            ));
         }
+        snap::add_missing_warnings(&mut set);
         Ok(set)
     }
-}
-
-/// The qemu-img tag of the snapshot a user names (tag or unique name).
-fn snapshot_tag(settings: &VmSettings, selector: &str) -> Result<String> {
-    let tree = tree_from_settings(settings);
-    let node = tree.resolve(selector)?;
-    Ok(tree.get(node).map(|s| s.id.clone()).unwrap_or_default())
-}
-
-/// The tree recorded in the settings.
-fn tree_from_settings(s: &VmSettings) -> SnapshotTree {
-    tree_from_image(s, &[])
-}
-
-/// The tree recorded in the settings, checked against the image's snapshot list when
-/// `image` is not empty: snapshots the image lacks are left out (their children move up),
-/// snapshots only the image has are added as roots named by their tag.
-fn tree_from_image(s: &VmSettings, image: &[ImageSnapshot]) -> SnapshotTree {
-    let check = !image.is_empty();
-    let present = |tag: &str| !check || image.iter().any(|i| i.name == tag);
-    let mut tree = SnapshotTree::new();
-    let mut nodes: BTreeMap<&str, NodeId> = BTreeMap::new();
-    for m in &s.snapshots {
-        if !present(&m.tag) {
-            continue;
-        }
-        let mut snap = Snapshot::new(m.tag.clone(), m.name.clone());
-        snap.description = m.description.clone();
-        if let Some(i) = image.iter().find(|i| i.name == m.tag) {
-            snap.time_stamp = Some(iso8601(i.date_sec));
-        }
-        let added = match nearest_in_tree(s, &nodes, m.parent.as_deref()) {
-            Some(parent) => tree.add_child(parent, snap),
-            None => tree.add_root(snap),
-        };
-        if let Ok(n) = added {
-            nodes.insert(m.tag.as_str(), n);
-        }
-    }
-    for i in image {
-        if !s.snapshots.iter().any(|m| m.tag == i.name) {
-            let mut snap = Snapshot::new(i.name.clone(), i.name.clone());
-            snap.time_stamp = Some(iso8601(i.date_sec));
-            let _ = tree.add_root(snap);
-        }
-    }
-    tree.set_current(nearest_in_tree(s, &nodes, s.current_snapshot.as_deref()));
-    tree
-}
-
-/// The node of the snapshot tagged `tag`, or else of its nearest recorded ancestor that
-/// is in the tree (`nodes`); the walk up is bounded, so a parent cycle ends it.
-fn nearest_in_tree<'a>(
-    s: &'a VmSettings,
-    nodes: &BTreeMap<&'a str, NodeId>,
-    mut tag: Option<&'a str>,
-) -> Option<NodeId> {
-    let mut hops = 0;
-    while let Some(t) = tag {
-        if nodes.contains_key(t) || hops > s.snapshots.len() {
-            break;
-        }
-        tag = s
-            .snapshots
-            .iter()
-            .find(|m| m.tag == t)
-            .and_then(|m| m.parent.as_deref());
-        hops += 1;
-    }
-    tag.and_then(|t| nodes.get(t)).copied()
 }
 
 #[cfg(test)]
@@ -1230,6 +1006,7 @@ mod tests {
 
     #[test]
     fn iso8601_matches_known_instants() {
+        // (The same instants as the protocol crate's time stamps.)
         assert_eq!(iso8601(0), "1970-01-01T00:00:00Z");
         assert_eq!(iso8601(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(iso8601(1_795_599_990), "2026-11-25T09:46:30Z");

@@ -9,7 +9,10 @@ use crate::error::{Error, Result};
 use crate::model::{DiskInfo, Uuid};
 
 /// Format marker written into every VM settings file.
-pub(crate) const SETTINGS_FORMAT: &str = "unacloud-qemu-vm/1";
+pub(crate) const SETTINGS_FORMAT: &str = "unacloud-qemu-vm/2";
+/// The previous format, read as long as it records no snapshots (its snapshots were
+/// internal qcow2 snapshots, which this version does not take).
+const SETTINGS_FORMAT_V1: &str = "unacloud-qemu-vm/1";
 /// Format marker of the registry.
 pub(crate) const REGISTRY_FORMAT: &str = "unacloud-qemu-registry/1";
 
@@ -49,11 +52,147 @@ pub struct DiskSlot {
     pub logical_size: Option<u64>,
 }
 
-/// One snapshot as the settings remember it (qcow2 stores snapshots as a flat list;
-/// the tree shape and the user's names live here).
+/// The image a disk slot was frozen in when a snapshot was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrozenDisk {
+    /// Storage controller name of the slot.
+    pub controller: String,
+    /// Port of the slot.
+    pub port: u32,
+    /// Device of the slot.
+    pub device: u32,
+    /// The frozen image, relative to the VM's folder.
+    pub file: PathBuf,
+    /// The frozen image's uuid.
+    pub uuid: Uuid,
+}
+
+/// Files to boot the guest's kernel directly (`-kernel`, `-initrd`, `-append`), for
+/// images such as the reference guest whose disk holds no boot loader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootFiles {
+    /// The kernel image.
+    pub kernel: PathBuf,
+    /// The initial RAM disk.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command-line words (the backend adds `console=ttyS0` and the
+    /// network settings).
+    #[serde(default)]
+    pub cmdline: Option<String>,
+}
+
+/// How a VM's network adapter is connected.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "kebab-case")]
+pub enum NetConfig {
+    /// No network adapter.
+    #[default]
+    None,
+    /// QEMU's user-mode network (outgoing connections only).
+    User,
+    /// A tap device, optionally inside a named network namespace (`ip netns`), with a
+    /// fixed MAC; the guest configures `ip` (address/prefix) and `gateway` itself from
+    /// the kernel command line (no DHCP).
+    Tap {
+        /// The network namespace that holds the tap (`None`: the backend's own).
+        #[serde(default)]
+        netns: Option<String>,
+        /// The tap's interface name.
+        ifname: String,
+        /// The guest's address with prefix length, e.g. `10.77.0.2/24`.
+        #[serde(default)]
+        ip: Option<String>,
+        /// The guest's default gateway.
+        #[serde(default)]
+        gateway: Option<String>,
+        /// The adapter's MAC address.
+        mac: String,
+    },
+}
+
+impl NetConfig {
+    /// Parses the command-line form `none`, `user` or `tap:<netns>:<ifname>:<ip/prefix>`
+    /// (an empty netns means the caller's own); `mac` is used for a tap.
+    pub fn parse(text: &str, mac: &str) -> Result<NetConfig> {
+        match text {
+            "none" => return Ok(NetConfig::None),
+            "user" => return Ok(NetConfig::User),
+            _ => {}
+        }
+        let parts: Vec<&str> = text.splitn(4, ':').collect();
+        match parts.as_slice() {
+            ["tap", netns, ifname, ip] if !ifname.is_empty() => {
+                if ifname.len() > 15
+                    || !ifname
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+                {
+                    return Err(Error::InvalidInput(format!(
+                        "tap interface name {ifname:?} must be 1-15 letters, digits, '-', '_' or '.'"
+                    )));
+                }
+                let ip = check_cidr(ip)?;
+                Ok(NetConfig::Tap {
+                    netns: (!netns.is_empty()).then(|| (*netns).to_owned()),
+                    ifname: (*ifname).to_owned(),
+                    ip: Some(ip),
+                    gateway: None,
+                    mac: mac.to_owned(),
+                })
+            }
+            _ => Err(Error::InvalidInput(format!(
+                "network {text:?}: expected none, user or tap:<netns>:<ifname>:<ip/prefix>"
+            ))),
+        }
+    }
+}
+
+fn check_cidr(text: &str) -> Result<String> {
+    let bad = || {
+        Error::InvalidInput(format!(
+            "{text:?} is not an IPv4 address with a prefix length (like 10.77.0.2/24)"
+        ))
+    };
+    let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+    addr.parse::<std::net::Ipv4Addr>().map_err(|_| bad())?;
+    match prefix.parse::<u8>() {
+        Ok(p) if p <= 32 => Ok(text.to_owned()),
+        _ => Err(bad()),
+    }
+}
+
+/// A memory state the VM resumes from at its next start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedState {
+    /// The state file, relative to the VM's folder.
+    pub file: PathBuf,
+    /// The snapshot the file belongs to (it is then kept after the start); `None` for
+    /// a state saved by `save_state`, which is deleted once the VM runs again.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+}
+
+/// A multi-step operation that had begun when the settings were last written: replayed
+/// or rolled back when the backend next opens the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingOp {
+    /// What was under way (`snapshot` or `save-state`).
+    pub op: String,
+    /// The snapshot's tag, for a snapshot.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Files the operation creates, relative to the VM's folder; removed on roll-back.
+    #[serde(default)]
+    pub new_files: Vec<PathBuf>,
+}
+
+/// One snapshot as the settings remember it. A snapshot freezes each disk's current
+/// image (the VM continues on a new overlay above it) and, for a running VM, writes the
+/// memory to its own state file, the way VirtualBox lays out its `Snapshots` folder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotMeta {
-    /// The qcow2 snapshot tag, identical on every disk of the VM.
+    /// The snapshot's identifier (`uc-<uuid>`).
     pub tag: String,
     /// The user's name.
     pub name: String,
@@ -63,6 +202,16 @@ pub struct SnapshotMeta {
     /// The tag of the parent snapshot.
     #[serde(default)]
     pub parent: Option<String>,
+    /// The image each disk slot was frozen in.
+    #[serde(default)]
+    pub disks: Vec<FrozenDisk>,
+    /// The memory state, relative to the VM's folder (`None`: taken while the VM was
+    /// off; restoring it powers the VM off).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// When it was taken (ISO 8601, UTC).
+    #[serde(default)]
+    pub time_stamp: Option<String>,
 }
 
 /// A VM's settings file.
@@ -96,6 +245,21 @@ pub struct VmSettings {
     /// The template version the VM was built from, if recorded.
     #[serde(default)]
     pub template: Option<String>,
+    /// Direct kernel boot, when the disk has no boot loader.
+    #[serde(default)]
+    pub boot: Option<BootFiles>,
+    /// The network adapter.
+    #[serde(default)]
+    pub net: NetConfig,
+    /// The memory state the next start resumes from (the VM is then `Saved`).
+    #[serde(default)]
+    pub saved_state: Option<SavedState>,
+    /// The VM's process ended without being powered off (a power cut, a kill).
+    #[serde(default)]
+    pub aborted: bool,
+    /// An operation that had begun and not finished.
+    #[serde(default)]
+    pub pending: Option<PendingOp>,
 }
 
 impl VmSettings {
@@ -119,7 +283,8 @@ impl VmSettings {
             reason: e.to_string(),
             backup: None,
         })?;
-        if s.format != SETTINGS_FORMAT {
+        let old_without_snapshots = s.format == SETTINGS_FORMAT_V1 && s.snapshots.is_empty();
+        if s.format != SETTINGS_FORMAT && !old_without_snapshots {
             return Err(Error::Corrupt {
                 what: "QEMU VM settings",
                 path: path.to_owned(),
@@ -128,7 +293,45 @@ impl VmSettings {
             });
         }
         validate_name(&s.name)?;
+        s.check_paths(path)?;
         Ok(s)
+    }
+
+    /// Every file a settings file names inside its folder must stay inside it: a
+    /// hostile or damaged file cannot make the backend write or delete elsewhere.
+    fn check_paths(&self, path: &Path) -> Result<()> {
+        let inside = |p: &Path| {
+            !p.is_absolute()
+                && p.components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+        };
+        let mut named: Vec<&Path> = Vec::new();
+        for m in &self.snapshots {
+            named.extend(m.disks.iter().map(|d| d.file.as_path()));
+            named.extend(m.state_file.as_deref());
+        }
+        named.extend(self.saved_state.as_ref().map(|s| s.file.as_path()));
+        if let Some(p) = &self.pending {
+            named.extend(p.new_files.iter().map(PathBuf::as_path));
+        }
+        named.extend(
+            self.disks
+                .iter()
+                .filter(|d| d.own)
+                .map(|d| d.file.as_path()),
+        );
+        match named.into_iter().find(|p| !inside(p)) {
+            Some(bad) => Err(Error::Corrupt {
+                what: "QEMU VM settings",
+                path: path.to_owned(),
+                reason: format!(
+                    "{} is not a plain relative path inside the VM's folder",
+                    bad.display()
+                ),
+                backup: None,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Writes the settings atomically.
@@ -175,6 +378,9 @@ pub(crate) struct Registry {
     pub format: String,
     pub vms: Vec<PathBuf>,
     pub disks: Vec<DiskInfo>,
+    /// Kernel and initrd of templates that boot directly, by the template's uuid.
+    #[serde(default)]
+    pub boot: std::collections::BTreeMap<Uuid, BootFiles>,
 }
 
 impl Registry {

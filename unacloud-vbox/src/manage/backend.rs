@@ -211,6 +211,8 @@ fn disk_arg(d: &DiskRef) -> Result<String> {
 /// with the profile's CPUs and memory and, if asked, a bridged first adapter.
 pub fn create_vm_commands(spec: &VmSpec) -> Result<Vec<VBoxCommand>> {
     let mut changes = VmChanges::profile(spec.profile);
+    changes.cpus = Some(spec.effective_cores());
+    changes.memory_mb = Some(spec.effective_memory_mb());
     if let Some(b) = &spec.bridge_adapter {
         changes = changes.bridged_to(b);
     }

@@ -1,0 +1,403 @@
+//! A VM's files as a whole: registering a VM whose files were copied from another host
+//! (re-linking its chain to this host's template), unregistering and deleting exactly
+//! the VM's own files, and cloning.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::hypervisor::CloneSpec;
+use crate::model::{DiskType, Uuid, VmId, VmInfo};
+
+use super::img::BACKEND;
+use super::settings::{validate_name, DiskSlot, NetConfig, SavedState, VmSettings};
+use super::{all_disks, find, own_image_file, remove_if_exists, run, set_writable, QemuHypervisor};
+
+impl QemuHypervisor {
+    /// Registers a VM from its settings file (e.g. copied from another host with the
+    /// files of one snapshot). Snapshots whose images or state are not here are dropped;
+    /// when the current overlays were not copied the VM is put at its latest remaining
+    /// snapshot (`Saved` with its memory, as after a restore). Every image that sat on
+    /// the template is re-linked to this host's copy (found by uuid, else by file name)
+    /// without copying data, and the template's boot files here are used.
+    pub(crate) async fn register_vm_files(&self, settings_path: &Path) -> Result<VmInfo> {
+        let settings_file =
+            std::fs::canonicalize(settings_path).map_err(|e| Error::io(settings_path, e))?;
+        let mut settings = VmSettings::load(&settings_file)?;
+        let folder = settings_file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let mut st = self.state.lock().await;
+        if let Some(e) = st.vms.get(&settings.name) {
+            return Err(Error::AlreadyExists {
+                kind: "vm",
+                id: format!("{} ({})", settings.name, e.settings_file.display()),
+            });
+        }
+        let known = all_disks(&st);
+        // Snapshots whose files are all here (their own and their ancestors' images).
+        let present = |p: &PathBuf| folder.join(p).exists();
+        let mut kept: Vec<String> = Vec::new();
+        for m in &settings.snapshots {
+            let parent_ok = m.parent.as_ref().is_none_or(|p| kept.contains(p));
+            let own_ok = m.disks.iter().all(|d| present(&d.file))
+                && m.state_file.as_ref().is_none_or(present);
+            if parent_ok && own_ok {
+                kept.push(m.tag.clone());
+            } else {
+                tracing::info!(
+                    "VM {}: snapshot {} was not copied here; it is left out",
+                    settings.name,
+                    m.name
+                );
+            }
+        }
+        settings.snapshots.retain(|m| kept.contains(&m.tag));
+        if settings
+            .current_snapshot
+            .as_ref()
+            .is_some_and(|c| !kept.contains(c))
+        {
+            settings.current_snapshot = None;
+        }
+        let actives_here = settings
+            .disks
+            .iter()
+            .filter(|d| d.own)
+            .all(|d| present(&d.file));
+        let mut fresh_overlays: Vec<(usize, PathBuf)> = Vec::new();
+        if !actives_here {
+            let at = settings
+                .current_snapshot
+                .clone()
+                .or_else(|| settings.snapshots.last().map(|m| m.tag.clone()))
+                .ok_or_else(|| Error::NotFound {
+                    kind: "disk image",
+                    id: format!(
+                        "the current disks of VM {} (copy them, or the files of one of its snapshots)",
+                        settings.name
+                    ),
+                })?;
+            let meta = settings
+                .snapshots
+                .iter()
+                .find(|m| m.tag == at)
+                .cloned()
+                .expect("kept above");
+            for (i, slot) in settings.disks.iter_mut().enumerate() {
+                if !slot.own {
+                    continue;
+                }
+                let frozen = meta
+                    .disks
+                    .iter()
+                    .find(|f| {
+                        f.controller == slot.controller
+                            && f.port == slot.port
+                            && f.device == slot.device
+                    })
+                    .ok_or_else(|| Error::Corrupt {
+                        what: "QEMU VM settings",
+                        path: settings_file.clone(),
+                        reason: format!(
+                            "snapshot {} records no image for disk {}",
+                            meta.name,
+                            slot.file.display()
+                        ),
+                        backup: None,
+                    })?;
+                let u = Uuid::new_v4();
+                let rel = PathBuf::from("Snapshots").join(format!("{{{u}}}.qcow2"));
+                fresh_overlays.push((i, frozen.file.clone()));
+                slot.file = rel;
+                slot.uuid = u;
+            }
+            settings.current_snapshot = Some(at.clone());
+            settings.saved_state = meta.state_file.clone().map(|file| SavedState {
+                file,
+                snapshot: Some(at),
+            });
+        } else if settings
+            .saved_state
+            .as_ref()
+            .is_some_and(|s| !present(&s.file))
+        {
+            settings.saved_state = None;
+        }
+        // Every own image this host will use.
+        let mut images: Vec<PathBuf> = settings
+            .disks
+            .iter()
+            .filter(|d| d.own)
+            .map(|d| d.file.clone())
+            .collect();
+        images.retain(|p| {
+            !fresh_overlays
+                .iter()
+                .any(|(i, _)| settings.disks[*i].file == *p)
+        });
+        for m in &settings.snapshots {
+            images.extend(m.disks.iter().map(|d| d.file.clone()));
+        }
+        images.extend(fresh_overlays.iter().map(|(_, f)| f.clone()));
+        images.sort();
+        images.dedup();
+        for slot in &settings.disks {
+            if slot.own {
+                if known.iter().any(|d| d.uuid == slot.uuid) {
+                    return Err(Error::AlreadyExists {
+                        kind: "disk",
+                        id: slot.uuid.to_string(),
+                    });
+                }
+                continue;
+            }
+            if !st.registry.disks.iter().any(|d| d.uuid == slot.uuid) {
+                return Err(Error::NotFound {
+                    kind: "shared disk",
+                    id: format!(
+                        "{} ({}) used by VM {}; register it on this host first",
+                        slot.file.display(),
+                        slot.uuid,
+                        settings.name
+                    ),
+                });
+            }
+        }
+        let mut local_template = None;
+        for slot in settings.disks.iter_mut().filter(|d| d.own) {
+            let Some(base) = &mut slot.base else { continue };
+            let multiattach = || {
+                st.registry
+                    .disks
+                    .iter()
+                    .filter(|d| d.disk_type == DiskType::MultiAttach)
+            };
+            let local = multiattach()
+                .find(|d| d.uuid == base.uuid)
+                .or_else(|| {
+                    multiattach().find(|d| {
+                        d.location.file_name().map(|n| n.to_string_lossy())
+                            == Some(base.file_name.as_str().into())
+                    })
+                })
+                .cloned()
+                .ok_or_else(|| Error::NotFound {
+                    kind: "multiattach template",
+                    id: format!(
+                        "{} (uuid {}) needed by VM {}; preload it on this host first",
+                        base.file_name, base.uuid, settings.name
+                    ),
+                })?;
+            base.uuid = local.uuid;
+            base.path = local.location.clone();
+            base.format = local.format.to_string().to_ascii_lowercase();
+            local_template = Some(local);
+        }
+        if let Some(t) = &local_template {
+            // The images that sat directly on the template point at this host's copy.
+            let fmt = t.format.to_string().to_ascii_lowercase();
+            for rel in &images {
+                let path = folder.join(rel);
+                let info = self.img.info(&path).await?;
+                let backing = info.full_backing_filename.or(info.backing_filename);
+                let on_template = backing.as_deref().is_some_and(|b| {
+                    let b = Path::new(b);
+                    b.is_absolute() && !b.starts_with(&folder)
+                });
+                if on_template && backing.as_deref().map(Path::new) != Some(t.location.as_path()) {
+                    self.img.rebase_unsafe(&path, &t.location, &fmt).await?;
+                }
+            }
+            if let Some(boot) = st.registry.boot.get(&t.uuid) {
+                let cmdline = settings.boot.as_ref().and_then(|b| b.cmdline.clone());
+                settings.boot = Some(super::settings::BootFiles {
+                    cmdline,
+                    ..boot.clone()
+                });
+            }
+        }
+        for (i, frozen) in &fresh_overlays {
+            let slot = &settings.disks[*i];
+            let backing = PathBuf::from("..").join(frozen);
+            std::fs::create_dir_all(folder.join("Snapshots")).map_err(|e| Error::io(&folder, e))?;
+            self.img
+                .create_overlay_unopened(
+                    &folder.join(&slot.file),
+                    &backing,
+                    "qcow2",
+                    slot.logical_size.unwrap_or(0),
+                )
+                .await?;
+        }
+        settings.aborted = false;
+        settings.pending = None;
+        run::RunRecord::remove(&folder);
+        settings.save(&settings_file, self.durable)?;
+        self.update_registry(&mut st, |reg| reg.vms.push(settings_file.clone()))?;
+        Ok(st.add_vm(settings_file, settings))
+    }
+
+    /// Unregisters a VM that is not running; with `delete_files`, removes exactly its
+    /// own files: its overlays, every snapshot's images and state, its saved state,
+    /// console log and settings (never a template).
+    pub(crate) async fn unregister_vm_files(&self, vm: &VmId, delete_files: bool) -> Result<()> {
+        let (guard, name, folder, settings) = self.lock_vm(vm).await?;
+        if guard.live.is_some() {
+            return Err(Error::InvalidState {
+                operation: "unregister",
+                id: name,
+                state: "running".to_owned(),
+            });
+        }
+        let mut st = self.state.lock().await;
+        let settings_file = find(&st, vm)?.settings_file.clone();
+        self.update_registry(&mut st, |reg| reg.vms.retain(|p| *p != settings_file))?;
+        st.vms.remove(&name);
+        drop(st);
+        drop(guard);
+        if delete_files {
+            let mut own: Vec<PathBuf> = settings
+                .disks
+                .iter()
+                .filter(|d| d.own)
+                .map(|d| VmSettings::disk_path(&folder, d))
+                .collect();
+            for m in &settings.snapshots {
+                own.extend(m.disks.iter().map(|d| folder.join(&d.file)));
+                own.extend(m.state_file.iter().map(|f| folder.join(f)));
+            }
+            own.extend(settings.saved_state.iter().map(|s| folder.join(&s.file)));
+            own.push(folder.join("console.log"));
+            own.push(folder.join(run::RUN_FILE));
+            own.push(folder.join("qemu.pid"));
+            for p in &own {
+                remove_if_exists(p)?;
+            }
+            remove_if_exists(&settings_file)?;
+            let _ = std::fs::remove_dir(folder.join("Snapshots"));
+            // Leaves the folder if anything else is in it.
+            let _ = std::fs::remove_dir(&folder);
+        }
+        Ok(())
+    }
+
+    /// Clones a VM that is not running: each disk's content at the current state (or at
+    /// `spec.snapshot`) is written into one new overlay on the same template.
+    pub(crate) async fn clone_vm_files(&self, source: &VmId, spec: &CloneSpec) -> Result<VmInfo> {
+        validate_name(&spec.name)?;
+        let (guard, src_name, src_folder, src) = self.lock_vm(source).await?;
+        if guard.live.is_some() {
+            return Err(Error::InvalidState {
+                operation: "clone",
+                id: src_name,
+                state: "running".to_owned(),
+            });
+        }
+        if self.state.lock().await.vms.contains_key(&spec.name) {
+            return Err(Error::AlreadyExists {
+                kind: "vm",
+                id: spec.name.clone(),
+            });
+        }
+        let at = match &spec.snapshot {
+            Some(sel) => {
+                let tag = super::snap::snapshot_tag(&src, sel)?;
+                src.snapshots.iter().find(|m| m.tag == tag).cloned()
+            }
+            None => None,
+        };
+        if let Some(shared) = src.disks.iter().find(|d| !d.own) {
+            return Err(Error::Unsupported {
+                backend: BACKEND.to_owned(),
+                operation: "clone VM",
+                reason: format!(
+                    "disk {} of {} is a shared image, not the VM's own overlay; only VMs \
+                     whose disks are their own (e.g. overlays of a multiattach template) can \
+                     be cloned",
+                    shared.file.display(),
+                    src.name
+                ),
+            });
+        }
+        let parent_dir = src_folder
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.vm_folder.clone());
+        let folder = parent_dir.join(&spec.name);
+        if folder.exists() {
+            return Err(Error::AlreadyExists {
+                kind: "VM folder",
+                id: folder.display().to_string(),
+            });
+        }
+        std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
+        let result = async {
+            let mut slots = Vec::new();
+            for d in &src.disks {
+                let from = match &at {
+                    Some(m) => m
+                        .disks
+                        .iter()
+                        .find(|f| {
+                            f.controller == d.controller && f.port == d.port && f.device == d.device
+                        })
+                        .map(|f| src_folder.join(&f.file))
+                        .unwrap_or_else(|| VmSettings::disk_path(&src_folder, d)),
+                    None => VmSettings::disk_path(&src_folder, d),
+                };
+                let file = own_image_file(&spec.name, &d.controller, d.port, d.device);
+                let to = folder.join(&file);
+                match &d.base {
+                    Some(b) => {
+                        self.img
+                            .convert_onto(&from, &to, &b.path, &b.format)
+                            .await?
+                    }
+                    None => self.img.convert(&from, "qcow2", &to, "qcow2").await?,
+                }
+                set_writable(&to, true)?;
+                slots.push(DiskSlot {
+                    file,
+                    uuid: Uuid::new_v4(),
+                    own: true,
+                    ..d.clone()
+                });
+            }
+            let uuid = Uuid::new_v4();
+            let net = match &src.net {
+                NetConfig::Tap { .. } => NetConfig::None,
+                other => other.clone(),
+            };
+            let settings = VmSettings {
+                uuid,
+                name: spec.name.clone(),
+                disks: slots,
+                snapshots: Vec::new(),
+                current_snapshot: None,
+                saved_state: None,
+                aborted: false,
+                pending: None,
+                net,
+                ..src.clone()
+            };
+            let settings_file = folder.join(format!("{}.vm.json", spec.name));
+            settings.save(&settings_file, self.durable)?;
+            let mut st = self.state.lock().await;
+            if st.vms.contains_key(&spec.name) {
+                return Err(Error::AlreadyExists {
+                    kind: "vm",
+                    id: spec.name.clone(),
+                });
+            }
+            self.update_registry(&mut st, |reg| reg.vms.push(settings_file.clone()))?;
+            Ok(st.add_vm(settings_file, settings))
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&folder);
+        }
+        drop(guard);
+        result
+    }
+}
