@@ -532,3 +532,23 @@ async fn an_auto_accelerator_is_chosen_by_a_probe_and_remembered() {
         .unwrap();
     assert_eq!(written, now);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_vm_contract_holds_for_real_vms() {
+    let Some(g) = guest() else { return };
+    let _one = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _reap = Reaper(dir.path().to_path_buf());
+    let (hv, t) = host(dir.path(), "a", &g).await;
+    // The registry part of the suite registers its own (non-bootable) image.
+    let plain = dir.path().join("plain.qcow2");
+    QemuImg::new()
+        .create(&plain, "qcow2", 4 << 20)
+        .await
+        .unwrap();
+    let env = unacloud_core::conformance::ConformanceEnv::new(&plain)
+        .with_bootable(DiskRef::Uuid(t), 128);
+    let report = unacloud_core::conformance::run_all(&hv, &env).await;
+    assert!(report.skipped.is_empty(), "{report:?}");
+    assert!(report.passed.contains(&"power cycle"));
+}

@@ -983,8 +983,15 @@ impl Hypervisor for QemuHypervisor {
                 ));
                 continue;
             }
-            self.push_chain(&mut set, &path, Some(slot.uuid), &folder, &registered)
-                .await;
+            self.push_chain(
+                &mut set,
+                &path,
+                Some(slot.uuid),
+                &folder,
+                &registered,
+                slot.base.as_ref(),
+            )
+            .await;
         }
         if let Some(saved) = &settings.saved_state {
             let p = folder.join(&saved.file);

@@ -468,22 +468,23 @@ impl QemuHypervisor {
             };
             let frozen_abs = folder.join(&frozen.file);
             // What lies below the frozen image: the parent's frozen image or the template.
-            let (below, below_fmt): (PathBuf, String) = match parent
-                .and_then(|p| p.disks.iter().find(same))
-            {
-                Some(pf) => (pf.file.clone(), "qcow2".to_owned()),
-                None => match &slot.base {
-                    Some(b) => (b.path.clone(), b.format.clone()),
-                    None => return Err(Error::Unsupported {
-                        backend: BACKEND.to_owned(),
-                        operation: "delete snapshot",
-                        reason: format!(
+            let (below, below_fmt): (PathBuf, String) =
+                match parent.and_then(|p| p.disks.iter().find(same)) {
+                    Some(pf) => (pf.file.clone(), "qcow2".to_owned()),
+                    None => match &slot.base {
+                        Some(b) => (b.path.clone(), b.format.clone()),
+                        None => {
+                            return Err(Error::Unsupported {
+                                backend: BACKEND.to_owned(),
+                                operation: "delete snapshot",
+                                reason: format!(
                             "the first snapshot of disk {} has no template below it to merge into",
                             slot.file.display()
                         ),
-                    }),
-                },
-            };
+                            })
+                        }
+                    },
+                };
             let mut children: Vec<PathBuf> = settings
                 .snapshots
                 .iter()
@@ -643,8 +644,24 @@ impl QemuHypervisor {
         ));
         for frozen in &meta.disks {
             let top = folder.join(&frozen.file);
-            self.push_chain(&mut set, &top, Some(frozen.uuid), &folder, &registered)
-                .await;
+            let base = settings
+                .disks
+                .iter()
+                .find(|d| {
+                    d.controller == frozen.controller
+                        && d.port == frozen.port
+                        && d.device == frozen.device
+                })
+                .and_then(|d| d.base.as_ref());
+            self.push_chain(
+                &mut set,
+                &top,
+                Some(frozen.uuid),
+                &folder,
+                &registered,
+                base,
+            )
+            .await;
         }
         if let Some(state) = &meta.state_file {
             let p = folder.join(state);
@@ -663,6 +680,7 @@ impl QemuHypervisor {
         top_uuid: Option<Uuid>,
         folder: &Path,
         registered: &[crate::model::DiskInfo],
+        base: Option<&super::settings::BaseRef>,
     ) {
         let chain = match self.img.info_chain(top).await {
             Ok(c) => c,
@@ -675,6 +693,18 @@ impl QemuHypervisor {
                     top_uuid.map(|u| u.to_string()),
                     len(top),
                 ));
+                if let Some(b) = base {
+                    if !set
+                        .expected_at_destination
+                        .iter()
+                        .any(|x| x.uuid == b.uuid.to_string())
+                    {
+                        set.expected_at_destination.push(ExpectedFile {
+                            uuid: b.uuid.to_string(),
+                            path: Some(b.path.clone()),
+                        });
+                    }
+                }
                 return;
             }
         };
