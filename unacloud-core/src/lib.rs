@@ -14,7 +14,8 @@
 //! * [`placement`]: the thesis's seven placement algorithms and a disk-aware one;
 //! * [`provision`]: the template catalog, preloading, the Multiattach Manager's seven
 //!   operations and deployments executed from a placement;
-//! * [`qemu`]: a QEMU/KVM backend of the trait built on the real `qemu-img`;
+//! * `qemu` (feature `qemu`, on by default): a QEMU backend of the trait that runs VMs
+//!   with `qemu-system-x86_64` over QMP and manages their disks with `qemu-img`;
 //! * [`lifecycle`]: a VM's deployment life cycle (Requested … Finished) as a sans-IO
 //!   state machine with the thesis's timeouts;
 //! * [`cost`]: file counts (Eq. 5.4/5.5) and the bytes to move to resume a VM elsewhere.
@@ -43,6 +44,7 @@ pub mod memory;
 pub mod model;
 pub mod placement;
 pub mod provision;
+#[cfg(feature = "qemu")]
 pub mod qemu;
 pub mod tree;
 

@@ -199,6 +199,7 @@ pub struct ImageSettings {
 
 impl ImageSettings {
     /// Reads what a QEMU backend VM settings file says.
+    #[cfg(feature = "qemu")]
     pub fn from_qemu_settings(settings: &crate::qemu::VmSettings) -> Self {
         ImageSettings {
             os_type: settings.os_type.clone(),

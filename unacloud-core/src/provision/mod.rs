@@ -5,7 +5,7 @@
 //!
 //! Everything here is written against `dyn` [`Hypervisor`](crate::hypervisor::Hypervisor),
 //! so the same code provisions with VirtualBox, with the QEMU backend
-//! ([`crate::qemu::QemuHypervisor`]) and with the in-memory double.
+//! (the QEMU backend, feature `qemu`) and with the in-memory double.
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
