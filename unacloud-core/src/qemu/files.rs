@@ -39,9 +39,9 @@ impl QemuHypervisor {
         let present = |p: &PathBuf| folder.join(p).exists();
         let mut kept: Vec<String> = Vec::new();
         for m in &settings.snapshots {
-            let parent_ok = m.parent.as_ref().is_none_or(|p| kept.contains(p));
+            let parent_ok = m.parent.as_ref().map_or(true, |p| kept.contains(p));
             let own_ok = m.disks.iter().all(|d| present(&d.file))
-                && m.state_file.as_ref().is_none_or(present);
+                && m.state_file.as_ref().map_or(true, present);
             if parent_ok && own_ok {
                 kept.push(m.tag.clone());
             } else {

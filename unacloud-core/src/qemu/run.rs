@@ -311,7 +311,6 @@ pub(crate) fn build_args(
     // told apart from a killed process.
     push("-no-shutdown");
     push("-daemonize");
-    let mut a = a;
     a.push("-pidfile".into());
     a.push(paths.pidfile.clone().into());
     a.push("-qmp".into());
