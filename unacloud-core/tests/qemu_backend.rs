@@ -472,3 +472,52 @@ async fn image_requirements_are_read_from_real_settings() {
         RequirementStatus::Unknown(_)
     ));
 }
+
+/// A caller killed between writing its intent and finishing (here: the intent of a
+/// snapshot and the overlay it had created are on disk, nothing else): the next open
+/// rolls it back, removes the half-made file and leaves the VM as it was.
+#[tokio::test]
+async fn an_interrupted_snapshot_is_rolled_back_on_the_next_open() {
+    require_qemu_img();
+    let dir = tempfile::tempdir().unwrap();
+    let (hv, _template, id) = host_with_vm_on_template(dir.path(), "TM", 4 << 20, 64 << 10).await;
+    let keep = hv.take_snapshot(&id, "kept", None, false).await.unwrap();
+    let info = hv.vm_info(&id).await.unwrap();
+    let settings_file = info.settings_file.unwrap();
+    let folder = settings_file.parent().unwrap().to_path_buf();
+    let before = hv.vm_settings(&id).await.unwrap();
+    drop(hv);
+
+    // What a killed take_snapshot leaves: the pending record and a new overlay.
+    let half = std::path::PathBuf::from("Snapshots/{00000000-0000-4000-8000-00000000abcd}.qcow2");
+    unacloud_core::qemu::QemuImg::new()
+        .create(&folder.join(&half), "qcow2", 4 << 20)
+        .await
+        .unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&settings_file).unwrap()).unwrap();
+    json["pending"] = serde_json::json!({"op": "snapshot", "tag": "uc-half", "new_files": [half]});
+    std::fs::write(&settings_file, serde_json::to_vec(&json).unwrap()).unwrap();
+
+    let hv = QemuHypervisor::open(dir.path().join("host")).await.unwrap();
+    let after = hv.vm_settings(&id).await.unwrap();
+    assert!(after.pending.is_none());
+    assert!(
+        !folder.join(&half).exists(),
+        "the half-made overlay was left"
+    );
+    assert_eq!(after.disks, before.disks);
+    assert_eq!(after.snapshots, before.snapshots);
+    hv.restore_snapshot(&id, &keep.id).await.unwrap();
+
+    // A settings file naming a file outside its folder is refused, never acted on.
+    drop(hv);
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&settings_file).unwrap()).unwrap();
+    json["pending"] = serde_json::json!({"op": "snapshot", "new_files": ["../../../etc/passwd"]});
+    std::fs::write(&settings_file, serde_json::to_vec(&json).unwrap()).unwrap();
+    assert!(matches!(
+        unacloud_core::qemu::VmSettings::load(&settings_file),
+        Err(Error::Corrupt { .. })
+    ));
+}
