@@ -31,7 +31,10 @@ use unacloud::core::qemu::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "vm_bench", about = "Boot, live snapshot, restore and move costs of real VMs")]
+#[command(
+    name = "vm_bench",
+    about = "Boot, live snapshot, restore and move costs of real VMs"
+)]
 struct Cli {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128)]
@@ -62,7 +65,13 @@ fn stats(mut v: Vec<f64>) -> Stats {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     Stats {
-        median: if n == 0 { 0.0 } else if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 },
+        median: if n == 0 {
+            0.0
+        } else if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        },
         min: v.first().copied().unwrap_or(0.0),
         max: v.last().copied().unwrap_or(0.0),
         samples: n,
@@ -126,9 +135,12 @@ async fn host(dir: &Path, name: &str, guest: &Path, accel: Accel) -> Res<(QemuHy
     std::fs::create_dir_all(root.join("templates"))?;
     let t = root.join("templates/rootfs.qcow2");
     std::fs::copy(guest.join("rootfs.qcow2"), &t)?;
-    let hv = QemuHypervisor::open_configured(&root, QemuImg::new(), QemuSystem::new().with_accel(accel)).await?;
+    let hv =
+        QemuHypervisor::open_configured(&root, QemuImg::new(), QemuSystem::new().with_accel(accel))
+            .await?;
     let d = hv.register_disk(&t).await?;
-    hv.set_disk_type(&DiskRef::Uuid(d.uuid), DiskType::MultiAttach).await?;
+    hv.set_disk_type(&DiskRef::Uuid(d.uuid), DiskType::MultiAttach)
+        .await?;
     hv.set_boot_files(
         &DiskRef::Uuid(d.uuid),
         BootFiles {
@@ -144,7 +156,11 @@ async fn host(dir: &Path, name: &str, guest: &Path, accel: Accel) -> Res<(QemuHy
 async fn run(cli: &Cli) -> Res<Report> {
     for f in ["vmlinuz", "initrd.img", "rootfs.qcow2"] {
         if !cli.guest.join(f).exists() {
-            return Err(format!("{} is missing; run ./scripts/guest-image", cli.guest.join(f).display()).into());
+            return Err(format!(
+                "{} is missing; run ./scripts/guest-image",
+                cli.guest.join(f).display()
+            )
+            .into());
         }
     }
     let base = std::env::current_dir()?.join("target");
@@ -153,7 +169,9 @@ async fn run(cli: &Cli) -> Res<Report> {
     let _reap = Reaper(dir.path().to_path_buf());
     let (a, t) = host(dir.path(), "a", &cli.guest, cli.accel).await?;
     let (b, _) = host(dir.path(), "b", &cli.guest, cli.accel).await?;
-    let wait = StartOptions { wait_guest: Some(Duration::from_secs(180)) };
+    let wait = StartOptions {
+        wait_guest: Some(Duration::from_secs(180)),
+    };
     let (mut boot, mut down, mut total, mut once) = (vec![], vec![], vec![], vec![]);
     let (mut restore, mut running) = (vec![], vec![]);
     let mut state_bytes = 0;
@@ -162,10 +180,13 @@ async fn run(cli: &Cli) -> Res<Report> {
     let mut last_set = None;
     for i in 0..cli.runs {
         let name = format!("bench-{i}");
-        let spec = VmSpec::new(&name, HardwareProfile::Small).with_memory_mb(cli.memory_mb).with_cores(1);
+        let spec = VmSpec::new(&name, HardwareProfile::Small)
+            .with_memory_mb(cli.memory_mb)
+            .with_cores(1);
         a.create_vm(&spec).await?;
         let vm = VmId::from(name.as_str());
-        a.attach_disk(&vm, &AttachSpec::sata(DiskRef::Uuid(t))).await?;
+        a.attach_disk(&vm, &AttachSpec::sata(DiskRef::Uuid(t)))
+            .await?;
         let s = a.start_vm_with(&vm, wait).await?;
         accel = s.accel.clone();
         boot.push(s.boot_ms.unwrap_or(0) as f64);
@@ -203,7 +224,8 @@ async fn run(cli: &Cli) -> Res<Report> {
             settings = Some(to);
         }
     }
-    b.register_vm(&settings.ok_or("no settings in the set")?).await?;
+    b.register_vm(&settings.ok_or("no settings in the set")?)
+        .await?;
     let there = b.start_vm_with(&vm, wait).await?;
     let continued = there.resumed_state && there.first_heartbeat.is_some_and(|h| h > 1);
     b.power_off(&vm).await?;
@@ -221,7 +243,12 @@ async fn run(cli: &Cli) -> Res<Report> {
         restore_start_to_heartbeat_ms: stats(restore),
         start_to_running_after_restore_ms: stats(running),
         moved_bytes: moved,
-        moved_disk_bytes: set.files.iter().filter(|f| f.role == FileRole::Disk).filter_map(|f| f.bytes).sum(),
+        moved_disk_bytes: set
+            .files
+            .iter()
+            .filter(|f| f.role == FileRole::Disk)
+            .filter_map(|f| f.bytes)
+            .sum(),
         template_bytes: std::fs::metadata(&template)?.len(),
         template_virtual_bytes: info.virtual_size,
         moved_guest_continued: continued,
@@ -251,15 +278,24 @@ fn write_once(dir: &Path, bytes: u64) -> Res<f64> {
 
 fn print_human(r: &Report) {
     let row = |name: &str, s: &Stats| {
-        println!("{name:<40} median {:>8.1} ms  (min {:.1}, max {:.1}, n={})", s.median, s.min, s.max, s.samples)
+        println!(
+            "{name:<40} median {:>8.1} ms  (min {:.1}, max {:.1}, n={})",
+            s.median, s.min, s.max, s.samples
+        )
     };
     println!("accelerator {}, guest memory {} MiB", r.accel, r.memory_mb);
     row("boot to first heartbeat", &r.boot_to_heartbeat_ms);
     row("live snapshot: guest paused", &r.live_snapshot_downtime_ms);
     row("live snapshot: until durable", &r.live_snapshot_total_ms);
     row("writing the state once (fsync)", &r.write_state_once_ms);
-    row("restore + start to first heartbeat", &r.restore_start_to_heartbeat_ms);
-    row("start to running after restore (state loaded)", &r.start_to_running_after_restore_ms);
+    row(
+        "restore + start to first heartbeat",
+        &r.restore_start_to_heartbeat_ms,
+    );
+    row(
+        "start to running after restore (state loaded)",
+        &r.start_to_running_after_restore_ms,
+    );
     println!(
         "state file {} bytes (background-snapshot: {}); moved {} bytes ({} of disk) to resume elsewhere; template {} bytes ({} virtual); guest continued there: {}",
         r.state_bytes, r.background_snapshot, r.moved_bytes, r.moved_disk_bytes, r.template_bytes, r.template_virtual_bytes, r.moved_guest_continued
