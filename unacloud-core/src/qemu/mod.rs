@@ -449,7 +449,7 @@ fn find_disk(st: &State, disk: &DiskRef) -> Result<DiskInfo> {
     };
     found.ok_or_else(|| Error::NotFound {
         kind: "disk",
-        id: format!("{disk} (register it with register_disk first)"),
+        id: format!("{disk} (it is not registered on this host)"),
     })
 }
 
