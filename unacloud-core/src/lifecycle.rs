@@ -452,6 +452,8 @@ impl Lifecycle {
             Some(Step::Stay) => Ok(self.state),
             Some(Step::Rearm) => {
                 self.arm(now, Timer::AgentSilent);
+                // A zero limit is due at once.
+                self.handle_timeout(now);
                 Ok(self.state)
             }
             Some(Step::To(to)) => {
@@ -459,6 +461,9 @@ impl Lifecycle {
                     self.failure = Some(Failure::Reported(reason.clone()));
                 }
                 self.enter(now, to, Cause::Event(event));
+                // The state entered may have a zero limit: it is due at once, so no
+                // timer is left overdue when the call returns.
+                self.handle_timeout(now);
                 Ok(self.state)
             }
         }
