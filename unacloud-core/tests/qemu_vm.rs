@@ -552,3 +552,246 @@ async fn the_running_vm_contract_holds_for_real_vms() {
     assert!(report.skipped.is_empty(), "{report:?}");
     assert!(report.passed.contains(&"power cycle"));
 }
+
+/// Fills the file system of `dir` as far as it goes; returns the filler file.
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let free = unacloud_core::model::disk_space(dir).unwrap().available as i64;
+    let mut chunk = free;
+    let mut at = 0i64;
+    while chunk >= 4096 {
+        match nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), at, chunk) {
+            Ok(()) => at += chunk,
+            Err(_) => chunk /= 2,
+        }
+    }
+    let block = [0u8; 4096];
+    while f.write_all(&block).is_ok() {}
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_during_a_snapshot_fails_it_and_keeps_the_vm() {
+    let Some(g) = guest() else { return };
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    struct Mount(PathBuf);
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=320m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let _mount = Mount(small.clone());
+    let _reap = Reaper(dir.path().to_path_buf());
+    let (hv, t) = host(dir.path(), "a", &g).await;
+    let mut spec = VmSpec::new("full-1", HardwareProfile::Small)
+        .with_memory_mb(128)
+        .with_cores(1);
+    spec.base_folder = Some(small.clone());
+    hv.create_vm(&spec).await.unwrap();
+    let vm = VmId::from("full-1");
+    hv.attach_disk(&vm, &AttachSpec::sata(DiskRef::Uuid(t)))
+        .await
+        .unwrap();
+    hv.start_vm_with(&vm, wait_guest()).await.unwrap();
+    wait_heartbeat(&hv, &vm, 2).await;
+
+    // The room check passes; the disk fills while the memory is being written.
+    let settings = small.join("full-1/full-1.vm.json");
+    let snapshot = hv.take_snapshot_with(&vm, "never", None, true);
+    let filler = async {
+        let until = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&settings)
+            .unwrap_or_default()
+            .contains("\"pending\": {")
+        {
+            assert!(Instant::now() < until, "the snapshot never began");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        fill(&small)
+    };
+    let (result, filler) = tokio::join!(snapshot, filler);
+    assert!(
+        result.is_err(),
+        "a snapshot succeeded on a full disk: {result:?}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+
+    // The VM runs on (a guest that QEMU paused on the full disk resumes once there is
+    // room again), and the next snapshot works: it first completes the failed one's
+    // roll-back, whose record could not be cleared on a full disk.
+    if hv.vm_info(&vm).await.unwrap().state == PowerState::Paused {
+        hv.resume(&vm).await.unwrap();
+    }
+    assert_eq!(hv.vm_info(&vm).await.unwrap().state, PowerState::Running);
+    let h = heartbeat(&hv, &vm).await.unwrap();
+    wait_heartbeat(&hv, &vm, h + 2).await;
+    let ok = hv
+        .take_snapshot_with(&vm, "after", None, true)
+        .await
+        .unwrap();
+    assert!(ok.with_memory);
+    // Nothing of the failed snapshot is left: one snapshot, one state file, no
+    // pending record, a chain with every file present.
+    let tree = hv.snapshot_tree(&vm).await.unwrap();
+    assert_eq!(tree.len(), 1);
+    assert!(hv.vm_settings(&vm).await.unwrap().pending.is_none());
+    let set = hv.vm_files(&vm).await.unwrap();
+    assert!(set.warnings.is_empty(), "{:?}", set.warnings);
+    let states: Vec<_> = std::fs::read_dir(small.join("full-1/Snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sav"))
+        .collect();
+    assert_eq!(states.len(), 1, "{states:?}");
+    hv.power_off(&vm).await.unwrap();
+}
+
+const CHILD_ROOT: &str = "UNACLOUD_TEST_CHILD_ROOT";
+
+/// Run as a separate process by `a_caller_killed_mid_operation_leaves_a_consistent_root`:
+/// opens the root and takes snapshots until it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a child process of another test"]
+async fn child_takes_snapshots_until_killed() {
+    let root = PathBuf::from(std::env::var_os(CHILD_ROOT).expect("run by the parent test"));
+    let live = std::env::var("UNACLOUD_TEST_CHILD_LIVE").is_ok_and(|v| v == "1");
+    let hv = QemuHypervisor::open_configured(&root, QemuImg::new(), tcg())
+        .await
+        .unwrap();
+    for i in 0..200 {
+        hv.take_snapshot_with(&VmId::from("pc-1"), &format!("c{i}"), None, live)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_killed_mid_operation_leaves_a_consistent_root() {
+    let Some(g) = guest() else { return };
+    let _one = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _reap = Reaper(dir.path().to_path_buf());
+    let root = dir.path().join("a");
+    let (hv, t) = host(dir.path(), "a", &g).await;
+    let vm = vm_on(&hv, t, "pc-1").await;
+    hv.start_vm_with(&vm, wait_guest()).await.unwrap();
+    let pid = hv.vm_pid(&vm).await.unwrap();
+    let settings_file = hv.vm_info(&vm).await.unwrap().settings_file.unwrap();
+    let folder = settings_file.parent().unwrap().to_path_buf();
+    drop(hv);
+    // Kill the caller at several moments after its operation began.
+    for (i, delay_ms) in [0u64, 4, 25, 90, 200].into_iter().enumerate() {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "child_takes_snapshots_until_killed",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ROOT, &root)
+            .env(
+                "UNACLOUD_TEST_CHILD_LIVE",
+                if i % 2 == 0 { "1" } else { "0" },
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(&settings_file)
+            .unwrap_or_default()
+            .contains("\"pending\": {")
+        {
+            assert!(Instant::now() < until, "the child never began an operation");
+            assert!(child.try_wait().unwrap().is_none(), "the child ended early");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        // The next open is consistent: no operation half done, the VM runs on (a guest
+        // the caller had paused runs again), every file belongs to the current state's
+        // chain or to a snapshot, and every snapshot's files are there.
+        let hv = QemuHypervisor::open_configured(&root, QemuImg::new(), tcg())
+            .await
+            .unwrap_or_else(|e| panic!("kill {i}: the root does not open again: {e}"));
+        let s = hv.vm_settings(&vm).await.unwrap();
+        assert!(s.pending.is_none(), "kill {i}: {:?}", s.pending);
+        assert_eq!(
+            hv.vm_info(&vm).await.unwrap().state,
+            PowerState::Running,
+            "kill {i}"
+        );
+        assert_eq!(hv.vm_pid(&vm).await.unwrap(), pid);
+        let current = hv.vm_files(&vm).await.unwrap();
+        assert!(
+            current.warnings.is_empty(),
+            "kill {i}: {:?}",
+            current.warnings
+        );
+        let mut known: Vec<PathBuf> = current.files.iter().map(|f| f.path.clone()).collect();
+        for m in &s.snapshots {
+            for d in &m.disks {
+                assert!(
+                    folder.join(&d.file).exists(),
+                    "kill {i}: image of {} missing",
+                    m.name
+                );
+                known.push(std::fs::canonicalize(folder.join(&d.file)).unwrap());
+            }
+            if let Some(f) = &m.state_file {
+                assert!(
+                    folder.join(f).exists(),
+                    "kill {i}: state of {} missing",
+                    m.name
+                );
+                known.push(std::fs::canonicalize(folder.join(f)).unwrap());
+            }
+        }
+        for e in std::fs::read_dir(folder.join("Snapshots"))
+            .unwrap()
+            .flatten()
+        {
+            let p = std::fs::canonicalize(e.path()).unwrap();
+            assert!(
+                known.contains(&p),
+                "kill {i}: {} belongs to nothing",
+                p.display()
+            );
+        }
+        let h = heartbeat(&hv, &vm).await.unwrap();
+        wait_heartbeat(&hv, &vm, h + 1).await;
+        drop(hv);
+    }
+    // The root still works end to end: a snapshot, a power cut, a restore, a start.
+    let hv = QemuHypervisor::open_configured(&root, QemuImg::new(), tcg())
+        .await
+        .unwrap();
+    hv.take_snapshot_with(&vm, "final", None, true)
+        .await
+        .unwrap();
+    hv.power_off(&vm).await.unwrap();
+    hv.restore_snapshot(&vm, "final").await.unwrap();
+    hv.start_vm_with(&vm, wait_guest()).await.unwrap();
+    hv.power_off(&vm).await.unwrap();
+}

@@ -185,6 +185,32 @@ pub(crate) fn is_vm_process(pid: i32, uuid: &str) -> bool {
     cmdline.split(|&b| b == 0).any(|arg| arg == uuid.as_bytes())
 }
 
+/// Waits (at most `within`) until no `qemu-img` process works on a file under
+/// `folder`: one started by a caller that was killed may still be finishing, and
+/// cleaning up under it would race with the file it is about to write.
+pub(crate) async fn wait_for_qemu_img(folder: &Path, within: Duration) {
+    let until = Instant::now() + within;
+    let needle = folder.as_os_str().as_encoded_bytes().to_vec();
+    loop {
+        let busy = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                    return false;
+                };
+                let mut args = cmd.split(|&b| b == 0);
+                let is_img = args.next().is_some_and(|a| a.ends_with(b"qemu-img"));
+                is_img && args.any(|a| a.starts_with(&needle))
+            });
+        if !busy || Instant::now() >= until {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Sends SIGKILL to `pid` and waits (bounded) until it is gone.
 pub(crate) fn kill_and_wait(pid: i32, uuid: &str, within: Duration) -> bool {
     use nix::sys::signal::{kill, Signal};

@@ -185,6 +185,9 @@ pub struct PendingOp {
     /// Files the operation creates, relative to the VM's folder; removed on roll-back.
     #[serde(default)]
     pub new_files: Vec<PathBuf>,
+    /// The operation paused a running guest: a roll-back lets it run again.
+    #[serde(default)]
+    pub resume_after: bool,
 }
 
 /// One snapshot as the settings remember it. A snapshot freezes each disk's current

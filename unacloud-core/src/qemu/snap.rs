@@ -89,6 +89,7 @@ impl QemuHypervisor {
             });
         }
         let running = guard.live.is_some();
+        let guard_running_unpaused = guard.live.as_ref().is_some_and(|l| !l.paused);
         let tag = format!("uc-{}", Uuid::new_v4().simple());
         let snaps = PathBuf::from("Snapshots");
         vm::create_dir(&folder.join(&snaps))?;
@@ -115,6 +116,7 @@ impl QemuHypervisor {
                 op: "snapshot".to_owned(),
                 tag: Some(tag.clone()),
                 new_files: new_files.clone(),
+                resume_after: guard_running_unpaused,
             })
         })
         .await?;
@@ -142,7 +144,7 @@ impl QemuHypervisor {
                 .await
             {
                 cleanup(&new_files);
-                self.change_settings(&vm_name, |s| s.pending = None).await?;
+                self.clear_pending(&vm_name).await;
                 return Err(e);
             }
         }
@@ -181,7 +183,7 @@ impl QemuHypervisor {
                     let _ = live_vm.qmp.execute("cont", None).await;
                 }
                 cleanup(&new_files);
-                self.change_settings(&vm_name, |s| s.pending = None).await?;
+                self.clear_pending(&vm_name).await;
                 return Err(e);
             }
             // The disks now run on the new overlays: record that before anything else
@@ -194,25 +196,28 @@ impl QemuHypervisor {
                     }
                 })
                 .await;
+            let mut resumed = false;
             let saved = async {
                 switched?;
                 vm::start_migration(&mut live_vm.qmp, &state).await?;
                 if background && !was_paused {
                     live_vm.qmp.execute("cont", None).await?;
+                    resumed = true;
                     downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
                 }
                 vm::wait_migration(&mut live_vm.qmp, &state, self.snapshot_timeout).await?;
                 vm::sync_file(&state)
             }
             .await;
-            if !background && !was_paused {
+            // Whatever failed, a guest this call paused runs again.
+            if !was_paused && !resumed {
                 let _ = live_vm.qmp.execute("cont", None).await;
                 downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
             }
             if let Err(e) = saved {
                 // The old overlays stay in the current chain; no snapshot is recorded.
                 let _ = std::fs::remove_file(&state);
-                self.change_settings(&vm_name, |s| s.pending = None).await?;
+                self.clear_pending(&vm_name).await;
                 return Err(e);
             }
             state_bytes = super::run::file_len(&state);
@@ -223,7 +228,7 @@ impl QemuHypervisor {
                     .or_else(|_| std::fs::copy(folder.join(&saved.file), &to).map(drop))
                 {
                     cleanup(&new_files);
-                    self.change_settings(&vm_name, |s| s.pending = None).await?;
+                    self.clear_pending(&vm_name).await;
                     return Err(Error::io(to, e));
                 }
                 state_bytes = super::run::file_len(&to);
@@ -351,6 +356,7 @@ impl QemuHypervisor {
                 op: "restore".to_owned(),
                 tag: Some(tag.clone()),
                 new_files: new_files.clone(),
+                resume_after: false,
             })
         })
         .await?;
@@ -379,7 +385,7 @@ impl QemuHypervisor {
                 for f in &new_files {
                     let _ = std::fs::remove_file(folder.join(f));
                 }
-                self.change_settings(&name, |s| s.pending = None).await?;
+                self.clear_pending(&name).await;
                 return Err(e);
             }
         }
@@ -439,6 +445,7 @@ impl QemuHypervisor {
                 op: "delete-snapshot".to_owned(),
                 tag: Some(tag.clone()),
                 new_files: Vec::new(),
+                resume_after: false,
             })
         })
         .await?;
@@ -563,6 +570,7 @@ impl QemuHypervisor {
             return Ok(());
         };
         tracing::warn!("VM {name}: completing recovery of an interrupted {}", p.op);
+        super::run::wait_for_qemu_img(folder, std::time::Duration::from_secs(30)).await;
         if p.op == "delete-snapshot" {
             if let Some(tag) = &p.tag {
                 return self.finish_delete(name, folder, tag).await;
@@ -572,6 +580,25 @@ impl QemuHypervisor {
         // running process already writes to is kept as the current overlay.
         let mut active_in_process: Vec<PathBuf> = Vec::new();
         if let Some(live) = guard.live.as_mut() {
+            // A memory save the dead caller started runs to its end first (cancelling a
+            // background snapshot half-way is not something to rely on); its file is
+            // then discarded with the rest of the operation.
+            for _ in 0..6000 {
+                let active = live.qmp.execute("query-migrate", None).await.map(|m| {
+                    matches!(
+                        m["status"].as_str(),
+                        Some("setup" | "active" | "device" | "cancelling")
+                    )
+                });
+                if !active.unwrap_or(false) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            if p.resume_after && live.qmp.status().await.is_ok_and(|s| s != "running") {
+                live.qmp.execute("cont", None).await?;
+                live.paused = false;
+            }
             if let Ok(blocks) = live.qmp.execute("query-block", None).await {
                 for f in &p.new_files {
                     let abs = folder.join(f);

@@ -93,10 +93,14 @@ impl QemuHypervisor {
             if !run::is_vm_process(live.rec.pid, &settings.uuid.to_string()) {
                 guard.live = None;
                 self.mark_aborted(&name, &folder).await?;
-                let settings = self.settings_of(&name).await?;
-                return Ok((guard, name, folder, settings));
             }
         }
+        if settings.pending.is_some() {
+            // An earlier operation failed and could not clear its record: finish its
+            // roll-back before anything else.
+            self.recover_pending(&mut guard, &name, &folder).await?;
+        }
+        let settings = self.settings_of(&name).await?;
         Ok((guard, name, folder, settings))
     }
 
@@ -116,6 +120,17 @@ impl QemuHypervisor {
         let e = find_mut(&mut st, &VmId::from(name))?;
         e.update(self.durable, change)?;
         Ok(e.settings.clone())
+    }
+
+    /// Clears the intent record of an operation that failed and was undone. If even that
+    /// write fails (a full disk), the record stays and the roll-back is completed by
+    /// the next operation on the VM or the next open.
+    pub(crate) async fn clear_pending(&self, name: &str) {
+        if let Err(e) = self.change_settings(name, |s| s.pending = None).await {
+            tracing::warn!(
+                "VM {name}: the failed operation's record stays until it can be cleared: {e}"
+            );
+        }
     }
 
     async fn mark_aborted(&self, name: &str, folder: &Path) -> Result<()> {
@@ -360,7 +375,11 @@ impl QemuHypervisor {
                 state: state_without_process(&settings).to_string(),
             });
         };
-        if live.paused == pause {
+        // QEMU also pauses a guest by itself when its disk is full (`io-error`), as
+        // VirtualBox does: such a guest resumes like one the user paused.
+        let status = live.qmp.status().await?;
+        let paused_now = status != "running";
+        if paused_now == pause {
             return Err(Error::InvalidState {
                 operation: op,
                 id: name,
@@ -394,6 +413,7 @@ impl QemuHypervisor {
                 op: "save-state".to_owned(),
                 tag: None,
                 new_files: vec![rel.clone()],
+                resume_after: !live.paused,
             })
         })
         .await?;
@@ -413,7 +433,7 @@ impl QemuHypervisor {
             if !was_paused {
                 let _ = live.qmp.execute("cont", None).await;
             }
-            self.change_settings(&name, |s| s.pending = None).await?;
+            self.clear_pending(&name).await;
             return Err(e);
         }
         let mut live = guard.live.take().expect("checked above");
@@ -471,9 +491,10 @@ impl QemuHypervisor {
         }
         match live.qmp.status().await.as_deref() {
             Ok("running") => PowerState::Running,
-            Ok("paused" | "prelaunch" | "postmigrate" | "finish-migrate" | "suspended") => {
-                PowerState::Paused
-            }
+            Ok(
+                "paused" | "prelaunch" | "postmigrate" | "finish-migrate" | "suspended"
+                | "io-error",
+            ) => PowerState::Paused,
             Ok("inmigrate" | "restore-vm") => PowerState::Restoring,
             Ok("save-vm") => PowerState::Saving,
             Ok("shutdown") => {
