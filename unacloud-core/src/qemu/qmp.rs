@@ -85,6 +85,49 @@ impl Qmp {
     /// Runs one command and returns its `return` value; a QMP error becomes
     /// [`Error::Backend`] naming the command, the error class and QEMU's description.
     pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        let (id, line) = self.command_line(command, arguments);
+        self.writer
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.read_reply(command, id).await
+    }
+
+    /// Hands QEMU an open file under `name` (QMP `getfd`, the descriptor travelling as
+    /// `SCM_RIGHTS` ancillary data), for a later `fd:<name>` migration target: QEMU
+    /// then writes the file itself, with no shell and no helper process.
+    pub async fn send_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let (id, line) = self.command_line("getfd", Some(json!({ "fdname": name })));
+        let raw = [fd.as_raw_fd()];
+        let sock = self.writer.as_ref();
+        loop {
+            sock.writable()
+                .await
+                .map_err(|e| Error::io(&self.path, e))?;
+            let iov = [std::io::IoSlice::new(line.as_bytes())];
+            let sent = sock.try_io(tokio::io::Interest::WRITABLE, || {
+                sendmsg::<()>(
+                    sock.as_raw_fd(),
+                    &iov,
+                    &[ControlMessage::ScmRights(&raw)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match sent {
+                Ok(n) if n == line.len() => break,
+                Ok(_) => return Err(self.protocol("a getfd command was sent in part".to_owned())),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(Error::io(&self.path, e)),
+            }
+        }
+        self.read_reply("getfd", id).await.map(drop)
+    }
+
+    fn command_line(&mut self, command: &str, arguments: Option<Value>) -> (u64, String) {
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = json!({ "execute": command, "id": id });
@@ -93,10 +136,10 @@ impl Qmp {
         }
         let mut line = msg.to_string();
         line.push('\n');
-        self.writer
-            .write_all(line.as_bytes())
-            .await
-            .map_err(|e| Error::io(&self.path, e))?;
+        (id, line)
+    }
+
+    async fn read_reply(&mut self, command: &str, id: u64) -> Result<Value> {
         loop {
             let reply = self.read_message(command_operation(command)).await?;
             if reply.get("event").is_some() {

@@ -158,6 +158,12 @@ impl QemuHypervisor {
             } else {
                 vm::set_background(live_vm, false).await?
             };
+            if let Err(e) = vm::prepare_state_file(&mut live_vm.qmp, &state).await {
+                let _ = std::fs::remove_file(&state);
+                cleanup(&new_files);
+                self.clear_pending(&vm_name).await;
+                return Err(e);
+            }
             let was_paused = live_vm.paused;
             let pause_at = Instant::now();
             if !was_paused {
@@ -199,7 +205,7 @@ impl QemuHypervisor {
             let mut resumed = false;
             let saved = async {
                 switched?;
-                vm::start_migration(&mut live_vm.qmp, &state).await?;
+                vm::start_migration(&mut live_vm.qmp).await?;
                 if background && !was_paused {
                     live_vm.qmp.execute("cont", None).await?;
                     resumed = true;

@@ -678,10 +678,33 @@ pub(crate) async fn set_background(live: &mut Live, on: bool) -> Result<bool> {
     }
 }
 
-/// Starts `migrate` into `file`.
-pub(crate) async fn start_migration(qmp: &mut Qmp, file: &Path) -> Result<()> {
-    let uri = format!("exec:cat > {}", run::shell_quote(file)?);
-    qmp.execute("migrate", Some(json!({ "uri": uri })))
+/// Creates `file` (mode 0600) and hands it to QEMU as the target of the next memory
+/// save, before the guest is paused: the pause itself then runs no shell, opens no
+/// file and starts no process.
+pub(crate) async fn prepare_state_file(qmp: &mut Qmp, file: &Path) -> Result<()> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    // QEMU throttles migrations for networks (128 MiB/s by default); a state file on
+    // the local disk is written as fast as the disk takes it.
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({ "max-bandwidth": 1u64 << 40 })),
+    )
+    .await?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+        .map_err(|e| Error::io(file, e))?;
+    qmp.send_fd(STATE_FD, f.as_fd()).await
+}
+
+const STATE_FD: &str = "unacloud-state";
+
+/// Starts `migrate` of the VM's memory into the file given to [`prepare_state_file`].
+pub(crate) async fn start_migration(qmp: &mut Qmp) -> Result<()> {
+    qmp.execute("migrate", Some(json!({ "uri": format!("fd:{STATE_FD}") })))
         .await
         .map(drop)
 }
@@ -728,7 +751,8 @@ pub(crate) async fn wait_migration(qmp: &mut Qmp, file: &Path, limit: Duration) 
 }
 
 async fn migrate_to_file(qmp: &mut Qmp, file: &Path, limit: Duration) -> Result<()> {
-    start_migration(qmp, file).await?;
+    prepare_state_file(qmp, file).await?;
+    start_migration(qmp).await?;
     wait_migration(qmp, file, limit).await
 }
 
