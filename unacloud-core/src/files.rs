@@ -112,6 +112,23 @@ impl MigrationSet {
         }
     }
 
+    /// Records that the destination must already have the image `uuid` (at `path` on
+    /// this host), unless it is recorded already.
+    ///
+    /// ```
+    /// let mut set = unacloud_core::files::MigrationSet::default();
+    /// set.expect("0a1b", None);
+    /// set.expect("0a1b", None);
+    /// assert_eq!(set.expected_at_destination.len(), 1);
+    /// ```
+    pub fn expect(&mut self, uuid: impl ToString, path: Option<PathBuf>) {
+        let uuid = uuid.to_string();
+        if !self.expected_at_destination.iter().any(|x| x.uuid == uuid) {
+            self.expected_at_destination
+                .push(ExpectedFile { uuid, path });
+        }
+    }
+
     /// Sum of the known file lengths.
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().filter_map(|f| f.bytes).sum()

@@ -47,7 +47,7 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
-use crate::files::{ExpectedFile, FileRole, MigrationSet, VmFile};
+use crate::files::{FileRole, MigrationSet, VmFile};
 use crate::hypervisor::{
     AttachSpec, CloneSpec, DiskRef, GuestCommand, GuestOutput, Hypervisor, SnapshotRef, StartMode,
 };
@@ -940,16 +940,7 @@ fn push_chains(s: &State, set: &mut MigrationSet, attachments: &[DiskAttachment]
         while let Some(u) = cur {
             let Some(d) = s.disks.get(&u) else { break };
             if d.disk_type == DiskType::MultiAttach {
-                if !set
-                    .expected_at_destination
-                    .iter()
-                    .any(|x| x.uuid == u.to_string())
-                {
-                    set.expected_at_destination.push(ExpectedFile {
-                        uuid: u.to_string(),
-                        path: Some(d.location.clone()),
-                    });
-                }
+                set.expect(u, Some(d.location.clone()));
                 break;
             }
             chain.push(d.clone());

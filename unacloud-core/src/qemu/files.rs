@@ -88,24 +88,20 @@ impl QemuHypervisor {
                 if !slot.own {
                     continue;
                 }
-                let frozen = meta
-                    .disks
-                    .iter()
-                    .find(|f| {
-                        f.controller == slot.controller
-                            && f.port == slot.port
-                            && f.device == slot.device
-                    })
-                    .ok_or_else(|| Error::Corrupt {
-                        what: "QEMU VM settings",
-                        path: settings_file.clone(),
-                        reason: format!(
-                            "snapshot {} records no image for disk {}",
-                            meta.name,
-                            slot.file.display()
-                        ),
-                        backup: None,
-                    })?;
+                let frozen =
+                    meta.disks
+                        .iter()
+                        .find(|f| f.is_of(slot))
+                        .ok_or_else(|| Error::Corrupt {
+                            what: "QEMU VM settings",
+                            path: settings_file.clone(),
+                            reason: format!(
+                                "snapshot {} records no image for disk {}",
+                                meta.name,
+                                slot.file.display()
+                            ),
+                            backup: None,
+                        })?;
                 let u = Uuid::new_v4();
                 let rel = PathBuf::from("Snapshots").join(format!("{{{u}}}.qcow2"));
                 fresh_overlays.push((i, frozen.file.clone()));
@@ -339,9 +335,7 @@ impl QemuHypervisor {
                     Some(m) => m
                         .disks
                         .iter()
-                        .find(|f| {
-                            f.controller == d.controller && f.port == d.port && f.device == d.device
-                        })
+                        .find(|f| f.is_of(d))
                         .map(|f| src_folder.join(&f.file))
                         .unwrap_or_else(|| VmSettings::disk_path(&src_folder, d)),
                     None => VmSettings::disk_path(&src_folder, d),

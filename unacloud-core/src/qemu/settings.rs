@@ -67,6 +67,14 @@ pub struct FrozenDisk {
     pub uuid: Uuid,
 }
 
+impl FrozenDisk {
+    /// Whether this is the frozen image of the disk in `slot` (same controller, port
+    /// and device).
+    pub fn is_of(&self, slot: &DiskSlot) -> bool {
+        self.controller == slot.controller && self.port == slot.port && self.device == slot.device
+    }
+}
+
 /// Files to boot the guest's kernel directly (`-kernel`, `-initrd`, `-append`), for
 /// images such as the reference guest whose disk holds no boot loader.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::files::{ExpectedFile, FileRole, MigrationSet, VmFile};
+use crate::files::{FileRole, MigrationSet, VmFile};
 use crate::hypervisor::SnapshotRef;
 use crate::model::{DiskType, Uuid, VmId};
 use crate::tree::{NodeId, Snapshot, SnapshotTree};
@@ -330,23 +330,19 @@ impl QemuHypervisor {
         vm::create_dir(&folder.join(&snaps))?;
         let mut fresh: Vec<(usize, PathBuf, Uuid)> = Vec::new();
         for (i, slot) in settings.disks.iter().enumerate() {
-            let frozen = meta
-                .disks
-                .iter()
-                .find(|f| {
-                    f.controller == slot.controller
-                        && f.port == slot.port
-                        && f.device == slot.device
-                })
-                .ok_or_else(|| Error::Corrupt {
-                    what: "QEMU VM settings",
-                    path: folder.clone(),
-                    reason: format!(
-                        "snapshot {} records no image for disk {}:{}:{}",
-                        meta.name, slot.controller, slot.port, slot.device
-                    ),
-                    backup: None,
-                })?;
+            let frozen =
+                meta.disks
+                    .iter()
+                    .find(|f| f.is_of(slot))
+                    .ok_or_else(|| Error::Corrupt {
+                        what: "QEMU VM settings",
+                        path: folder.clone(),
+                        reason: format!(
+                            "snapshot {} records no image for disk {}:{}:{}",
+                            meta.name, slot.controller, slot.port, slot.device
+                        ),
+                        backup: None,
+                    })?;
             if !folder.join(&frozen.file).exists() {
                 return Err(Error::NotFound {
                     kind: "snapshot disk image",
@@ -371,11 +367,7 @@ impl QemuHypervisor {
             let frozen = meta
                 .disks
                 .iter()
-                .find(|f| {
-                    f.controller == slot.controller
-                        && f.port == slot.port
-                        && f.device == slot.device
-                })
+                .find(|f| f.is_of(slot))
                 .expect("checked above");
             let size = slot.logical_size.unwrap_or(0);
             let made = self
@@ -473,9 +465,7 @@ impl QemuHypervisor {
             .as_ref()
             .and_then(|p| settings.snapshots.iter().find(|m| &m.tag == p));
         for slot in &settings.disks {
-            let same = |f: &&FrozenDisk| {
-                f.controller == slot.controller && f.port == slot.port && f.device == slot.device
-            };
+            let same = |f: &&FrozenDisk| f.is_of(slot);
             let Some(frozen) = meta.disks.iter().find(same) else {
                 continue;
             };
@@ -680,11 +670,7 @@ impl QemuHypervisor {
             let base = settings
                 .disks
                 .iter()
-                .find(|d| {
-                    d.controller == frozen.controller
-                        && d.port == frozen.port
-                        && d.device == frozen.device
-                })
+                .find(|d| frozen.is_of(d))
                 .and_then(|d| d.base.as_ref());
             self.push_chain(
                 &mut set,
@@ -727,16 +713,7 @@ impl QemuHypervisor {
                     len(top),
                 ));
                 if let Some(b) = base {
-                    if !set
-                        .expected_at_destination
-                        .iter()
-                        .any(|x| x.uuid == b.uuid.to_string())
-                    {
-                        set.expected_at_destination.push(ExpectedFile {
-                            uuid: b.uuid.to_string(),
-                            path: Some(b.path.clone()),
-                        });
-                    }
+                    set.expect(b.uuid, Some(b.path.clone()));
                 }
                 return;
             }
@@ -749,16 +726,7 @@ impl QemuHypervisor {
             if let Some(t) = registered.iter().find(|d| {
                 (d.location == canon || d.location == p) && d.disk_type == DiskType::MultiAttach
             }) {
-                if !set
-                    .expected_at_destination
-                    .iter()
-                    .any(|x| x.uuid == t.uuid.to_string())
-                {
-                    set.expected_at_destination.push(ExpectedFile {
-                        uuid: t.uuid.to_string(),
-                        path: Some(t.location.clone()),
-                    });
-                }
+                set.expect(t.uuid, Some(t.location.clone()));
                 break;
             }
             if canon.starts_with(folder) || p.starts_with(folder) {
