@@ -302,3 +302,132 @@ async fn foreign_and_malformed_connections_do_not_disturb_others() {
     assert!(e.to_string().contains("no participant registered"), "{e}");
     ms.stop().await;
 }
+
+/// The protocol's host actions performed through the `Hypervisor` trait (here the
+/// in-memory double; `unacloud-core`'s QEMU tests run the same trait on real VMs):
+/// phase 1 checks that the VM runs and that its host has room, the local snapshot is a
+/// live hypervisor snapshot named after the global snapshot, a resume restores and
+/// starts it.
+#[cfg(feature = "hypervisor")]
+#[tokio::test]
+async fn host_actions_drive_the_hypervisor() {
+    use unacloud_core::hypervisor::{Hypervisor, StartMode};
+    use unacloud_core::memory::InMemoryHypervisor;
+    use unacloud_core::model::{DiskSpace, HardwareProfile, PowerState, VmId, VmSpec};
+    use unacloud_snapshot::net::HostActions;
+    use unacloud_snapshot::protocol::{ActionOutcome, GlobalSnapshotId, HostAction};
+
+    let mem = Arc::new(InMemoryHypervisor::new());
+    let spec = VmSpec::new("tm", HardwareProfile::Small).with_memory_mb(128);
+    mem.create_vm(&spec).await.unwrap();
+    let vm = VmId::from("tm");
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hv: Arc<dyn Hypervisor> = mem.clone();
+    let host = VmHost::new(
+        "tm",
+        Box::new(Recorder { log: log.clone() }),
+        LocalSnapshot::Hypervisor {
+            hv,
+            live: true,
+            margin: 1 << 20,
+        },
+    )
+    .unwrap();
+    let vms = vec!["tm".to_owned()];
+    let check = || HostAction::CheckVmsRunning { vms: vms.clone() };
+    // Phase 1: a VM that is off, and a host without room, are both "not ready".
+    assert_eq!(
+        host.perform(check()).await,
+        ActionOutcome::VmsRunning(false)
+    );
+    mem.start_vm(&vm, StartMode::Headless).await.unwrap();
+    assert_eq!(host.perform(check()).await, ActionOutcome::VmsRunning(true));
+    mem.set_disk_space(DiskSpace {
+        available: 100 << 20,
+        total: 1 << 30,
+    });
+    assert_eq!(
+        host.perform(check()).await,
+        ActionOutcome::VmsRunning(false)
+    );
+    let why = unacloud_snapshot::net::host::hypervisor_ready(mem.as_ref(), "tm", 1 << 20)
+        .await
+        .unwrap_err();
+    assert!(
+        why.contains("needs 135266304 bytes, has 104857600"),
+        "{why}"
+    );
+    mem.set_disk_space(DiskSpace {
+        available: 1 << 30,
+        total: 1 << 30,
+    });
+
+    // Step 3: a live snapshot named after the global snapshot; the VM keeps running.
+    let gs = GlobalSnapshotId(7);
+    let taken = host
+        .perform(HostAction::TakeLocalSnapshots {
+            gs,
+            vms: vms.clone(),
+        })
+        .await;
+    assert!(
+        matches!(taken, ActionOutcome::SnapshotTaken { .. }),
+        "{taken:?}"
+    );
+    let tree = mem.snapshot_tree(&vm).await.unwrap();
+    let node = tree.resolve("gs-7").unwrap();
+    assert!(
+        tree.get(node).unwrap().state_file.is_some(),
+        "taken with memory"
+    );
+    assert_eq!(mem.vm_info(&vm).await.unwrap().state, PowerState::Running);
+
+    // Resume after a power cut: restore (powering off what still runs) and start.
+    let restored = host
+        .perform(HostAction::RestoreLocal {
+            gs,
+            vms: vms.clone(),
+        })
+        .await;
+    assert_eq!(restored, ActionOutcome::Done);
+    assert_eq!(mem.vm_info(&vm).await.unwrap().state, PowerState::Saved);
+    let started = host
+        .perform(HostAction::StartVms { vms: vms.clone() })
+        .await;
+    assert_eq!(started, ActionOutcome::Done);
+    assert_eq!(mem.vm_info(&vm).await.unwrap().state, PowerState::Running);
+    // A retried START is harmless; restoring a global snapshot this VM never took fails.
+    assert_eq!(
+        host.perform(HostAction::StartVms { vms: vms.clone() })
+            .await,
+        ActionOutcome::Done
+    );
+    match host
+        .perform(HostAction::RestoreLocal {
+            gs: GlobalSnapshotId(8),
+            vms,
+        })
+        .await
+    {
+        ActionOutcome::Failed(why) => assert!(why.contains("gs-8"), "{why}"),
+        other => panic!("restoring a missing snapshot gave {other:?}"),
+    }
+}
+
+/// A host whose local snapshot does not capture state refuses to resume, saying why.
+#[tokio::test]
+async fn a_host_that_cannot_capture_state_refuses_to_resume() {
+    use unacloud_snapshot::net::HostActions;
+    use unacloud_snapshot::protocol::{ActionOutcome, HostAction};
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = host(&log);
+    match h
+        .perform(HostAction::StartVms {
+            vms: vec!["vm".into()],
+        })
+        .await
+    {
+        ActionOutcome::Failed(why) => assert!(why.contains("cannot restore or start"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}

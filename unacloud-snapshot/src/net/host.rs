@@ -59,6 +59,25 @@ pub enum LocalSnapshot {
     },
     /// Only wait (tests and dry runs).
     Sleep(Duration),
+    /// Through a hypervisor (feature `hypervisor`): the phase-1 check asks whether the
+    /// VM runs and whether its host has room for the snapshot (the VM's memory plus
+    /// `margin` bytes free where its settings live); the local snapshot is a snapshot
+    /// named `gs-<n>` (live when `live`), `RestoreLocal` powers the VM off if needed and
+    /// restores that snapshot, `StartVms` starts it headless.
+    #[cfg(feature = "hypervisor")]
+    Hypervisor {
+        /// The backend that runs the VM.
+        hv: Arc<dyn unacloud_core::hypervisor::Hypervisor>,
+        /// Keep the VM running while its memory is written.
+        live: bool,
+        /// Free bytes required beyond the VM's memory.
+        margin: u64,
+    },
+}
+
+/// The name of the local snapshot that belongs to global snapshot `gs`.
+pub fn local_snapshot_name(gs: GlobalSnapshotId) -> String {
+    format!("gs-{}", gs.0)
 }
 
 /// Sends SIGCONT when dropped, so a frozen process is never left stopped.
@@ -188,6 +207,20 @@ impl VmHost {
                 drop(thaw);
             }
             LocalSnapshot::Sleep(d) => tokio::time::sleep(*d).await,
+            #[cfg(feature = "hypervisor")]
+            LocalSnapshot::Hypervisor { hv, live, .. } => {
+                hv.take_snapshot(
+                    &inner.vm.as_str().into(),
+                    &local_snapshot_name(gs),
+                    None,
+                    *live,
+                )
+                .await
+                .map_err(|e| Error::LocalSnapshot {
+                    vm: inner.vm.clone(),
+                    reason: chain(&e),
+                })?;
+            }
             LocalSnapshot::Command { argv, timeout } => {
                 let argv: Vec<String> = argv
                     .iter()
@@ -219,12 +252,123 @@ impl VmHost {
         Ok(start.elapsed())
     }
 
-    fn running(inner: &Inner) -> bool {
+    async fn running(inner: &Inner) -> bool {
         match &inner.snapshot {
             LocalSnapshot::Freeze { pid, .. } => kill(Pid::from_raw(*pid), None).is_ok(),
+            #[cfg(feature = "hypervisor")]
+            LocalSnapshot::Hypervisor { hv, margin, .. } => {
+                match hypervisor_ready(hv.as_ref(), &inner.vm, *margin).await {
+                    Ok(()) => true,
+                    Err(why) => {
+                        tracing::warn!(vm = %inner.vm, "not ready for a global snapshot: {why}");
+                        false
+                    }
+                }
+            }
             _ => true,
         }
     }
+
+    #[cfg(feature = "hypervisor")]
+    async fn restore(inner: &Inner, gs: GlobalSnapshotId) -> Result<()> {
+        use unacloud_core::hypervisor::Hypervisor as _;
+        let LocalSnapshot::Hypervisor { hv, .. } = &inner.snapshot else {
+            return Err(cannot_resume(inner));
+        };
+        let id = inner.vm.as_str().into();
+        let fail = |e: unacloud_core::Error| Error::LocalSnapshot {
+            vm: inner.vm.clone(),
+            reason: chain(&e),
+        };
+        let state = hv.vm_info(&id).await.map_err(fail)?.state;
+        if !state.is_startable() {
+            hv.power_off(&id).await.map_err(fail)?;
+        }
+        hv.restore_snapshot(&id, &local_snapshot_name(gs))
+            .await
+            .map_err(fail)
+    }
+
+    #[cfg(feature = "hypervisor")]
+    async fn start(inner: &Inner) -> Result<()> {
+        let LocalSnapshot::Hypervisor { hv, .. } = &inner.snapshot else {
+            return Err(cannot_resume(inner));
+        };
+        let id = inner.vm.as_str().into();
+        let state = hv
+            .vm_info(&id)
+            .await
+            .map_err(|e| Error::LocalSnapshot {
+                vm: inner.vm.clone(),
+                reason: chain(&e),
+            })?
+            .state;
+        if state.is_running() {
+            // Started already (a retried START): nothing to do.
+            return Ok(());
+        }
+        hv.start_vm(&id, unacloud_core::hypervisor::StartMode::Headless)
+            .await
+            .map_err(|e| Error::LocalSnapshot {
+                vm: inner.vm.clone(),
+                reason: chain(&e),
+            })
+    }
+}
+
+/// Restoring and starting need a local snapshot that captures the VM's state.
+fn cannot_resume(inner: &Inner) -> Error {
+    Error::LocalSnapshot {
+        vm: inner.vm.clone(),
+        reason: "this host cannot restore or start VMs (its local snapshot does not capture \
+                 state; use LocalSnapshot::Hypervisor)"
+            .to_string(),
+    }
+}
+
+/// An error and its sources on one line.
+#[cfg(feature = "hypervisor")]
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Whether `vm` runs and its host has room for a snapshot with memory; the reason
+/// when not (naming the VM, the bytes needed and the bytes free).
+#[cfg(feature = "hypervisor")]
+pub async fn hypervisor_ready(
+    hv: &dyn unacloud_core::hypervisor::Hypervisor,
+    vm: &str,
+    margin: u64,
+) -> std::result::Result<(), String> {
+    let info = hv.vm_info(&vm.into()).await.map_err(|e| chain(&e))?;
+    if !info.state.is_running() {
+        return Err(format!("VM {vm} is {}", info.state));
+    }
+    let place = info
+        .settings_file
+        .as_ref()
+        .and_then(|p| p.parent().map(std::path::Path::to_path_buf))
+        .unwrap_or_else(|| std::path::PathBuf::from("."));
+    let space = hv.host_disk_space(&place).await.map_err(|e| chain(&e))?;
+    let needed = info
+        .memory_mb
+        .saturating_mul(1 << 20)
+        .saturating_add(margin);
+    if space.available < needed {
+        return Err(format!(
+            "no room for the local snapshot of VM {vm} at {}: needs {needed} bytes, has {}",
+            place.display(),
+            space.available
+        ));
+    }
+    Ok(())
 }
 
 fn failed(e: Error) -> ActionOutcome {
@@ -240,7 +384,7 @@ impl HostActions for VmHost {
             let t0 = Instant::now();
             let res: Result<ActionOutcome> = match action {
                 HostAction::CheckVmsRunning { .. } => {
-                    Ok(ActionOutcome::VmsRunning(Self::running(&inner)))
+                    Ok(ActionOutcome::VmsRunning(Self::running(&inner).await))
                 }
                 HostAction::SetOutgoingColour(c) => {
                     Self::with_colour(&inner, fast, move |b| b.set_outgoing(Some(c)))
@@ -269,11 +413,17 @@ impl HostActions for VmHost {
                 HostAction::TakeLocalSnapshots { gs, .. } => Self::take_snapshot(inner.clone(), gs)
                     .await
                     .map(|local_time| ActionOutcome::SnapshotTaken { local_time }),
+                #[cfg(feature = "hypervisor")]
+                HostAction::RestoreLocal { gs, .. } => {
+                    Self::restore(&inner, gs).await.map(|()| ActionOutcome::Done)
+                }
+                #[cfg(feature = "hypervisor")]
+                HostAction::StartVms { .. } => {
+                    Self::start(&inner).await.map(|()| ActionOutcome::Done)
+                }
+                #[cfg(not(feature = "hypervisor"))]
                 HostAction::RestoreLocal { .. } | HostAction::StartVms { .. } => {
-                    Ok(ActionOutcome::Failed(format!(
-                        "VM {}: this host cannot restore or start VMs (its local snapshot does not capture state)",
-                        inner.vm
-                    )))
+                    Err(cannot_resume(&inner))
                 }
             };
             let out = res.unwrap_or_else(failed);
