@@ -667,6 +667,47 @@ async fn a_disk_that_fills_during_a_snapshot_fails_it_and_keeps_the_vm() {
 
 const CHILD_ROOT: &str = "UNACLOUD_TEST_CHILD_ROOT";
 
+/// The processes that hold `file` open, with their command lines.
+fn holders_of(file: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == file))
+        {
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            out.push(format!(
+                "{}: {}",
+                p.file_name().to_string_lossy(),
+                String::from_utf8_lossy(&cmd).replace('\0', " ")
+            ));
+        }
+    }
+    out
+}
+
+/// Opens `root` again after its caller was killed. The kill may land while that caller
+/// was starting a helper process (which inherits its descriptors until it execs), so
+/// the root's lock may take a moment to be released; it must be within seconds.
+async fn open_after_kill(root: &Path, i: usize) -> QemuHypervisor {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match QemuHypervisor::open_configured(root, QemuImg::new(), tcg()).await {
+            Ok(hv) => return hv,
+            Err(Error::InUse { .. }) if Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!(
+                "kill {i}: the root does not open again: {e}; the lock is held by {:?}",
+                holders_of(&root.join(".lock"))
+            ),
+        }
+    }
+}
+
 /// Run as a separate process by `a_caller_killed_mid_operation_leaves_a_consistent_root`:
 /// opens the root and takes snapshots until it is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -732,9 +773,7 @@ async fn a_caller_killed_mid_operation_leaves_a_consistent_root() {
         // The next open is consistent: no operation half done, the VM runs on (a guest
         // the caller had paused runs again), every file belongs to the current state's
         // chain or to a snapshot, and every snapshot's files are there.
-        let hv = QemuHypervisor::open_configured(&root, QemuImg::new(), tcg())
-            .await
-            .unwrap_or_else(|e| panic!("kill {i}: the root does not open again: {e}"));
+        let hv = open_after_kill(&root, i).await;
         let s = hv.vm_settings(&vm).await.unwrap();
         assert!(s.pending.is_none(), "kill {i}: {:?}", s.pending);
         assert_eq!(
