@@ -125,6 +125,11 @@
 //!   TCP-like and UDP-like transports, the RCPBT ring workload) with a consistency checker.
 //! * With the `tokio` feature: the TCP transport, host drivers and packet-colouring
 //!   backends (iptables / nftables).
+//! * With the `hypervisor` feature (which depends on `unacloud-core`):
+//!   `net::LocalSnapshot::Hypervisor`, whose host performs the protocol's local snapshots,
+//!   restores and starts through an `Arc<dyn Hypervisor>` and checks in phase 1 that
+//!   each VM runs and has room for its snapshot. Without it the crate needs none of the
+//!   hypervisor layer.
 //!
 //! Faults the original design left open are handled explicitly: a participant silent past a
 //! deadline fails that global snapshot (never offered for restore, ABORT tells the others to
