@@ -449,13 +449,15 @@ pub(crate) fn shell_quote(p: &Path) -> Result<String> {
     Ok(format!("'{}'", s.replace('\'', r"'\''")))
 }
 
-/// Starts the daemonized QEMU process (inside `netns` when given) and returns its pid.
+/// Starts the daemonized QEMU process (inside `netns` when given) and returns its pid,
+/// or `None` when the process ended as soon as it had started (it removes its pid file
+/// when it exits, e.g. because the state it was given to load is unreadable).
 pub(crate) async fn launch(
     sys: &QemuSystem,
     netns: Option<&str>,
     args: &[OsString],
     paths: &RunPaths,
-) -> Result<i32> {
+) -> Result<Option<i32>> {
     let _ = std::fs::remove_file(&paths.pidfile);
     if paths.qmp.exists() {
         // A stale socket of a dead process never blocks a start.
@@ -503,11 +505,18 @@ pub(crate) async fn launch(
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
         return Err(classify_start_failure(&stderr, out.status));
     }
-    let text = std::fs::read_to_string(&paths.pidfile).map_err(|e| Error::io(&paths.pidfile, e))?;
-    text.trim().parse::<i32>().map_err(|_| Error::Backend {
-        backend: BACKEND.to_owned(),
-        message: format!("QEMU wrote a pid file that holds no pid: {text:?}"),
-    })
+    let text = match std::fs::read_to_string(&paths.pidfile) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&paths.pidfile, e)),
+    };
+    text.trim()
+        .parse::<i32>()
+        .map(Some)
+        .map_err(|_| Error::Backend {
+            backend: BACKEND.to_owned(),
+            message: format!("QEMU wrote a pid file that holds no pid: {text:?}"),
+        })
 }
 
 fn program_exists(p: &Path) -> bool {

@@ -230,7 +230,25 @@ impl QemuHypervisor {
         };
         let console_offset = run::file_len(&paths.console_log);
         let t0 = Instant::now();
-        let pid = run::launch(&self.system, netns.as_deref(), &args, &paths).await?;
+        let Some(pid) = run::launch(&self.system, netns.as_deref(), &args, &paths).await? else {
+            RunRecord::remove(&folder);
+            return Err(match &incoming {
+                Some(state) => Error::Corrupt {
+                    what: "saved VM state",
+                    path: state.clone(),
+                    reason: "QEMU could not load it and ended at once; the VM is unchanged"
+                        .to_owned(),
+                    backup: None,
+                },
+                None => Error::Backend {
+                    backend: super::img::BACKEND.to_owned(),
+                    message: format!(
+                        "the QEMU process of VM {name} ended as soon as it started; see {}",
+                        paths.console_log.display()
+                    ),
+                },
+            });
+        };
         let rec = RunRecord {
             pid,
             qmp: paths.qmp.clone(),
