@@ -88,20 +88,7 @@ impl QemuHypervisor {
                 if !slot.own {
                     continue;
                 }
-                let frozen =
-                    meta.disks
-                        .iter()
-                        .find(|f| f.is_of(slot))
-                        .ok_or_else(|| Error::Corrupt {
-                            what: "QEMU VM settings",
-                            path: settings_file.clone(),
-                            reason: format!(
-                                "snapshot {} records no image for disk {}",
-                                meta.name,
-                                slot.file.display()
-                            ),
-                            backup: None,
-                        })?;
+                let frozen = meta.frozen_for(slot, &settings_file)?;
                 let u = Uuid::new_v4();
                 let rel = PathBuf::from("Snapshots").join(format!("{{{u}}}.qcow2"));
                 fresh_overlays.push((i, frozen.file.clone()));
@@ -239,13 +226,7 @@ impl QemuHypervisor {
     /// console log and settings (never a template).
     pub(crate) async fn unregister_vm_files(&self, vm: &VmId, delete_files: bool) -> Result<()> {
         let (guard, name, folder, settings) = self.lock_vm(vm).await?;
-        if guard.live.is_some() {
-            return Err(Error::InvalidState {
-                operation: "unregister",
-                id: name,
-                state: "running".to_owned(),
-            });
-        }
+        guard.refuse_running("unregister", &name, "running")?;
         let mut st = self.state.lock().await;
         let settings_file = find(&st, vm)?.settings_file.clone();
         self.update_registry(&mut st, |reg| reg.vms.retain(|p| *p != settings_file))?;
@@ -283,13 +264,7 @@ impl QemuHypervisor {
     pub(crate) async fn clone_vm_files(&self, source: &VmId, spec: &CloneSpec) -> Result<VmInfo> {
         validate_name(&spec.name)?;
         let (guard, src_name, src_folder, src) = self.lock_vm(source).await?;
-        if guard.live.is_some() {
-            return Err(Error::InvalidState {
-                operation: "clone",
-                id: src_name,
-                state: "running".to_owned(),
-            });
-        }
+        guard.refuse_running("clone", &src_name, "running")?;
         if self.state.lock().await.vms.contains_key(&spec.name) {
             return Err(Error::AlreadyExists {
                 kind: "vm",

@@ -220,22 +220,7 @@ impl QemuImg {
         backing: &Path,
         backing_format: &str,
     ) -> Result<()> {
-        self.run(
-            "create overlay",
-            &[
-                OsStr::new("create"),
-                OsStr::new("-q"),
-                OsStr::new("-f"),
-                OsStr::new("qcow2"),
-                OsStr::new("-b"),
-                backing.as_os_str(),
-                OsStr::new("-F"),
-                OsStr::new(backing_format),
-                path.as_os_str(),
-            ],
-        )
-        .await
-        .map(drop)
+        self.overlay(path, backing, backing_format, None).await
     }
 
     /// Converts an image (`qemu-img convert -f <from> -O <to> src dst`).
@@ -341,25 +326,38 @@ impl QemuImg {
         backing_format: &str,
         size: u64,
     ) -> Result<()> {
-        let size = size.to_string();
-        self.run(
-            "create overlay",
-            &[
-                OsStr::new("create"),
-                OsStr::new("-q"),
-                OsStr::new("-f"),
-                OsStr::new("qcow2"),
-                OsStr::new("-u"),
-                OsStr::new("-b"),
-                backing.as_os_str(),
-                OsStr::new("-F"),
-                OsStr::new(backing_format),
-                path.as_os_str(),
-                OsStr::new(&size),
-            ],
-        )
-        .await
-        .map(drop)
+        self.overlay(path, backing, backing_format, Some(size))
+            .await
+    }
+
+    /// `qemu-img create -f qcow2 -b <backing> -F <format> <path>`, with `-u <size>` when
+    /// the backing image is not to be opened.
+    async fn overlay(
+        &self,
+        path: &Path,
+        backing: &Path,
+        backing_format: &str,
+        unopened_size: Option<u64>,
+    ) -> Result<()> {
+        let size = unopened_size.map(|s| s.to_string());
+        let mut args: Vec<&OsStr> = vec![
+            OsStr::new("create"),
+            OsStr::new("-q"),
+            OsStr::new("-f"),
+            OsStr::new("qcow2"),
+        ];
+        if size.is_some() {
+            args.push(OsStr::new("-u"));
+        }
+        args.extend([
+            OsStr::new("-b"),
+            backing.as_os_str(),
+            OsStr::new("-F"),
+            OsStr::new(backing_format),
+            path.as_os_str(),
+        ]);
+        args.extend(size.as_deref().map(OsStr::new));
+        self.run("create overlay", &args).await.map(drop)
     }
 
     /// Moves an overlay onto another backing image, copying whatever differs so the

@@ -301,13 +301,7 @@ impl QemuHypervisor {
     /// Sets how a VM's network adapter is connected (the VM must not be running).
     pub async fn set_vm_network(&self, vm: &VmId, net: NetConfig) -> Result<()> {
         let (guard, name, _folder, _settings) = self.lock_vm(vm).await?;
-        if guard.live.is_some() {
-            return Err(Error::InvalidState {
-                operation: "change the network of",
-                id: name,
-                state: "running".to_owned(),
-            });
-        }
+        guard.refuse_running("change the network of", &name, "running")?;
         self.change_settings(&name, |s| s.net = net).await.map(drop)
     }
 

@@ -75,6 +75,25 @@ impl FrozenDisk {
     }
 }
 
+impl SnapshotMeta {
+    /// The image the disk in `slot` was frozen in at this snapshot; settings that record
+    /// none are corrupt (`settings_at` names them in the error).
+    pub(crate) fn frozen_for(&self, slot: &DiskSlot, settings_at: &Path) -> Result<&FrozenDisk> {
+        self.disks
+            .iter()
+            .find(|f| f.is_of(slot))
+            .ok_or_else(|| Error::Corrupt {
+                what: "QEMU VM settings",
+                path: settings_at.to_owned(),
+                reason: format!(
+                    "snapshot {} records no image for disk {}:{}:{}",
+                    self.name, slot.controller, slot.port, slot.device
+                ),
+                backup: None,
+            })
+    }
+}
+
 /// Files to boot the guest's kernel directly (`-kernel`, `-initrd`, `-append`), for
 /// images such as the reference guest whose disk holds no boot loader.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

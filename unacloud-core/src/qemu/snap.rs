@@ -301,13 +301,7 @@ impl QemuHypervisor {
     /// VM is `Saved` with the snapshot's memory when it has some, else powered off.
     pub(crate) async fn restore_snapshot_vm(&self, vm: &VmId, selector: &str) -> Result<()> {
         let (guard, name, folder, settings) = self.lock_vm(vm).await?;
-        if guard.live.is_some() {
-            return Err(Error::InvalidState {
-                operation: "restore a snapshot of",
-                id: name,
-                state: "running".to_owned(),
-            });
-        }
+        guard.refuse_running("restore a snapshot of", &name, "running")?;
         let tag = snapshot_tag(&settings, selector)?;
         let meta = settings
             .snapshots
@@ -328,21 +322,9 @@ impl QemuHypervisor {
         }
         let snaps = PathBuf::from("Snapshots");
         vm::create_dir(&folder.join(&snaps))?;
-        let mut fresh: Vec<(usize, PathBuf, Uuid)> = Vec::new();
+        let mut fresh: Vec<(usize, PathBuf, Uuid, PathBuf)> = Vec::new();
         for (i, slot) in settings.disks.iter().enumerate() {
-            let frozen =
-                meta.disks
-                    .iter()
-                    .find(|f| f.is_of(slot))
-                    .ok_or_else(|| Error::Corrupt {
-                        what: "QEMU VM settings",
-                        path: folder.clone(),
-                        reason: format!(
-                            "snapshot {} records no image for disk {}:{}:{}",
-                            meta.name, slot.controller, slot.port, slot.device
-                        ),
-                        backup: None,
-                    })?;
+            let frozen = meta.frozen_for(slot, &folder)?;
             if !folder.join(&frozen.file).exists() {
                 return Err(Error::NotFound {
                     kind: "snapshot disk image",
@@ -350,9 +332,14 @@ impl QemuHypervisor {
                 });
             }
             let u = Uuid::new_v4();
-            fresh.push((i, snaps.join(format!("{{{u}}}.qcow2")), u));
+            fresh.push((
+                i,
+                snaps.join(format!("{{{u}}}.qcow2")),
+                u,
+                frozen.file.clone(),
+            ));
         }
-        let new_files: Vec<PathBuf> = fresh.iter().map(|(_, p, _)| p.clone()).collect();
+        let new_files: Vec<PathBuf> = fresh.iter().map(|(_, p, _, _)| p.clone()).collect();
         self.change_settings(&name, |s| {
             s.pending = Some(PendingOp {
                 op: "restore".to_owned(),
@@ -362,19 +349,14 @@ impl QemuHypervisor {
             })
         })
         .await?;
-        for (i, rel, _) in &fresh {
+        for (i, rel, _, frozen) in &fresh {
             let slot = &settings.disks[*i];
-            let frozen = meta
-                .disks
-                .iter()
-                .find(|f| f.is_of(slot))
-                .expect("checked above");
             let size = slot.logical_size.unwrap_or(0);
             let made = self
                 .img
                 .create_overlay_unopened(
                     &folder.join(rel),
-                    &rel_backing(&snaps, &frozen.file),
+                    &rel_backing(&snaps, frozen),
                     "qcow2",
                     size,
                 )
@@ -390,7 +372,7 @@ impl QemuHypervisor {
         let old_active: Vec<PathBuf> = settings.disks.iter().map(|d| d.file.clone()).collect();
         let old_saved = settings.saved_state.clone();
         self.change_settings(&name, |s| {
-            for (i, rel, u) in &fresh {
+            for (i, rel, u, _) in &fresh {
                 s.disks[*i].file = rel.clone();
                 s.disks[*i].uuid = *u;
             }
@@ -430,13 +412,11 @@ impl QemuHypervisor {
     /// differs, so no content changes), then the frozen image and the state file go.
     pub(crate) async fn delete_snapshot_vm(&self, vm: &VmId, selector: &str) -> Result<()> {
         let (guard, name, folder, settings) = self.lock_vm(vm).await?;
-        if guard.live.is_some() {
-            return Err(Error::InvalidState {
-                operation: "delete a snapshot of",
-                id: name,
-                state: "running (power it off or save its state first)".to_owned(),
-            });
-        }
+        guard.refuse_running(
+            "delete a snapshot of",
+            &name,
+            "running (power it off or save its state first)",
+        )?;
         let tag = snapshot_tag(&settings, selector)?;
         self.change_settings(&name, |s| {
             s.pending = Some(PendingOp {

@@ -64,6 +64,25 @@ pub(crate) struct Runtime {
 
 pub(crate) type RuntimeGuard = tokio::sync::OwnedMutexGuard<Runtime>;
 
+impl Runtime {
+    /// Refuses `operation` on VM `name` while its process runs (`state` says how).
+    pub(crate) fn refuse_running(
+        &self,
+        operation: &'static str,
+        name: &str,
+        state: &str,
+    ) -> Result<()> {
+        if self.live.is_some() {
+            return Err(Error::InvalidState {
+                operation,
+                id: name.to_owned(),
+                state: state.to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl QemuHypervisor {
     /// The runtime of the VM with `uuid`, created on first use.
     pub(crate) fn runtime(&self, uuid: Uuid) -> Arc<tokio::sync::Mutex<Runtime>> {
@@ -89,18 +108,25 @@ impl QemuHypervisor {
             let e = find(&st, vm)?;
             (e.settings.name.clone(), e.folder(), e.settings.clone())
         };
+        let mut changed = false;
         if let Some(live) = &guard.live {
             if !run::is_vm_process(live.rec.pid, &settings.uuid.to_string()) {
                 guard.live = None;
                 self.mark_aborted(&name, &folder).await?;
+                changed = true;
             }
         }
         if settings.pending.is_some() {
             // An earlier operation failed and could not clear its record: finish its
             // roll-back before anything else.
             self.recover_pending(&mut guard, &name, &folder).await?;
+            changed = true;
         }
-        let settings = self.settings_of(&name).await?;
+        let settings = if changed {
+            self.settings_of(&name).await?
+        } else {
+            settings
+        };
         Ok((guard, name, folder, settings))
     }
 
@@ -191,13 +217,7 @@ impl QemuHypervisor {
     /// memory) when it has one, else a fresh boot. See [`StartOptions`].
     pub async fn start_vm_with(&self, vm: &VmId, options: StartOptions) -> Result<StartReport> {
         let (mut guard, name, folder, settings) = self.lock_vm(vm).await?;
-        if guard.live.is_some() {
-            return Err(Error::InvalidState {
-                operation: "start",
-                id: name,
-                state: "running".to_owned(),
-            });
-        }
+        guard.refuse_running("start", &name, "running")?;
         if settings.disks.is_empty() && settings.boot.is_none() {
             return Err(Error::InvalidState {
                 operation: "start",
