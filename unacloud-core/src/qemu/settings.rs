@@ -447,3 +447,51 @@ impl Registry {
         crate::provision::fsutil::write_atomic_with(path, &bytes, durable)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_forms_parse_and_bad_ones_are_typed_errors() {
+        assert_eq!(NetConfig::parse("none", "m").unwrap(), NetConfig::None);
+        assert_eq!(NetConfig::parse("user", "m").unwrap(), NetConfig::User);
+        match NetConfig::parse("tap:pc1:tap0:10.77.0.2/24", "52:54:00:00:00:01").unwrap() {
+            NetConfig::Tap {
+                netns,
+                ifname,
+                ip,
+                mac,
+                ..
+            } => {
+                assert_eq!(netns.as_deref(), Some("pc1"));
+                assert_eq!(
+                    (ifname.as_str(), ip.as_deref()),
+                    ("tap0", Some("10.77.0.2/24"))
+                );
+                assert_eq!(mac, "52:54:00:00:00:01");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            NetConfig::parse("tap::tap0:10.0.0.1/8", "m").unwrap(),
+            NetConfig::Tap { netns: None, .. }
+        ));
+        for bad in [
+            "bridge",
+            "tap:ns:tap0",
+            "tap:ns::10.0.0.1/24",
+            "tap:ns:tap0:10.0.0.1",
+            "tap:ns:tap0:10.0.0.300/24",
+            "tap:ns:tap0:10.0.0.1/33",
+            "tap:ns:a-very-long-tap-name:10.0.0.1/24",
+            "tap:ns:ta p:10.0.0.1/24",
+        ] {
+            assert!(
+                matches!(NetConfig::parse(bad, "m"), Err(Error::InvalidInput(_))),
+                "{bad:?} was accepted"
+            );
+        }
+    }
+}
