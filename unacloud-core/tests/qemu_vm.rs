@@ -127,6 +127,21 @@ async fn wait_heartbeat(hv: &QemuHypervisor, vm: &VmId, at_least: u64) -> u64 {
     }
 }
 
+/// A new host root `a` under `dir` with the VM `pc-1` booted to its first heartbeat.
+async fn booted_pc1(dir: &Path, g: &Guest) -> (QemuHypervisor, PathBuf, VmId) {
+    let (hv, t) = host(dir, "a", g).await;
+    let vm = vm_on(&hv, t, "pc-1").await;
+    hv.start_vm_with(&vm, wait_guest()).await.unwrap();
+    (hv, dir.join("a"), vm)
+}
+
+/// Whether the settings file records an operation under way.
+fn pending_in(settings_file: &Path) -> bool {
+    std::fs::read_to_string(settings_file)
+        .unwrap_or_default()
+        .contains("\"pending\": {")
+}
+
 fn wait_guest() -> StartOptions {
     StartOptions {
         wait_guest: Some(BOOT),
@@ -315,10 +330,7 @@ async fn a_restarted_backend_finds_its_vms_and_a_killed_vm_is_aborted() {
     let _one = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let _reap = Reaper(dir.path().to_path_buf());
-    let root = dir.path().join("a");
-    let (hv, t) = host(dir.path(), "a", &g).await;
-    let vm = vm_on(&hv, t, "pc-1").await;
-    hv.start_vm_with(&vm, wait_guest()).await.unwrap();
+    let (hv, root, vm) = booted_pc1(dir.path(), &g).await;
     let good = hv
         .take_snapshot_with(&vm, "good", None, true)
         .await
@@ -618,10 +630,7 @@ async fn a_disk_that_fills_during_a_snapshot_fails_it_and_keeps_the_vm() {
     let snapshot = hv.take_snapshot_with(&vm, "never", None, true);
     let filler = async {
         let until = Instant::now() + Duration::from_secs(30);
-        while !std::fs::read_to_string(&settings)
-            .unwrap_or_default()
-            .contains("\"pending\": {")
-        {
+        while !pending_in(&settings) {
             assert!(Instant::now() < until, "the snapshot never began");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -731,10 +740,7 @@ async fn a_caller_killed_mid_operation_leaves_a_consistent_root() {
     let _one = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let _reap = Reaper(dir.path().to_path_buf());
-    let root = dir.path().join("a");
-    let (hv, t) = host(dir.path(), "a", &g).await;
-    let vm = vm_on(&hv, t, "pc-1").await;
-    hv.start_vm_with(&vm, wait_guest()).await.unwrap();
+    let (hv, root, vm) = booted_pc1(dir.path(), &g).await;
     let pid = hv.vm_pid(&vm).await.unwrap();
     let settings_file = hv.vm_info(&vm).await.unwrap().settings_file.unwrap();
     let folder = settings_file.parent().unwrap().to_path_buf();
@@ -758,10 +764,7 @@ async fn a_caller_killed_mid_operation_leaves_a_consistent_root() {
             .spawn()
             .unwrap();
         let until = Instant::now() + Duration::from_secs(60);
-        while !std::fs::read_to_string(&settings_file)
-            .unwrap_or_default()
-            .contains("\"pending\": {")
-        {
+        while !pending_in(&settings_file) {
             assert!(Instant::now() < until, "the child never began an operation");
             assert!(child.try_wait().unwrap().is_none(), "the child ended early");
             std::thread::sleep(Duration::from_millis(1));
