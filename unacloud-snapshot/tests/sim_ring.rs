@@ -313,6 +313,7 @@ fn the_report_has_exactly_the_documented_keys() {
         "global_snapshots_completed",
         "restored_from",
         "orphan_messages",
+        "unrestorable_snapshots",
         "violations",
         "sim_time_ms",
         "messages_sent",

@@ -3,7 +3,7 @@
 //! Shared by the coordinator (which runs the steps on its own host) and the participants.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::config::ClearColourPolicy;
 use super::ids::{ActionId, Colour, GlobalSnapshotId};
@@ -23,8 +23,14 @@ pub(crate) fn steps_before_done(policy: ClearColourPolicy) -> u8 {
 }
 /// Index (0-based) of the step that takes the local snapshots.
 pub(crate) const SNAPSHOT_STEP: u8 = 2;
+/// Index of step 6 (stop colouring), run before DONE only by the thesis's order.
+const CLEAR_STEP: u8 = 5;
+/// Pseudo-step index of [`HostAction::AwaitDurable`]: issued after the last step before
+/// DONE when step 3 answered only the snapshot point. Not one of the thesis's six steps.
+pub(crate) const DURABLE_STEP: u8 = 6;
 
-/// The action of phase-2 step `step` (0-based), in the thesis's exact order.
+/// The action of phase-2 step `step` (0-based), in the thesis's exact order, or the wait
+/// for durability ([`DURABLE_STEP`]).
 pub(crate) fn step_action(step: u8, gs: GlobalSnapshotId, vms: &[String]) -> HostAction {
     match step {
         0 => HostAction::SetOutgoingColour(Colour::Pre),
@@ -35,7 +41,11 @@ pub(crate) fn step_action(step: u8, gs: GlobalSnapshotId, vms: &[String]) -> Hos
         },
         3 => HostAction::SetOutgoingColour(Colour::Post),
         4 => HostAction::AcceptIncoming(Colour::Post),
-        _ => HostAction::ClearColour,
+        CLEAR_STEP => HostAction::ClearColour,
+        _ => HostAction::AwaitDurable {
+            gs,
+            vms: vms.to_vec(),
+        },
     }
 }
 
@@ -47,8 +57,85 @@ pub(crate) fn step_name(step: u8) -> &'static str {
         2 => "step 3 (take local snapshots)",
         3 => "step 4 (colour outgoing POSTSNAPSHOT)",
         4 => "step 5 (accept incoming POSTSNAPSHOT)",
-        _ => "step 6 (stop colouring)",
+        CLEAR_STEP => "step 6 (stop colouring)",
+        _ => "waiting for the local snapshots to be durable",
     }
+}
+
+/// The two moments of a host's local snapshot within phase 2, as its driver reported them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct LocalTimes {
+    /// Time from the start of step 3 to the snapshot point (what DONE carries).
+    pub point: Duration,
+    /// Time from the start of step 3 until the snapshots were durable; `None` while
+    /// durability is pending (after [`ActionOutcome::SnapshotPoint`]).
+    pub durable: Option<Duration>,
+}
+
+impl LocalTimes {
+    /// Records the successful outcome of phase-2 step `step`.
+    pub fn record(&mut self, step: u8, outcome: &ActionOutcome) {
+        match (step, outcome) {
+            (SNAPSHOT_STEP, ActionOutcome::SnapshotPoint { local_time }) => {
+                *self = LocalTimes {
+                    point: *local_time,
+                    durable: None,
+                }
+            }
+            (SNAPSHOT_STEP, ActionOutcome::SnapshotTaken { local_time }) => {
+                *self = LocalTimes {
+                    point: *local_time,
+                    durable: Some(*local_time),
+                }
+            }
+            // Any other success of step 3 (e.g. a bare `Done`) claims durable snapshots.
+            (SNAPSHOT_STEP, _) => {
+                *self = LocalTimes {
+                    point: Duration::ZERO,
+                    durable: Some(Duration::ZERO),
+                }
+            }
+            (DURABLE_STEP, ActionOutcome::SnapshotDurable { total_time }) => {
+                self.durable = Some((*total_time).max(self.point));
+            }
+            (DURABLE_STEP, _) => self.durable = Some(self.point),
+            _ => {}
+        }
+    }
+
+    /// The durable time, or the point if durability was never reported.
+    pub fn total(&self) -> Duration {
+        self.durable.unwrap_or(self.point)
+    }
+}
+
+/// What a host does after phase-2 step `step` succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AfterStep {
+    /// Issue this step next.
+    Issue(u8),
+    /// Its part is done: DONE (or, at the coordinator, the own part of completion).
+    Done,
+}
+
+/// The step that follows `step`: the next of the steps before DONE, then
+/// [`DURABLE_STEP`] if durability is still pending, then DONE.
+pub(crate) fn after_step(step: u8, policy: ClearColourPolicy, times: LocalTimes) -> AfterStep {
+    if step == DURABLE_STEP {
+        AfterStep::Done
+    } else if step + 1 < steps_before_done(policy) {
+        AfterStep::Issue(step + 1)
+    } else if times.durable.is_none() {
+        AfterStep::Issue(DURABLE_STEP)
+    } else {
+        AfterStep::Done
+    }
+}
+
+/// Whether `step` is step 6 run before DONE (the thesis's order), after which the idle
+/// drop rule is re-armed at once.
+pub(crate) fn clears_before_done(step: u8, policy: ClearColourPolicy) -> bool {
+    step == CLEAR_STEP && policy == ClearColourPolicy::AfterOwnSnapshot
 }
 
 /// The one outstanding action of a host, with what it was for. Actions without a deadline

@@ -124,12 +124,14 @@ pub enum Message {
         /// The global snapshot to take.
         gs: GlobalSnapshotId,
     },
-    /// Participant → coordinator: my local snapshot is taken and I colour POST (steps 1–5
-    /// done; step 6 waits for RELEASE). (`DONE`)
+    /// Participant → coordinator: my local snapshot is taken and durable, and I colour
+    /// POST (steps 1–5 done, and — after a live snapshot's point — its state is on disk;
+    /// step 6 waits for RELEASE). (`DONE`)
     Done {
         /// The global snapshot.
         gs: GlobalSnapshotId,
-        /// How long the local snapshot(s) of my VMs took (step 3).
+        /// How long the local snapshot(s) of my VMs took (step 3): up to the snapshot
+        /// point, which for a driver answering `SnapshotTaken` is also durability.
         #[serde(with = "micros", rename = "local_time_us")]
         local_time: Duration,
     },

@@ -14,10 +14,12 @@ use super::message::{Envelope, LocalTime};
 /// A state machine's first action is `DropIncoming(Post)`: the idle state of a host drops
 /// incoming POST datagrams. Phase 2 then issues, in this order: `SetOutgoingColour(Pre)`
 /// (step 1), `DropIncoming(Post)` (step 2), `TakeLocalSnapshots` (step 3),
-/// `SetOutgoingColour(Post)` (step 4), `AcceptIncoming(Post)` (step 5); `ClearColour`
-/// (step 6) when the coordinator's RELEASE arrives (see [`super::ClearColourPolicy`]),
-/// followed by `DropIncoming(Post)` to re-arm the idle drop rule. After a `ClearAll` the
-/// idle drop rule is re-armed the same way.
+/// `SetOutgoingColour(Post)` (step 4), `AcceptIncoming(Post)` (step 5) — then, only if
+/// step 3 answered [`ActionOutcome::SnapshotPoint`] (a live snapshot whose state is not on
+/// disk yet), `AwaitDurable`, and DONE once it answered; `ClearColour` (step 6) when the
+/// coordinator's RELEASE arrives (see [`super::ClearColourPolicy`]), followed by
+/// `DropIncoming(Post)` to re-arm the idle drop rule. After a `ClearAll` the idle drop
+/// rule is re-armed the same way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -34,8 +36,12 @@ pub enum HostAction {
     /// `ClearColour` or `ClearAll`): drop incoming datagrams carrying this colour's DSCP
     /// value. Idempotent.
     DropIncoming(Colour),
-    /// Step 3: take a live local snapshot of every VM, in parallel; answer
-    /// [`ActionOutcome::SnapshotTaken`] with the time it took (the slowest VM's time).
+    /// Step 3: take a live local snapshot of every VM, in parallel. Answer
+    /// [`ActionOutcome::SnapshotTaken`] with the time it took (the slowest VM's time) once
+    /// the snapshots are durable (on disk), or [`ActionOutcome::SnapshotPoint`] as soon as
+    /// every VM's state is fixed (the snapshot point; the guests run on) while it is still
+    /// being written — the state machine then asks for [`HostAction::AwaitDurable`] after
+    /// steps 4 and 5.
     TakeLocalSnapshots {
         /// The global snapshot the local snapshots belong to (name them after it).
         gs: GlobalSnapshotId,
@@ -44,6 +50,18 @@ pub enum HostAction {
     },
     /// Step 5: stop dropping incoming datagrams of this colour.
     AcceptIncoming(Colour),
+    /// After step 5, only if step 3 answered [`ActionOutcome::SnapshotPoint`]: wait until
+    /// the local snapshots of `gs` are durable (their state is on disk and survives a power
+    /// failure); answer [`ActionOutcome::SnapshotDurable`], or [`ActionOutcome::Failed`]
+    /// if they cannot be made durable. DONE is sent only after it; a failure or the
+    /// snapshot deadline fails the global snapshot like any failed step. Never issued to a
+    /// driver that answers step 3 with [`ActionOutcome::SnapshotTaken`].
+    AwaitDurable {
+        /// The global snapshot the local snapshots belong to.
+        gs: GlobalSnapshotId,
+        /// The host's VMs.
+        vms: Vec<String>,
+    },
     /// Step 6 (on RELEASE): stop colouring outgoing datagrams.
     ClearColour,
     /// Safety cleanup after an abort, a failed step or a deadline: remove every colour and
@@ -76,6 +94,7 @@ impl HostAction {
             HostAction::DropIncoming(_) => "drop incoming colour",
             HostAction::TakeLocalSnapshots { .. } => "take local snapshots",
             HostAction::AcceptIncoming(_) => "accept incoming colour",
+            HostAction::AwaitDurable { .. } => "await durability",
             HostAction::ClearColour => "clear colour",
             HostAction::ClearAll => "clear all rules",
             HostAction::RestoreLocal { .. } => "restore local snapshots",
@@ -93,11 +112,28 @@ pub enum ActionOutcome {
     Done,
     /// Answer to [`HostAction::CheckVmsRunning`]: whether all VMs run.
     VmsRunning(bool),
-    /// Answer to [`HostAction::TakeLocalSnapshots`]: the local snapshots exist.
+    /// Answer to [`HostAction::TakeLocalSnapshots`]: the local snapshots exist and are
+    /// durable — their point and their durability coincide. No
+    /// [`HostAction::AwaitDurable`] follows.
     SnapshotTaken {
         /// How long taking them took (all VMs, in parallel).
         #[serde(with = "super::message::micros", rename = "local_time_us")]
         local_time: Duration,
+    },
+    /// Answer to [`HostAction::TakeLocalSnapshots`] for a live snapshot: every VM's state
+    /// is fixed (the snapshot point) and the guests run on, but the state is still being
+    /// written (durability pending). Steps 4 and 5 follow at once; DONE waits for
+    /// [`HostAction::AwaitDurable`].
+    SnapshotPoint {
+        /// Time from the start of step 3 to the snapshot point (all VMs, in parallel).
+        #[serde(with = "super::message::micros", rename = "local_time_us")]
+        local_time: Duration,
+    },
+    /// Answer to [`HostAction::AwaitDurable`]: the local snapshots are on disk.
+    SnapshotDurable {
+        /// Time from the start of step 3 until the snapshots were durable (all VMs).
+        #[serde(with = "super::message::micros", rename = "total_time_us")]
+        total_time: Duration,
     },
     /// The action failed; the text says why.
     Failed(String),
@@ -209,12 +245,18 @@ pub enum ProtocolEvent {
         /// Why.
         why: FailureReason,
     },
-    /// Participant: its local snapshot is taken (steps 1–5 done) and DONE was sent.
+    /// Participant: its local snapshot is taken and durable (steps 1–5 done, and the wait
+    /// for durability after a live snapshot's point) and DONE was sent.
     LocalSnapshotCompleted {
         /// The global snapshot.
         gs: GlobalSnapshotId,
-        /// How long the local snapshot(s) took.
+        /// Time from the start of step 3 to the snapshot point (the value DONE carries).
         local_time: Duration,
+        /// Time from the start of step 3 until the local snapshot(s) were durable: the
+        /// time [`ActionOutcome::SnapshotDurable`] reported, or `local_time` when the
+        /// driver answered [`ActionOutcome::SnapshotTaken`] (point and durability
+        /// coincide).
+        total_time: Duration,
     },
     /// Participant: the global snapshot was aborted or a step failed; ClearAll was issued
     /// (or nothing needed cleaning). Its local snapshots of `gs`, if any, are not part of

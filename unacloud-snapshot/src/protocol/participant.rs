@@ -6,6 +6,12 @@
 //! the coordinator's RELEASE says every host has taken its local snapshot, and performs
 //! step 6 only then ([`ClearColourPolicy::OnRelease`]).
 //!
+//! A live local snapshot has two moments: the snapshot point (the VMs' state is fixed,
+//! [`ActionOutcome::SnapshotPoint`]) and durability (the state is on disk). Steps 4 and 5
+//! follow the point at once; DONE waits for [`HostAction::AwaitDurable`], so the
+//! coordinator never records a global snapshot that a power failure could still make
+//! unrestorable.
+//!
 //! Safety rule: if the steps have not completed, or neither RELEASE nor ABORT arrived,
 //! `timeouts.snapshot` after TAKE_SNAPSHOT (a hung hypervisor, a lost completion, a
 //! vanished coordinator) it issues [`HostAction::ClearAll`] by itself. So neither a
@@ -17,7 +23,10 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::config::{ClearColourPolicy, ParticipantConfig};
-use super::host::{step_action, step_name, steps_before_done, Host, RulePurpose, SNAPSHOT_STEP};
+use super::host::{
+    after_step, clears_before_done, step_action, step_name, AfterStep, Host, LocalTimes,
+    RulePurpose,
+};
 use super::ids::{ActionId, GlobalSnapshotId, ParticipantId, ResumeAttempt};
 use super::message::{Envelope, Message};
 use super::output::{ActionOutcome, HostAction, Output, ProtocolEvent};
@@ -58,10 +67,11 @@ enum SnapState {
     Idle,
     Checking,
     Checked(bool),
-    /// Steps 1–5 (or 6) run; `local_time` is set once step 3 reported it.
+    /// Steps 1–5 (or 6), then the wait for durability, run; `times` are set once step 3
+    /// (and the wait) reported them.
     Steps {
         deadline: Instant,
-        local_time: Duration,
+        times: LocalTimes,
     },
     /// DONE sent; the host colours POST until RELEASE, ABORT or the deadline.
     Holding {
@@ -506,7 +516,7 @@ impl Participant {
         let deadline = now + self.config.timeouts.snapshot;
         self.snap = SnapState::Steps {
             deadline,
-            local_time: Duration::ZERO,
+            times: LocalTimes::default(),
         };
         let action = step_action(0, gs, &self.config.vms);
         self.host
@@ -516,7 +526,7 @@ impl Participant {
     fn step_done(&mut self, now: Instant, gs: GlobalSnapshotId, step: u8, outcome: ActionOutcome) {
         let SnapState::Steps {
             deadline,
-            mut local_time,
+            mut times,
         } = self.snap
         else {
             // Aborted while the step ran: remove whatever it installed.
@@ -532,41 +542,38 @@ impl Participant {
             self.abandon_snapshot(now, gs, reason, true);
             return;
         }
-        if step == SNAPSHOT_STEP {
-            if let ActionOutcome::SnapshotTaken { local_time: t } = outcome {
-                local_time = t;
-            }
-        }
+        times.record(step, &outcome);
+        self.snap = SnapState::Steps { deadline, times };
         let policy = self.config.clear_colour;
-        if step + 1 < steps_before_done(policy) {
-            self.snap = SnapState::Steps {
-                deadline,
-                local_time,
-            };
-            let action = step_action(step + 1, gs, &self.config.vms);
-            self.host
-                .issue(&mut self.out, Purpose::Step(gs, step + 1), action, deadline);
-        } else {
-            match policy {
-                // Keep colouring POST until RELEASE, ABORT or the deadline.
-                ClearColourPolicy::OnRelease => {
-                    self.snap = SnapState::Holding {
+        if clears_before_done(step, policy) {
+            // The thesis: step 6 is done; back to the idle drop rule (a wait for
+            // durability queues behind it).
+            self.arm_idle_drop();
+        }
+        match after_step(step, policy, times) {
+            AfterStep::Issue(next) => {
+                let action = step_action(next, gs, &self.config.vms);
+                self.host
+                    .issue_or_queue(&mut self.out, Purpose::Step(gs, next), action, deadline);
+            }
+            AfterStep::Done => {
+                let local_time = times.point;
+                self.snap = match policy {
+                    // Keep colouring POST until RELEASE, ABORT or the deadline.
+                    ClearColourPolicy::OnRelease => SnapState::Holding {
                         local_time,
                         deadline,
-                    }
-                }
-                // The thesis: step 6 is done; back to the idle drop rule.
-                ClearColourPolicy::AfterOwnSnapshot => {
-                    self.snap = SnapState::Done(local_time);
-                    self.arm_idle_drop();
-                }
+                    },
+                    ClearColourPolicy::AfterOwnSnapshot => SnapState::Done(local_time),
+                };
+                self.send(Message::Done { gs, local_time });
+                self.out
+                    .push_back(Output::Event(ProtocolEvent::LocalSnapshotCompleted {
+                        gs,
+                        local_time,
+                        total_time: times.total(),
+                    }));
             }
-            self.send(Message::Done { gs, local_time });
-            self.out
-                .push_back(Output::Event(ProtocolEvent::LocalSnapshotCompleted {
-                    gs,
-                    local_time,
-                }));
         }
     }
 
@@ -582,7 +589,9 @@ impl Participant {
         let why = || format!("aborted by the coordinator: {reason}");
         match self.snap {
             SnapState::Steps { .. } if matches!(self.host.queued(), Some(Purpose::Step(..))) => {
-                // Step 1 had not been issued yet: nothing to clean.
+                // Step 1 had not been issued yet, or (thesis order) step 6 is done and the
+                // wait for durability queues behind re-arming the idle drop rule: nothing
+                // to clean.
                 self.host.drop_queued();
                 self.abandon_snapshot(now, gs, why(), false);
             }

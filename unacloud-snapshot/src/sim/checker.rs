@@ -9,9 +9,14 @@
 //!   it is in the sender's retransmission buffer. For the UDP-like transport a message in
 //!   the channel is a lost datagram (SPEC §5, category 2), which UDP applications accept:
 //!   it is counted, not reported as a violation.
+//! * Durability — a global snapshot recorded complete is restorable: every host's local
+//!   snapshot of it is on that host's disk ([`check_durability`]). A live local snapshot is
+//!   fixed at its point but durable only later; a host that powers off in between loses
+//!   it, and a global snapshot completed before that makes a restore fail.
 
 use serde::Serialize;
 
+use super::harness::Host;
 use super::transport::TransportKind;
 use super::vm::Vm;
 
@@ -59,6 +64,43 @@ impl SnapshotVerdict {
     pub fn is_consistent(&self) -> bool {
         self.violations() == 0
     }
+}
+
+/// Whether the local snapshots of one global snapshot are durable on every host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DurabilityVerdict {
+    /// Hosts whose local snapshot is past its point but still being written: not
+    /// restorable yet, and lost if the host powers off now.
+    pub pending: Vec<usize>,
+    /// Hosts with no local snapshot at all: for a completed global snapshot, the host
+    /// powered off between the point and durability. A restore from it fails.
+    pub lost: Vec<usize>,
+}
+
+impl DurabilityVerdict {
+    /// Whether every host's local snapshot is on its disk (a restore can succeed).
+    pub fn is_durable(&self) -> bool {
+        self.pending.is_empty() && self.lost.is_empty()
+    }
+}
+
+/// Checks where every host's local snapshot of global snapshot `gs` is: on disk, still
+/// being written ([`DurabilityVerdict::pending`]) or nowhere ([`DurabilityVerdict::lost`]).
+/// A correct protocol records `gs` complete only when it is durable everywhere, so for a
+/// completed global snapshot both lists stay empty at every instant.
+pub fn check_durability(hosts: &[Host], gs: u64) -> DurabilityVerdict {
+    let mut v = DurabilityVerdict::default();
+    for h in hosts {
+        if h.disk.contains_key(&gs) {
+            continue;
+        }
+        if h.volatile.contains_key(&gs) {
+            v.pending.push(h.id);
+        } else {
+            v.lost.push(h.id);
+        }
+    }
+    v
 }
 
 /// Checks a global snapshot made of one captured [`Vm`] per ring peer (index = peer id).

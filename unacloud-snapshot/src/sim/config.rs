@@ -47,6 +47,10 @@ impl FromStr for RestoreFrom {
 /// order instead, which the checker shows inconsistent (see the
 /// [module documentation](super)).
 ///
+/// Local snapshots are durable at their point by default (`durability_max` = 0); a
+/// durability delay makes them live snapshots with two moments (point, then on disk), and
+/// `done_before_durable` is the negative control that sends DONE at the point.
+///
 /// Times are virtual: the ring's 0.2 ms LAN hops and the snapshot durations cost no wall
 /// clock. Local snapshots are scaled down from the thesis's seconds to milliseconds so
 /// that a ring of a few hundred tokens interleaves with several global snapshots; what
@@ -91,6 +95,24 @@ pub struct RingConfig {
     /// Longest local snapshot (step 3).
     #[serde(with = "super::serde_us::micros", rename = "local_snapshot_max_us")]
     pub local_snapshot_max: Duration,
+    /// Shortest time from a local snapshot's point (the VM's state is fixed, the guest runs
+    /// on) until its state is on the host's disk (durable), drawn uniformly per host and
+    /// snapshot — e.g. the time to write the VM's memory. With `durability_max` = 0 (the
+    /// default) point and durability coincide: hosts answer step 3 with `SnapshotTaken`.
+    /// Otherwise they answer `SnapshotPoint`, the protocol waits for durability
+    /// (`AwaitDurable`) before DONE, and a host powered off before durability loses that
+    /// local snapshot.
+    #[serde(with = "super::serde_us::micros", rename = "durability_min_us")]
+    pub durability_min: Duration,
+    /// Longest time from a local snapshot's point until it is durable.
+    #[serde(with = "super::serde_us::micros", rename = "durability_max_us")]
+    pub durability_max: Duration,
+    /// Negative control: hosts answer step 3 with `SnapshotTaken` at the snapshot point
+    /// although the state is still being written (durability `durability_min..max` later),
+    /// so DONE is sent before durability. A host powered off in that window leaves a
+    /// global snapshot recorded complete that cannot be restored. Needs
+    /// `durability_max` > 0.
+    pub done_before_durable: bool,
     /// Time a host takes for every other action (colour, filter, VM check, start): the
     /// hand-off between the protocol and the host's firewall or hypervisor.
     #[serde(with = "super::serde_us::micros", rename = "action_latency_us")]
@@ -150,6 +172,9 @@ impl Default for RingConfig {
             link: LinkConfig::default(),
             local_snapshot_min: Duration::from_millis(1),
             local_snapshot_max: Duration::from_millis(3),
+            durability_min: Duration::ZERO,
+            durability_max: Duration::ZERO,
+            done_before_durable: false,
             action_latency: Duration::from_micros(50),
             restore_time: Duration::from_millis(2),
             think: Duration::ZERO,
@@ -214,6 +239,18 @@ impl RingConfig {
                 "local snapshot duration range {:?}..{:?} is empty",
                 self.local_snapshot_min, self.local_snapshot_max
             ));
+        }
+        if self.durability_min > self.durability_max {
+            return bad(format!(
+                "durability delay range {:?}..{:?} is empty",
+                self.durability_min, self.durability_max
+            ));
+        }
+        if self.done_before_durable && self.durability_max.is_zero() {
+            return bad(
+                "done_before_durable needs a durability delay (durability_max > 0): without one the snapshot point and durability coincide"
+                    .into(),
+            );
         }
         if self.tcp.rto.is_zero() {
             return bad("tcp.rto is 0: the retransmission timer would spin".into());

@@ -14,7 +14,7 @@
 //! * A local snapshot captures a VM's whole state (application, transport buffers, timers);
 //!   a restore replaces it. A crash powers a host off at any instant.
 //! * [`check_global_snapshot`] verifies SPEC Eq. 5.2 and 5.3 on every completed global
-//!   snapshot.
+//!   snapshot; [`check_durability`] that every host's local snapshot of it is on disk.
 //!
 //! The harness ([`Cluster`]) follows quinn-proto's test `Pair`: [`Cluster::step`] and
 //! [`Cluster::drive_bounded`], which fails loudly on livelock.
@@ -43,6 +43,16 @@
 //! * **A host driver must not let the VM send between the snapshot's consistency point and
 //!   step 4.** The simulated host keeps the VM paused in that window; otherwise datagrams
 //!   sent after the snapshot leave with the PRE colour.
+//! * **DONE must wait for durability.** A live local snapshot has two moments: its point
+//!   (the VM's state is fixed, the guest runs on) and durability (the state is on disk).
+//!   Steps 4 and 5 may follow the point; DONE may not. With a durability delay
+//!   (`RingConfig::durability_min..durability_max`) the protocol core waits for
+//!   `AwaitDurable` before DONE, so a host that powers off between point and durability
+//!   fails that global snapshot and the previous one stays restorable.
+//!   `RingConfig::done_before_durable` (`ring_sim --done-before-durable`) is the negative
+//!   control: DONE at the point, and the same power failure leaves a global snapshot
+//!   recorded complete that cannot be restored ([`check_durability`],
+//!   `RingReport::unrestorable_snapshots`).
 //! * **Colouring POST early is conservative, not wrong**: receivers drop more datagrams,
 //!   which TCP retransmits; it is therefore no negative control. Disabling the filter, or
 //!   accepting POST before the snapshot, are (see the `sim_controls` tests).
@@ -79,7 +89,9 @@ mod serde_us;
 mod transport;
 mod vm;
 
-pub use checker::{check_global_snapshot, ChannelVerdict, SnapshotVerdict};
+pub use checker::{
+    check_durability, check_global_snapshot, ChannelVerdict, DurabilityVerdict, SnapshotVerdict,
+};
 pub use config::{RestoreFrom, RingConfig};
 pub use harness::{vm_name, Cluster, GsRecord, Host, LocalSnapshot, Stats};
 pub use idset::IdSet;

@@ -2,13 +2,14 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::checker::check_durability;
 use super::harness::Cluster;
 
 /// What one ring run produced. Serialises to one JSON object with exactly these keys.
 ///
-/// `lost`, `duplicated`, `orphan_messages` and `violations` are counted — from the final
-/// application states and by the checker over every completed global snapshot — never
-/// assumed.
+/// `lost`, `duplicated`, `orphan_messages`, `unrestorable_snapshots` and `violations` are
+/// counted — from the final application states and by the checker over every completed
+/// global snapshot — never assumed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RingReport {
     /// Peers in the ring.
@@ -30,8 +31,13 @@ pub struct RingReport {
     pub restored_from: Option<u64>,
     /// Orphan messages (SPEC Eq. 5.3) over every completed global snapshot.
     pub orphan_messages: u64,
+    /// Completed global snapshots that cannot be restored: some host lost its local
+    /// snapshot of it (powered off between the snapshot point and durability).
+    #[serde(default)]
+    pub unrestorable_snapshots: u64,
     /// Consistency violations: orphans and unrecoverable messages over every completed
-    /// global snapshot, datagrams of a replaced timeline delivered after a restore, and
+    /// global snapshot, local snapshots of completed global snapshots lost before they
+    /// were durable, datagrams of a replaced timeline delivered after a restore, and
     /// messages the final states received but their senders never sent.
     pub violations: u64,
     /// Virtual time of the run.
@@ -71,6 +77,11 @@ pub struct SnapshotReport {
     pub recoverable_in_channel: u64,
     /// Checker: datagrams in a channel, lost after a restore (UDP-like, tolerated).
     pub datagrams_in_channel: u64,
+    /// Checker: hosts whose local snapshot of this completed global snapshot was lost
+    /// before it was durable — the catalog offers a global snapshot that cannot be
+    /// restored.
+    #[serde(default)]
+    pub lost_before_durable: Vec<usize>,
     /// Why it failed.
     pub failure: Option<String>,
 }
@@ -127,6 +138,7 @@ impl RingReport {
 
         let mut snapshots = Vec::new();
         let (mut started, mut completed, mut orphans, mut snapshot_violations) = (0, 0, 0, 0);
+        let mut unrestorable = 0;
         let mut overheads = Vec::new();
         for r in c.records().values() {
             if r.started.is_none() {
@@ -149,6 +161,15 @@ impl RingReport {
             let v = r.verdict.clone().unwrap_or_default();
             orphans += v.orphans;
             snapshot_violations += v.violations();
+            let lost_before_durable = if r.completed.is_some() {
+                check_durability(hosts, r.id).lost
+            } else {
+                Vec::new()
+            };
+            if !lost_before_durable.is_empty() {
+                unrestorable += 1;
+                snapshot_violations += lost_before_durable.len() as u64;
+            }
             snapshots.push(SnapshotReport {
                 id: r.id,
                 status: status.into(),
@@ -162,6 +183,7 @@ impl RingReport {
                 unrecoverable: v.unrecoverable,
                 recoverable_in_channel: v.recoverable,
                 datagrams_in_channel: v.datagrams_in_channel,
+                lost_before_durable,
                 failure: r.failure.clone(),
             });
         }
@@ -180,6 +202,7 @@ impl RingReport {
             global_snapshots_completed: completed,
             restored_from: c.restored_from(),
             orphan_messages: orphans,
+            unrestorable_snapshots: unrestorable,
             violations: snapshot_violations + s.stale_deliveries + phantoms,
             sim_time_ms: ms(c.elapsed()),
             messages_sent: s.app_messages_sent,

@@ -41,6 +41,14 @@ pub struct Cluster {
     pub vms_stopped: BTreeSet<ParticipantId>,
     /// Hosts whose local snapshots fail.
     pub snapshot_fails: BTreeSet<ParticipantId>,
+    /// Hosts that take live local snapshots: step 3 answers `SnapshotPoint`, and
+    /// `AwaitDurable` answers `SnapshotDurable` (instead of `SnapshotTaken` at once).
+    pub live: BTreeSet<ParticipantId>,
+    /// Live hosts whose local snapshots never become durable (`AwaitDurable` fails).
+    pub durable_fails: BTreeSet<ParticipantId>,
+    /// Per host, in order: `issue <action kind>`, `complete <action kind>`,
+    /// `send <message kind>` and `event <variant>`.
+    pub log: Vec<(ParticipantId, String)>,
     pub rng: Option<ChaCha8Rng>,
 }
 
@@ -80,6 +88,9 @@ impl Cluster {
             down: BTreeSet::new(),
             vms_stopped: BTreeSet::new(),
             snapshot_fails: BTreeSet::new(),
+            live: BTreeSet::new(),
+            durable_fails: BTreeSet::new(),
+            log: Vec::new(),
             rng: None,
         };
         // Every host starts by arming its idle drop rule (logged in `actions`).
@@ -121,16 +132,26 @@ impl Cluster {
                         continue;
                     }
                     self.messages += 1;
+                    self.log
+                        .push((host, format!("send {}", env.message.kind())));
                     self.transmitted.push(env.clone());
                     if !self.down.contains(&env.to) && !self.down.contains(&host) {
                         self.in_flight.push_back(env);
                     }
                 }
                 Output::Action { id, action } => {
+                    self.log.push((host, format!("issue {}", action.kind())));
                     self.actions.push((host, action.clone()));
                     self.pending.push_back(PendingAction { host, id, action });
                 }
-                Output::Event(e) => self.events.push((host, e)),
+                Output::Event(e) => {
+                    let name: String = format!("{e:?}")
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric())
+                        .collect();
+                    self.log.push((host, format!("event {name}")));
+                    self.events.push((host, e));
+                }
             }
         }
     }
@@ -143,8 +164,19 @@ impl Cluster {
             HostAction::TakeLocalSnapshots { .. } if self.snapshot_fails.contains(&host) => {
                 ActionOutcome::Failed("disk full".into())
             }
+            HostAction::TakeLocalSnapshots { .. } if self.live.contains(&host) => {
+                ActionOutcome::SnapshotPoint {
+                    local_time: Duration::from_millis(1000 + u64::from(host.0)),
+                }
+            }
             HostAction::TakeLocalSnapshots { .. } => ActionOutcome::SnapshotTaken {
                 local_time: Duration::from_millis(1000 + u64::from(host.0)),
+            },
+            HostAction::AwaitDurable { .. } if self.durable_fails.contains(&host) => {
+                ActionOutcome::Failed("write error".into())
+            }
+            HostAction::AwaitDurable { .. } => ActionOutcome::SnapshotDurable {
+                total_time: Duration::from_millis(3000 + u64::from(host.0)),
             },
             _ => ActionOutcome::Done,
         }
@@ -152,6 +184,8 @@ impl Cluster {
 
     pub fn complete(&mut self, a: PendingAction, outcome: ActionOutcome) {
         let now = self.now;
+        self.log
+            .push((a.host, format!("complete {}", a.action.kind())));
         if a.host.is_coordinator() {
             self.coord
                 .handle_action_complete(now, a.id, outcome)
@@ -341,6 +375,36 @@ pub fn snapshot_actions(gs: GlobalSnapshotId, host: u32) -> Vec<HostAction> {
     v.extend(six_steps(gs, host));
     v.push(idle_drop());
     v
+}
+
+/// Every action of one global snapshot at a host that takes live local snapshots: like
+/// [`snapshot_actions`], with the wait for durability between step 5 and DONE.
+pub fn live_snapshot_actions(gs: GlobalSnapshotId, host: u32) -> Vec<HostAction> {
+    let mut v = snapshot_actions(gs, host);
+    v.insert(6, await_durable(gs, host));
+    v
+}
+
+/// The wait for durability of `host`'s local snapshots of `gs`.
+pub fn await_durable(gs: GlobalSnapshotId, host: u32) -> HostAction {
+    HostAction::AwaitDurable {
+        gs,
+        vms: vms_of(host),
+    }
+}
+
+/// The log entries of one host, in order.
+pub fn log_of(c: &Cluster, host: ParticipantId) -> Vec<String> {
+    c.log
+        .iter()
+        .filter(|(h, _)| *h == host)
+        .map(|(_, l)| l.clone())
+        .collect()
+}
+
+/// Index of the first entry equal to `entry` in `log`.
+pub fn position(log: &[String], entry: &str) -> Option<usize> {
+    log.iter().position(|l| l == entry)
 }
 
 /// The six steps in the thesis's order, for `gs` and the VMs of `host`.

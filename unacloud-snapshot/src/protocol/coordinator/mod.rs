@@ -1,9 +1,10 @@
 //! The coordinator (participant 0): drives phase 1, phase 2 and the resume protocol, and
 //! runs the six steps on its own host.
 //!
-//! It completes a global snapshot when its own steps 1–5 and every DONE are there, then
-//! sends RELEASE to every participant and performs its own step 6; its idle state drops
-//! incoming POST datagrams, like a participant's.
+//! It completes a global snapshot when its own steps 1–5 (and, after a live snapshot's
+//! point, its own wait for durability) and every DONE are there, then sends RELEASE to
+//! every participant and performs its own step 6; its idle state drops incoming POST
+//! datagrams, like a participant's.
 //!
 //! Cost: every incoming message is handled in O(1) (an index lookup and a counter); only
 //! starting a phase (sending to everybody), a deadline and the completion (building the
@@ -16,7 +17,10 @@ use std::time::{Duration, Instant};
 
 use super::catalog::{Catalog, CompletedSnapshot};
 use super::config::{ClearColourPolicy, CoordinatorConfig};
-use super::host::{step_action, step_name, steps_before_done, Host, RulePurpose, SNAPSHOT_STEP};
+use super::host::{
+    after_step, clears_before_done, step_action, step_name, AfterStep, Host, LocalTimes,
+    RulePurpose,
+};
 use super::ids::{ActionId, GlobalSnapshotId, ParticipantId, ResumeAttempt};
 use super::message::{Envelope, LocalTime, Message};
 use super::output::{ActionOutcome, FailureReason, HostAction, Output, ProtocolEvent};
@@ -72,7 +76,8 @@ enum Phase {
         started: Instant,
         deadline: Instant,
         own_done: bool,
-        own_local_time: Duration,
+        /// The own local snapshot's point and durability, as reported so far.
+        own_times: LocalTimes,
     },
     Resume {
         gs: GlobalSnapshotId,
@@ -558,8 +563,7 @@ impl Coordinator {
     ) {
         let Phase::Snapshot {
             gs: cur,
-            ref mut own_done,
-            ref mut own_local_time,
+            ref mut own_times,
             deadline,
             ..
         } = self.phase
@@ -583,24 +587,30 @@ impl Coordinator {
                 );
             }
             outcome => {
-                if step == SNAPSHOT_STEP {
-                    if let ActionOutcome::SnapshotTaken { local_time } = outcome {
-                        *own_local_time = local_time;
-                    }
+                own_times.record(step, &outcome);
+                let (times, policy) = (*own_times, self.config.clear_colour);
+                if clears_before_done(step, policy) {
+                    // The thesis: step 6 is done; back to the idle drop rule (a wait for
+                    // durability queues behind it).
+                    self.arm_idle_drop();
                 }
-                let policy = self.config.clear_colour;
-                if step + 1 < steps_before_done(policy) {
-                    let action = step_action(step + 1, gs, &self.config.vms);
-                    // Every own step shares the phase deadline.
-                    self.host
-                        .issue(&mut self.out, Purpose::Step(gs, step + 1), action, deadline);
-                } else {
-                    *own_done = true;
-                    if policy == ClearColourPolicy::AfterOwnSnapshot {
-                        // The thesis: step 6 is done; back to the idle drop rule.
-                        self.arm_idle_drop();
+                match after_step(step, policy, times) {
+                    AfterStep::Issue(next) => {
+                        let action = step_action(next, gs, &self.config.vms);
+                        // Every own step shares the phase deadline.
+                        self.host.issue_or_queue(
+                            &mut self.out,
+                            Purpose::Step(gs, next),
+                            action,
+                            deadline,
+                        );
                     }
-                    self.maybe_advance(now);
+                    AfterStep::Done => {
+                        if let Phase::Snapshot { own_done, .. } = &mut self.phase {
+                            *own_done = true;
+                        }
+                        self.maybe_advance(now);
+                    }
                 }
             }
         }
@@ -625,7 +635,7 @@ impl Coordinator {
                     started: now,
                     deadline,
                     own_done: false,
-                    own_local_time: Duration::ZERO,
+                    own_times: LocalTimes::default(),
                 };
                 let action = step_action(0, gs, &self.config.vms);
                 self.host
@@ -636,9 +646,9 @@ impl Coordinator {
                 gs,
                 started,
                 own_done: true,
-                own_local_time,
+                own_times,
                 ..
-            } => self.complete_snapshot(now, gs, started, own_local_time),
+            } => self.complete_snapshot(now, gs, started, own_times.point),
             Phase::Resume { own_done: true, .. } => self.advance_resume(now),
             _ => {}
         }
@@ -728,8 +738,9 @@ impl Coordinator {
                 who,
                 why,
             }));
-        if let Some(Purpose::Check(_)) = self.host.queued() {
-            // The own VM check had not started yet.
+        if let Some(Purpose::Check(_) | Purpose::Step(..)) = self.host.queued() {
+            // The own VM check had not started yet, or (thesis order) the wait for
+            // durability queued behind re-arming the idle drop rule: nothing to clean.
             self.host.drop_queued();
         }
         match self.host.outstanding().map(|o| (o.purpose, o.deadline)) {

@@ -20,10 +20,17 @@
 //!   point the VM stays paused until the host has applied the POST colour (step 4), so no
 //!   datagram the VM sends after its snapshot leaves with the PRE colour. Datagrams that
 //!   arrive meanwhile wait in the host's queue.
+//! * With a durability delay (`RingConfig::durability_max` > 0) the captured state is
+//!   first *volatile* ([`Host::volatile`]: being written) and reaches the host's disk a
+//!   random time after the point; the host answers step 3 with `SnapshotPoint`, and
+//!   `AwaitDurable` completes once the state is on disk. A power failure in between loses
+//!   that local snapshot. Without a delay the state is on disk at the point
+//!   (`SnapshotTaken`).
 //! * `RestoreLocal` powers the VM off and replaces its state by the captured one;
 //!   `StartVms` runs it again, with its timers as they were at the capture.
-//! * A crash powers the host off: its VM, its rules and its protocol state machine are
-//!   lost; the snapshots on its disk and the coordinator's catalog file survive.
+//! * A crash powers the host off: its VM, its rules, its protocol state machine and the
+//!   local snapshots still being written are lost; the snapshots on its disk and the
+//!   coordinator's catalog file survive.
 
 mod driver;
 
@@ -34,7 +41,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::checker::SnapshotVerdict;
+use super::checker::{check_durability, DurabilityVerdict, SnapshotVerdict};
 use super::config::RingConfig;
 use super::transport::Segment;
 use super::vm::{Vm, VmOutput};
@@ -52,8 +59,11 @@ pub struct LocalSnapshot {
     pub vm: Vm,
     /// The consistency point.
     pub captured_at: Instant,
-    /// How long step 3 took.
+    /// How long step 3 took (to the point).
     pub took: Duration,
+    /// When the state is (or was) on the host's disk: the point itself without a
+    /// durability delay.
+    pub durable_at: Instant,
 }
 
 /// The protocol state machine running on a host.
@@ -122,8 +132,11 @@ pub struct Host {
     /// Colour of incoming application datagrams that are dropped.
     pub drop_incoming: Option<Colour>,
     machine: Option<Machine>,
-    /// Local snapshots on the host's disk, by global snapshot id.
+    /// Local snapshots on the host's disk (durable), by global snapshot id.
     pub disk: BTreeMap<u64, LocalSnapshot>,
+    /// Local snapshots past their point whose state is still being written (not yet
+    /// durable), by global snapshot id: lost if the host powers off.
+    pub volatile: BTreeMap<u64, LocalSnapshot>,
     /// When the running VM state was captured (to shift its timers at start).
     restored_capture: Option<Instant>,
     /// Changes whenever the VM's timeline is replaced (restore, crash).
@@ -157,6 +170,12 @@ enum Ev {
     },
     Crash {
         host: usize,
+    },
+    /// The state of a local snapshot reaches the host's disk.
+    Durable {
+        host: usize,
+        boot: u64,
+        gs: u64,
     },
     PowerOn {
         host: usize,
@@ -301,6 +320,7 @@ impl Cluster {
                 drop_incoming: None,
                 machine: None,
                 disk: BTreeMap::new(),
+                volatile: BTreeMap::new(),
                 restored_capture: None,
                 vm_epoch: 0,
             });
@@ -428,6 +448,24 @@ impl Cluster {
         &self.crashed
     }
 
+    /// Where every host's local snapshot of global snapshot `gs` is: on disk, still being
+    /// written, or lost ([`check_durability`]).
+    pub fn durability(&self, gs: u64) -> DurabilityVerdict {
+        check_durability(&self.hosts, gs)
+    }
+
+    /// Completed global snapshots whose local snapshots are not all durable now, with
+    /// the verdict. Always empty under a correct protocol: a host answers DONE only after
+    /// its local snapshot is on disk, and a disk survives a power failure.
+    pub fn completed_not_durable(&self) -> Vec<(u64, DurabilityVerdict)> {
+        self.records
+            .values()
+            .filter(|r| r.completed.is_some())
+            .map(|r| (r.id, self.durability(r.id)))
+            .filter(|(_, v)| !v.is_durable())
+            .collect()
+    }
+
     /// The coordinator's catalog of completed global snapshots (`None` while its host is
     /// off).
     pub fn catalog(&self) -> Option<&Catalog> {
@@ -484,6 +522,11 @@ impl Cluster {
     /// Powers a host off now.
     pub fn crash(&mut self, host: usize) {
         self.schedule(self.now, Ev::Crash { host });
+    }
+
+    /// Powers a host off at `now + after`.
+    pub fn crash_after(&mut self, host: usize, after: Duration) {
+        self.schedule(self.now + after, Ev::Crash { host });
     }
 
     /// Powers a host on at `now + after` (its VM stays off until a restore).
@@ -619,6 +662,7 @@ impl Cluster {
                 took,
             } => self.action_done(host, boot, id, action, took)?,
             Ev::Crash { host } => self.power_off(host),
+            Ev::Durable { host, boot, gs } => self.made_durable(host, boot, gs),
             Ev::PowerOn { host } => self.power_on(host)?,
         }
         Ok(())
@@ -736,7 +780,7 @@ impl Cluster {
                     {
                         self.hosts[id].drop_incoming = None;
                     }
-                    let took = self.action_duration(&action);
+                    let took = self.action_duration(id, &action);
                     let boot = self.hosts[id].boot;
                     self.schedule(
                         self.now + took,
