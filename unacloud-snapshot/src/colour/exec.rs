@@ -1,5 +1,7 @@
-//! Where packet-colouring commands run: the local host, a network namespace, or a
-//! VirtualBox guest.
+//! Where packet-colouring commands run: the local host or a network namespace.
+//!
+//! Colouring happens at the host that runs the VMs (on each VM's tap, see
+//! [`super::Scope::Interface`]), never inside a guest, so no executor reaches into one.
 //!
 //! An executor turns a program and its arguments into the full argv that runs it at the
 //! right place ([`CommandExecutor::argv`], pure and tested to the exact argument) and runs
@@ -180,99 +182,6 @@ impl CommandExecutor for NetnsExec {
     }
 }
 
-/// Runs commands inside a VirtualBox guest through the guest additions:
-/// `VBoxManage guestcontrol <vm> run --username <u> [--passwordfile <f>] --exe <path>
-/// --timeout <ms> --wait-stdout --wait-stderr -- <arg0> <args…>`.
-///
-/// Programs are given by name (`iptables`) and resolved to an absolute guest path with
-/// [`VBoxGuestExec::guest_bin_dir`] (default `/usr/sbin`), because `--exe` needs one.
-/// This machine cannot run VirtualBox; the argv is covered by exact tests.
-#[derive(Debug, Clone)]
-pub struct VBoxGuestExec {
-    vboxmanage: String,
-    vm: String,
-    username: String,
-    password_file: Option<String>,
-    guest_bin_dir: String,
-    timeout_ms: u64,
-}
-
-impl VBoxGuestExec {
-    /// An executor for the VM `vm` (name or UUID) logging in as `username`.
-    pub fn new(vm: impl Into<String>, username: impl Into<String>) -> Self {
-        Self {
-            vboxmanage: "VBoxManage".to_string(),
-            vm: vm.into(),
-            username: username.into(),
-            password_file: None,
-            guest_bin_dir: "/usr/sbin".to_string(),
-            timeout_ms: 10_000,
-        }
-    }
-
-    /// Reads the guest user's password from this host file (`--passwordfile`).
-    pub fn password_file(mut self, path: impl Into<String>) -> Self {
-        self.password_file = Some(path.into());
-        self
-    }
-
-    /// The guest directory holding `iptables`/`nft` (default `/usr/sbin`).
-    pub fn guest_bin_dir(mut self, dir: impl Into<String>) -> Self {
-        self.guest_bin_dir = dir.into();
-        self
-    }
-
-    /// The `VBoxManage` program to call (default `VBoxManage` from `PATH`).
-    pub fn vboxmanage(mut self, program: impl Into<String>) -> Self {
-        self.vboxmanage = program.into();
-        self
-    }
-
-    /// The guest-side time limit passed as `--timeout` (milliseconds, default 10 000).
-    pub fn guest_timeout_ms(mut self, ms: u64) -> Self {
-        self.timeout_ms = ms;
-        self
-    }
-}
-
-impl CommandExecutor for VBoxGuestExec {
-    fn argv(&self, program: &str, args: &[String]) -> Vec<String> {
-        let exe = if program.starts_with('/') {
-            program.to_string()
-        } else {
-            format!("{}/{}", self.guest_bin_dir.trim_end_matches('/'), program)
-        };
-        let mut v = vec![
-            self.vboxmanage.clone(),
-            "guestcontrol".to_string(),
-            self.vm.clone(),
-            "run".to_string(),
-            "--username".to_string(),
-            self.username.clone(),
-        ];
-        if let Some(f) = &self.password_file {
-            v.push("--passwordfile".to_string());
-            v.push(f.clone());
-        }
-        v.extend([
-            "--exe".to_string(),
-            exe.clone(),
-            "--timeout".to_string(),
-            self.timeout_ms.to_string(),
-            "--wait-stdout".to_string(),
-            "--wait-stderr".to_string(),
-            "--".to_string(),
-            exe,
-        ]);
-        v.extend(args.iter().cloned());
-        v
-    }
-
-    fn place(&self) -> String {
-        format!("VM {}", self.vm)
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -295,80 +204,6 @@ mod tests {
         assert_eq!(
             NetnsExec::new("uc-1-p0").argv("nft", &s(&["list", "ruleset"])),
             s(&["ip", "netns", "exec", "uc-1-p0", "nft", "list", "ruleset"])
-        );
-    }
-
-    #[test]
-    fn vbox_guest_argv_is_exact() {
-        let e = VBoxGuestExec::new("web-1", "unacloud").password_file("/etc/unacloud/guest.pw");
-        assert_eq!(
-            e.argv(
-                "iptables",
-                &s(&[
-                    "-t",
-                    "mangle",
-                    "-A",
-                    "UNACLOUD-OUT",
-                    "-j",
-                    "DSCP",
-                    "--set-dscp",
-                    "0x10"
-                ])
-            ),
-            s(&[
-                "VBoxManage",
-                "guestcontrol",
-                "web-1",
-                "run",
-                "--username",
-                "unacloud",
-                "--passwordfile",
-                "/etc/unacloud/guest.pw",
-                "--exe",
-                "/usr/sbin/iptables",
-                "--timeout",
-                "10000",
-                "--wait-stdout",
-                "--wait-stderr",
-                "--",
-                "/usr/sbin/iptables",
-                "-t",
-                "mangle",
-                "-A",
-                "UNACLOUD-OUT",
-                "-j",
-                "DSCP",
-                "--set-dscp",
-                "0x10",
-            ])
-        );
-    }
-
-    #[test]
-    fn vbox_guest_keeps_absolute_programs_and_omits_missing_password() {
-        let e = VBoxGuestExec::new("{1b2c}", "root")
-            .vboxmanage("/opt/vbox/VBoxManage")
-            .guest_timeout_ms(500);
-        assert_eq!(
-            e.argv("/sbin/nft", &s(&["list", "ruleset"])),
-            s(&[
-                "/opt/vbox/VBoxManage",
-                "guestcontrol",
-                "{1b2c}",
-                "run",
-                "--username",
-                "root",
-                "--exe",
-                "/sbin/nft",
-                "--timeout",
-                "500",
-                "--wait-stdout",
-                "--wait-stderr",
-                "--",
-                "/sbin/nft",
-                "list",
-                "ruleset",
-            ])
         );
     }
 

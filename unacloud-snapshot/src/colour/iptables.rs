@@ -1,5 +1,5 @@
-//! The `iptables` backend: one process per command, for hosts and VirtualBox guests where
-//! only the command is available.
+//! The `iptables` backend: one process per command, for hosts where only the command is
+//! available.
 //!
 //! Objects (all ours; the built-in chains only receive one jump rule each):
 //!
@@ -10,6 +10,10 @@
 //! -t filter -A UNACLOUD-IN -m dscp --dscp 0x12 -j DROP       (drop POST)
 //! ```
 //!
+//! With [`super::Scope::Interface`] (a VM's tap at its host) the chains are
+//! `UC-<tap>-OUT`/`UC-<tap>-IN`, both jumped to from `FORWARD`, and the rules match
+//! `-i <tap>` (marking) and `-o <tap>` (dropping).
+//!
 //! Switching colour uses `-R UNACLOUD-OUT 1` (replace in place), so no datagram leaves
 //! uncoloured between PRE and POST. Accepting POST again lists-and-zeroes the drop rule's
 //! counter (`-L -v -n -x -Z`) before flushing, so the drop count survives.
@@ -18,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::exec::{check, CommandExecutor, CommandOutput, DEFAULT_COMMAND_TIMEOUT};
-use super::{Colour, ColourBackend, DscpConfig};
+use super::{Colour, ColourBackend, DscpConfig, Scope};
 use crate::error::{Error, Result};
 
 /// Rule generation and execution for `iptables`.
@@ -28,6 +32,7 @@ pub struct Iptables {
     dscp: DscpConfig,
     out_chain: String,
     in_chain: String,
+    scope: Scope,
     program: String,
     timeout: Duration,
     outgoing: Option<Colour>,
@@ -51,6 +56,7 @@ impl Iptables {
             dscp,
             out_chain: "UNACLOUD-OUT".to_string(),
             in_chain: "UNACLOUD-IN".to_string(),
+            scope: Scope::Host,
             program: "iptables".to_string(),
             timeout: DEFAULT_COMMAND_TIMEOUT,
             outgoing: None,
@@ -78,6 +84,25 @@ impl Iptables {
         Ok(self)
     }
 
+    /// Colours and filters the datagrams of `scope` (default [`Scope::Host`]); the chain
+    /// prefix becomes the scope's own ([`Scope::iptables_prefix`]) unless
+    /// [`Iptables::chain_prefix`] is called afterwards.
+    pub fn scope(mut self, scope: Scope) -> Self {
+        let prefix = scope.iptables_prefix();
+        self.out_chain = format!("{prefix}-OUT");
+        self.in_chain = format!("{prefix}-IN");
+        self.scope = scope;
+        self
+    }
+
+    /// `-i <tap>` or `-o <tap>` for an interface scope.
+    fn interface_match(&self, flag: &str) -> Args {
+        match &self.scope {
+            Scope::Host => Vec::new(),
+            Scope::Interface(n) => args(&[flag, n]),
+        }
+    }
+
     /// Bounds each command's run time (default 10 s).
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -94,6 +119,7 @@ impl Iptables {
         } else {
             a.extend(args(&["-A", &self.out_chain]));
         }
+        a.extend(self.interface_match("-i"));
         a.extend(args(&["-j", "DSCP", "--set-dscp", &value]));
         a
     }
@@ -101,27 +127,21 @@ impl Iptables {
     /// The argv that drops incoming POSTSNAPSHOT datagrams.
     pub fn drop_rule(&self) -> Args {
         let value = format!("{:#04x}", self.dscp.post());
-        args(&[
-            "-w",
-            "5",
-            "-t",
-            "filter",
-            "-A",
-            &self.in_chain,
-            "-m",
-            "dscp",
-            "--dscp",
-            &value,
-            "-j",
-            "DROP",
-        ])
+        let mut a = args(&["-w", "5", "-t", "filter", "-A", &self.in_chain]);
+        a.extend(self.interface_match("-o"));
+        a.extend(args(&["-m", "dscp", "--dscp", &value, "-j", "DROP"]));
+        a
     }
 
     /// `(table, our chain, built-in chain)` pairs.
     fn chains(&self) -> [(&'static str, String, &'static str); 2] {
+        let (out, inp) = match self.scope {
+            Scope::Host => ("OUTPUT", "INPUT"),
+            Scope::Interface(_) => ("FORWARD", "FORWARD"),
+        };
         [
-            ("mangle", self.out_chain.clone(), "OUTPUT"),
-            ("filter", self.in_chain.clone(), "INPUT"),
+            ("mangle", self.out_chain.clone(), out),
+            ("filter", self.in_chain.clone(), inp),
         ]
     }
 
@@ -360,6 +380,51 @@ mod tests {
                 "DROP"
             ])
         );
+    }
+
+    #[test]
+    fn interface_scope_matches_the_tap_on_forward() {
+        let b = backend().scope(Scope::interface("uct-2").unwrap());
+        assert_eq!(
+            b.colour_rule(Colour::Pre, false),
+            args(&[
+                "-w",
+                "5",
+                "-t",
+                "mangle",
+                "-A",
+                "UC-uct-2-OUT",
+                "-i",
+                "uct-2",
+                "-j",
+                "DSCP",
+                "--set-dscp",
+                "0x10"
+            ])
+        );
+        assert_eq!(
+            b.drop_rule(),
+            args(&[
+                "-w",
+                "5",
+                "-t",
+                "filter",
+                "-A",
+                "UC-uct-2-IN",
+                "-o",
+                "uct-2",
+                "-m",
+                "dscp",
+                "--dscp",
+                "0x12",
+                "-j",
+                "DROP"
+            ])
+        );
+        assert!(b
+            .chains()
+            .iter()
+            .all(|(_, _, builtin)| *builtin == "FORWARD"));
     }
 
     #[test]

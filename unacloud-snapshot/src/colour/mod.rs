@@ -23,8 +23,16 @@
 //!   under a millisecond instead of the 6–16 ms of spawning a process.
 //! * [`netlink::NftNetlink`] — the same table, built from nf_tables netlink messages that
 //!   the calling process sends itself (no `nft` process at all; the socket is opened inside
-//!   the target network namespace). Only for the local host and namespaces; a VirtualBox
-//!   guest is reached with commands.
+//!   the target network namespace).
+//!
+//! **Where the rules apply** is a [`Scope`]. [`Scope::Host`] is the thesis's layout: the
+//! rules sit where the participant runs (output and input hooks), for a process standing
+//! in for a VM, or inside a guest. [`Scope::Interface`] colours one VM *at its host*, on
+//! the VM's own network interface (its tap), so neither the guest, nor the application,
+//! nor the hypervisor changes: datagrams forwarded *from* the interface are marked, and
+//! POST-marked datagrams forwarded *to* it are dropped (forward hook, interface-scoped
+//! rules; each interface has a table or chain pair of its own, so the VMs of one host
+//! switch colour independently).
 //!
 //! Rules live only in chains/tables of our own, so a user's rules are never touched.
 //! Every call is idempotent; switching colours replaces the marking rule atomically (a
@@ -32,8 +40,8 @@
 //! the future in). [`ColourGuard`] removes everything when dropped, so completion, abort,
 //! timeout, error and unwinding all end with no rule left.
 //!
-//! Where commands run (for the command-based backends) is a [`exec::CommandExecutor`]: the local host, a network namespace
-//! (`ip netns exec`) or a VirtualBox guest (`VBoxManage guestcontrol … run`).
+//! Where commands run (for the command-based backends) is a [`exec::CommandExecutor`]: the
+//! local host or a network namespace (`ip netns exec`).
 //!
 //! The calls are blocking (each is a short command or a round trip to a session); async
 //! drivers call them from `tokio::task::spawn_blocking`.
@@ -45,8 +53,95 @@ pub mod nft;
 
 use std::fmt;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 pub use crate::protocol::{Colour, DscpConfig};
+
+/// Which datagrams a backend colours and filters.
+///
+/// ```
+/// use unacloud_snapshot::colour::Scope;
+///
+/// let tap = Scope::interface("uct-pc-1").unwrap();
+/// assert_eq!(tap.nft_table(), "unacloud_uct_pc_1");
+/// assert_eq!(Scope::Host.nft_table(), "unacloud");
+/// assert!(Scope::interface("no/slash").is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// The traffic of the machine (or namespace) the rules live in: outgoing datagrams
+    /// (output hook) are marked, incoming ones (input hook) are filtered.
+    #[default]
+    Host,
+    /// The traffic of the VM behind one network interface of the host, seen on the
+    /// forward path: datagrams arriving from the interface are marked, datagrams leaving
+    /// through it are filtered. Build it with [`Scope::interface`].
+    Interface(String),
+}
+
+impl Scope {
+    /// An interface scope. The name follows the kernel's rules for interface names:
+    /// 1 to 15 bytes of ASCII letters, digits, `-`, `_` and `.`, not `.` or `..`.
+    pub fn interface(name: &str) -> Result<Self> {
+        let ok = !name.is_empty()
+            && name.len() <= 15
+            && name != "."
+            && name != ".."
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "interface name {name:?} must be 1-15 characters of a-z, A-Z, 0-9, '-', '_', '.'"
+                ),
+            });
+        }
+        Ok(Scope::Interface(name.to_string()))
+    }
+
+    /// The interface, for [`Scope::Interface`].
+    pub fn interface_name(&self) -> Option<&str> {
+        match self {
+            Scope::Host => None,
+            Scope::Interface(n) => Some(n),
+        }
+    }
+
+    /// The default nf_tables table of this scope: `unacloud`, or `unacloud_<ifname>`
+    /// with every character other than a letter or a digit written as `_` (two interface
+    /// names that differ only there share a table: give one of them its own with
+    /// `table()`).
+    pub fn nft_table(&self) -> String {
+        match self {
+            Scope::Host => nft::DEFAULT_TABLE.to_string(),
+            Scope::Interface(n) => format!("{}_{}", nft::DEFAULT_TABLE, sanitize(n)),
+        }
+    }
+
+    /// The default iptables chain prefix of this scope: `UNACLOUD`, or `UC-<ifname>`
+    /// (`.` written as `_`).
+    pub fn iptables_prefix(&self) -> String {
+        match self {
+            Scope::Host => "UNACLOUD".to_string(),
+            Scope::Interface(n) => format!("UC-{}", n.replace('.', "_")),
+        }
+    }
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::Host => f.write_str("host"),
+            Scope::Interface(n) => write!(f, "interface {n}"),
+        }
+    }
+}
 
 /// A packet-colouring backend for one host (or namespace, or guest).
 pub trait ColourBackend: Send + fmt::Debug {

@@ -16,6 +16,10 @@
 //! }
 //! ```
 //!
+//! With [`super::Scope::Interface`] it builds the forward-hook table of
+//! [`super::nft::Nft::scope`] instead (`meta load iifname`/`oifname` compared with the
+//! tap's name, padded to `IFNAMSIZ`, before each rule's own expressions).
+//!
 //! Every change is one nf_tables batch (a kernel transaction: all of it or nothing), so a
 //! colour switch (flush the chain, add the two new rules) is atomic, as with `nft`.
 //! A change costs one `sendmsg` and one `recvmsg` in the calling thread: no process to wake
@@ -36,7 +40,7 @@ use nix::sys::socket::{
 
 use super::exec::DEFAULT_COMMAND_TIMEOUT;
 use super::nft::{check_table_name, DEFAULT_TABLE};
-use super::{Colour, ColourBackend, DscpConfig};
+use super::{Colour, ColourBackend, DscpConfig, Scope};
 use crate::error::{Error, Result};
 
 // <linux/netlink.h>
@@ -97,7 +101,11 @@ const NFTA_COUNTER_PACKETS: u16 = 2;
 const NFT_OBJECT_COUNTER: u32 = 1;
 const NFTA_META_DREG: u16 = 1;
 const NFTA_META_KEY: u16 = 2;
+const NFT_META_IIFNAME: u32 = 6;
+const NFT_META_OIFNAME: u32 = 7;
 const NFT_META_NFPROTO: u32 = 15;
+/// `IFNAMSIZ`: interface names are compared as 16 zero-padded bytes.
+const IFNAMSIZ: usize = 16;
 const NFTA_CMP_SREG: u16 = 1;
 const NFTA_CMP_OP: u16 = 2;
 const NFTA_CMP_DATA: u16 = 3;
@@ -126,6 +134,7 @@ const NFT_REG_1: u32 = 1;
 const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 const NF_INET_LOCAL_IN: u32 = 1;
+const NF_INET_FORWARD: u32 = 2;
 const NF_INET_LOCAL_OUT: u32 = 3;
 const NF_IP_PRI_MANGLE: i32 = -150;
 const NF_IP_PRI_FILTER: i32 = 0;
@@ -246,6 +255,25 @@ impl MsgBuf {
             b.u32(NFTA_META_KEY, NFT_META_NFPROTO);
         });
         self.cmp_eq(&[proto]);
+    }
+
+    /// `[ meta load iifname|oifname => reg 1 ] [ cmp eq reg 1 <name, zero-padded> ]`
+    fn match_ifname(&mut self, key: u32, name: &str) {
+        self.expr("meta", |b| {
+            b.u32(NFTA_META_DREG, NFT_REG_1);
+            b.u32(NFTA_META_KEY, key);
+        });
+        let mut padded = [0u8; IFNAMSIZ];
+        let n = name.len().min(IFNAMSIZ - 1);
+        padded[..n].copy_from_slice(&name.as_bytes()[..n]);
+        self.cmp_eq(&padded);
+    }
+
+    /// The interface match of a scope (nothing for the host scope).
+    fn match_scope(&mut self, scope: &Scope, key: u32) {
+        if let Scope::Interface(name) = scope {
+            self.match_ifname(key, name);
+        }
     }
 
     fn cmp_eq(&mut self, v: &[u8]) {
@@ -432,6 +460,7 @@ pub struct NftNetlink {
     sock: OwnedFd,
     place: String,
     table: String,
+    scope: Scope,
     dscp: DscpConfig,
     seq: u32,
     outgoing: Option<Colour>,
@@ -495,6 +524,7 @@ impl NftNetlink {
             sock,
             place,
             table: DEFAULT_TABLE.to_string(),
+            scope: Scope::Host,
             dscp,
             seq: 1,
             outgoing: None,
@@ -510,6 +540,15 @@ impl NftNetlink {
         check_table_name(name)?;
         self.table = name.to_string();
         Ok(self)
+    }
+
+    /// Colours and filters the datagrams of `scope` (default [`Scope::Host`]); the table
+    /// becomes the scope's own ([`Scope::nft_table`]) unless [`NftNetlink::table`] is
+    /// called afterwards.
+    pub fn scope(mut self, scope: Scope) -> Self {
+        self.table = scope.nft_table();
+        self.scope = scope;
+        self
     }
 
     /// Bounds the wait for each kernel answer (default 10 s).
@@ -790,6 +829,7 @@ fn open_socket() -> nix::Result<OwnedFd> {
 impl ColourBackend for NftNetlink {
     fn install(&mut self) -> Result<()> {
         let t = self.table.clone();
+        let scope = self.scope.clone();
         self.transaction("install", |b, next| {
             NftNetlink::remove_msgs(b, next, &t);
             NftNetlink::add_table(b, next(), &t);
@@ -804,9 +844,13 @@ impl ColourBackend for NftNetlink {
                     b.nested(NFTA_OBJ_DATA, |_| {});
                 },
             );
+            let (out_hook, in_hook) = match scope {
+                Scope::Host => (NF_INET_LOCAL_OUT, NF_INET_LOCAL_IN),
+                Scope::Interface(_) => (NF_INET_FORWARD, NF_INET_FORWARD),
+            };
             for (chain, hook, prio) in [
-                (CHAIN_OUT, NF_INET_LOCAL_OUT, NF_IP_PRI_MANGLE),
-                (CHAIN_IN, NF_INET_LOCAL_IN, NF_IP_PRI_FILTER),
+                (CHAIN_OUT, out_hook, NF_IP_PRI_MANGLE),
+                (CHAIN_IN, in_hook, NF_IP_PRI_FILTER),
             ] {
                 b.nft_msg(
                     NFT_MSG_NEWCHAIN,
@@ -836,11 +880,15 @@ impl ColourBackend for NftNetlink {
         }
         let t = self.table.clone();
         let value = colour.map(|c| self.dscp.value(c));
+        let scope = self.scope.clone();
         self.transaction("set colour", |b, next| {
             NftNetlink::flush_chain(b, next(), &t, CHAIN_OUT);
             if let Some(v) = value {
                 for ipv6 in [false, true] {
-                    NftNetlink::add_rule(b, next(), &t, CHAIN_OUT, |b| set_dscp_exprs(b, ipv6, v));
+                    NftNetlink::add_rule(b, next(), &t, CHAIN_OUT, |b| {
+                        b.match_scope(&scope, NFT_META_IIFNAME);
+                        set_dscp_exprs(b, ipv6, v)
+                    });
                 }
             }
         })?;
@@ -854,11 +902,13 @@ impl ColourBackend for NftNetlink {
         }
         let t = self.table.clone();
         let post = self.dscp.post();
+        let scope = self.scope.clone();
         self.transaction("set POST filter", |b, next| {
             NftNetlink::flush_chain(b, next(), &t, CHAIN_IN);
             if drop {
                 for ipv6 in [false, true] {
                     NftNetlink::add_rule(b, next(), &t, CHAIN_IN, |b| {
+                        b.match_scope(&scope, NFT_META_OIFNAME);
                         drop_dscp_exprs(b, ipv6, post)
                     });
                 }
@@ -1022,6 +1072,29 @@ mod tests {
         );
         let cmp: std::collections::HashMap<u16, Vec<u8>> = v6[4].1.iter().cloned().collect();
         assert_eq!(value_of(&cmp[&NFTA_CMP_DATA]), 0x8004u32.to_le_bytes()[..2]);
+    }
+
+    // `oifname "tap1"`: `meta load oifname => reg 1`, `cmp eq reg 1 0x31706174 0x0 0x0 0x0`.
+    #[test]
+    fn interface_match_precedes_the_rule() {
+        let scope = Scope::interface("tap1").unwrap();
+        let e = exprs(&rule_bytes(|b| {
+            b.match_scope(&scope, NFT_META_OIFNAME);
+            drop_dscp_exprs(b, false, 0x12)
+        }));
+        assert_eq!(e[0].0, "meta");
+        let meta: std::collections::HashMap<u16, Vec<u8>> = e[0].1.iter().cloned().collect();
+        assert_eq!(meta[&NFTA_META_KEY], NFT_META_OIFNAME.to_be_bytes());
+        let cmp: std::collections::HashMap<u16, Vec<u8>> = e[1].1.iter().cloned().collect();
+        let mut want = [0u8; 16];
+        want[..4].copy_from_slice(b"tap1");
+        assert_eq!(value_of(&cmp[&NFTA_CMP_DATA]), want);
+        assert_eq!(e.len(), 9);
+        // The host scope adds nothing.
+        let host = exprs(&rule_bytes(|b| {
+            b.match_scope(&Scope::Host, NFT_META_IIFNAME)
+        }));
+        assert!(host.is_empty());
     }
 
     #[test]

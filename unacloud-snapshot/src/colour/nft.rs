@@ -12,6 +12,19 @@
 //! }
 //! ```
 //!
+//! With [`super::Scope::Interface`] (a VM's tap at its host) both chains hook `forward`
+//! instead, the table is `unacloud_<ifname>`, the marking rules match `iifname "<tap>"`
+//! and the drop rules `oifname "<tap>"`:
+//!
+//! ```text
+//! table inet unacloud_tap1 {
+//!     chain colour_out { type filter hook forward priority mangle; policy accept;
+//!         iifname "tap1" ip dscp set 0x10; iifname "tap1" ip6 dscp set 0x10 }
+//!     chain filter_in { type filter hook forward priority filter; policy accept;
+//!         oifname "tap1" ip dscp 0x12 counter name post_drop drop; … }
+//! }
+//! ```
+//!
 //! Every change is one nft transaction (`flush chain …; add rule …` on one line), so a
 //! colour switch is atomic. Dropping is final across base chains, so a user's own accept
 //! rules in other tables cannot undo the POST filter; accept in our table only ends our
@@ -23,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::exec::{check, CommandExecutor, DEFAULT_COMMAND_TIMEOUT};
-use super::{Colour, ColourBackend, DscpConfig};
+use super::{Colour, ColourBackend, DscpConfig, Scope};
 use crate::error::{Error, Result};
 
 /// Runs nft command lines (one transaction each) and returns the JSON output of list
@@ -287,6 +300,7 @@ pub struct Nft<R: NftRunner> {
     runner: R,
     dscp: DscpConfig,
     table: String,
+    scope: Scope,
     outgoing: Option<Colour>,
     dropping: bool,
 }
@@ -311,8 +325,47 @@ impl<R: NftRunner> Nft<R> {
             runner,
             dscp,
             table: DEFAULT_TABLE.to_string(),
+            scope: Scope::Host,
             outgoing: None,
             dropping: false,
+        }
+    }
+
+    /// Colours and filters the datagrams of `scope` (default [`Scope::Host`]); the table
+    /// becomes the scope's own ([`Scope::nft_table`]) unless [`Nft::table`] is called
+    /// afterwards.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use unacloud_snapshot::colour::exec::NetnsExec;
+    /// use unacloud_snapshot::colour::nft::{Nft, NftOneShot};
+    /// use unacloud_snapshot::colour::{Colour, DscpConfig, Scope};
+    ///
+    /// let nft = Nft::new(NftOneShot::new(Arc::new(NetnsExec::new("pc-1"))), DscpConfig::default())
+    ///     .scope(Scope::interface("tap1").unwrap());
+    /// assert_eq!(
+    ///     nft.colour_line(Some(Colour::Pre)),
+    ///     "flush chain inet unacloud_tap1 colour_out; \
+    ///      add rule inet unacloud_tap1 colour_out iifname \"tap1\" ip dscp set 0x10; \
+    ///      add rule inet unacloud_tap1 colour_out iifname \"tap1\" ip6 dscp set 0x10"
+    /// );
+    /// ```
+    pub fn scope(mut self, scope: Scope) -> Self {
+        self.table = scope.nft_table();
+        self.scope = scope;
+        self
+    }
+
+    /// `(output hook, input hook, marking match, filtering match)` of the scope.
+    fn hooks(&self) -> (&'static str, &'static str, String, String) {
+        match &self.scope {
+            Scope::Host => ("output", "input", String::new(), String::new()),
+            Scope::Interface(n) => (
+                "forward",
+                "forward",
+                format!("iifname \"{n}\" "),
+                format!("oifname \"{n}\" "),
+            ),
         }
     }
 
@@ -332,10 +385,11 @@ impl<R: NftRunner> Nft<R> {
     /// (a leftover table of a crashed run is replaced).
     pub fn install_line(&self) -> String {
         let t = &self.table;
+        let (out_hook, in_hook, _, _) = self.hooks();
         format!(
             "add table inet {t}; delete table inet {t}; add table inet {t}; add counter inet {t} post_drop; \
-             add chain inet {t} colour_out {{ type filter hook output priority mangle; policy accept; }}; \
-             add chain inet {t} filter_in {{ type filter hook input priority filter; policy accept; }}"
+             add chain inet {t} colour_out {{ type filter hook {out_hook} priority mangle; policy accept; }}; \
+             add chain inet {t} filter_in {{ type filter hook {in_hook} priority filter; policy accept; }}"
         )
     }
 
@@ -346,9 +400,10 @@ impl<R: NftRunner> Nft<R> {
             None => format!("flush chain inet {t} colour_out"),
             Some(c) => {
                 let v = format!("{:#04x}", self.dscp.value(c));
+                let (_, _, m, _) = self.hooks();
                 format!(
-                    "flush chain inet {t} colour_out; add rule inet {t} colour_out ip dscp set {v}; \
-                     add rule inet {t} colour_out ip6 dscp set {v}"
+                    "flush chain inet {t} colour_out; add rule inet {t} colour_out {m}ip dscp set {v}; \
+                     add rule inet {t} colour_out {m}ip6 dscp set {v}"
                 )
             }
         }
@@ -359,10 +414,11 @@ impl<R: NftRunner> Nft<R> {
         let t = &self.table;
         if drop {
             let v = format!("{:#04x}", self.dscp.post());
+            let (_, _, _, m) = self.hooks();
             format!(
                 "flush chain inet {t} filter_in; \
-                 add rule inet {t} filter_in ip dscp {v} counter name post_drop drop; \
-                 add rule inet {t} filter_in ip6 dscp {v} counter name post_drop drop"
+                 add rule inet {t} filter_in {m}ip dscp {v} counter name post_drop drop; \
+                 add rule inet {t} filter_in {m}ip6 dscp {v} counter name post_drop drop"
             )
         } else {
             format!("flush chain inet {t} filter_in")
@@ -535,6 +591,28 @@ mod tests {
         assert!(n
             .install_line()
             .starts_with("add table inet uc_run7; delete table inet uc_run7; add table inet uc_run7; add counter inet uc_run7 post_drop;"));
+    }
+
+    #[test]
+    fn interface_scope_hooks_forward_and_matches_the_tap() {
+        let n = b().scope(Scope::interface("uct-3").unwrap());
+        let install = n.install_line();
+        assert!(
+            install.contains("add table inet unacloud_uct_3;"),
+            "{install}"
+        );
+        assert!(install.contains("colour_out { type filter hook forward priority mangle;"));
+        assert!(install.contains("filter_in { type filter hook forward priority filter;"));
+        assert_eq!(
+            n.drop_line(true),
+            "flush chain inet unacloud_uct_3 filter_in; add rule inet unacloud_uct_3 filter_in oifname \"uct-3\" ip dscp 0x12 counter name post_drop drop; add rule inet unacloud_uct_3 filter_in oifname \"uct-3\" ip6 dscp 0x12 counter name post_drop drop"
+        );
+        // An explicit table after the scope wins.
+        let n = b()
+            .scope(Scope::interface("t").unwrap())
+            .table("mine")
+            .unwrap();
+        assert!(n.colour_line(None).contains("inet mine colour_out"));
     }
 
     #[test]
