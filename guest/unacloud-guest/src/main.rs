@@ -1,13 +1,18 @@
 //! `unacloud-guest`: the agent inside the unacloud test guest.
 //!
-//! One subcommand, `heartbeat`, proves from the outside that a VM is alive and that its
-//! disk keeps changing: once per interval it writes `heartbeat <n>` to the serial
-//! console and `<n>\n` to a state file on the root disk. The program uses only the
-//! standard library and is linked statically, so it runs in the busybox-only guest.
+//! `heartbeat` proves from the outside that a VM is alive and that its disk keeps
+//! changing: once per interval it writes `heartbeat <n>` to the serial console and
+//! `<n>\n` to a state file on the root disk. `ring-peer` is a ring peer of RCPBT, the
+//! token-ring benchmark, so the ring can run inside VMs (see [`ring_peer`]). The program
+//! uses only the standard library and is linked statically, so it runs in the
+//! busybox-only guest.
+
+mod ring_peer;
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::thread;
@@ -16,12 +21,14 @@ use std::time::{Duration, Instant};
 const DEFAULT_CONSOLE: &str = "/dev/ttyS0";
 const DEFAULT_STATE: &str = "/var/lib/unacloud/heartbeat";
 const DEFAULT_INTERVAL_MS: u64 = 1000;
+const DEFAULT_DEADLINE_S: u64 = 3600;
 
 const USAGE: &str = "\
 unacloud-guest: the agent of the unacloud test guest
 
 USAGE:
     unacloud-guest heartbeat [--console PATH] [--state PATH] [--interval-ms N] [--count N]
+    unacloud-guest ring-peer --manager IP:PORT --ip IP [--deadline-s N] [--console PATH]
     unacloud-guest --help | --version
 
 heartbeat:
@@ -37,7 +44,26 @@ heartbeat:
     --interval-ms N    milliseconds between beats, >= 1       [default: 1000]
     --count N          stop after N beats                     [default: never stop]
 
-Errors go to stderr; a failed write is reported once and retried on the next beat.
+    Errors go to stderr; a failed write is reported once and retried on the next beat.
+
+ring-peer:
+    One peer of an RCPBT token ring (the test manager of unacloud-snapshot). Connects
+    to the manager (retrying until the deadline: the network may come up later), sends
+    `REGISTER <IP>`, listens on IP and the port the manager assigns, connects to its
+    successor while accepting its predecessor, forwards `Hello <n>` tokens as `Hello
+    <n+1>`, then `Exit` messages, and says `BYE <id> <hellos received>` (and `END
+    <tokens>` if it received the last token). Prints `ring-peer: registered as <id>
+    ...`, `ring-peer: ring closed ...` and `ring-peer: done, <n> hellos` on the
+    console; an error is printed as `ring-peer: error: ...` (on stderr, and on the
+    console too when it is not stdout) and exits with status 1. Every wait ends at the
+    deadline, measured from start with the monotonic clock only; the VM may be
+    snapshotted, killed and restored with its TCP connections meanwhile.
+
+    --manager IP:PORT  the test manager's address             [required]
+    --ip IP            this peer's IPv4 address                [required]
+    --deadline-s N     bound on the whole run, seconds, >= 1   [default: 3600]
+    --console PATH     console to write to, `-` for stdout    [default: -]
+
 Exit status: 0 done, 1 runtime error, 2 usage error.
 ";
 
@@ -47,6 +73,7 @@ enum Command {
     Help,
     Version,
     Heartbeat(HeartbeatOpts),
+    RingPeer(RingPeerOpts),
 }
 
 /// Options of `heartbeat`.
@@ -69,6 +96,15 @@ impl Default for HeartbeatOpts {
     }
 }
 
+/// Options of `ring-peer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RingPeerOpts {
+    manager: SocketAddr,
+    ip: Ipv4Addr,
+    deadline: Duration,
+    console: PathBuf,
+}
+
 /// A command-line mistake.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct UsageError(String);
@@ -83,6 +119,65 @@ fn usage_err(msg: impl Into<String>) -> UsageError {
     UsageError(msg.into())
 }
 
+/// Walks the options of a subcommand: `--flag value` or `--flag=value`.
+struct Flags<I> {
+    args: I,
+    inline: Option<String>,
+}
+
+impl<I: Iterator<Item = String>> Flags<I> {
+    /// The next flag; its `=value`, if any, is kept for [`Flags::value`].
+    fn next_flag(&mut self) -> Option<String> {
+        let arg = self.args.next()?;
+        match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => {
+                self.inline = Some(v.to_string());
+                Some(f.to_string())
+            }
+            _ => {
+                self.inline = None;
+                Some(arg)
+            }
+        }
+    }
+
+    /// The value of the flag `name` just returned by [`Flags::next_flag`].
+    fn value(&mut self, name: &str) -> Result<String, UsageError> {
+        match self.inline.take() {
+            Some(v) => Ok(v),
+            None => self
+                .args
+                .next()
+                .ok_or_else(|| usage_err(format!("{name} needs a value"))),
+        }
+    }
+
+    /// The value of `name`, which must not be empty (a path).
+    fn path(&mut self, name: &str) -> Result<PathBuf, UsageError> {
+        let v = self.value(name)?;
+        if v.is_empty() {
+            return Err(usage_err(format!("{name} must not be empty")));
+        }
+        Ok(PathBuf::from(v))
+    }
+
+    /// The value of `name` as a whole number of at least `min`.
+    fn number(&mut self, name: &str, min: u64) -> Result<u64, UsageError> {
+        let v = self.value(name)?;
+        let n: u64 = v
+            .parse()
+            .map_err(|_| usage_err(format!("{name}: `{v}` is not a whole number")))?;
+        if n < min {
+            return Err(usage_err(format!("{name} must be at least {min}")));
+        }
+        Ok(n)
+    }
+}
+
+fn is_help(flag: &str) -> bool {
+    flag == "-h" || flag == "--help"
+}
+
 fn parse_args<I>(args: I) -> Result<Command, UsageError>
 where
     I: IntoIterator<Item = String>,
@@ -92,71 +187,67 @@ where
         None => return Err(usage_err("missing subcommand (try --help)")),
         Some(s) => s,
     };
+    let flags = Flags { args, inline: None };
     match sub.as_str() {
-        "-h" | "--help" | "help" => return Ok(Command::Help),
-        "-V" | "--version" => return Ok(Command::Version),
-        "heartbeat" => {}
-        other => {
-            return Err(usage_err(format!(
-                "unknown subcommand `{other}` (try --help)"
-            )))
-        }
+        "-h" | "--help" | "help" => Ok(Command::Help),
+        "-V" | "--version" => Ok(Command::Version),
+        "heartbeat" => parse_heartbeat(flags),
+        "ring-peer" => parse_ring_peer(flags),
+        other => Err(usage_err(format!(
+            "unknown subcommand `{other}` (try --help)"
+        ))),
     }
+}
 
+fn parse_heartbeat<I: Iterator<Item = String>>(mut flags: Flags<I>) -> Result<Command, UsageError> {
     let mut opts = HeartbeatOpts::default();
-    while let Some(arg) = args.next() {
-        if arg == "-h" || arg == "--help" {
-            return Ok(Command::Help);
-        }
-        // Accept both `--flag value` and `--flag=value`.
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = |name: &str| -> Result<String, UsageError> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => args
-                    .next()
-                    .ok_or_else(|| usage_err(format!("{name} needs a value"))),
-            }
-        };
+    while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
-            "--console" => {
-                let v = value("--console")?;
-                if v.is_empty() {
-                    return Err(usage_err("--console must not be empty"));
-                }
-                opts.console = PathBuf::from(v);
-            }
-            "--state" => {
-                let v = value("--state")?;
-                if v.is_empty() {
-                    return Err(usage_err("--state must not be empty"));
-                }
-                opts.state = PathBuf::from(v);
-            }
+            f if is_help(f) => return Ok(Command::Help),
+            "--console" => opts.console = flags.path("--console")?,
+            "--state" => opts.state = flags.path("--state")?,
             "--interval-ms" => {
-                let v = value("--interval-ms")?;
-                let ms: u64 = v.parse().map_err(|_| {
-                    usage_err(format!("--interval-ms: `{v}` is not a whole number"))
-                })?;
-                if ms == 0 {
-                    return Err(usage_err("--interval-ms must be at least 1"));
-                }
-                opts.interval = Duration::from_millis(ms);
+                opts.interval = Duration::from_millis(flags.number("--interval-ms", 1)?);
             }
-            "--count" => {
-                let v = value("--count")?;
-                let n: u64 = v
-                    .parse()
-                    .map_err(|_| usage_err(format!("--count: `{v}` is not a whole number")))?;
-                opts.count = Some(n);
-            }
+            "--count" => opts.count = Some(flags.number("--count", 0)?),
             other => return Err(usage_err(format!("heartbeat: unknown option `{other}`"))),
         }
     }
     Ok(Command::Heartbeat(opts))
+}
+
+fn parse_ring_peer<I: Iterator<Item = String>>(mut flags: Flags<I>) -> Result<Command, UsageError> {
+    let mut manager = None;
+    let mut ip = None;
+    let mut deadline = Duration::from_secs(DEFAULT_DEADLINE_S);
+    let mut console = PathBuf::from("-");
+    while let Some(flag) = flags.next_flag() {
+        match flag.as_str() {
+            f if is_help(f) => return Ok(Command::Help),
+            "--manager" => {
+                let v = flags.value("--manager")?;
+                manager = Some(v.parse::<SocketAddr>().map_err(|_| {
+                    usage_err(format!("--manager: `{v}` is not an IP:PORT address"))
+                })?);
+            }
+            "--ip" => {
+                let v = flags.value("--ip")?;
+                ip = Some(
+                    v.parse::<Ipv4Addr>()
+                        .map_err(|_| usage_err(format!("--ip: `{v}` is not an IPv4 address")))?,
+                );
+            }
+            "--deadline-s" => deadline = Duration::from_secs(flags.number("--deadline-s", 1)?),
+            "--console" => console = flags.path("--console")?,
+            other => return Err(usage_err(format!("ring-peer: unknown option `{other}`"))),
+        }
+    }
+    Ok(Command::RingPeer(RingPeerOpts {
+        manager: manager.ok_or_else(|| usage_err("ring-peer: --manager is required"))?,
+        ip: ip.ok_or_else(|| usage_err("ring-peer: --ip is required"))?,
+        deadline,
+        console,
+    }))
 }
 
 /// Where beats are printed: a device or file opened for appending, or stdout.
@@ -312,6 +403,37 @@ fn heartbeat(opts: &HeartbeatOpts) -> ExitCode {
     }
 }
 
+fn ring_peer(opts: &RingPeerOpts) -> ExitCode {
+    let mut console = Console::new(&opts.console);
+    if let Console::Path { path, file } = &mut console {
+        match Console::open(path) {
+            Ok(f) => *file = Some(f),
+            Err(e) => {
+                eprintln!(
+                    "ring-peer: error: cannot open console {}: {e}",
+                    path.display()
+                );
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let console_what = format!("console {}", console.describe());
+    let mut latch = ErrorLatch::default();
+    let mut log =
+        |line: &str| latch.observe(&console_what, console.write_line(&format!("{line}\n")));
+    match ring_peer::run(opts.manager, opts.ip, opts.deadline, &mut log) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            let line = format!("ring-peer: error: {e}");
+            if !matches!(console, Console::Stdout) {
+                let _ = console.write_line(&format!("{line}\n"));
+            }
+            eprintln!("{line}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match parse_args(std::env::args().skip(1)) {
         Ok(Command::Help) => {
@@ -323,6 +445,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Command::Heartbeat(opts)) => heartbeat(&opts),
+        Ok(Command::RingPeer(opts)) => ring_peer(&opts),
         Err(e) => {
             eprintln!("unacloud-guest: {e}");
             ExitCode::from(2)
@@ -393,6 +516,85 @@ mod tests {
         assert!(parse(&["heartbeat", "--count", "x"]).is_err());
         assert!(parse(&["heartbeat", "--state="]).is_err());
         assert!(parse(&["heartbeat", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn ring_peer_options() {
+        let manager: SocketAddr = "10.77.0.1:7000".parse().expect("addr");
+        let ip = Ipv4Addr::new(10, 77, 0, 2);
+        assert_eq!(
+            parse(&[
+                "ring-peer",
+                "--manager",
+                "10.77.0.1:7000",
+                "--ip",
+                "10.77.0.2"
+            ]),
+            Ok(Command::RingPeer(RingPeerOpts {
+                manager,
+                ip,
+                deadline: Duration::from_secs(3600),
+                console: PathBuf::from("-"),
+            }))
+        );
+        let want = Ok(Command::RingPeer(RingPeerOpts {
+            manager,
+            ip,
+            deadline: Duration::from_secs(60),
+            console: PathBuf::from("/dev/ttyS0"),
+        }));
+        let spaced = [
+            "ring-peer",
+            "--ip",
+            "10.77.0.2",
+            "--deadline-s",
+            "60",
+            "--console",
+            "/dev/ttyS0",
+            "--manager",
+            "10.77.0.1:7000",
+        ];
+        let inline = [
+            "ring-peer",
+            "--manager=10.77.0.1:7000",
+            "--ip=10.77.0.2",
+            "--deadline-s=60",
+            "--console=/dev/ttyS0",
+        ];
+        assert_eq!(parse(&spaced), want);
+        assert_eq!(parse(&inline), want);
+        assert_eq!(parse(&["ring-peer", "--help"]), Ok(Command::Help));
+    }
+
+    #[test]
+    fn ring_peer_usage_errors() {
+        let ok = [
+            "ring-peer",
+            "--manager",
+            "10.0.0.1:7000",
+            "--ip",
+            "10.0.0.2",
+        ];
+        assert!(parse(&ok).is_ok());
+        assert!(parse(&ok[..3]).is_err(), "no --ip");
+        assert!(
+            parse(&["ring-peer", "--ip", "10.0.0.2"]).is_err(),
+            "no --manager"
+        );
+        let with = |extra: &[&str]| {
+            let mut v = ok.to_vec();
+            v.extend_from_slice(extra);
+            parse(&v)
+        };
+        assert!(with(&["--manager", "10.0.0.1"]).is_err(), "no port");
+        assert!(with(&["--manager", "host:7000"]).is_err(), "not an IP");
+        assert!(with(&["--ip", "::1"]).is_err(), "not IPv4");
+        assert!(with(&["--ip", "10.0.0.256"]).is_err());
+        assert!(with(&["--deadline-s", "0"]).is_err());
+        assert!(with(&["--deadline-s", "1.5"]).is_err());
+        assert!(with(&["--deadline-s"]).is_err());
+        assert!(with(&["--console="]).is_err());
+        assert!(with(&["--state", "/tmp/s"]).is_err(), "a heartbeat option");
     }
 
     #[test]
