@@ -24,6 +24,10 @@ use crate::files::MigrationSet;
 use crate::model::{DiskInfo, DiskSpace, DiskType, Uuid, VmId, VmInfo, VmSpec};
 use crate::tree::SnapshotTree;
 
+/// What [`Hypervisor::take_snapshot_at_point`] awaits at a live snapshot's point, while
+/// the guest is paused with its state fixed.
+pub type AtPoint = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+
 /// How to start a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum StartMode {
@@ -186,6 +190,47 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
         description: Option<&str>,
         live: bool,
     ) -> Result<SnapshotRef>;
+    /// Takes a live snapshot of a running VM in its two moments: the *snapshot point*,
+    /// when the state the snapshot holds is fixed, and *durability*, when it is on disk.
+    /// `at_point` is awaited at the point, while the guest is still paused, before it
+    /// runs on; the call returns once the snapshot is durable. A caller that must act
+    /// before the guest executes past the point (a global snapshot switches the VM's
+    /// packet colour there) does it in `at_point`. If the snapshot fails before its
+    /// point, `at_point` is dropped without being awaited.
+    ///
+    /// The default pauses the VM, awaits `at_point`, takes the snapshot of the paused VM
+    /// and resumes it: correct for every backend, but the guest stays paused until the
+    /// snapshot is durable. Backends that can let the guest run while its memory is
+    /// written (QEMU's background snapshot) override it.
+    ///
+    /// ```
+    /// # async fn demo(hv: &dyn unacloud_core::hypervisor::Hypervisor) -> unacloud_core::Result<()> {
+    /// let vm = unacloud_core::model::VmId::from("pc-1");
+    /// let (tx, rx) = tokio::sync::oneshot::channel();
+    /// let snap = hv
+    ///     .take_snapshot_at_point(&vm, "gs-7", None, Box::pin(async move {
+    ///         // The guest is paused with its state fixed: act, then let it run on.
+    ///         let _ = tx.send(std::time::Instant::now());
+    ///     }))
+    ///     .await?;
+    /// println!("{} durable; its point was at {:?}", snap.name, rx.await.ok());
+    /// # Ok(()) }
+    /// ```
+    async fn take_snapshot_at_point(
+        &self,
+        vm: &VmId,
+        name: &str,
+        description: Option<&str>,
+        at_point: AtPoint,
+    ) -> Result<SnapshotRef> {
+        self.pause(vm).await?;
+        at_point.await;
+        let taken = self.take_snapshot(vm, name, description, true).await;
+        let resumed = self.resume(vm).await;
+        let snap = taken?;
+        resumed?;
+        Ok(snap)
+    }
     /// Restores a snapshot (by id or unique name); the VM must not be running.
     async fn restore_snapshot(&self, vm: &VmId, snapshot: &str) -> Result<()>;
     /// Deletes a snapshot, merging its differencing images.
@@ -384,6 +429,21 @@ impl<H: Hypervisor> Hypervisor for WithTimeouts<H> {
     async fn resume(&self, vm: &VmId) -> Result<()> {
         bounded("resume VM", self.limits.power, self.inner.resume(vm)).await
     }
+    async fn take_snapshot_at_point(
+        &self,
+        vm: &VmId,
+        name: &str,
+        description: Option<&str>,
+        at_point: AtPoint,
+    ) -> Result<SnapshotRef> {
+        bounded(
+            "take snapshot",
+            self.limits.snapshot,
+            self.inner
+                .take_snapshot_at_point(vm, name, description, at_point),
+        )
+        .await
+    }
     async fn take_snapshot(
         &self,
         vm: &VmId,
@@ -532,6 +592,17 @@ impl<H: Hypervisor + ?Sized> Hypervisor for Arc<H> {
         live: bool,
     ) -> Result<SnapshotRef> {
         (**self).take_snapshot(vm, name, description, live).await
+    }
+    async fn take_snapshot_at_point(
+        &self,
+        vm: &VmId,
+        name: &str,
+        description: Option<&str>,
+        at_point: AtPoint,
+    ) -> Result<SnapshotRef> {
+        (**self)
+            .take_snapshot_at_point(vm, name, description, at_point)
+            .await
     }
     async fn restore_snapshot(&self, vm: &VmId, snapshot: &str) -> Result<()> {
         (**self).restore_snapshot(vm, snapshot).await

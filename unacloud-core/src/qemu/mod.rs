@@ -693,6 +693,18 @@ impl Hypervisor for QemuHypervisor {
             .map(|r| r.snapshot)
     }
 
+    async fn take_snapshot_at_point(
+        &self,
+        vm: &VmId,
+        name: &str,
+        description: Option<&str>,
+        at_point: crate::hypervisor::AtPoint,
+    ) -> Result<SnapshotRef> {
+        self.take_snapshot_staged(vm, name, description, true, Some(at_point))
+            .await
+            .map(|r| r.snapshot)
+    }
+
     async fn restore_snapshot(&self, vm: &VmId, snapshot: &str) -> Result<()> {
         self.restore_snapshot_vm(vm, snapshot).await
     }

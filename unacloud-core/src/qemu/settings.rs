@@ -242,6 +242,14 @@ pub struct SnapshotMeta {
     /// When it was taken (ISO 8601, UTC).
     #[serde(default)]
     pub time_stamp: Option<String>,
+    /// How long the guest was paused to take it, in microseconds (`None`: taken while
+    /// the VM was off, or by an older version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_us: Option<u64>,
+    /// How long taking it took, from the call until it was durable and recorded, in
+    /// microseconds (`None` for older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub took_us: Option<u64>,
 }
 
 /// A VM's settings file.

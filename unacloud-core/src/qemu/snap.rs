@@ -69,6 +69,22 @@ impl QemuHypervisor {
         description: Option<&str>,
         live: bool,
     ) -> Result<SnapshotReport> {
+        self.take_snapshot_staged(vm, name, description, live, None)
+            .await
+    }
+
+    /// [`QemuHypervisor::take_snapshot_with`], awaiting `at_point` at the snapshot point:
+    /// for a running VM after its disks switched to the new overlays and QEMU fixed the
+    /// memory and device state, before the guest runs on (a VM that is not running has
+    /// its point at once). The guest's downtime includes the time `at_point` takes.
+    pub async fn take_snapshot_staged(
+        &self,
+        vm: &VmId,
+        name: &str,
+        description: Option<&str>,
+        live: bool,
+        mut at_point: Option<crate::hypervisor::AtPoint>,
+    ) -> Result<SnapshotReport> {
         let t0 = Instant::now();
         let (mut guard, vm_name, folder, settings) = self.lock_vm(vm).await?;
         if settings.disks.is_empty() {
@@ -206,6 +222,9 @@ impl QemuHypervisor {
             let saved = async {
                 switched?;
                 vm::start_migration(&mut live_vm.qmp).await?;
+                if let Some(point) = at_point.take() {
+                    point.await;
+                }
                 if background && !was_paused {
                     live_vm.qmp.execute("cont", None).await?;
                     resumed = true;
@@ -228,6 +247,9 @@ impl QemuHypervisor {
             }
             state_bytes = super::run::file_len(&state);
         } else {
+            if let Some(point) = at_point.take() {
+                point.await;
+            }
             if let (Some(rel), Some(saved)) = (&state_rel, &settings.saved_state) {
                 let to = folder.join(rel);
                 if let Err(e) = std::fs::hard_link(folder.join(&saved.file), &to)
@@ -271,6 +293,8 @@ impl QemuHypervisor {
                     disks: frozen,
                     state_file: state_rel.clone(),
                     time_stamp: Some(time_stamp),
+                    downtime_us: running.then_some((downtime_ms * 1e3) as u64),
+                    took_us: Some(t0.elapsed().as_micros() as u64),
                 });
                 s.current_snapshot = Some(tag.clone());
                 s.pending = None;
