@@ -191,7 +191,7 @@ pub enum Error {
     },
 
     // ----- real network: transport, packet colouring, namespaces, RCPBT -------------
-    /// An external command (`iptables`, `nft`, `ip`, `VBoxManage`, …) could not be started.
+    /// An external command (`iptables`, `nft`, `ip`, …) could not be started.
     #[error("cannot run `{program}`; is it installed and on PATH? (packages: iptables, nftables, iproute2)")]
     CommandSpawn {
         /// The program.

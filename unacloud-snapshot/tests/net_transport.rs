@@ -335,21 +335,25 @@ async fn host_actions_drive_the_hypervisor() {
     .unwrap();
     let vms = vec!["tm".to_owned()];
     let check = || HostAction::CheckVmsRunning { vms: vms.clone() };
-    // Phase 1: a VM that is off, and a host without room, are both "not ready".
-    assert_eq!(
-        host.perform(check()).await,
-        ActionOutcome::VmsRunning(false)
-    );
+    // Phase 1: a VM that is off, and a host without room, are both refused, saying
+    // which host, and for room the bytes needed and the bytes free.
+    match host.perform(check()).await {
+        ActionOutcome::Failed(why) => assert!(why.contains("VM tm is"), "{why}"),
+        other => panic!("a VM that is off passed the check: {other:?}"),
+    }
     mem.start_vm(&vm, StartMode::Headless).await.unwrap();
     assert_eq!(host.perform(check()).await, ActionOutcome::VmsRunning(true));
     mem.set_disk_space(DiskSpace {
         available: 100 << 20,
         total: 1 << 30,
     });
-    assert_eq!(
-        host.perform(check()).await,
-        ActionOutcome::VmsRunning(false)
-    );
+    match host.perform(check()).await {
+        ActionOutcome::Failed(why) => assert!(
+            why.starts_with("host ") && why.contains("needs 135266304 bytes, has 104857600"),
+            "{why}"
+        ),
+        other => panic!("a host without room passed the check: {other:?}"),
+    }
     let why = unacloud_snapshot::net::host::hypervisor_ready(mem.as_ref(), "tm", 1 << 20)
         .await
         .unwrap_err();
@@ -362,7 +366,9 @@ async fn host_actions_drive_the_hypervisor() {
         total: 1 << 30,
     });
 
-    // Step 3: a live snapshot named after the global snapshot; the VM keeps running.
+    // Step 3: a live snapshot named after the global snapshot, in two moments. At its
+    // point the guest is held paused until step 4 colours its traffic POST (so nothing
+    // it sends after the point leaves PRE), then runs on; DONE waits for durability.
     let gs = GlobalSnapshotId(7);
     let taken = host
         .perform(HostAction::TakeLocalSnapshots {
@@ -371,9 +377,42 @@ async fn host_actions_drive_the_hypervisor() {
         })
         .await;
     assert!(
-        matches!(taken, ActionOutcome::SnapshotTaken { .. }),
+        matches!(taken, ActionOutcome::SnapshotPoint { .. }),
         "{taken:?}"
     );
+    assert_eq!(mem.vm_info(&vm).await.unwrap().state, PowerState::Paused);
+    assert!(
+        mem.snapshot_tree(&vm)
+            .await
+            .unwrap()
+            .resolve("gs-7")
+            .is_err(),
+        "durable before the guest ran on"
+    );
+    assert_eq!(
+        host.perform(HostAction::SetOutgoingColour(Colour::Post))
+            .await,
+        ActionOutcome::Done
+    );
+    match host
+        .perform(HostAction::AwaitDurable {
+            gs,
+            vms: vms.clone(),
+        })
+        .await
+    {
+        ActionOutcome::SnapshotDurable { .. } => {}
+        other => panic!("durability: {other:?}"),
+    }
+    // Waiting for a snapshot that is not being written is an error, not a hang.
+    assert!(matches!(
+        host.perform(HostAction::AwaitDurable {
+            gs,
+            vms: vms.clone()
+        })
+        .await,
+        ActionOutcome::Failed(_)
+    ));
     let tree = mem.snapshot_tree(&vm).await.unwrap();
     let node = tree.resolve("gs-7").unwrap();
     assert!(

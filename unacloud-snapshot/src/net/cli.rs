@@ -7,7 +7,9 @@
 //!                             [--results-csv F] [--key-file F]
 //! unacloud-gs launcher [--config F] [--cluster N] [--ms ADDR] [--advertise IP]
 //!                      [--cluster-size N] [--backend nft|nft-netlink|nft-command|iptables]
-//!                      [--vm NAME [--netns NS] [--freeze-pid PID] [--hold-ms MS]]
+//!                      [--hypervisor qemu --hv-root DIR [--accel auto|kvm|tcg]]
+//!                      [--vm NAME [--netns NS] [--tap IF]
+//!                                 [--freeze-pid PID [--hold-ms MS] | --lab-sleep-ms MS]]
 //!                      [--snapshot-timeout-ms MS] [--precheck-timeout-ms MS]
 //!                      [--key-file F] [--events-json]
 //! unacloud-gs start [--config F] [--cluster N] [--ms ADDR] [--key-file F]
@@ -31,8 +33,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::daemon::{
-    run_launcher, trigger_global_snapshot, DaemonConfig, LauncherOptions, LauncherSection,
-    MetadataSection, VmConfig,
+    run_launcher, trigger_global_snapshot, DaemonConfig, HypervisorSection, LauncherOptions,
+    LauncherSection, MetadataSection, VmConfig,
 };
 use super::node::spawn_metadata_server;
 use crate::error::{Error, Result};
@@ -252,6 +254,7 @@ fn run(args: &[String]) -> Result<()> {
                     cluster_size: f.require("--cluster-size")?,
                     backend: Default::default(),
                     catalog: None,
+                    hypervisor: None,
                     vms: Vec::new(),
                 },
             };
@@ -264,12 +267,26 @@ fn run(args: &[String]) -> Result<()> {
             if let Some(b) = f.parse_opt("--backend")? {
                 section.backend = b;
             }
+            if let Some(backend) = f.get("--hypervisor") {
+                section.hypervisor = Some(HypervisorSection {
+                    backend: backend.to_string(),
+                    root: f.require("--hv-root")?,
+                    live: true,
+                    margin_mb: f.parse_opt("--margin-mb")?.unwrap_or(64),
+                    accel: f.get("--accel").map(str::to_string),
+                });
+            }
+            if let Some(p) = f.get("--catalog") {
+                section.catalog = Some(PathBuf::from(p));
+            }
             if let Some(name) = f.get("--vm") {
                 section.vms.push(VmConfig {
                     name: name.to_string(),
                     netns: f.get("--netns").map(str::to_string),
+                    tap: f.get("--tap").map(str::to_string),
                     freeze_pid: f.parse_opt("--freeze-pid")?,
                     hold_ms: f.parse_opt("--hold-ms")?.unwrap_or(0),
+                    lab_sleep_ms: f.parse_opt("--lab-sleep-ms")?,
                     ..VmConfig::default()
                 });
             }

@@ -20,14 +20,31 @@
 //! [launcher]                                # for `launcher`
 //! advertise = "10.0.0.5"                    # address participants are reached at
 //! cluster_size = 16                         # VMs in the whole deployment
-//! backend = "nft"                           # or "nft-netlink", "nft-command", "iptables"
+//! backend = "nft-netlink"                   # or "nft", "nft-command", "iptables"
 //! catalog = "/var/lib/unacloud/catalog.json"
+//!
+//! [launcher.hypervisor]                     # the VMs' local snapshots, restores, starts
+//! backend = "qemu"                          # unacloud-core's QEMU backend (feature `hypervisor`)
+//! root = "/var/lib/unacloud/vms"            # its root folder on this host
+//! live = true                               # live snapshots (the guest runs on)
+//! margin_mb = 64                            # free space required beyond the VM's memory
 //!
 //! [[launcher.vm]]
 //! name = "web-1"
-//! vbox_user = "unacloud"                    # rules inside the guest via guestcontrol
-//! snapshot_command = ["VBoxManage", "snapshot", "{vm}", "take", "gs-{gs}", "--live"]
+//! tap = "uct-web-1"                         # colour at the host, on the VM's tap
+//! netns = "pc-5"                            # where that tap lives (optional)
 //! ```
+//!
+//! A VM's local snapshot is explicit: the launcher's hypervisor (`[launcher.hypervisor]`),
+//! or one of the lab methods of a VM entry — `freeze_pid` (SIGSTOP a process standing in
+//! for the VM), `snapshot_command` (an argv template) or `lab_sleep_ms` (only wait; tests).
+//! A VM with none of them is a configuration error: nothing records a global snapshot
+//! that holds no state.
+//!
+//! Packet colouring happens at the host. With `tap` the rules mark what the VM sends and
+//! filter what it receives on that interface (forward path, see
+//! [`crate::colour::Scope::Interface`]), so neither guest nor application nor hypervisor
+//! changes; without it they apply to the host's (or namespace's) own traffic.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -42,11 +59,11 @@ use super::conn::{request, TransportConfig};
 use super::frame::ClusterKey;
 use super::host::{HostActions, HostSummary, LocalSnapshot, VmHost};
 use super::node::{spawn_coordinator, spawn_participant, NodeEvent, NodeHandle};
-use crate::colour::exec::{CommandExecutor, LocalHost, NetnsExec, VBoxGuestExec};
+use crate::colour::exec::{CommandExecutor, LocalHost, NetnsExec};
 use crate::colour::iptables::Iptables;
 use crate::colour::netlink::NftNetlink;
 use crate::colour::nft::{Nft, NftOneShot, NftSession};
-use crate::colour::ColourBackend;
+use crate::colour::{ColourBackend, Scope};
 use crate::error::{Error, Result};
 use crate::protocol::{
     ClusterId, CoordinatorConfig, DscpConfig, Envelope, Message, ParticipantConfig, ParticipantId,
@@ -67,7 +84,7 @@ pub enum BackendKind {
     #[serde(rename = "iptables")]
     Iptables,
     /// nftables through nf_tables netlink messages sent by the launcher itself (no `nft`
-    /// process; on the host or in a network namespace, not in a VirtualBox guest):
+    /// process; on the host or in a network namespace):
     /// `nft-netlink`.
     #[serde(rename = "nft-netlink")]
     NftNetlink,
@@ -108,21 +125,49 @@ impl std::str::FromStr for BackendKind {
 pub struct VmConfig {
     /// The VM's name (registered at the metadata server).
     pub name: String,
-    /// Apply its rules inside this network namespace (`ip netns exec`).
+    /// Apply its rules inside this network namespace (the one holding its tap).
     pub netns: Option<String>,
-    /// Apply its rules inside the VirtualBox guest as this user (`guestcontrol run`).
-    pub vbox_user: Option<String>,
-    /// Password file for `vbox_user`.
-    pub vbox_password_file: Option<String>,
-    /// Local snapshot = freeze this process (SIGSTOP/SIGCONT) for `hold_ms`.
+    /// Colour the VM's traffic on this host interface (its tap): forward-path rules
+    /// scoped to the interface instead of the host's own output/input.
+    pub tap: Option<String>,
+    /// Lab method: local snapshot = freeze this process (SIGSTOP/SIGCONT) for `hold_ms`.
     pub freeze_pid: Option<i32>,
     /// How long a frozen process stays stopped (default 0).
     #[serde(default)]
     pub hold_ms: u64,
-    /// Local snapshot = run this command (`{vm}`, `{gs}` substituted).
+    /// Lab method: local snapshot = run this command (`{vm}`, `{gs}` substituted).
     pub snapshot_command: Option<Vec<String>>,
     /// Bound on the snapshot command (default 600 s).
     pub snapshot_timeout_ms: Option<u64>,
+    /// Test method: the "local snapshot" only waits this long and captures nothing.
+    pub lab_sleep_ms: Option<u64>,
+}
+
+/// `[launcher.hypervisor]`: the backend that takes the VMs' local snapshots.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HypervisorSection {
+    /// `qemu` (unacloud-core's QEMU backend).
+    pub backend: String,
+    /// The backend's root folder on this host.
+    pub root: PathBuf,
+    /// Live snapshots (the guest keeps running while its memory is written); default
+    /// true.
+    #[serde(default = "yes")]
+    pub live: bool,
+    /// Free space required beyond each VM's memory, in MiB (default 64).
+    #[serde(default = "default_margin_mb")]
+    pub margin_mb: u64,
+    /// `auto`, `kvm` or `tcg` (default `auto`: KVM when a probe boot shows it works).
+    pub accel: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_margin_mb() -> u64 {
+    64
 }
 
 /// `[metadata]` section.
@@ -150,6 +195,8 @@ pub struct LauncherSection {
     pub backend: BackendKind,
     /// Catalog file of the coordinator (if this host gets id 0).
     pub catalog: Option<PathBuf>,
+    /// The hypervisor that takes, restores and starts the VMs' local snapshots.
+    pub hypervisor: Option<HypervisorSection>,
     /// The host's VMs.
     #[serde(default, rename = "vm")]
     pub vms: Vec<VmConfig>,
@@ -277,58 +324,150 @@ pub fn build_backend(
 
 /// Builds the colouring backend of `kind` for `vm`: commands through [`vm_executor`], or
 /// for [`BackendKind::NftNetlink`] a netlink socket opened in the VM's namespace (or on
-/// this host when it has none). A VirtualBox guest can only be reached with commands.
+/// this host when it has none); scoped to the VM's tap when it has one.
 pub fn build_vm_backend(
     kind: BackendKind,
     vm: &VmConfig,
     dscp: DscpConfig,
 ) -> Result<Box<dyn ColourBackend>> {
-    if kind != BackendKind::NftNetlink {
-        return build_backend(kind, vm_executor(vm), dscp);
-    }
-    if let Some(ns) = &vm.netns {
-        return Ok(Box::new(NftNetlink::open_in_netns(ns, dscp)?));
-    }
-    if vm.vbox_user.is_some() {
-        return Err(Error::InvalidConfig {
-            reason: format!(
-                "VM {}: the nft-netlink backend cannot reach inside a VirtualBox guest; use backend nft, nft-command or iptables",
-                vm.name
-            ),
-        });
-    }
-    Ok(Box::new(NftNetlink::open_here(dscp)?))
+    let scope = match &vm.tap {
+        Some(tap) => Scope::interface(tap)?,
+        None => Scope::Host,
+    };
+    Ok(match kind {
+        BackendKind::NftNetlink => {
+            let nl = match &vm.netns {
+                Some(ns) => NftNetlink::open_in_netns(ns, dscp)?,
+                None => NftNetlink::open_here(dscp)?,
+            };
+            Box::new(nl.scope(scope))
+        }
+        BackendKind::NftSession => {
+            Box::new(Nft::new(NftSession::start(vm_executor(vm).as_ref())?, dscp).scope(scope))
+        }
+        BackendKind::Nft => Box::new(Nft::new(NftOneShot::new(vm_executor(vm)), dscp).scope(scope)),
+        BackendKind::Iptables => Box::new(Iptables::new(vm_executor(vm), dscp).scope(scope)),
+    })
 }
 
-/// The executor where a VM's rules are applied.
+/// The executor where a VM's rules are applied: its namespace, or this host.
 pub fn vm_executor(vm: &VmConfig) -> Arc<dyn CommandExecutor> {
     if let Some(ns) = &vm.netns {
         Arc::new(NetnsExec::new(ns.clone()))
-    } else if let Some(user) = &vm.vbox_user {
-        let mut e = VBoxGuestExec::new(vm.name.clone(), user.clone());
-        if let Some(f) = &vm.vbox_password_file {
-            e = e.password_file(f.clone());
-        }
-        Arc::new(e)
     } else {
         Arc::new(LocalHost)
     }
 }
 
-fn local_snapshot(vm: &VmConfig) -> LocalSnapshot {
+/// The local-snapshot method of `vm`: a lab method of its own entry, else the
+/// launcher's hypervisor (`hv`); neither is a configuration error.
+pub fn local_snapshot(vm: &VmConfig, hv: Option<&LocalSnapshot>) -> Result<LocalSnapshot> {
+    let lab = [
+        vm.freeze_pid.is_some(),
+        vm.snapshot_command.is_some(),
+        vm.lab_sleep_ms.is_some(),
+    ];
+    if lab.iter().filter(|x| **x).count() > 1 {
+        return Err(Error::InvalidConfig {
+            reason: format!(
+                "VM {}: give one local-snapshot method, not several of freeze_pid, snapshot_command and lab_sleep_ms",
+                vm.name
+            ),
+        });
+    }
     if let Some(pid) = vm.freeze_pid {
-        LocalSnapshot::Freeze {
+        return Ok(LocalSnapshot::Freeze {
             pid,
             hold: Duration::from_millis(vm.hold_ms),
+        });
+    }
+    if let Some(argv) = &vm.snapshot_command {
+        if argv.is_empty() {
+            return Err(Error::InvalidConfig {
+                reason: format!("VM {}: snapshot_command is empty", vm.name),
+            });
         }
-    } else if let Some(argv) = &vm.snapshot_command {
-        LocalSnapshot::Command {
+        return Ok(LocalSnapshot::Command {
             argv: argv.clone(),
             timeout: Duration::from_millis(vm.snapshot_timeout_ms.unwrap_or(600_000)),
-        }
-    } else {
-        LocalSnapshot::Sleep(Duration::from_millis(vm.hold_ms))
+        });
     }
+    if let Some(ms) = vm.lab_sleep_ms {
+        return Ok(LocalSnapshot::Sleep(Duration::from_millis(ms)));
+    }
+    hv.cloned().ok_or_else(|| Error::InvalidConfig {
+        reason: format!(
+            "VM {} has no local-snapshot method: configure [launcher.hypervisor] (or --hypervisor), \
+             or a lab method (freeze_pid, snapshot_command, lab_sleep_ms)",
+            vm.name
+        ),
+    })
+}
+
+/// Opens the hypervisor of `[launcher.hypervisor]` as a local-snapshot method.
+#[cfg(feature = "hypervisor")]
+pub async fn open_hypervisor(section: &HypervisorSection) -> Result<LocalSnapshot> {
+    use unacloud_core::qemu::{Accel, QemuHypervisor, QemuImg, QemuSystem};
+    if section.backend != "qemu" {
+        return Err(Error::InvalidConfig {
+            reason: format!(
+                "hypervisor backend {:?}: this launcher drives `qemu`; embed the library with \
+                 LocalSnapshot::Hypervisor for other backends",
+                section.backend
+            ),
+        });
+    }
+    let accel = match section.accel.as_deref().unwrap_or("auto") {
+        "auto" => Accel::Auto,
+        "kvm" => Accel::Kvm,
+        "tcg" => Accel::Tcg,
+        other => {
+            return Err(Error::InvalidConfig {
+                reason: format!("hypervisor accel {other:?}: use auto, kvm or tcg"),
+            })
+        }
+    };
+    let hv = QemuHypervisor::open_configured(
+        &section.root,
+        QemuImg::new(),
+        QemuSystem::new().with_accel(accel),
+    )
+    .await
+    .map_err(|e| Error::InvalidConfig {
+        reason: format!(
+            "cannot open the QEMU backend at {}: {}",
+            section.root.display(),
+            error_chain(&e)
+        ),
+    })?;
+    Ok(LocalSnapshot::Hypervisor {
+        hv: Arc::new(hv),
+        live: section.live,
+        margin: section.margin_mb.saturating_mul(1 << 20),
+    })
+}
+
+/// Without the `hypervisor` feature a `[launcher.hypervisor]` section is refused.
+#[cfg(not(feature = "hypervisor"))]
+pub async fn open_hypervisor(section: &HypervisorSection) -> Result<LocalSnapshot> {
+    Err(Error::InvalidConfig {
+        reason: format!(
+            "hypervisor backend {:?}: this build of unacloud-snapshot lacks the `hypervisor` feature",
+            section.backend
+        ),
+    })
+}
+
+#[cfg(feature = "hypervisor")]
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 /// Sends `StartGS` to the metadata server, which forwards it to the coordinator.
@@ -579,10 +718,14 @@ pub async fn run_launcher(
     // Build the hosts first (installing our empty chains), then register.
     let mut nodes: Vec<(String, ParticipantId, NodeHandle)> = Vec::new();
     let mut prepared = Vec::new();
+    let hv = match &section.hypervisor {
+        Some(h) => Some(open_hypervisor(h).await?),
+        None => None,
+    };
     for vm in &section.vms {
+        let method = local_snapshot(vm, hv.as_ref())?;
         let backend = build_vm_backend(section.backend, vm, dscp)?;
-        let host: Arc<dyn HostActions> =
-            Arc::new(VmHost::new(&vm.name, backend, local_snapshot(vm))?);
+        let host: Arc<dyn HostActions> = Arc::new(VmHost::new(&vm.name, backend, method)?);
         let host: Arc<dyn HostActions> = match opts.crash_after_step {
             Some(step) => Arc::new(CrashAfterStep::new(host, step)),
             None => host,
@@ -798,10 +941,14 @@ advertise = "10.0.0.5"
 cluster_size = 16
 backend = "iptables"
 
+[launcher.hypervisor]
+backend = "qemu"
+root = "/var/lib/unacloud/vms"
+
 [[launcher.vm]]
 name = "web-1"
-vbox_user = "unacloud"
-snapshot_command = ["VBoxManage", "snapshot", "{vm}", "take", "gs-{gs}", "--live"]
+tap = "uct-web-1"
+netns = "pc-5"
 "#;
         let c = DaemonConfig::from_toml(text, Path::new("x.toml")).unwrap();
         assert_eq!(c.cluster, 7);
@@ -811,7 +958,39 @@ snapshot_command = ["VBoxManage", "snapshot", "{vm}", "take", "gs-{gs}", "--live
         assert_eq!(c.timeouts().snapshot, Duration::from_secs(120));
         assert_eq!(c.metadata.as_ref().unwrap().base_port, 7100);
         let exec = vm_executor(&l.vms[0]);
-        assert_eq!(exec.place(), "VM web-1");
+        assert_eq!(exec.place(), "netns pc-5");
+        let h = l.hypervisor.as_ref().unwrap();
+        assert!(h.live);
+        assert_eq!(h.margin_mb, 64);
+        assert_eq!(l.vms[0].tap.as_deref(), Some("uct-web-1"));
+    }
+
+    #[test]
+    fn a_vm_without_a_snapshot_method_is_a_configuration_error() {
+        let vm = VmConfig {
+            name: "web-1".to_string(),
+            ..VmConfig::default()
+        };
+        let e = local_snapshot(&vm, None).unwrap_err();
+        assert!(e.to_string().contains("no local-snapshot method"), "{e}");
+        let lab = VmConfig {
+            lab_sleep_ms: Some(3),
+            ..vm.clone()
+        };
+        assert!(matches!(
+            local_snapshot(&lab, None).unwrap(),
+            LocalSnapshot::Sleep(d) if d == Duration::from_millis(3)
+        ));
+        let two = VmConfig {
+            freeze_pid: Some(1),
+            ..lab
+        };
+        assert!(local_snapshot(&two, None).is_err());
+        let empty = VmConfig {
+            snapshot_command: Some(Vec::new()),
+            ..vm
+        };
+        assert!(local_snapshot(&empty, None).is_err());
     }
 
     #[test]
@@ -845,14 +1024,14 @@ snapshot_command = ["VBoxManage", "snapshot", "{vm}", "take", "gs-{gs}", "--live
             let b: BackendKind = v["launcher"][0]["backend"].clone().try_into().unwrap();
             assert_eq!(b, k);
         }
-        // The netlink backend cannot reach into a VirtualBox guest.
+        // A tap name the kernel would refuse is a configuration error.
         let vm = VmConfig {
             name: "web-1".to_string(),
-            vbox_user: Some("admin".to_string()),
+            tap: Some("no/slash".to_string()),
             ..VmConfig::default()
         };
-        let e = build_vm_backend(BackendKind::NftNetlink, &vm, DscpConfig::default()).unwrap_err();
-        assert!(e.to_string().contains("VirtualBox guest"), "{e}");
+        let e = build_vm_backend(BackendKind::Iptables, &vm, DscpConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("interface name"), "{e}");
         let e = build_backend(
             BackendKind::NftNetlink,
             Arc::new(LocalHost),

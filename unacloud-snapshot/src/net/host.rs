@@ -40,24 +40,25 @@ pub struct HostSummary {
 /// How a VM's local snapshot is taken.
 #[derive(Debug, Clone)]
 pub enum LocalSnapshot {
-    /// Freeze a process with SIGSTOP for `hold`, then SIGCONT — as a live VM snapshot
-    /// pauses the VM. SIGCONT is sent even if the action is cancelled.
+    /// Lab method: freeze a process with SIGSTOP for `hold`, then SIGCONT — as a live VM
+    /// snapshot pauses the VM (it captures no state, so hosts of this kind cannot
+    /// restore). SIGCONT is sent even if the action is cancelled.
     Freeze {
         /// The process standing in for the VM.
         pid: i32,
         /// How long it stays frozen.
         hold: Duration,
     },
-    /// Run a command; `{vm}` and `{gs}` in its arguments are replaced by the VM name and
-    /// the global snapshot number (for example
-    /// `VBoxManage snapshot {vm} take gs-{gs} --live`).
+    /// Lab method: run a command; `{vm}` and `{gs}` in its arguments are replaced by the
+    /// VM name and the global snapshot number (for a hypervisor without a backend
+    /// of its own; restoring and starting need [`LocalSnapshot::Hypervisor`]).
     Command {
         /// The argv template.
         argv: Vec<String>,
         /// Bound on its run time.
         timeout: Duration,
     },
-    /// Only wait (tests and dry runs).
+    /// Test method: only wait (tests and dry runs; captures nothing).
     Sleep(Duration),
     /// Through a hypervisor (feature `hypervisor`): the phase-1 check asks whether the
     /// VM runs and whether its host has room for the snapshot (the VM's memory plus
@@ -97,13 +98,49 @@ pub struct VmHost {
 
 struct Inner {
     vm: String,
+    host: String,
     colour: Mutex<Box<dyn ColourBackend>>,
     installed: AtomicBool,
     dropped_before: AtomicU64,
     snapshot: LocalSnapshot,
+    /// A live snapshot past its point whose guest waits for the POST colour, or whose
+    /// state is still being written.
+    staged: Mutex<Option<Staged>>,
 }
 
+/// A live local snapshot between its point and its durability.
+struct Staged {
+    gs: GlobalSnapshotId,
+    /// Lets the paused guest run on (sent once the VM's traffic is coloured POST).
+    release: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The snapshot call, which ends when the state is on disk.
+    done: tokio::task::JoinHandle<std::result::Result<(), String>>,
+    started: Instant,
+}
+
+/// How long a guest paused at its snapshot point waits for the POST colour before it
+/// runs on anyway (a protocol that stalls never keeps a VM paused).
+pub const POINT_HOLD_LIMIT: Duration = Duration::from_secs(5);
+
 impl Inner {
+    fn lock_staged(&self) -> Result<MutexGuard<'_, Option<Staged>>> {
+        self.staged.lock().map_err(|_| Error::LocalSnapshot {
+            vm: self.vm.clone(),
+            reason: "snapshot state lock poisoned by an earlier panic".to_string(),
+        })
+    }
+
+    /// Lets a guest paused at its snapshot point run on.
+    fn release_guest(&self) {
+        let mut guard = match self.staged.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(r) = guard.as_mut().and_then(|s| s.release.take()) {
+            let _ = r.send(());
+        }
+    }
+
     fn lock_colour(&self) -> Result<MutexGuard<'_, Box<dyn ColourBackend>>> {
         self.colour.lock().map_err(|_| Error::NftSession {
             place: self.vm.clone(),
@@ -138,6 +175,21 @@ impl VmHost {
     /// the first step of a global snapshot only changes one rule.
     pub fn new(
         vm: impl Into<String>,
+        colour: Box<dyn ColourBackend>,
+        snapshot: LocalSnapshot,
+    ) -> Result<Self> {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "this host".to_string());
+        Self::on_host(host, vm, colour, snapshot)
+    }
+
+    /// Like [`VmHost::new`], naming the host (as refusals and errors show it) instead of
+    /// using this machine's host name — for several emulated PCs on one machine.
+    pub fn on_host(
+        host: impl Into<String>,
+        vm: impl Into<String>,
         mut colour: Box<dyn ColourBackend>,
         snapshot: LocalSnapshot,
     ) -> Result<Self> {
@@ -147,10 +199,12 @@ impl VmHost {
             fast,
             inner: Arc::new(Inner {
                 vm: vm.into(),
+                host: host.into(),
                 colour: Mutex::new(colour),
                 installed: AtomicBool::new(true),
                 dropped_before: AtomicU64::new(0),
                 snapshot,
+                staged: Mutex::new(None),
             }),
         })
     }
@@ -193,8 +247,12 @@ impl VmHost {
         .await
     }
 
-    async fn take_snapshot(inner: Arc<Inner>, gs: GlobalSnapshotId) -> Result<Duration> {
+    async fn take_snapshot(inner: Arc<Inner>, gs: GlobalSnapshotId) -> Result<ActionOutcome> {
         let start = Instant::now();
+        #[cfg(feature = "hypervisor")]
+        if let LocalSnapshot::Hypervisor { hv, live: true, .. } = &inner.snapshot {
+            return Self::take_staged(&inner, hv.clone(), gs, start).await;
+        }
         match &inner.snapshot {
             LocalSnapshot::Freeze { pid, hold } => {
                 let pid = Pid::from_raw(*pid);
@@ -249,23 +307,125 @@ impl VmHost {
                 }
             }
         }
-        Ok(start.elapsed())
+        Ok(ActionOutcome::SnapshotTaken {
+            local_time: start.elapsed(),
+        })
     }
 
-    async fn running(inner: &Inner) -> bool {
+    /// A live snapshot through the hypervisor in its two moments: answers
+    /// `SnapshotPoint` while the guest is paused at the point; the guest runs on once
+    /// step 4 coloured its traffic POST ([`Inner::release_guest`]); `AwaitDurable` waits
+    /// for the rest.
+    #[cfg(feature = "hypervisor")]
+    async fn take_staged(
+        inner: &Arc<Inner>,
+        hv: Arc<dyn unacloud_core::hypervisor::Hypervisor>,
+        gs: GlobalSnapshotId,
+        start: Instant,
+    ) -> Result<ActionOutcome> {
+        let (point_tx, point_rx) = tokio::sync::oneshot::channel::<Instant>();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let hook: unacloud_core::hypervisor::AtPoint = Box::pin(async move {
+            let _ = point_tx.send(Instant::now());
+            let _ = tokio::time::timeout(POINT_HOLD_LIMIT, release_rx).await;
+        });
+        let vm = inner.vm.clone();
+        let name = local_snapshot_name(gs);
+        let done = tokio::spawn(async move {
+            hv.take_snapshot_at_point(&vm.as_str().into(), &name, None, hook)
+                .await
+                .map(drop)
+                .map_err(|e| chain(&e))
+        });
+        match point_rx.await {
+            Ok(at) => {
+                let previous = inner.lock_staged()?.replace(Staged {
+                    gs,
+                    release: Some(release_tx),
+                    done,
+                    started: start,
+                });
+                if let Some(mut p) = previous {
+                    // An abandoned earlier one: let its guest run, let it finish alone.
+                    if let Some(r) = p.release.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(ActionOutcome::SnapshotPoint {
+                    local_time: at.saturating_duration_since(start),
+                })
+            }
+            // The snapshot failed before its point: report why.
+            Err(_) => {
+                let reason = match done.await {
+                    Ok(Err(reason)) => reason,
+                    Ok(Ok(())) => "the snapshot ended without reaching its point".to_string(),
+                    Err(e) => format!("snapshot task failed: {e}"),
+                };
+                Err(Error::LocalSnapshot {
+                    vm: inner.vm.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Waits until the staged snapshot of `gs` is on disk.
+    async fn await_durable(inner: &Arc<Inner>, gs: GlobalSnapshotId) -> Result<ActionOutcome> {
+        let staged = inner.lock_staged()?.take();
+        let Some(mut staged) = staged.filter(|s| s.gs == gs) else {
+            return Err(Error::LocalSnapshot {
+                vm: inner.vm.clone(),
+                reason: format!(
+                    "no local snapshot of global snapshot {} is being written",
+                    gs.0
+                ),
+            });
+        };
+        if let Some(r) = staged.release.take() {
+            let _ = r.send(());
+        }
+        match staged.done.await {
+            Ok(Ok(())) => Ok(ActionOutcome::SnapshotDurable {
+                total_time: staged.started.elapsed(),
+            }),
+            Ok(Err(reason)) => Err(Error::LocalSnapshot {
+                vm: inner.vm.clone(),
+                reason,
+            }),
+            Err(e) => Err(Error::LocalSnapshot {
+                vm: inner.vm.clone(),
+                reason: format!("snapshot task failed: {e}"),
+            }),
+        }
+    }
+
+    /// The phase-1 answer: whether the VM runs (and, through a hypervisor, whether its
+    /// host has room for the snapshot). A refusal carries its reason, so the coordinator's
+    /// failure names the VM, the bytes needed and the bytes free.
+    async fn check(inner: &Inner) -> ActionOutcome {
         match &inner.snapshot {
-            LocalSnapshot::Freeze { pid, .. } => kill(Pid::from_raw(*pid), None).is_ok(),
+            LocalSnapshot::Freeze { pid, .. } => {
+                if kill(Pid::from_raw(*pid), None).is_ok() {
+                    ActionOutcome::VmsRunning(true)
+                } else {
+                    ActionOutcome::Failed(format!(
+                        "host {}: VM {}: process {pid} does not exist",
+                        inner.host, inner.vm
+                    ))
+                }
+            }
             #[cfg(feature = "hypervisor")]
             LocalSnapshot::Hypervisor { hv, margin, .. } => {
                 match hypervisor_ready(hv.as_ref(), &inner.vm, *margin).await {
-                    Ok(()) => true,
+                    Ok(()) => ActionOutcome::VmsRunning(true),
                     Err(why) => {
                         tracing::warn!(vm = %inner.vm, "not ready for a global snapshot: {why}");
-                        false
+                        ActionOutcome::Failed(format!("host {}: {why}", inner.host))
                     }
                 }
             }
-            _ => true,
+            _ => ActionOutcome::VmsRunning(true),
         }
     }
 
@@ -383,13 +543,17 @@ impl HostActions for VmHost {
         async move {
             let t0 = Instant::now();
             let res: Result<ActionOutcome> = match action {
-                HostAction::CheckVmsRunning { .. } => {
-                    Ok(ActionOutcome::VmsRunning(Self::running(&inner).await))
-                }
+                HostAction::CheckVmsRunning { .. } => Ok(Self::check(&inner).await),
                 HostAction::SetOutgoingColour(c) => {
-                    Self::with_colour(&inner, fast, move |b| b.set_outgoing(Some(c)))
+                    let res = Self::with_colour(&inner, fast, move |b| b.set_outgoing(Some(c)))
                         .await
-                        .map(|()| ActionOutcome::Done)
+                        .map(|()| ActionOutcome::Done);
+                    if c == Colour::Post {
+                        // Step 4 done: a guest paused at its snapshot point runs on, its
+                        // traffic already POST.
+                        inner.release_guest();
+                    }
+                    res
                 }
                 HostAction::DropIncoming(Colour::Post) => {
                     Self::with_colour(&inner, fast, |b| b.set_drop_post(true))
@@ -409,10 +573,15 @@ impl HostActions for VmHost {
                 HostAction::ClearColour => Self::with_colour(&inner, fast, |b| b.set_outgoing(None))
                     .await
                     .map(|()| ActionOutcome::Done),
-                HostAction::ClearAll => Self::clear_all(&inner).await.map(|()| ActionOutcome::Done),
-                HostAction::TakeLocalSnapshots { gs, .. } => Self::take_snapshot(inner.clone(), gs)
-                    .await
-                    .map(|local_time| ActionOutcome::SnapshotTaken { local_time }),
+                HostAction::ClearAll => {
+                    inner.release_guest();
+                    Self::clear_all(&inner).await.map(|()| ActionOutcome::Done)
+                }
+                HostAction::TakeLocalSnapshots { gs, .. } => {
+                    Self::take_snapshot(inner.clone(), gs).await
+                }
+                // Only issued after `SnapshotPoint` (a live snapshot through a hypervisor).
+                HostAction::AwaitDurable { gs, .. } => Self::await_durable(&inner, gs).await,
                 #[cfg(feature = "hypervisor")]
                 HostAction::RestoreLocal { gs, .. } => {
                     Self::restore(&inner, gs).await.map(|()| ActionOutcome::Done)
@@ -435,6 +604,7 @@ impl HostActions for VmHost {
 
     fn shutdown(&self) -> BoxFuture<'static, HostSummary> {
         let inner = self.inner.clone();
+        inner.release_guest();
         async move {
             let res = tokio::task::spawn_blocking(move || {
                 let mut guard = match inner.colour.lock() {

@@ -31,6 +31,8 @@ pub mod frame;
 pub mod host;
 pub mod node;
 pub mod ring;
+#[cfg(feature = "hypervisor")]
+pub mod ring_vms;
 
 pub use conn::TransportConfig;
 pub use frame::ClusterKey;

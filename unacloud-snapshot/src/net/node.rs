@@ -51,6 +51,10 @@ pub enum NodeEvent {
 
 enum Control {
     StartGlobalSnapshot(oneshot::Sender<Result<GlobalSnapshotId>>),
+    StartResume(
+        Option<GlobalSnapshotId>,
+        oneshot::Sender<Result<GlobalSnapshotId>>,
+    ),
 }
 
 trait Machine: Send + 'static {
@@ -67,6 +71,15 @@ trait Machine: Send + 'static {
     fn start_global_snapshot(&mut self, _now: Instant) -> Result<GlobalSnapshotId> {
         Err(Error::InvalidConfig {
             reason: "only the coordinator starts global snapshots".to_string(),
+        })
+    }
+    fn start_resume(
+        &mut self,
+        _now: Instant,
+        _gs: Option<GlobalSnapshotId>,
+    ) -> Result<GlobalSnapshotId> {
+        Err(Error::InvalidConfig {
+            reason: "only the coordinator starts a resume".to_string(),
         })
     }
     fn persist(&self, _store: &CatalogStore) -> Result<()> {
@@ -97,6 +110,13 @@ impl Machine for Coordinator {
     }
     fn start_global_snapshot(&mut self, now: Instant) -> Result<GlobalSnapshotId> {
         Coordinator::start_global_snapshot(self, now)
+    }
+    fn start_resume(
+        &mut self,
+        now: Instant,
+        gs: Option<GlobalSnapshotId>,
+    ) -> Result<GlobalSnapshotId> {
+        Coordinator::start_resume(self, now, gs)
     }
     fn persist(&self, store: &CatalogStore) -> Result<()> {
         store.save(self.catalog())
@@ -229,6 +249,9 @@ async fn drive<M: Machine>(mut m: M, mut a: DriveArgs) -> HostSummary {
                 Control::StartGlobalSnapshot(reply) => {
                     let _ = reply.send(m.start_global_snapshot(Instant::now()));
                 }
+                Control::StartResume(gs, reply) => {
+                    let _ = reply.send(m.start_resume(Instant::now(), gs));
+                }
             },
             _ = timer => m.handle_timeout(Instant::now()),
         }
@@ -258,6 +281,22 @@ impl NodeHandle {
         };
         self.control
             .send(Control::StartGlobalSnapshot(tx))
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Asks the coordinator to resume the application from `gs` (by default the latest
+    /// completed global snapshot): POLL, RESTORE and START over the network. Returns the
+    /// global snapshot being restored; the outcome arrives as a protocol event. Fails with
+    /// [`Error::Busy`] while something runs and when nothing is restorable.
+    pub async fn start_resume(&self, gs: Option<GlobalSnapshotId>) -> Result<GlobalSnapshotId> {
+        let (tx, rx) = oneshot::channel();
+        let stopped = || Error::InvalidConfig {
+            reason: "the node has stopped".to_string(),
+        };
+        self.control
+            .send(Control::StartResume(gs, tx))
             .await
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?

@@ -216,12 +216,12 @@ pub fn percentile(v: &[f64], p: f64) -> Option<f64> {
 
 /// Child processes that are killed (after SIGCONT) when dropped.
 #[derive(Default)]
-struct Procs {
+pub(crate) struct Procs {
     list: Vec<(String, Child)>,
 }
 
 impl Procs {
-    fn push(&mut self, name: String, child: Child) -> Option<i32> {
+    pub(crate) fn push(&mut self, name: String, child: Child) -> Option<i32> {
         let pid = child.id().map(|p| p as i32);
         self.list.push((name, child));
         pid
@@ -241,7 +241,7 @@ impl Drop for Procs {
 }
 
 /// A directory removed when dropped.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -700,7 +700,7 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
 }
 
 /// Holds the lab; dropping it deletes the namespaces.
-struct LabGuard(NetnsLab);
+pub(crate) struct LabGuard(pub(crate) NetnsLab);
 
 fn scopeguard(lab: NetnsLab) -> LabGuard {
     LabGuard(lab)
