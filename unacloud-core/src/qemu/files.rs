@@ -35,14 +35,36 @@ impl QemuHypervisor {
             });
         }
         let known = all_disks(&st);
-        // Snapshots whose files are all here (their own and their ancestors' images).
+        // Snapshots usable here: their own images and their ancestors' images (the
+        // qcow2 backing chain) are here, and so is their own memory. An ancestor whose
+        // memory was not copied (the minimal set of a later snapshot leaves it out) is
+        // left out of the tree, and its descendants hang from the nearest kept ancestor.
         let present = |p: &PathBuf| folder.join(p).exists();
+        let parent_of: std::collections::HashMap<String, Option<String>> = settings
+            .snapshots
+            .iter()
+            .map(|m| (m.tag.clone(), m.parent.clone()))
+            .collect();
+        let disks_here: std::collections::HashMap<String, bool> = settings
+            .snapshots
+            .iter()
+            .map(|m| (m.tag.clone(), m.disks.iter().all(|d| present(&d.file))))
+            .collect();
+        let chain_here = |tag: &str| {
+            let mut cur = Some(tag.to_owned());
+            let mut steps = 0;
+            while let Some(t) = cur {
+                steps += 1;
+                if steps > parent_of.len() || !disks_here.get(&t).copied().unwrap_or(false) {
+                    return false;
+                }
+                cur = parent_of.get(&t).cloned().flatten();
+            }
+            true
+        };
         let mut kept: Vec<String> = Vec::new();
         for m in &settings.snapshots {
-            let parent_ok = m.parent.as_ref().map_or(true, |p| kept.contains(p));
-            let own_ok = m.disks.iter().all(|d| present(&d.file))
-                && m.state_file.as_ref().map_or(true, present);
-            if parent_ok && own_ok {
+            if chain_here(&m.tag) && m.state_file.as_ref().map_or(true, present) {
                 kept.push(m.tag.clone());
             } else {
                 tracing::info!(
@@ -51,6 +73,18 @@ impl QemuHypervisor {
                     m.name
                 );
             }
+        }
+        for m in settings.snapshots.iter_mut() {
+            let mut parent = m.parent.clone();
+            let mut steps = 0;
+            while let Some(p) = parent.clone() {
+                if kept.contains(&p) || steps > parent_of.len() {
+                    break;
+                }
+                steps += 1;
+                parent = parent_of.get(&p).cloned().flatten();
+            }
+            m.parent = parent.filter(|p| kept.contains(p));
         }
         settings.snapshots.retain(|m| kept.contains(&m.tag));
         if settings
