@@ -135,22 +135,27 @@ fn outcome(
         "vms_running" => ActionOutcome::VmsRunning(
             running.ok_or_else(|| invalid("outcome vms_running needs running=True/False"))?,
         ),
-        "snapshot_taken" => {
-            let t = local_time
-                .ok_or_else(|| invalid("outcome snapshot_taken needs local_time (seconds)"))?;
+        "snapshot_taken" | "snapshot_point" | "snapshot_durable" => {
+            let t = local_time.ok_or_else(|| {
+                invalid(format!("outcome {kind} needs local_time (seconds)"))
+            })?;
             if !(t.is_finite() && t >= 0.0) {
                 return Err(invalid(
                     "local_time must be a non-negative number of seconds",
                 ));
             }
-            ActionOutcome::SnapshotTaken {
-                local_time: Duration::from_secs_f64(t),
+            let t = Duration::from_secs_f64(t);
+            match kind {
+                "snapshot_taken" => ActionOutcome::SnapshotTaken { local_time: t },
+                "snapshot_point" => ActionOutcome::SnapshotPoint { local_time: t },
+                _ => ActionOutcome::SnapshotDurable { total_time: t },
             }
         }
         "failed" => ActionOutcome::Failed(error.unwrap_or_else(|| "failed".to_owned())),
         other => {
             return Err(invalid(format!(
-                "unknown outcome {other:?}; expected done, vms_running, snapshot_taken or failed"
+                "unknown outcome {other:?}; expected done, vms_running, snapshot_taken, \
+                 snapshot_point, snapshot_durable or failed"
             )))
         }
     })
@@ -269,8 +274,11 @@ macro_rules! sans_io_class {
                 self.inner.handle_message(t, env).map_err(snap_err)
             }
             /// Reports the outcome of host action `action_id`: `outcome` is `done`,
-            /// `vms_running` (with `running`), `snapshot_taken` (with `local_time` in
-            /// seconds) or `failed` (with `error`).
+            /// `vms_running` (with `running`), `snapshot_taken` (a local snapshot whose
+            /// point and durability coincide, with `local_time` in seconds),
+            /// `snapshot_point` (a live snapshot at its point, `local_time` until the
+            /// point; the machine then asks for `await_durable`), `snapshot_durable`
+            /// (with the total time as `local_time`) or `failed` (with `error`).
             #[pyo3(signature = (now, action_id, outcome="done", running=None, local_time=None, error=None))]
             fn handle_action_complete(
                 &mut self,

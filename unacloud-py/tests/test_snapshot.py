@@ -62,8 +62,17 @@ def test_frames_round_trip_and_garbage_is_rejected() -> None:
         snapshot.decode(b"")
 
 
-def drive(coord: snapshot.Coordinator, parts: dict[int, snapshot.Participant], now: float) -> list[dict]:
-    """Delivers every frame and completes every host action at once; returns events."""
+def drive(
+    coord: snapshot.Coordinator,
+    parts: dict[int, snapshot.Participant],
+    now: float,
+    live: bool = False,
+    actions: list[str] | None = None,
+) -> list[dict]:
+    """Delivers every frame and completes every host action at once; returns events.
+
+    With `live` the local snapshot answers at its point and then reports durability.
+    Every host action's name is appended to `actions` when given."""
     events: list[dict] = []
     machines: dict[int, object] = {0: coord, **parts}
     for _ in range(10_000):
@@ -77,10 +86,16 @@ def drive(coord: snapshot.Coordinator, parts: dict[int, snapshot.Participant], n
                     machines[out["to"]].handle_message(now, frame)
                 elif out["kind"] == "action":
                     a = out["action"]["action"]
+                    if actions is not None:
+                        actions.append(a)
                     if a == "check_vms_running":
                         m.handle_action_complete(now, out["id"], "vms_running", running=True)
+                    elif a == "take_local_snapshots" and live:
+                        m.handle_action_complete(now, out["id"], "snapshot_point", local_time=0.01)
                     elif a == "take_local_snapshots":
                         m.handle_action_complete(now, out["id"], "snapshot_taken", local_time=0.5)
+                    elif a == "await_durable":
+                        m.handle_action_complete(now, out["id"], "snapshot_durable", local_time=0.7)
                     else:
                         m.handle_action_complete(now, out["id"])
                 else:
@@ -104,6 +119,19 @@ def test_protocol_driven_from_python_completes_a_global_snapshot() -> None:
     coord.start_resume(101.0)
     events = drive(coord, parts, 101.0)
     assert any(e["event"] == "resume_completed" for e in events)
+
+
+def test_a_live_snapshot_reports_its_point_then_its_durability() -> None:
+    coord = snapshot.Coordinator(cluster=7, participants=[1, 2], vms=["vm0"])
+    parts = {i: snapshot.Participant(cluster=7, id=i, vms=[f"vm{i}"]) for i in (1, 2)}
+    gs = coord.start_global_snapshot(10.0)
+    actions: list[str] = []
+    events = drive(coord, parts, 10.0, live=True, actions=actions)
+    assert any(e["event"] == "global_snapshot_completed" and e["gs"] == gs for e in events)
+    # Every host (the coordinator's own included) waited for durability after its point.
+    assert actions.count("await_durable") == 3
+    with pytest.raises(ValueError):
+        coord.handle_action_complete(10.0, 999, "snapshot_point")  # no local_time
 
 
 def test_a_silent_participant_fails_the_snapshot_after_its_deadline() -> None:
