@@ -7,12 +7,13 @@
 //!                             [--results-csv F] [--key-file F]
 //! unacloud-gs launcher [--config F] [--cluster N] [--ms ADDR] [--advertise IP]
 //!                      [--cluster-size N] [--backend nft|nft-netlink|nft-command|iptables]
-//!                      [--hypervisor qemu --hv-root DIR [--accel auto|kvm|tcg]]
+//!                      [--hypervisor qemu --hv-root DIR [--accel auto|kvm|tcg]] [--catalog F]
 //!                      [--vm NAME [--netns NS] [--tap IF]
 //!                                 [--freeze-pid PID [--hold-ms MS] | --lab-sleep-ms MS]]
 //!                      [--snapshot-timeout-ms MS] [--precheck-timeout-ms MS]
 //!                      [--key-file F] [--events-json]
 //! unacloud-gs start [--config F] [--cluster N] [--ms ADDR] [--key-file F]
+//! unacloud-gs resume [--config F] [--cluster N] [--ms ADDR] [--key-file F] [--gs ID]
 //! unacloud-gs rcpbt-manager --listen ADDR --tokens T --base-port P --participants N
 //!                           [--label L] [--csv F] [--deadline-s S]
 //! unacloud-gs rcpbt-peer --manager ADDR --ip IP [--deadline-s S]
@@ -22,6 +23,12 @@
 //!
 //! Flags override the configuration file. `launcher` and `metadata-server` stop on
 //! SIGINT/SIGTERM, removing every rule first.
+//!
+//! `start` takes a global snapshot; `resume` restores the application from one (POLL until
+//! every participant answers, RESTORE, START), by default the latest completed one, or
+//! `--gs ID` (`7` or `gs-7`). Both return once the metadata server forwarded the trigger
+//! to the coordinator (they fail when it refuses: nobody registered, coordinator not
+//! connected); the coordinator's launcher reports the outcome or its refusal as events.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -33,12 +40,12 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::daemon::{
-    run_launcher, trigger_global_snapshot, DaemonConfig, HypervisorSection, LauncherOptions,
-    LauncherSection, MetadataSection, VmConfig,
+    run_launcher, trigger_global_snapshot, trigger_resume, DaemonConfig, HypervisorSection,
+    LauncherOptions, LauncherSection, MetadataSection, VmConfig,
 };
 use super::node::spawn_metadata_server;
 use crate::error::{Error, Result};
-use crate::protocol::{ClusterId, MetadataServerConfig};
+use crate::protocol::{ClusterId, GlobalSnapshotId, MetadataServerConfig};
 use crate::rcpbt::{run_peer, PeerConfig, TestManager, TestManagerConfig};
 
 const SWITCHES: &[&str] = &["--events-json", "--help", "--json"];
@@ -105,6 +112,43 @@ impl Flags {
     pub fn switch(&self, name: &str) -> bool {
         self.switches.iter().any(|s| s == name)
     }
+
+    /// Fails unless every flag given is one of `allowed` (`--help` always is), naming the
+    /// flags `command` takes.
+    pub fn only(&self, command: &str, allowed: &[&str]) -> Result<()> {
+        let given = self.values.keys().chain(self.switches.iter());
+        for flag in given {
+            if flag != "--help" && !allowed.contains(&flag.as_str()) {
+                return Err(Error::InvalidConfig {
+                    reason: format!(
+                        "{command} does not take {flag}; its flags are {}",
+                        allowed.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The flags of `resume`.
+const RESUME_FLAGS: &[&str] = &["--config", "--cluster", "--ms", "--key-file", "--gs"];
+
+/// A global snapshot id as the operator writes it: `7` or `gs-7`.
+fn parse_gs(v: &str) -> Result<GlobalSnapshotId> {
+    v.strip_prefix("gs-")
+        .unwrap_or(v)
+        .parse()
+        .map(GlobalSnapshotId)
+        .map_err(|_| Error::InvalidConfig {
+            reason: format!("flag --gs: {v:?} is not a global snapshot id (e.g. 7 or gs-7)"),
+        })
+}
+
+fn metadata_server_of(cfg: &DaemonConfig) -> Result<SocketAddr> {
+    cfg.metadata_server.ok_or_else(|| Error::InvalidConfig {
+        reason: "no metadata server address: set `metadata_server` or pass --ms".to_string(),
+    })
 }
 
 fn base_config(f: &Flags) -> Result<DaemonConfig> {
@@ -131,8 +175,28 @@ fn base_config(f: &Flags) -> Result<DaemonConfig> {
 }
 
 fn usage() -> &'static str {
-    "usage: unacloud-gs <metadata-server|launcher|start|rcpbt-manager|rcpbt-peer|ring-netns> [flags]\n\
-     see the documentation of unacloud_snapshot::net::cli for the flags"
+    "usage: unacloud-gs <metadata-server|launcher|start|resume|rcpbt-manager|rcpbt-peer|ring-netns> [flags]\n\
+     \n\
+     unacloud-gs metadata-server [--config F] [--cluster N] [--listen ADDR] [--base-port P]\n\
+     \x20                           [--results-csv F] [--key-file F]\n\
+     unacloud-gs launcher [--config F] [--cluster N] [--ms ADDR] [--advertise IP]\n\
+     \x20                    [--cluster-size N] [--backend nft|nft-netlink|nft-command|iptables]\n\
+     \x20                    [--hypervisor qemu --hv-root DIR [--accel auto|kvm|tcg]] [--catalog F]\n\
+     \x20                    [--vm NAME [--netns NS] [--tap IF]\n\
+     \x20                               [--freeze-pid PID [--hold-ms MS] | --lab-sleep-ms MS]]\n\
+     \x20                    [--snapshot-timeout-ms MS] [--precheck-timeout-ms MS]\n\
+     \x20                    [--key-file F] [--events-json]\n\
+     unacloud-gs start [--config F] [--cluster N] [--ms ADDR] [--key-file F]\n\
+     \x20   take a global snapshot now\n\
+     unacloud-gs resume [--config F] [--cluster N] [--ms ADDR] [--key-file F] [--gs ID]\n\
+     \x20   resume from global snapshot ID (7 or gs-7; default: the latest completed one)\n\
+     unacloud-gs rcpbt-manager --listen ADDR --tokens T --base-port P --participants N\n\
+     \x20                         [--label L] [--csv F] [--deadline-s S]\n\
+     unacloud-gs rcpbt-peer --manager ADDR --ip IP [--deadline-s S]\n\
+     unacloud-gs ring-netns --peers P --tokens T --snapshots K [--snapshot-delay-ms D]\n\
+     \x20                      [--backend nft|nft-netlink|nft-command|iptables] [--json]   (root)\n\
+     \n\
+     see the documentation of unacloud_snapshot::net::cli for details"
 }
 
 /// Runs a subcommand (`args[0]`) and returns the process exit code. Errors are printed
@@ -317,13 +381,24 @@ fn run(args: &[String]) -> Result<()> {
         }
         "start" => {
             let cfg = base_config(&f)?;
-            let ms = cfg.metadata_server.ok_or_else(|| Error::InvalidConfig {
-                reason: "no metadata server address: set `metadata_server` or pass --ms"
-                    .to_string(),
-            })?;
+            let ms = metadata_server_of(&cfg)?;
             let transport = cfg.transport()?;
             runtime(1)?.block_on(trigger_global_snapshot(ms, &transport))?;
             eprintln!("global snapshot requested");
+            Ok(())
+        }
+        "resume" => {
+            f.only("resume", RESUME_FLAGS)?;
+            let gs = f.get("--gs").map(parse_gs).transpose()?;
+            let cfg = base_config(&f)?;
+            let ms = metadata_server_of(&cfg)?;
+            let transport = cfg.transport()?;
+            runtime(1)?.block_on(trigger_resume(ms, &transport, gs))?;
+            match gs {
+                Some(gs) => eprintln!("resume from {gs} requested"),
+                None => eprintln!("resume from the latest completed global snapshot requested"),
+            }
+            eprintln!("the coordinator's launcher reports its progress or why it refused");
             Ok(())
         }
         "rcpbt-manager" => {

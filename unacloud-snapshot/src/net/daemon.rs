@@ -1,12 +1,14 @@
 //! The daemons of a deployment (SPEC §5, "Implementation"): a metadata server, one
 //! launcher per host that registers its VMs (one participant per VM; the VM registered
-//! first gets id 0 and its participant is the coordinator) and the `start` trigger
-//! (`StartGS`). Configuration comes from a TOML file and/or command-line flags.
+//! first gets id 0 and its participant is the coordinator) and the operator's triggers:
+//! `start` (`StartGS`, [`trigger_global_snapshot`]) and `resume` (POLL, RESTORE, START from
+//! a completed global snapshot, [`trigger_resume`]). Configuration comes from a TOML file
+//! and/or command-line flags.
 //!
 //! ```toml
 //! cluster = 7
 //! key_file = "/etc/unacloud/cluster.key"   # hex; enables HMAC-SHA256 of every frame
-//! metadata_server = "10.0.0.1:7000"        # where launchers and `start` find it
+//! metadata_server = "10.0.0.1:7000"        # where launchers, `start` and `resume` find it
 //! dscp_pre = 0x10
 //! dscp_post = 0x12
 //! snapshot_timeout_ms = 120000
@@ -66,8 +68,8 @@ use crate::colour::nft::{Nft, NftOneShot, NftSession};
 use crate::colour::{ColourBackend, Scope};
 use crate::error::{Error, Result};
 use crate::protocol::{
-    ClusterId, CoordinatorConfig, DscpConfig, Envelope, Message, ParticipantConfig, ParticipantId,
-    ProtocolEvent, Timeouts,
+    ClusterId, CoordinatorConfig, DscpConfig, Envelope, GlobalSnapshotId, Message,
+    ParticipantConfig, ParticipantId, ProtocolEvent, Timeouts,
 };
 
 /// Which packet-colouring backend a launcher uses.
@@ -471,15 +473,44 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Sends `StartGS` to the metadata server, which forwards it to the coordinator.
+///
+/// `Ok` means the trigger was forwarded; the coordinator reports the global snapshot (or
+/// its refusal, e.g. while another one runs) as events of its launcher.
 pub async fn trigger_global_snapshot(
     metadata_server: SocketAddr,
     transport: &TransportConfig,
 ) -> Result<()> {
+    send_trigger(metadata_server, transport, Message::TriggerGlobalSnapshot).await
+}
+
+/// Sends TRIGGER_RESUME to the metadata server, which forwards it to the coordinator: the
+/// coordinator resumes the application from `gs` (by default the latest completed global
+/// snapshot) — POLL, repeated until every participant answers, then RESTORE and START.
+///
+/// `Ok` means the trigger was forwarded; the coordinator reports the resume
+/// ([`LauncherEvent::ResumeStarted`], `ResumeCompleted`, `ResumeFailed`) or its refusal
+/// ([`LauncherEvent::TriggerRefused`]: busy, nothing restorable, `gs` not restorable) as
+/// events of its launcher. Fails with [`Error::PeerRejected`] when the metadata server
+/// refuses it (nobody registered, or the coordinator is not connected to it).
+pub async fn trigger_resume(
+    metadata_server: SocketAddr,
+    transport: &TransportConfig,
+    gs: Option<GlobalSnapshotId>,
+) -> Result<()> {
+    send_trigger(metadata_server, transport, Message::TriggerResume { gs }).await
+}
+
+async fn send_trigger(
+    metadata_server: SocketAddr,
+    transport: &TransportConfig,
+    trigger: Message,
+) -> Result<()> {
+    let kind = trigger.kind();
     let env = Envelope::new(
         transport.cluster,
         ParticipantId::UNREGISTERED,
         ParticipantId::METADATA_SERVER,
-        Message::TriggerGlobalSnapshot,
+        trigger,
     );
     let reply = request(metadata_server, transport, env, Duration::from_secs(5)).await?;
     match reply.message {
@@ -490,7 +521,7 @@ pub async fn trigger_global_snapshot(
         }),
         other => Err(Error::TransportFrame {
             peer: metadata_server.to_string(),
-            reason: format!("answered {} to a trigger", other.kind()),
+            reason: format!("answered {} to {kind}", other.kind()),
         }),
     }
 }
@@ -537,10 +568,46 @@ pub enum LauncherEvent {
         /// Why.
         why: String,
     },
-    /// Coordinator: a trigger was refused.
+    /// Coordinator: a trigger (global snapshot or resume) was refused.
     TriggerRefused {
         /// Why.
         reason: String,
+    },
+    /// Coordinator: a resume started (POLL sent to every participant).
+    ResumeStarted {
+        /// The global snapshot being restored.
+        gs: u64,
+        /// The resume attempt.
+        attempt: u64,
+    },
+    /// Coordinator: every participant answered POLL; RESTORE was sent.
+    PollCompleted {
+        /// The global snapshot being restored.
+        gs: u64,
+        /// POLL rounds it took (1 = everybody answered the first).
+        rounds: u32,
+    },
+    /// Coordinator: every host restored and started its VMs.
+    ResumeCompleted {
+        /// The restored global snapshot.
+        gs: u64,
+    },
+    /// Coordinator: the resume failed. START is sent only after every RESTORE_OK, so
+    /// hosts that restored stay stopped (restored, not started); trigger the resume again.
+    ResumeFailed {
+        /// The global snapshot that was being restored.
+        gs: u64,
+        /// The participants at fault (0 = the coordinator's own host).
+        who: Vec<u32>,
+        /// Why.
+        why: String,
+    },
+    /// Participant: its VMs were restored to a global snapshot and started.
+    Resumed {
+        /// The participant.
+        id: u32,
+        /// The restored global snapshot.
+        gs: u64,
     },
     /// Participant: a local snapshot was abandoned (abort or deadline); rules removed.
     Abandoned {
@@ -591,6 +658,31 @@ fn translate(id: ParticipantId, ev: &NodeEvent) -> Option<LauncherEvent> {
             Some(LauncherEvent::TriggerRefused {
                 reason: reason.clone(),
             })
+        }
+        NodeEvent::Protocol(ProtocolEvent::ResumeStarted { gs, attempt }) => {
+            Some(LauncherEvent::ResumeStarted {
+                gs: gs.0,
+                attempt: attempt.0,
+            })
+        }
+        NodeEvent::Protocol(ProtocolEvent::PollCompleted { gs, rounds }) => {
+            Some(LauncherEvent::PollCompleted {
+                gs: gs.0,
+                rounds: *rounds,
+            })
+        }
+        NodeEvent::Protocol(ProtocolEvent::ResumeCompleted { gs }) => {
+            Some(LauncherEvent::ResumeCompleted { gs: gs.0 })
+        }
+        NodeEvent::Protocol(ProtocolEvent::ResumeFailed { gs, who, why }) => {
+            Some(LauncherEvent::ResumeFailed {
+                gs: gs.0,
+                who: who.iter().map(|p| p.0).collect(),
+                why: why.to_string(),
+            })
+        }
+        NodeEvent::Protocol(ProtocolEvent::Resumed { gs }) => {
+            Some(LauncherEvent::Resumed { id: id.0, gs: gs.0 })
         }
         NodeEvent::Protocol(ProtocolEvent::LocalSnapshotAbandoned { gs, why }) => {
             Some(LauncherEvent::Abandoned {

@@ -512,7 +512,9 @@ pub fn spawn_metadata_server(
                 Inbound::Envelope { conn, envelope } => (conn, envelope),
                 Inbound::Connected { .. } | Inbound::Closed { .. } => continue,
             };
-            if matches!(envelope.message, Message::TriggerGlobalSnapshot)
+            // A trigger (snapshot or resume) needs the coordinator's connection to be
+            // forwarded on; refuse it rather than forward it into the void.
+            if envelope.message.is_trigger()
                 && !ms.registrations().is_empty()
                 && !router.connected().contains(&ParticipantId::COORDINATOR)
             {

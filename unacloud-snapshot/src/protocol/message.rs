@@ -229,6 +229,16 @@ pub enum Message {
     /// External source → metadata server, and metadata server → coordinator: take a
     /// global snapshot now. (`StartGS`)
     TriggerGlobalSnapshot,
+    /// External source → metadata server, and metadata server → coordinator: resume the
+    /// application from global snapshot `gs` now — POLL (repeated until every participant
+    /// answered), RESTORE, START. Forwarded and answered like TRIGGER_GLOBAL_SNAPSHOT; a
+    /// coordinator that cannot resume (busy, nothing restorable, `gs` not restorable)
+    /// refuses it as it refuses a snapshot trigger.
+    TriggerResume {
+        /// The global snapshot to restore; absent (or `null`) = the latest completed one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gs: Option<GlobalSnapshotId>,
+    },
     /// Metadata server → external source: the trigger was forwarded to the coordinator.
     TriggerForwarded,
     /// Anyone → metadata server: the address of participant `id`.
@@ -294,6 +304,7 @@ impl Message {
             Message::Insert { .. } => "INSERT",
             Message::Inserted { .. } => "INSERTED",
             Message::TriggerGlobalSnapshot => "TRIGGER_GLOBAL_SNAPSHOT",
+            Message::TriggerResume { .. } => "TRIGGER_RESUME",
             Message::TriggerForwarded => "TRIGGER_FORWARDED",
             Message::QueryAddress { .. } => "QUERY_ADDRESS",
             Message::Address { .. } => "ADDRESS",
@@ -306,7 +317,17 @@ impl Message {
         }
     }
 
-    /// The global snapshot the message belongs to, if it is a snapshot or resume message.
+    /// Whether the message is an operator's trigger that the metadata server forwards to
+    /// the coordinator (TRIGGER_GLOBAL_SNAPSHOT, TRIGGER_RESUME).
+    pub fn is_trigger(&self) -> bool {
+        matches!(
+            self,
+            Message::TriggerGlobalSnapshot | Message::TriggerResume { .. }
+        )
+    }
+
+    /// The global snapshot the message belongs to, if it is a snapshot or resume message
+    /// (not for TRIGGER_RESUME: its `gs` is a request, not an epoch).
     pub fn gs(&self) -> Option<GlobalSnapshotId> {
         match self {
             Message::Precheck { gs }

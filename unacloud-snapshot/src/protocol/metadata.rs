@@ -1,9 +1,10 @@
-//! The metadata server: registry of participants, external trigger, snapshot times.
+//! The metadata server: registry of participants, external triggers, snapshot times.
 //!
 //! A request/response service: [`MetadataServer::handle_request`] returns the reply to
 //! send back to the requester (on the same connection — the requester may not have an id
-//! yet); the one unsolicited message, the trigger forwarded to the coordinator, comes out
-//! of [`MetadataServer::poll_output`].
+//! yet); the one unsolicited message, a trigger (TRIGGER_GLOBAL_SNAPSHOT or
+//! TRIGGER_RESUME) forwarded to the coordinator, comes out of
+//! [`MetadataServer::poll_output`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -178,20 +179,23 @@ impl MetadataServer {
                     reason: e.to_string(),
                 },
             },
-            Message::TriggerGlobalSnapshot => {
+            trigger @ (Message::TriggerGlobalSnapshot | Message::TriggerResume { .. }) => {
                 if self.registrations.is_empty() {
                     Message::Refused {
                         reason: "no participant registered yet, so there is no coordinator".into(),
                     }
                 } else {
+                    let requested = matches!(trigger, Message::TriggerGlobalSnapshot);
                     self.out.push_back(Output::Transmit(Envelope::new(
                         self.config.cluster,
                         ParticipantId::METADATA_SERVER,
                         ParticipantId::COORDINATOR,
-                        Message::TriggerGlobalSnapshot,
+                        trigger,
                     )));
-                    self.out
-                        .push_back(Output::Event(ProtocolEvent::GlobalSnapshotRequested));
+                    if requested {
+                        self.out
+                            .push_back(Output::Event(ProtocolEvent::GlobalSnapshotRequested));
+                    }
                     Message::TriggerForwarded
                 }
             }
@@ -240,5 +244,54 @@ impl MetadataServer {
     #[must_use]
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const C: ClusterId = ClusterId(3);
+
+    fn ask(s: &mut MetadataServer, message: Message) -> Message {
+        let env = Envelope::new(
+            C,
+            ParticipantId::UNREGISTERED,
+            ParticipantId::METADATA_SERVER,
+            message,
+        );
+        s.handle_request(Instant::now(), env)
+            .unwrap()
+            .unwrap()
+            .message
+    }
+
+    #[test]
+    fn a_resume_trigger_is_forwarded_like_a_snapshot_trigger() {
+        let mut s = MetadataServer::new(MetadataServerConfig {
+            cluster: C,
+            base_port: 9000,
+        });
+        let trigger = Message::TriggerResume {
+            gs: Some(GlobalSnapshotId(4)),
+        };
+        assert!(matches!(
+            ask(&mut s, trigger.clone()),
+            Message::Refused { reason } if reason.contains("no participant registered")
+        ));
+        assert!(s.poll_output().is_none());
+        s.register("10.0.0.1".into(), vec!["vm".into()]).unwrap();
+        assert_eq!(ask(&mut s, trigger.clone()), Message::TriggerForwarded);
+        match s.poll_output() {
+            Some(Output::Transmit(env)) => {
+                assert_eq!(env.from, ParticipantId::METADATA_SERVER);
+                assert_eq!(env.to, ParticipantId::COORDINATOR);
+                assert_eq!(env.message, trigger);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Not a global snapshot request.
+        assert!(s.poll_output().is_none());
     }
 }

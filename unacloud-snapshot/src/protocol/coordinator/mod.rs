@@ -12,6 +12,8 @@
 
 mod resume;
 
+use resume::resume_refusal;
+
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -233,6 +235,15 @@ impl Coordinator {
                         self.out
                             .push_back(Output::Event(ProtocolEvent::TriggerRefused {
                                 reason: e.to_string(),
+                            }));
+                    }
+                    Ok(())
+                }
+                Message::TriggerResume { gs } => {
+                    if let Err(e) = self.start_resume(now, gs) {
+                        self.out
+                            .push_back(Output::Event(ProtocolEvent::TriggerRefused {
+                                reason: resume_refusal(&e),
                             }));
                     }
                     Ok(())

@@ -218,9 +218,264 @@ impl Coordinator {
     }
 }
 
+/// The reason of a refused TRIGGER_RESUME, for the operator: says that it was a resume
+/// that was refused, and for a global snapshot that cannot be restored, which ones can.
+pub(super) fn resume_refusal(e: &Error) -> String {
+    match e {
+        Error::SnapshotNotRestorable { gs, completed } if completed.is_empty() => format!(
+            "cannot resume from {gs}: it is not a completed global snapshot, and no global \
+             snapshot has completed yet"
+        ),
+        Error::SnapshotNotRestorable { gs, completed } => {
+            let ids: Vec<String> = completed.iter().map(ToString::to_string).collect();
+            format!(
+                "cannot resume from {gs}: it is not a completed global snapshot; completed \
+                 (restorable) ones: {}",
+                ids.join(", ")
+            )
+        }
+        other => format!("cannot resume: {other}"),
+    }
+}
+
 /// An instant that is never reached in practice (for "no deadline").
 fn far_future(now: Instant) -> Instant {
     // 100 years; checked_add cannot fail on any supported platform for this span.
     now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600))
         .unwrap_or(now)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::protocol::catalog::{Catalog, CompletedSnapshot};
+    use crate::protocol::config::CoordinatorConfig;
+    use crate::protocol::ids::ClusterId;
+    use crate::protocol::message::Envelope;
+
+    const C: ClusterId = ClusterId(5);
+
+    /// A host action issued and not completed yet.
+    type Pending = (crate::protocol::ids::ActionId, HostAction);
+
+    fn coordinator(completed: &[u64]) -> Coordinator {
+        let mut cat = Catalog::new(C);
+        for &g in completed {
+            let gs = GlobalSnapshotId(g);
+            cat.completed.insert(
+                gs,
+                CompletedSnapshot {
+                    gs,
+                    participants: vec![ParticipantId(0), ParticipantId(1)],
+                    local_times: Vec::new(),
+                    global_time: Duration::ZERO,
+                },
+            );
+            cat.last_started = Some(gs);
+        }
+        let cfg = CoordinatorConfig::new(C, vec![ParticipantId(1)], vec!["vm0".into()]);
+        let mut c = Coordinator::new(cfg, cat).unwrap();
+        while c.poll_output().is_some() {}
+        c
+    }
+
+    fn trigger(from: ParticipantId, gs: Option<u64>) -> Envelope {
+        Envelope::new(
+            C,
+            from,
+            ParticipantId::COORDINATOR,
+            Message::TriggerResume {
+                gs: gs.map(GlobalSnapshotId),
+            },
+        )
+    }
+
+    fn outputs(c: &mut Coordinator) -> Vec<Output> {
+        std::iter::from_fn(|| c.poll_output()).collect()
+    }
+
+    fn refusal(c: &mut Coordinator) -> String {
+        let out = outputs(c);
+        match out.as_slice() {
+            [Output::Event(ProtocolEvent::TriggerRefused { reason })] => reason.clone(),
+            other => panic!("expected only a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_forwarded_trigger_starts_the_resume_from_the_latest_or_the_given_gs() {
+        for (asked, restored) in [(None, 2), (Some(1), 1)] {
+            let mut c = coordinator(&[1, 2]);
+            c.handle_message(
+                Instant::now(),
+                trigger(ParticipantId::METADATA_SERVER, asked),
+            )
+            .unwrap();
+            let out = outputs(&mut c);
+            let gs = GlobalSnapshotId(restored);
+            assert!(out.iter().any(|o| matches!(
+                o,
+                Output::Event(ProtocolEvent::ResumeStarted { gs: g, .. }) if *g == gs
+            )));
+            assert!(out.iter().any(|o| matches!(
+                o,
+                Output::Transmit(e) if e.to == ParticipantId(1)
+                    && matches!(e.message, Message::Poll { gs: g, .. } if g == gs)
+            )));
+            // A second trigger while the resume polls is refused as busy.
+            c.handle_message(
+                Instant::now(),
+                trigger(ParticipantId::METADATA_SERVER, None),
+            )
+            .unwrap();
+            let why = refusal(&mut c);
+            assert!(
+                why.starts_with("cannot resume: ") && why.contains("still running"),
+                "{why}"
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_say_why_and_send_nothing() {
+        let mut c = coordinator(&[]);
+        c.handle_message(
+            Instant::now(),
+            trigger(ParticipantId::METADATA_SERVER, None),
+        )
+        .unwrap();
+        assert_eq!(
+            refusal(&mut c),
+            "cannot resume: no completed global snapshot to resume from"
+        );
+        c.handle_message(
+            Instant::now(),
+            trigger(ParticipantId::METADATA_SERVER, Some(3)),
+        )
+        .unwrap();
+        let why = refusal(&mut c);
+        assert!(
+            why.contains("gs-3") && why.contains("no global snapshot has completed"),
+            "{why}"
+        );
+        let mut c = coordinator(&[1, 4]);
+        c.handle_message(
+            Instant::now(),
+            trigger(ParticipantId::METADATA_SERVER, Some(3)),
+        )
+        .unwrap();
+        assert_eq!(
+            refusal(&mut c),
+            "cannot resume from gs-3: it is not a completed global snapshot; completed \
+             (restorable) ones: gs-1, gs-4"
+        );
+        assert!(c.running().is_none());
+    }
+
+    #[test]
+    fn only_the_metadata_server_may_trigger() {
+        let mut c = coordinator(&[1]);
+        assert!(matches!(
+            c.handle_message(Instant::now(), trigger(ParticipantId(1), None)),
+            Err(Error::UnexpectedMessage {
+                message: "TRIGGER_RESUME",
+                ..
+            })
+        ));
+        assert!(matches!(
+            c.handle_message(Instant::now(), trigger(ParticipantId::UNREGISTERED, None)),
+            Err(Error::UnknownParticipant { .. })
+        ));
+        assert!(c.running().is_none());
+        assert!(outputs(&mut c).is_empty());
+    }
+
+    /// START goes out only once every RESTORE_OK and the own restore are in: a failed
+    /// RESTORE at one participant fails the resume and nobody is told to start.
+    #[test]
+    fn a_failed_restore_sends_no_start() {
+        let now = Instant::now();
+        let cfg = CoordinatorConfig::new(
+            C,
+            vec![ParticipantId(1), ParticipantId(2)],
+            vec!["vm0".into()],
+        );
+        let mut cat = Catalog::new(C);
+        let gs = GlobalSnapshotId(1);
+        cat.completed.insert(
+            gs,
+            CompletedSnapshot {
+                gs,
+                participants: vec![ParticipantId(0), ParticipantId(1), ParticipantId(2)],
+                local_times: Vec::new(),
+                global_time: Duration::ZERO,
+            },
+        );
+        let mut c = Coordinator::new(cfg, cat).unwrap();
+        let mut pending = Vec::new();
+        let drain = |c: &mut Coordinator, pending: &mut Vec<Pending>| {
+            let mut sent = Vec::new();
+            for o in outputs(c) {
+                match o {
+                    Output::Transmit(e) => sent.push(e.message),
+                    Output::Action { id, action } => pending.push((id, action)),
+                    Output::Event(_) => {}
+                }
+            }
+            sent
+        };
+        drain(&mut c, &mut pending);
+        for (id, _) in pending.drain(..) {
+            c.handle_action_complete(now, id, ActionOutcome::Done)
+                .unwrap();
+        }
+        let attempt = ResumeAttempt(1);
+        c.start_resume(now, None).unwrap();
+        drain(&mut c, &mut pending);
+        let from =
+            |p: u32, m: Message| Envelope::new(C, ParticipantId(p), ParticipantId::COORDINATOR, m);
+        for p in [1, 2] {
+            c.handle_message(now, from(p, Message::PollOk { gs, attempt }))
+                .unwrap();
+        }
+        let sent = drain(&mut c, &mut pending);
+        assert!(sent.iter().all(|m| matches!(m, Message::Restore { .. })) && sent.len() == 2);
+        // The own restore and participant 1 succeed, participant 2 fails.
+        for (id, action) in pending.drain(..) {
+            assert!(
+                matches!(action, HostAction::RestoreLocal { .. }),
+                "{action:?}"
+            );
+            c.handle_action_complete(now, id, ActionOutcome::Done)
+                .unwrap();
+        }
+        c.handle_message(now, from(1, Message::RestoreOk { gs, attempt }))
+            .unwrap();
+        assert!(
+            drain(&mut c, &mut pending).is_empty(),
+            "START before every RESTORE_OK"
+        );
+        c.handle_message(
+            now,
+            from(
+                2,
+                Message::ResumeFailed {
+                    gs,
+                    attempt,
+                    reason: "disk gone".into(),
+                },
+            ),
+        )
+        .unwrap();
+        assert!(c.running().is_none());
+        // A late RESTORE_OK of the failed attempt starts nothing either.
+        c.handle_message(now, from(2, Message::RestoreOk { gs, attempt }))
+            .unwrap();
+        let sent = drain(&mut c, &mut pending);
+        assert!(
+            sent.is_empty() && pending.is_empty(),
+            "{sent:?} {pending:?}"
+        );
+    }
 }
