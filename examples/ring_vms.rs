@@ -295,7 +295,7 @@ fn simulated(args: &Args) -> ExitCode {
         );
     } else {
         println!(
-            "simulated ring of {} VMs: {} of {} tokens counted ({} lost, {} duplicated); {} global snapshots completed {:?}, resumed from {:?}; checker: {} violations",
+            "simulated ring of {} VMs: {} of {} tokens counted ({} lost, {} duplicated); {} global snapshots completed {:?}, resumed from {}; checker: {} violations",
             args.vms,
             r.tokens_final,
             r.tokens_expected,
@@ -303,7 +303,8 @@ fn simulated(args: &Args) -> ExitCode {
             r.duplicated,
             r.global_snapshots_completed,
             completed,
-            r.restored_from,
+            r.restored_from
+                .map_or("none (no crash)".to_string(), |g| format!("global snapshot {g}")),
             r.violations
         );
     }

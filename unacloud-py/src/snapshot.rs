@@ -136,9 +136,8 @@ fn outcome(
             running.ok_or_else(|| invalid("outcome vms_running needs running=True/False"))?,
         ),
         "snapshot_taken" | "snapshot_point" | "snapshot_durable" => {
-            let t = local_time.ok_or_else(|| {
-                invalid(format!("outcome {kind} needs local_time (seconds)"))
-            })?;
+            let t = local_time
+                .ok_or_else(|| invalid(format!("outcome {kind} needs local_time (seconds)")))?;
             if !(t.is_finite() && t >= 0.0) {
                 return Err(invalid(
                     "local_time must be a non-negative number of seconds",

@@ -65,7 +65,10 @@ async fn the_ring_resumes_exactly_after_every_pc_is_powered_off_one_vm_on_a_spar
     assert!(r.powered_off);
     assert_eq!(r.relocated.len(), 1, "{r:?}");
     let moved = &r.relocated[0];
-    assert_eq!((moved.from.as_str(), moved.to.as_str()), ("pc-1", "spare-0"));
+    assert_eq!(
+        (moved.from.as_str(), moved.to.as_str()),
+        ("pc-1", "spare-0")
+    );
     // The minimal set: settings, the VM's own overlays and its memory (128 MiB guest);
     // never the template.
     assert!(
@@ -76,7 +79,10 @@ async fn the_ring_resumes_exactly_after_every_pc_is_powered_off_one_vm_on_a_spar
     // snapshot (the guest runs on while its memory is written).
     assert_eq!(r.vm_downtime_ms.len(), 4, "{r:?}");
     let slowest_global = r.global_ms.iter().copied().fold(0.0, f64::max);
-    assert!(r.vm_downtime_ms.iter().all(|d| *d > 0.0 && *d < slowest_global));
+    assert!(r
+        .vm_downtime_ms
+        .iter()
+        .all(|d| *d > 0.0 && *d < slowest_global));
     for (g, l) in r.global_ms.iter().zip(&r.local_ms) {
         assert!(g >= l, "global {g} < slowest local {l}");
     }
