@@ -16,6 +16,9 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[path = "support/signals.rs"]
+mod signals;
+
 use clap::Parser;
 use unacloud::snapshot::net::daemon::BackendKind;
 use unacloud::snapshot::net::ring::{median, percentile, run_ring_netns, RingNetnsConfig};
@@ -101,35 +104,13 @@ fn real(args: &Args, backend: BackendKind) -> ExitCode {
     cfg.backend = backend;
     cfg.snapshot_timeout = Duration::from_secs(5).max(cfg.snapshot_delay * 4);
     cfg.deadline = Duration::from_secs(600);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    let outcome = match signals::run_until_signal(run_ring_netns(cfg)) {
+        Ok(o) => o,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let outcome = rt.block_on(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).ok();
-        let terminated = async move {
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        // Dropping the scenario's future on a signal tears everything down.
-        tokio::select! {
-            r = run_ring_netns(cfg) => Some(r),
-            _ = tokio::signal::ctrl_c() => None,
-            _ = terminated => None,
-        }
-    });
     let report = match outcome {
         None => {
             eprintln!("interrupted: namespaces, rules and processes removed");

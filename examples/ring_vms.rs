@@ -21,6 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[path = "support/signals.rs"]
+mod signals;
+
 use clap::Parser;
 use unacloud::snapshot::net::daemon::BackendKind;
 use unacloud::snapshot::net::ring_vms::{run_ring_vms, GuestImage, RingVmsConfig};
@@ -182,35 +185,13 @@ fn real(args: &Args, backend: BackendKind, accel: unacloud::core::qemu::Accel) -
     cfg.gap = Duration::from_millis(args.gap_ms);
     cfg.backend = backend;
     cfg.accel = accel;
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    let outcome = match signals::run_until_signal(run_ring_vms(cfg)) {
+        Ok(o) => o,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let outcome = rt.block_on(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).ok();
-        let terminated = async move {
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        // Dropping the scenario's future on a signal tears everything down.
-        tokio::select! {
-            r = run_ring_vms(cfg) => Some(r),
-            _ = tokio::signal::ctrl_c() => None,
-            _ = terminated => None,
-        }
-    });
     let report = match outcome {
         None => {
             eprintln!("interrupted: VMs, namespaces, rules and files removed");

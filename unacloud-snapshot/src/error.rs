@@ -328,3 +328,15 @@ pub enum Error {
         sim_time: std::time::Duration,
     },
 }
+
+/// An error and its sources on one line (`outer: cause: root cause`).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

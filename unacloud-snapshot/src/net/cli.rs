@@ -205,13 +205,7 @@ pub fn main(args: &[String]) -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", crate::error::error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -461,16 +461,7 @@ pub async fn open_hypervisor(section: &HypervisorSection) -> Result<LocalSnapsho
 }
 
 #[cfg(feature = "hypervisor")]
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+use crate::error::error_chain;
 
 /// Sends `StartGS` to the metadata server, which forwards it to the coordinator.
 ///

@@ -116,10 +116,15 @@ struct Staged {
     /// The snapshot call, which ends when the state is on disk.
     done: tokio::task::JoinHandle<std::result::Result<(), String>>,
     started: Instant,
+    /// Set when the guest ran on because [`POINT_HOLD_LIMIT`] passed before step 4: it
+    /// ran past its point with its traffic not yet coloured POST, so this local snapshot
+    /// cannot be part of a consistent global snapshot.
+    ran_on_uncoloured: Arc<AtomicBool>,
 }
 
 /// How long a guest paused at its snapshot point waits for the POST colour before it
-/// runs on anyway (a protocol that stalls never keeps a VM paused).
+/// runs on anyway (a protocol that stalls never keeps a VM paused). A guest that ran on
+/// this way sent traffic past its point uncoloured, so `AwaitDurable` then fails.
 pub const POINT_HOLD_LIMIT: Duration = Duration::from_secs(5);
 
 impl Inner {
@@ -325,9 +330,16 @@ impl VmHost {
     ) -> Result<ActionOutcome> {
         let (point_tx, point_rx) = tokio::sync::oneshot::channel::<Instant>();
         let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let ran_on_uncoloured = Arc::new(AtomicBool::new(false));
+        let hold_expired = ran_on_uncoloured.clone();
         let hook: unacloud_core::hypervisor::AtPoint = Box::pin(async move {
             let _ = point_tx.send(Instant::now());
-            let _ = tokio::time::timeout(POINT_HOLD_LIMIT, release_rx).await;
+            if tokio::time::timeout(POINT_HOLD_LIMIT, release_rx)
+                .await
+                .is_err()
+            {
+                hold_expired.store(true, Ordering::SeqCst);
+            }
         });
         let vm = inner.vm.clone();
         let name = local_snapshot_name(gs);
@@ -344,6 +356,7 @@ impl VmHost {
                     release: Some(release_tx),
                     done,
                     started: start,
+                    ran_on_uncoloured,
                 });
                 if let Some(mut p) = previous {
                     // An abandoned earlier one: let its guest run, let it finish alone.
@@ -386,6 +399,17 @@ impl VmHost {
             let _ = r.send(());
         }
         match staged.done.await {
+            Ok(Ok(())) if staged.ran_on_uncoloured.load(Ordering::SeqCst) => {
+                Err(Error::LocalSnapshot {
+                    vm: inner.vm.clone(),
+                    reason: format!(
+                        "the guest ran on after {POINT_HOLD_LIMIT:?} at its snapshot point \
+                         before its traffic was coloured POSTSNAPSHOT (step 4 too slow); \
+                         the local snapshot of global snapshot {} is not consistent",
+                        gs.0
+                    ),
+                })
+            }
             Ok(Ok(())) => Ok(ActionOutcome::SnapshotDurable {
                 total_time: staged.started.elapsed(),
             }),
@@ -486,18 +510,8 @@ fn cannot_resume(inner: &Inner) -> Error {
     }
 }
 
-/// An error and its sources on one line.
 #[cfg(feature = "hypervisor")]
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+use crate::error::error_chain as chain;
 
 /// Whether `vm` runs and its host has room for a snapshot with memory; the reason
 /// when not (naming the VM, the bytes needed and the bytes free).

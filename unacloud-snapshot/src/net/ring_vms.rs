@@ -455,14 +455,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 fn hv_err(what: String) -> impl FnOnce(unacloud_core::Error) -> Error {
-    move |e| {
-        let mut reason = format!("{what}: {e}");
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            reason.push_str(&format!(": {s}"));
-            src = s.source();
-        }
-        Error::Rcpbt { reason }
+    move |e| Error::Rcpbt {
+        reason: format!("{what}: {}", crate::error::error_chain(&e)),
     }
 }
 
@@ -598,6 +592,19 @@ fn vm_host(
             margin: 64 << 20,
         },
     )?))
+}
+
+/// The protocol's hosts of every VM, VM `v` on PC `placement[v]`.
+fn vm_hosts(
+    pcs: &[Pc],
+    placement: &[usize],
+    backend: BackendKind,
+) -> Result<Vec<Arc<dyn HostActions>>> {
+    placement
+        .iter()
+        .enumerate()
+        .map(|(v, &h)| vm_host(&pcs[h].name, &pcs[h].ns, pcs[h].hv()?.clone(), v, backend))
+        .collect()
 }
 
 /// The protocol's nodes of one run (coordinator first), with their events merged.
@@ -978,16 +985,7 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
         poll_give_up: Some(Duration::from_secs(120)),
         resume_phase: Duration::from_secs(300),
     };
-    let mut hosts = Vec::with_capacity(n_vms);
-    for (v, &h) in host_of.iter().enumerate() {
-        hosts.push(vm_host(
-            &pcs[h].name,
-            &pcs[h].ns,
-            pcs[h].hv()?.clone(),
-            v,
-            cfg.backend,
-        )?);
-    }
+    let hosts = vm_hosts(&pcs, &host_of, cfg.backend)?;
     let mut nodes = Some(Nodes::spawn(hosts, cluster, &transport, &catalog, timeouts).await?);
 
     // 5. The test manager in the hub: the ring starts once every guest registered.
@@ -1197,16 +1195,7 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
             });
             placed[v] = to;
         }
-        let mut hosts = Vec::with_capacity(n_vms);
-        for (v, &h) in placed.iter().enumerate() {
-            hosts.push(vm_host(
-                &pcs[h].name,
-                &pcs[h].ns,
-                pcs[h].hv()?.clone(),
-                v,
-                cfg.backend,
-            )?);
-        }
+        let hosts = vm_hosts(&pcs, &placed, cfg.backend)?;
         let mut n = Nodes::spawn(hosts, cluster, &transport, &catalog, timeouts).await?;
         let resume_started = Instant::now();
         let restoring = n.coordinator.start_resume(None).await?;
