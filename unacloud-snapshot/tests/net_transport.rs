@@ -27,6 +27,44 @@ struct Recorder {
     log: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+/// A [`Recorder`] that says it answers in well under a millisecond (like the netlink
+/// backend).
+#[derive(Debug)]
+struct FastRecorder(Recorder);
+
+impl ColourBackend for FastRecorder {
+    fn install(&mut self) -> unacloud_snapshot::Result<()> {
+        self.0.install()
+    }
+    fn set_outgoing(&mut self, c: Option<Colour>) -> unacloud_snapshot::Result<()> {
+        self.0.set_outgoing(c)
+    }
+    fn set_drop_post(&mut self, d: bool) -> unacloud_snapshot::Result<()> {
+        self.0.set_drop_post(d)
+    }
+    fn post_packets_dropped(&mut self) -> unacloud_snapshot::Result<u64> {
+        self.0.post_packets_dropped()
+    }
+    fn leftovers(&mut self) -> unacloud_snapshot::Result<usize> {
+        self.0.leftovers()
+    }
+    fn active_rules(&mut self) -> unacloud_snapshot::Result<usize> {
+        self.0.active_rules()
+    }
+    fn colouring_rules(&mut self) -> unacloud_snapshot::Result<usize> {
+        self.0.colouring_rules()
+    }
+    fn remove(&mut self) -> unacloud_snapshot::Result<()> {
+        self.0.remove()
+    }
+    fn place(&self) -> String {
+        self.0.place()
+    }
+    fn is_fast(&self) -> bool {
+        true
+    }
+}
+
 impl ColourBackend for Recorder {
     fn install(&mut self) -> unacloud_snapshot::Result<()> {
         self.log.lock().unwrap().push("install".into());
@@ -451,6 +489,67 @@ async fn host_actions_drive_the_hypervisor() {
         ActionOutcome::Failed(why) => assert!(why.contains("gs-8"), "{why}"),
         other => panic!("restoring a missing snapshot gave {other:?}"),
     }
+}
+
+/// With a backend that answers at once, the host colours the VM POST itself at the
+/// snapshot point while the guest is paused, and lets it run on without waiting for the
+/// state machine's step 4 (which then finds the colour set).
+#[cfg(feature = "hypervisor")]
+#[tokio::test]
+async fn a_fast_backend_colours_post_at_the_point_and_the_guest_runs_on() {
+    use unacloud_core::hypervisor::{Hypervisor, StartMode};
+    use unacloud_core::memory::InMemoryHypervisor;
+    use unacloud_core::model::{HardwareProfile, PowerState, VmId, VmSpec};
+    use unacloud_snapshot::net::HostActions;
+    use unacloud_snapshot::protocol::{ActionOutcome, GlobalSnapshotId, HostAction};
+
+    let mem = Arc::new(InMemoryHypervisor::new());
+    mem.create_vm(&VmSpec::new("f", HardwareProfile::Small).with_memory_mb(64))
+        .await
+        .unwrap();
+    let vm = VmId::from("f");
+    mem.start_vm(&vm, StartMode::Headless).await.unwrap();
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hv: Arc<dyn Hypervisor> = mem.clone();
+    let host = VmHost::new(
+        "f",
+        Box::new(FastRecorder(Recorder { log: log.clone() })),
+        LocalSnapshot::Hypervisor {
+            hv,
+            live: true,
+            margin: 0,
+        },
+    )
+    .unwrap();
+    let gs = GlobalSnapshotId(3);
+    let vms = vec!["f".to_owned()];
+    let taken = host
+        .perform(HostAction::TakeLocalSnapshots {
+            gs,
+            vms: vms.clone(),
+        })
+        .await;
+    assert!(
+        matches!(taken, ActionOutcome::SnapshotPoint { .. }),
+        "{taken:?}"
+    );
+    assert_eq!(
+        log.lock().unwrap().last().map(String::as_str),
+        Some("colour Some(Post)"),
+        "coloured POST at the point"
+    );
+    // Durable without any step 4, and the guest runs again.
+    match host.perform(HostAction::AwaitDurable { gs, vms }).await {
+        ActionOutcome::SnapshotDurable { .. } => {}
+        other => panic!("durability: {other:?}"),
+    }
+    assert_eq!(mem.vm_info(&vm).await.unwrap().state, PowerState::Running);
+    assert!(mem
+        .snapshot_tree(&vm)
+        .await
+        .unwrap()
+        .resolve("gs-3")
+        .is_ok());
 }
 
 /// A host whose local snapshot does not capture state refuses to resume, saying why.

@@ -135,6 +135,27 @@ impl Inner {
         })
     }
 
+    /// Colours the VM's traffic POST now if the backend is fast and installed; whether it
+    /// did.
+    fn colour_post_now(&self) -> bool {
+        if !self.installed.load(Ordering::SeqCst) {
+            return false;
+        }
+        let Ok(mut backend) = self.lock_colour() else {
+            return false;
+        };
+        if !backend.is_fast() {
+            return false;
+        }
+        match backend.set_outgoing(Some(Colour::Post)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(vm = %self.vm, error = %e, "colouring POST at the snapshot point failed; the guest waits for step 4");
+                false
+            }
+        }
+    }
+
     /// Lets a guest paused at its snapshot point run on.
     fn release_guest(&self) {
         let mut guard = match self.staged.lock() {
@@ -332,8 +353,17 @@ impl VmHost {
         let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
         let ran_on_uncoloured = Arc::new(AtomicBool::new(false));
         let hold_expired = ran_on_uncoloured.clone();
+        let at_point = inner.clone();
         let hook: unacloud_core::hypervisor::AtPoint = Box::pin(async move {
+            // Step 4 at the point itself, while the guest is paused, when the backend
+            // answers in well under a millisecond: the guest's pause is then the point
+            // plus one rule change, without a round trip through the state machine (whose
+            // own step 4 finds the colour already set). Otherwise the guest waits for it.
+            let coloured = at_point.colour_post_now();
             let _ = point_tx.send(Instant::now());
+            if coloured {
+                return;
+            }
             if tokio::time::timeout(POINT_HOLD_LIMIT, release_rx)
                 .await
                 .is_err()
