@@ -345,6 +345,38 @@ pub async fn power_cycle(hv: &dyn Hypervisor, env: &ConformanceEnv) -> Option<St
         tree.get(node).and_then(|s| s.state_file.clone()).is_some(),
         "a snapshot of a running VM has a saved-state file"
     );
+    // The same in two moments: the hook runs once, at the point, and the VM runs after.
+    let hooked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let at_point = hooked.clone();
+    let staged = hv
+        .take_snapshot_at_point(
+            &id,
+            "staged",
+            None,
+            Box::pin(async move {
+                at_point.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }),
+        )
+        .await
+        .expect("a live snapshot in two moments");
+    assert_eq!(
+        hooked.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the point hook ran exactly once"
+    );
+    assert_eq!(
+        vm_state(hv, &id).await,
+        PowerState::Running,
+        "a VM runs on after a snapshot in two moments"
+    );
+    let tree = hv.snapshot_tree(&id).await.expect("snapshot_tree");
+    let snode = tree
+        .find_by_id(&staged.id)
+        .expect("staged snapshot in tree");
+    assert!(
+        tree.get(snode).and_then(|s| s.state_file.clone()).is_some(),
+        "a snapshot in two moments has a saved-state file"
+    );
     assert!(
         matches!(
             hv.restore_snapshot(&id, &live.id).await,
@@ -404,6 +436,9 @@ pub async fn power_cycle(hv: &dyn Hypervisor, env: &ConformanceEnv) -> Option<St
     assert_eq!(vm_state(hv, &id).await, PowerState::Running);
     hv.power_off(&id).await.expect("power_off");
     if env.bootable.is_some() {
+        hv.delete_snapshot(&id, &staged.id)
+            .await
+            .expect("delete a snapshot of a powered-off VM");
         hv.delete_snapshot(&id, &live.id)
             .await
             .expect("delete a snapshot of a powered-off VM");

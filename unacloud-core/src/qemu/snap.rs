@@ -74,9 +74,11 @@ impl QemuHypervisor {
     }
 
     /// [`QemuHypervisor::take_snapshot_with`], awaiting `at_point` at the snapshot point:
-    /// for a running VM after its disks switched to the new overlays and QEMU fixed the
-    /// memory and device state, before the guest runs on (a VM that is not running has
-    /// its point at once). The guest's downtime includes the time `at_point` takes.
+    /// for a running VM once it is paused and its disks switched to the new overlays —
+    /// its state is fixed from then on, since the guest does not run and no device
+    /// writes to its memory until QEMU has captured it — and before the guest runs on (a
+    /// VM that is not running has its point at once). The guest's downtime includes the
+    /// time `at_point` takes.
     pub async fn take_snapshot_staged(
         &self,
         vm: &VmId,
@@ -221,14 +223,29 @@ impl QemuHypervisor {
             let mut resumed = false;
             let saved = async {
                 switched?;
-                vm::start_migration(&mut live_vm.qmp).await?;
+                // The state is fixed from here on: the guest is paused and no device
+                // writes to its memory until it runs again. The point's hook runs now.
                 if let Some(point) = at_point.take() {
                     point.await;
                 }
-                if background && !was_paused {
-                    live_vm.qmp.execute("cont", None).await?;
-                    resumed = true;
-                    downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
+                vm::start_migration(&mut live_vm.qmp).await?;
+                if background {
+                    // QEMU's background snapshot fixes the device state and starts
+                    // tracking writes in its own thread after `migrate` returned: the
+                    // guest must not run before that, so no `cont` until it is done.
+                    let ran = vm::wait_capture(&mut live_vm.qmp, self.snapshot_timeout).await?;
+                    if was_paused {
+                        if ran {
+                            // QEMU 7.2 resumes the guest itself after the capture.
+                            live_vm.qmp.execute("stop", None).await?;
+                        }
+                    } else {
+                        if !ran {
+                            live_vm.qmp.execute("cont", None).await?;
+                        }
+                        resumed = true;
+                        downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
+                    }
                 }
                 vm::wait_migration(&mut live_vm.qmp, &state, self.snapshot_timeout).await?;
                 vm::sync_file(&state)

@@ -747,6 +747,32 @@ pub(crate) async fn start_migration(qmp: &mut Qmp) -> Result<()> {
         .map(drop)
 }
 
+/// After `migrate` with `background-snapshot` on a paused guest: waits until QEMU's
+/// migration thread has captured the device state and started tracking memory writes.
+/// QEMU 7.2 then resumes the guest itself (`true`: the guest runs again); newer versions
+/// leave it paused, and the capture shows as memory being written or the save being
+/// over (`false`: the caller resumes it).
+pub(crate) async fn wait_capture(qmp: &mut Qmp, limit: Duration) -> Result<bool> {
+    let until = Instant::now() + limit;
+    loop {
+        if qmp.status().await? == "running" {
+            return Ok(true);
+        }
+        let m = qmp.execute("query-migrate", None).await?;
+        let written = m["ram"]["transferred"].as_u64().unwrap_or(0) > 0;
+        if written || !matches!(m["status"].as_str(), Some("setup" | "active")) {
+            return Ok(false);
+        }
+        if Instant::now() > until {
+            return Err(Error::Timeout {
+                operation: "capture the VM's state for a snapshot",
+                after: limit,
+            });
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
 /// Waits until the running migration has completed; its failure is an error.
 pub(crate) async fn wait_migration(qmp: &mut Qmp, file: &Path, limit: Duration) -> Result<()> {
     let until = Instant::now() + limit;

@@ -1048,6 +1048,49 @@ netns = "pc-5"
         assert_eq!(l.vms[0].tap.as_deref(), Some("uct-web-1"));
     }
 
+    #[cfg(feature = "hypervisor")]
+    #[tokio::test]
+    async fn a_launcher_hypervisor_section_opens_the_qemu_backend_or_says_why_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let section = |backend: &str, accel: Option<&str>| HypervisorSection {
+            backend: backend.to_string(),
+            root: dir.path().join("vms"),
+            live: true,
+            margin_mb: 32,
+            accel: accel.map(str::to_string),
+        };
+        let first = open_hypervisor(&section("qemu", Some("tcg")))
+            .await
+            .unwrap();
+        match &first {
+            LocalSnapshot::Hypervisor { live, margin, .. } => {
+                assert!(*live);
+                assert_eq!(*margin, 32 << 20);
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = open_hypervisor(&section("vmware", None)).await.unwrap_err();
+        assert!(e.to_string().contains("\"vmware\""), "{e}");
+        let e = open_hypervisor(&section("qemu", Some("hvf")))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("auto, kvm or tcg"), "{e}");
+        // The first backend still holds the root: a second one is refused with the reason.
+        let e = open_hypervisor(&section("qemu", Some("tcg")))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("in use"), "{e}");
+        // A VM without a lab method takes the launcher's hypervisor.
+        let vm = VmConfig {
+            name: "web-1".to_string(),
+            ..VmConfig::default()
+        };
+        assert!(matches!(
+            local_snapshot(&vm, Some(&first)).unwrap(),
+            LocalSnapshot::Hypervisor { .. }
+        ));
+    }
+
     #[test]
     fn a_vm_without_a_snapshot_method_is_a_configuration_error() {
         let vm = VmConfig {
