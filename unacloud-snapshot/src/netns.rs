@@ -58,7 +58,10 @@ pub fn probe() -> Result<()> {
             reason: "creating network namespaces and netfilter rules needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN); run with sudo".to_string(),
         });
     }
-    let name = format!("{FAMILY_PREFIX}{}-probe", std::process::id());
+    // A name of its own per call: tests probe from several threads at once.
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("{FAMILY_PREFIX}{}-probe{n}", std::process::id());
     match ip(&["netns", "add", &name]) {
         Ok(()) => {
             let _ = ip(&["netns", "del", &name]);

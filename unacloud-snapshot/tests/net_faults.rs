@@ -33,61 +33,8 @@ use unacloud_snapshot::protocol::{
 };
 use unacloud_snapshot::Error;
 
-type Log = Arc<Mutex<Vec<String>>>;
-
-/// A colouring backend that records calls. With `hang_post`, setting the POST colour
-/// (step 4) blocks for that long, as a wedged netfilter call would.
-#[derive(Debug, Default)]
-struct Recorder {
-    log: Log,
-    hang_post: Option<Duration>,
-}
-
-impl Recorder {
-    fn push(&self, s: impl Into<String>) {
-        self.log.lock().unwrap().push(s.into());
-    }
-}
-
-impl ColourBackend for Recorder {
-    fn install(&mut self) -> unacloud_snapshot::Result<()> {
-        self.push("install");
-        Ok(())
-    }
-    fn set_outgoing(&mut self, c: Option<Colour>) -> unacloud_snapshot::Result<()> {
-        if c == Some(Colour::Post) {
-            if let Some(d) = self.hang_post {
-                // On the blocking thread the host runs backend calls on.
-                std::thread::sleep(d);
-            }
-        }
-        self.push(format!("colour {c:?}"));
-        Ok(())
-    }
-    fn set_drop_post(&mut self, d: bool) -> unacloud_snapshot::Result<()> {
-        self.push(format!("drop {d}"));
-        Ok(())
-    }
-    fn post_packets_dropped(&mut self) -> unacloud_snapshot::Result<u64> {
-        Ok(0)
-    }
-    fn leftovers(&mut self) -> unacloud_snapshot::Result<usize> {
-        Ok(0)
-    }
-    fn active_rules(&mut self) -> unacloud_snapshot::Result<usize> {
-        Ok(0)
-    }
-    fn colouring_rules(&mut self) -> unacloud_snapshot::Result<usize> {
-        Ok(0)
-    }
-    fn remove(&mut self) -> unacloud_snapshot::Result<()> {
-        self.push("remove");
-        Ok(())
-    }
-    fn place(&self) -> String {
-        "test".into()
-    }
-}
+mod net_support;
+use net_support::{Log, Recorder};
 
 /// The outgoing colour a recorded backend is left with (`remove` clears everything).
 fn outgoing_colour(log: &Log) -> Option<String> {
@@ -174,8 +121,8 @@ impl Pc {
                 format!("pc{}", &self.name[2..]),
                 self.name.clone(),
                 Box::new(Recorder {
-                    log: self.log.clone(),
                     hang_post,
+                    ..Recorder::new(&self.log)
                 }),
                 LocalSnapshot::Hypervisor {
                     hv,

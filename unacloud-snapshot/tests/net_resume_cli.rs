@@ -33,39 +33,8 @@ use unacloud_snapshot::Error;
 const CLUSTER: u64 = 42;
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A colouring backend that does nothing (the test needs no netfilter).
-#[derive(Debug, Default)]
-struct NoColour;
-
-impl ColourBackend for NoColour {
-    fn install(&mut self) -> unacloud_snapshot::Result<()> {
-        Ok(())
-    }
-    fn set_outgoing(&mut self, _: Option<Colour>) -> unacloud_snapshot::Result<()> {
-        Ok(())
-    }
-    fn set_drop_post(&mut self, _: bool) -> unacloud_snapshot::Result<()> {
-        Ok(())
-    }
-    fn post_packets_dropped(&mut self) -> unacloud_snapshot::Result<u64> {
-        Ok(0)
-    }
-    fn leftovers(&mut self) -> unacloud_snapshot::Result<usize> {
-        Ok(0)
-    }
-    fn active_rules(&mut self) -> unacloud_snapshot::Result<usize> {
-        Ok(0)
-    }
-    fn colouring_rules(&mut self) -> unacloud_snapshot::Result<usize> {
-        Ok(0)
-    }
-    fn remove(&mut self) -> unacloud_snapshot::Result<()> {
-        Ok(())
-    }
-    fn place(&self) -> String {
-        "test".into()
-    }
-}
+mod net_support;
+use net_support::Recorder;
 
 fn transport() -> TransportConfig {
     let mut t = TransportConfig::new(ClusterId(CLUSTER), None);
@@ -136,7 +105,7 @@ impl Cluster {
             hosts.push(Arc::new(
                 VmHost::new(
                     &name,
-                    Box::new(NoColour),
+                    Box::new(Recorder::default()),
                     LocalSnapshot::Hypervisor {
                         hv,
                         live: true,

@@ -22,88 +22,14 @@ use unacloud_snapshot::protocol::{
 use unacloud_snapshot::Error;
 
 /// A colouring backend that records calls (the network test needs no netfilter).
-#[derive(Debug, Default)]
-struct Recorder {
-    log: Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-/// A [`Recorder`] that says it answers in well under a millisecond (like the netlink
-/// backend).
-#[derive(Debug)]
-struct FastRecorder(Recorder);
-
-impl ColourBackend for FastRecorder {
-    fn install(&mut self) -> unacloud_snapshot::Result<()> {
-        self.0.install()
-    }
-    fn set_outgoing(&mut self, c: Option<Colour>) -> unacloud_snapshot::Result<()> {
-        self.0.set_outgoing(c)
-    }
-    fn set_drop_post(&mut self, d: bool) -> unacloud_snapshot::Result<()> {
-        self.0.set_drop_post(d)
-    }
-    fn post_packets_dropped(&mut self) -> unacloud_snapshot::Result<u64> {
-        self.0.post_packets_dropped()
-    }
-    fn leftovers(&mut self) -> unacloud_snapshot::Result<usize> {
-        self.0.leftovers()
-    }
-    fn active_rules(&mut self) -> unacloud_snapshot::Result<usize> {
-        self.0.active_rules()
-    }
-    fn colouring_rules(&mut self) -> unacloud_snapshot::Result<usize> {
-        self.0.colouring_rules()
-    }
-    fn remove(&mut self) -> unacloud_snapshot::Result<()> {
-        self.0.remove()
-    }
-    fn place(&self) -> String {
-        self.0.place()
-    }
-    fn is_fast(&self) -> bool {
-        true
-    }
-}
-
-impl ColourBackend for Recorder {
-    fn install(&mut self) -> unacloud_snapshot::Result<()> {
-        self.log.lock().unwrap().push("install".into());
-        Ok(())
-    }
-    fn set_outgoing(&mut self, c: Option<Colour>) -> unacloud_snapshot::Result<()> {
-        self.log.lock().unwrap().push(format!("colour {c:?}"));
-        Ok(())
-    }
-    fn set_drop_post(&mut self, d: bool) -> unacloud_snapshot::Result<()> {
-        self.log.lock().unwrap().push(format!("drop {d}"));
-        Ok(())
-    }
-    fn post_packets_dropped(&mut self) -> unacloud_snapshot::Result<u64> {
-        Ok(0)
-    }
-    fn leftovers(&mut self) -> unacloud_snapshot::Result<usize> {
-        Ok(0)
-    }
-    fn active_rules(&mut self) -> unacloud_snapshot::Result<usize> {
-        Ok(0)
-    }
-    fn colouring_rules(&mut self) -> unacloud_snapshot::Result<usize> {
-        Ok(0)
-    }
-    fn remove(&mut self) -> unacloud_snapshot::Result<()> {
-        self.log.lock().unwrap().push("remove".into());
-        Ok(())
-    }
-    fn place(&self) -> String {
-        "test".into()
-    }
-}
+mod net_support;
+use net_support::Recorder;
 
 fn host(log: &Arc<std::sync::Mutex<Vec<String>>>) -> Arc<VmHost> {
     Arc::new(
         VmHost::new(
             "vm",
-            Box::new(Recorder { log: log.clone() }),
+            Box::new(Recorder::new(log)),
             LocalSnapshot::Sleep(Duration::from_millis(5)),
         )
         .unwrap(),
@@ -363,7 +289,7 @@ async fn host_actions_drive_the_hypervisor() {
     let hv: Arc<dyn Hypervisor> = mem.clone();
     let host = VmHost::new(
         "tm",
-        Box::new(Recorder { log: log.clone() }),
+        Box::new(Recorder::new(&log)),
         LocalSnapshot::Hypervisor {
             hv,
             live: true,
@@ -513,7 +439,10 @@ async fn a_fast_backend_colours_post_at_the_point_and_the_guest_runs_on() {
     let hv: Arc<dyn Hypervisor> = mem.clone();
     let host = VmHost::new(
         "f",
-        Box::new(FastRecorder(Recorder { log: log.clone() })),
+        Box::new(Recorder {
+            fast: true,
+            ..Recorder::new(&log)
+        }),
         LocalSnapshot::Hypervisor {
             hv,
             live: true,
