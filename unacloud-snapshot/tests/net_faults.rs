@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -20,7 +20,6 @@ use tokio_util::sync::CancellationToken;
 use unacloud_core::hypervisor::{Hypervisor, StartMode};
 use unacloud_core::memory::InMemoryHypervisor;
 use unacloud_core::model::{DiskSpace, HardwareProfile, PowerState, VmId, VmSpec};
-use unacloud_snapshot::colour::{Colour, ColourBackend};
 use unacloud_snapshot::net::conn::{Client, Inbound};
 use unacloud_snapshot::net::host::POINT_HOLD_LIMIT;
 use unacloud_snapshot::net::{

@@ -17,7 +17,6 @@ use tokio::net::TcpListener;
 use unacloud_core::hypervisor::{Hypervisor, StartMode};
 use unacloud_core::memory::InMemoryHypervisor;
 use unacloud_core::model::{HardwareProfile, PowerState, VmId, VmSpec};
-use unacloud_snapshot::colour::{Colour, ColourBackend};
 use unacloud_snapshot::net::conn::request;
 use unacloud_snapshot::net::daemon::{trigger_global_snapshot, trigger_resume};
 use unacloud_snapshot::net::{
