@@ -403,19 +403,23 @@ async fn a_failed_restore_leaves_nobody_started_and_a_retry_resumes() {
     })
     .await;
     assert_eq!(who, vec![ParticipantId(2)], "{why}");
-    // Hosts 0 and 1 restored (Saved: the snapshot's memory is loaded) and stay stopped;
-    // host 2 was never restored.
+    // Host 1 restored (Saved: the snapshot's memory is loaded) and stays stopped; host 2
+    // was never restored. The coordinator's own host restores concurrently with the
+    // participants, so host 2's failure may come before or after it did: restored
+    // (Saved) or untouched (still PoweredOff), but never started.
     for _ in 0..500 {
-        if c.state(0).await == PowerState::Saved && c.state(1).await == PowerState::Saved {
+        if c.state(1).await == PowerState::Saved {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        c.states().await,
-        vec![PowerState::Saved, PowerState::Saved, PowerState::Aborted]
+    let states = c.states().await;
+    assert!(
+        matches!(states[0], PowerState::Saved | PowerState::PoweredOff),
+        "{states:?}"
     );
+    assert_eq!(states[1..], [PowerState::Saved, PowerState::Aborted]);
     for p in &mut c.parts {
         assert!(
             !drain(p)
