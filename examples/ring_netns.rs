@@ -59,13 +59,7 @@ fn main() -> ExitCode {
         return unacloud::snapshot::net::cli::main(&argv[2..]);
     }
     let args = Args::parse();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    signals::init_tracing();
     let backend = match args.backend.parse::<BackendKind>() {
         Ok(b) => b,
         Err(e) => {

@@ -82,13 +82,7 @@ fn main() -> ExitCode {
         return unacloud::snapshot::net::cli::main(&argv[2..]);
     }
     let args = Args::parse();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    signals::init_tracing();
     let backend = match args.backend.parse::<BackendKind>() {
         Ok(b) => b,
         Err(e) => {
@@ -96,12 +90,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let accel = match args.accel.as_str() {
-        "auto" => unacloud::core::qemu::Accel::Auto,
-        "kvm" => unacloud::core::qemu::Accel::Kvm,
-        "tcg" => unacloud::core::qemu::Accel::Tcg,
-        other => {
-            eprintln!("error: --accel {other:?}: use auto, kvm or tcg");
+    let accel = match args.accel.parse::<unacloud::core::qemu::Accel>() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: --accel: {e}");
             return ExitCode::from(2);
         }
     };

@@ -1,4 +1,16 @@
-//! Shared by the scenario examples: run a scenario until it ends or the user stops it.
+//! Shared by the scenario examples: logging to stderr, and running a scenario until it
+//! ends or the user stops it.
+
+/// Logs to stderr; `RUST_LOG` chooses what (errors only by default).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
 
 /// Runs `scenario` on a two-worker tokio runtime until it finishes, or until SIGINT
 /// (Ctrl-C) or SIGTERM arrives: then the scenario's future is dropped, which tears down

@@ -419,16 +419,15 @@ pub async fn open_hypervisor(section: &HypervisorSection) -> Result<LocalSnapsho
             ),
         });
     }
-    let accel = match section.accel.as_deref().unwrap_or("auto") {
-        "auto" => Accel::Auto,
-        "kvm" => Accel::Kvm,
-        "tcg" => Accel::Tcg,
-        other => {
-            return Err(Error::InvalidConfig {
-                reason: format!("hypervisor accel {other:?}: use auto, kvm or tcg"),
-            })
-        }
-    };
+    let accel: Accel =
+        section
+            .accel
+            .as_deref()
+            .unwrap_or("auto")
+            .parse()
+            .map_err(|e: unacloud_core::Error| Error::InvalidConfig {
+                reason: format!("hypervisor: {e}"),
+            })?;
     let hv = QemuHypervisor::open_configured(
         &section.root,
         QemuImg::new(),

@@ -936,7 +936,7 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
                 .accelerator(None)
                 .await
                 .map_err(hv_err("choosing the accelerator".to_string()))?;
-            report.accel = format!("{accel:?}").to_lowercase();
+            report.accel = accel.to_string();
         }
         pcs.push(pc);
     }
