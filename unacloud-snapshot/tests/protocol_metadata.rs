@@ -60,7 +60,9 @@ fn insert_hands_out_ids_from_zero_and_ports_from_the_base_port() {
     };
     assert_eq!(registration.addr, "10.0.0.2");
     assert_eq!(registration.port, 9002);
-    let Message::List { participants } = ask(&mut s, ParticipantId(3), Message::QueryList) else {
+    let Message::List { participants, .. } =
+        ask(&mut s, ParticipantId(3), Message::QueryList { after: None })
+    else {
         panic!()
     };
     assert_eq!(participants.len(), 4);

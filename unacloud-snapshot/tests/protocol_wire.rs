@@ -45,11 +45,28 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (gs.clone(), at.clone()).prop_map(|(gs, attempt)| Message::RestoreOk { gs, attempt }),
         (gs.clone(), at.clone()).prop_map(|(gs, attempt)| Message::Start { gs, attempt }),
         (gs.clone(), at.clone()).prop_map(|(gs, attempt)| Message::StartOk { gs, attempt }),
-        (gs.clone(), at, arb_text()).prop_map(|(gs, attempt, reason)| Message::ResumeFailed {
-            gs,
-            attempt,
-            reason
+        (gs.clone(), at.clone(), arb_text()).prop_map(|(gs, attempt, reason)| {
+            Message::ResumeFailed {
+                gs,
+                attempt,
+                reason,
+            }
         }),
+        (gs.clone(), at.clone(), arb_text()).prop_map(|(gs, attempt, reason)| {
+            Message::ResumeAbort {
+                gs,
+                attempt,
+                reason,
+            }
+        }),
+        (gs.clone(), proptest::option::of(at.clone()), gs.clone(), at).prop_map(
+            |(gs, attempt, newest_gs, newest_attempt)| Message::Stale {
+                gs,
+                attempt,
+                newest_gs,
+                newest_attempt,
+            }
+        ),
         (arb_text(), prop::collection::vec(arb_text(), 0..4))
             .prop_map(|(addr, vms)| Message::Insert { addr, vms }),
         (any::<u32>(), any::<u16>()).prop_map(|(id, port)| Message::Inserted {
@@ -62,9 +79,14 @@ fn arb_message() -> impl Strategy<Value = Message> {
             id: ParticipantId(id)
         }),
         arb_registration().prop_map(|registration| Message::Address { registration }),
-        Just(Message::QueryList),
-        prop::collection::vec(arb_registration(), 0..4)
-            .prop_map(|participants| Message::List { participants }),
+        proptest::option::of(any::<u32>()).prop_map(|after| Message::QueryList {
+            after: after.map(ParticipantId)
+        }),
+        (
+            prop::collection::vec(arb_registration(), 0..4),
+            any::<bool>()
+        )
+            .prop_map(|(participants, more)| Message::List { participants, more }),
         Just(Message::QueryCount),
         any::<u32>().prop_map(|count| Message::Count { count }),
         (
@@ -394,6 +416,17 @@ fn one_of_each() -> Vec<Message> {
             attempt,
             reason: reason.clone(),
         },
+        Message::ResumeAbort {
+            gs,
+            attempt,
+            reason: reason.clone(),
+        },
+        Message::Stale {
+            gs,
+            attempt: Some(attempt),
+            newest_gs: gs,
+            newest_attempt: attempt,
+        },
         Message::Insert {
             addr: "10.0.0.1".into(),
             vms: vec![],
@@ -410,9 +443,13 @@ fn one_of_each() -> Vec<Message> {
         Message::Address {
             registration: registration.clone(),
         },
-        Message::QueryList,
+        Message::QueryList { after: None },
+        Message::QueryList {
+            after: Some(ParticipantId(4)),
+        },
         Message::List {
             participants: vec![registration],
+            more: true,
         },
         Message::QueryCount,
         Message::Count { count: 2 },

@@ -863,8 +863,8 @@ pub async fn run_launcher(
                 })?;
             // Wait for the whole cluster to register, then learn the participant ids.
             let participants = loop {
-                if let Message::List { participants } =
-                    ms_request(ms, &transport, id, Message::QueryList).await?
+                if let Message::List { participants, .. } =
+                    ms_request(ms, &transport, id, Message::QueryList { after: None }).await?
                 {
                     if participants.len() >= section.cluster_size as usize {
                         break participants;

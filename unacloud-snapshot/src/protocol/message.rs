@@ -201,6 +201,32 @@ pub enum Message {
         /// Echoed from START.
         attempt: ResumeAttempt,
     },
+    /// Coordinator → participant: resume attempt `attempt` failed; forget it (a START of
+    /// it will not come, and one that arrives late is refused). Hosts that restored stay
+    /// restored and stopped. (`RESUME_ABORT`, not in the thesis)
+    ResumeAbort {
+        /// The global snapshot that was being restored.
+        gs: GlobalSnapshotId,
+        /// The failed resume attempt.
+        attempt: ResumeAttempt,
+        /// Why (for the operator).
+        reason: String,
+    },
+    /// Participant → coordinator: this request belongs to an epoch older than one I have
+    /// already seen (a coordinator that lost its catalog, or a late duplicate). The
+    /// coordinator fails the attempt it belongs to, if it is running, and continues its
+    /// counters after `newest_gs` / `newest_attempt`. (`STALE`, not in the thesis)
+    Stale {
+        /// The `gs` of the stale request.
+        gs: GlobalSnapshotId,
+        /// The `attempt` of the stale request, for resume messages.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attempt: Option<ResumeAttempt>,
+        /// The newest global snapshot id the participant has seen.
+        newest_gs: GlobalSnapshotId,
+        /// The newest resume attempt the participant has seen (0 = none).
+        newest_attempt: ResumeAttempt,
+    },
     /// Participant → coordinator: restoring or starting failed.
     ResumeFailed {
         /// The global snapshot.
@@ -251,12 +277,20 @@ pub enum Message {
         /// The registration.
         registration: Registration,
     },
-    /// Anyone → metadata server: every registration.
-    QueryList,
-    /// Metadata server → asker: every registration, by id.
+    /// Anyone → metadata server: the registrations, one page at a time, ordered by id.
+    QueryList {
+        /// Only registrations with an id greater than this one (absent = from the first):
+        /// the last id of the previous page.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<ParticipantId>,
+    },
+    /// Metadata server → asker: one page of registrations, by id.
     List {
         /// The registrations, ordered by id.
         participants: Vec<Registration>,
+        /// More registrations follow: ask again with `after` = the last id of this page.
+        #[serde(default)]
+        more: bool,
     },
     /// Anyone → metadata server: the number of registrations.
     QueryCount,
@@ -301,6 +335,8 @@ impl Message {
             Message::Start { .. } => "START",
             Message::StartOk { .. } => "START_OK",
             Message::ResumeFailed { .. } => "RESUME_FAILED",
+            Message::ResumeAbort { .. } => "RESUME_ABORT",
+            Message::Stale { .. } => "STALE",
             Message::Insert { .. } => "INSERT",
             Message::Inserted { .. } => "INSERTED",
             Message::TriggerGlobalSnapshot => "TRIGGER_GLOBAL_SNAPSHOT",
@@ -308,7 +344,7 @@ impl Message {
             Message::TriggerForwarded => "TRIGGER_FORWARDED",
             Message::QueryAddress { .. } => "QUERY_ADDRESS",
             Message::Address { .. } => "ADDRESS",
-            Message::QueryList => "QUERY_LIST",
+            Message::QueryList { .. } => "QUERY_LIST",
             Message::List { .. } => "LIST",
             Message::QueryCount => "QUERY_COUNT",
             Message::Count { .. } => "COUNT",
@@ -345,6 +381,8 @@ impl Message {
             | Message::Start { gs, .. }
             | Message::StartOk { gs, .. }
             | Message::ResumeFailed { gs, .. }
+            | Message::ResumeAbort { gs, .. }
+            | Message::Stale { gs, .. }
             | Message::SnapshotReport { gs, .. } => Some(*gs),
             _ => None,
         }

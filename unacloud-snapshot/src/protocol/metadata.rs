@@ -207,8 +207,9 @@ impl MetadataServer {
                     reason: e.to_string(),
                 },
             },
-            Message::QueryList => Message::List {
+            Message::QueryList { .. } => Message::List {
                 participants: self.registrations.clone(),
+                more: false,
             },
             Message::QueryCount => Message::Count {
                 count: u32::try_from(self.registrations.len()).unwrap_or(u32::MAX),
