@@ -44,10 +44,7 @@ fn transport() -> TransportConfig {
 
 async fn metadata_server() -> MetadataServerHandle {
     spawn_metadata_server(
-        MetadataServerConfig {
-            cluster: ClusterId(CLUSTER),
-            base_port: 1,
-        },
+        MetadataServerConfig::new(ClusterId(CLUSTER), 1),
         TcpListener::bind("127.0.0.1:0").await.unwrap(),
         transport(),
         None,

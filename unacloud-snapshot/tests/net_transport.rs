@@ -53,10 +53,7 @@ async fn metadata_server(
     results_csv: Option<std::path::PathBuf>,
 ) -> MetadataServerHandle {
     spawn_metadata_server(
-        MetadataServerConfig {
-            cluster: ClusterId(42),
-            base_port: 1,
-        },
+        MetadataServerConfig::new(ClusterId(42), 1),
         TcpListener::bind("127.0.0.1:0").await.unwrap(),
         transport(key),
         results_csv,
@@ -227,7 +224,9 @@ async fn different_keys_are_refused_with_a_clear_error() {
         let e = trigger_global_snapshot(ms.local_addr(), &transport(key))
             .await
             .unwrap_err();
-        assert!(matches!(e, Error::PeerRejected { .. }), "{e:?}");
+        // The server's proof in WELCOME tells the client at once (and the client's
+        // REJECT tells the server).
+        assert!(matches!(e, Error::Authentication { .. }), "{e:?}");
         assert!(e.to_string().contains(needle), "{e}");
     }
     // A node without key talking to one with a key: this side says so itself.

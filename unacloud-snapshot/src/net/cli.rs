@@ -289,10 +289,7 @@ fn run(args: &[String]) -> Result<()> {
                         source,
                     })?;
                 let h = spawn_metadata_server(
-                    MetadataServerConfig {
-                        cluster: ClusterId(cfg.cluster),
-                        base_port: section.base_port,
-                    },
+                    MetadataServerConfig::new(ClusterId(cfg.cluster), section.base_port),
                     listener,
                     transport,
                     section.results_csv.clone(),

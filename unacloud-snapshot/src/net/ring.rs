@@ -417,7 +417,7 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
             source,
         })?;
     let ms = spawn_metadata_server(
-        MetadataServerConfig { cluster, base_port },
+        MetadataServerConfig::new(cluster, base_port),
         listener,
         transport.clone(),
         Some(dir.0.join("global-snapshots.csv")),
