@@ -285,6 +285,15 @@ pub enum Error {
         /// Why (different keys, missing key on one side).
         reason: String,
     },
+    /// A peer asked for something its role may not do (connect here under that id, speak
+    /// for another node, send that message); it was refused and the connection closed.
+    #[error("refused {peer}: {reason}")]
+    Unauthorised {
+        /// The other side.
+        peer: String,
+        /// What it tried.
+        reason: String,
+    },
     /// The other side closed the connection and said why.
     #[error("{peer} rejected this node: {reason}")]
     PeerRejected {

@@ -1,42 +1,60 @@
-//! Connections: framing, hello, per-peer send queues, reconnect with backoff.
+//! Connections of protocol v1 over TCP: the handshake, authenticated frames, keep-alives,
+//! per-peer send queues, limits, and reconnection with backoff (`PROTOCOL.md` §2).
 //!
-//! A connection carries protocol envelopes both ways. The connecting side sends a
-//! [`Hello`] first; the accepting side checks its cluster (and, with a key, its MAC) and
-//! from then on only accepts envelopes whose sender is the one announced. A malformed,
-//! unauthenticated or foreign-cluster frame closes that connection only, after a
-//! [`FrameKind::Reject`] frame that tells the other side why; the reason is logged.
+//! The dialling side says HELLO, the accepting side answers WELCOME, the dialling side
+//! proves the key with AUTH ([`super::frame`]). From then on every envelope on the
+//! connection must come from the node that opened it, be addressed to this node, and be a
+//! message that role may send ([`super::frame::authorise`]). Anything else — a malformed or
+//! unauthenticated frame, a sequence gap, an envelope speaking for someone else — closes
+//! that connection only, after a REJECT frame that says why; the reason is logged with the
+//! peer's address.
+//!
+//! Limits: before its handshake completes a connection may make this node buffer at most
+//! [`MAX_HANDSHAKE_LEN`] bytes and must finish within `handshake_timeout`; at most
+//! `max_pending` connections may be in their handshake and `max_connections` open at once;
+//! an established connection that sends nothing (not even a PING) for `idle_timeout` is
+//! closed, and each side sends a PING after `keepalive` without traffic.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use bytes::BytesMut;
+use rand::RngCore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::frame::{open, seal, ClusterKey, FrameKind, Hello, MAX_TRANSPORT_FRAME};
+use super::frame::{
+    encode_frame, reject_body, ClientHandshake, ClusterKey, FrameDecoder, FrameKind, RawFrame,
+    ServerHandshake, Session, MAX_HANDSHAKE_LEN, NONCE_LEN,
+};
 use crate::error::{Error, Result};
-use crate::protocol::{decode_frame, encode_frame, ClusterId, Envelope, ParticipantId};
+use crate::protocol::{ClusterId, Envelope, ParticipantId};
 
 /// Transport settings shared by every connection of a node.
 #[derive(Debug, Clone)]
 pub struct TransportConfig {
     /// The cluster; hellos and envelopes of other clusters are rejected.
     pub cluster: ClusterId,
-    /// The cluster key; when set every frame carries an HMAC-SHA256 and frames without a
-    /// valid one are rejected.
+    /// The cluster key; when set the handshake proves it both ways and every frame after
+    /// it carries an HMAC-SHA256 under a per-connection session key.
     pub key: Option<ClusterKey>,
     /// Bound on connecting (one attempt).
     pub connect_timeout: Duration,
-    /// Bound on receiving the hello of a new connection.
+    /// Bound on the whole handshake of a connection.
     pub handshake_timeout: Duration,
     /// Bound on writing one frame.
     pub write_timeout: Duration,
+    /// A PING is sent after this long without sending anything.
+    pub keepalive: Duration,
+    /// An established connection that received nothing for this long is closed.
+    pub idle_timeout: Duration,
     /// First reconnect delay; doubles up to `backoff_max`.
     pub backoff_min: Duration,
     /// Largest reconnect delay.
@@ -44,11 +62,20 @@ pub struct TransportConfig {
     /// Capacity of each peer's send queue (envelopes); when full, new envelopes are
     /// dropped with a warning (the protocol's deadlines handle the loss).
     pub queue: usize,
+    /// Most connections a listener keeps open at once.
+    pub max_connections: usize,
+    /// Most connections a listener keeps in their handshake at once.
+    pub max_pending: usize,
+    /// Largest frame `length` a server accepts from its clients after the handshake.
+    pub max_frame_from_client: usize,
+    /// Largest frame `length` a client accepts from its server after the handshake.
+    pub max_frame_from_server: usize,
 }
 
 impl TransportConfig {
-    /// Defaults for a LAN: connect 3 s, handshake 5 s, write 5 s, backoff 20 ms – 2 s,
-    /// queue 1024.
+    /// Defaults for a LAN: connect 3 s, handshake 5 s, write 5 s, keep-alive 5 s, idle
+    /// 20 s, backoff 20 ms – 2 s, queue 1024, 512 connections of which 64 in their
+    /// handshake, frames up to 256 KiB from clients and 1 MiB from servers.
     pub fn new(cluster: ClusterId, key: Option<ClusterKey>) -> Self {
         Self {
             cluster,
@@ -56,9 +83,15 @@ impl TransportConfig {
             connect_timeout: Duration::from_secs(3),
             handshake_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(5),
+            keepalive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(20),
             backoff_min: Duration::from_millis(20),
             backoff_max: Duration::from_secs(2),
             queue: 1024,
+            max_connections: 512,
+            max_pending: 64,
+            max_frame_from_client: 256 << 10,
+            max_frame_from_server: 1 << 20,
         }
     }
 }
@@ -75,7 +108,7 @@ pub enum Inbound {
     Envelope {
         /// The connection it came on (replies to unregistered senders go back on it).
         conn: ConnId,
-        /// The envelope (cluster and sender already checked against the hello).
+        /// The envelope (cluster, sender, recipient and role already checked).
         envelope: Envelope,
     },
     /// A connection was established and its peer identified.
@@ -96,87 +129,286 @@ pub enum Inbound {
     },
 }
 
-fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .length_field_length(4)
-        .max_frame_length(MAX_TRANSPORT_FRAME)
-        .new_codec()
+/// Who may connect to a listener, by the id their HELLO announces.
+#[derive(Debug, Clone)]
+pub enum Admission {
+    /// A coordinator: only its participants.
+    Participants(Vec<ParticipantId>),
+    /// A metadata server: anyone but itself (unregistered clients, registered
+    /// participants, the coordinator).
+    MetadataServerClients,
 }
 
-type Wire = Framed<TcpStream, LengthDelimitedCodec>;
+impl Admission {
+    fn admit(&self, id: ParticipantId) -> std::result::Result<(), String> {
+        match self {
+            Admission::Participants(ids) if ids.contains(&id) => Ok(()),
+            Admission::Participants(_) => Err(format!(
+                "{id} is not a participant of this coordinator; only its participants may connect (operators' triggers go to the metadata server)"
+            )),
+            Admission::MetadataServerClients if id == ParticipantId::METADATA_SERVER => {
+                Err("a client may not connect as the metadata server".to_string())
+            }
+            Admission::MetadataServerClients => Ok(()),
+        }
+    }
+}
 
-async fn send_frame(
-    wire: &mut Wire,
-    cfg: &TransportConfig,
-    kind: FrameKind,
-    body: &[u8],
-) -> Result<()> {
-    let frame = seal(cfg.key.as_ref(), kind, body);
-    match tokio::time::timeout(cfg.write_timeout, wire.send(Bytes::from(frame))).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(source)) => Err(Error::Network {
-            peer: peer_name(wire),
-            action: "send",
-            source,
-        }),
+fn nonce() -> [u8; NONCE_LEN] {
+    let mut n = [0u8; NONCE_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut n);
+    n
+}
+
+/// One TCP connection split in halves, with its read buffer and decoder.
+struct Wire {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    buf: BytesMut,
+    dec: FrameDecoder,
+    peer: String,
+    write_timeout: Duration,
+}
+
+impl Wire {
+    fn new(stream: TcpStream, peer: String, write_timeout: Duration) -> Self {
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        Self {
+            rd,
+            wr,
+            buf: BytesMut::with_capacity(512),
+            dec: FrameDecoder::new(MAX_HANDSHAKE_LEN),
+            peer,
+            write_timeout,
+        }
+    }
+
+    fn name_errors(&self, e: Error) -> Error {
+        match e {
+            Error::TransportFrame { reason, .. } => Error::TransportFrame {
+                peer: self.peer.clone(),
+                reason,
+            },
+            Error::PeerRejected { reason, .. } => Error::PeerRejected {
+                peer: self.peer.clone(),
+                reason,
+            },
+            Error::Authentication { reason, .. } => Error::Authentication {
+                peer: self.peer.clone(),
+                reason,
+            },
+            other => other,
+        }
+    }
+
+    /// Reads the next frame; `Ok(None)` on an orderly close between frames.
+    async fn read(&mut self) -> Result<Option<RawFrame>> {
+        loop {
+            match self.dec.decode(&self.buf) {
+                Ok(Some((frame, used))) => {
+                    let _ = self.buf.split_to(used);
+                    return Ok(Some(frame));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(self.name_errors(e)),
+            }
+            if let Ok(Some(total)) = self.dec.frame_size(&self.buf) {
+                self.buf.reserve(total.saturating_sub(self.buf.len()));
+            }
+            let n = self
+                .rd
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|source| Error::Network {
+                    peer: self.peer.clone(),
+                    action: "receive",
+                    source,
+                })?;
+            if n == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(Error::TransportFrame {
+                    peer: self.peer.clone(),
+                    reason: format!("closed in the middle of a frame ({} bytes)", self.buf.len()),
+                });
+            }
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        match tokio::time::timeout(self.write_timeout, self.wr.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(Error::Network {
+                peer: self.peer.clone(),
+                action: "send",
+                source,
+            }),
+            Err(_) => Err(Error::Timeout {
+                what: format!("sending a frame to {}", self.peer),
+                after: self.write_timeout,
+            }),
+        }
+    }
+
+    /// Sends a REJECT with sequence number `seq` (before a session exists).
+    async fn reject(&mut self, seq: u64, reason: &str) {
+        self.send_reject(encode_frame(FrameKind::Reject, seq, &reject_body(reason), None))
+            .await;
+    }
+
+    /// Sends a REJECT frame (best effort, bounded) and closes the write side.
+    async fn send_reject(&mut self, frame: Vec<u8>) {
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            let _ = self.wr.write_all(&frame).await;
+            let _ = self.wr.shutdown().await;
+        })
+        .await;
+    }
+}
+
+async fn bounded<T>(
+    what: impl FnOnce() -> String,
+    after: Duration,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(after, fut).await {
+        Ok(r) => r,
         Err(_) => Err(Error::Timeout {
-            what: format!("sending a frame to {}", peer_name(wire)),
-            after: cfg.write_timeout,
+            what: what(),
+            after,
         }),
     }
 }
 
-fn peer_name(wire: &Wire) -> String {
-    wire.get_ref()
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "peer".to_string())
+async fn expect_frame(wire: &mut Wire, what: &str) -> Result<RawFrame> {
+    wire.read().await?.ok_or_else(|| Error::TransportFrame {
+        peer: wire.peer.clone(),
+        reason: format!("closed before its {what}"),
+    })
 }
 
-/// Sends a reject notice (best effort, bounded) before the caller drops the connection.
-async fn reject(wire: &mut Wire, reason: &str) {
-    let frame = seal(None, FrameKind::Reject, reason.as_bytes());
-    let _ = tokio::time::timeout(Duration::from_millis(200), wire.send(Bytes::from(frame))).await;
+/// The accepting side's handshake: HELLO → WELCOME → AUTH.
+async fn accept_handshake(
+    wire: &mut Wire,
+    cfg: &TransportConfig,
+    me: ParticipantId,
+    admission: &Admission,
+) -> Result<Session> {
+    let hello = expect_frame(wire, "HELLO").await?;
+    let (pending, welcome) = ServerHandshake::new(cfg.cluster, cfg.key.clone(), me, nonce())
+        .on_hello(&hello, |id| admission.admit(id))
+        .map_err(|e| wire.name_errors(e))?;
+    wire.write(&welcome).await?;
+    let auth = expect_frame(wire, "AUTH").await?;
+    pending.on_auth(&auth).map_err(|e| wire.name_errors(e))
 }
 
-/// Runs an established, identified connection until it closes, the queue closes or
-/// shutdown. Returns the reason for an abnormal end.
+/// The dialling side: connect, HELLO, WELCOME, AUTH.
+async fn dial(
+    addr: SocketAddr,
+    cfg: &TransportConfig,
+    me: ParticipantId,
+    server: ParticipantId,
+) -> Result<(Wire, Session)> {
+    let stream = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await {
+        Err(_) => {
+            return Err(Error::Timeout {
+                what: format!("connecting to {addr}"),
+                after: cfg.connect_timeout,
+            })
+        }
+        Ok(Err(source)) => {
+            return Err(Error::Network {
+                peer: addr.to_string(),
+                action: "connect",
+                source,
+            })
+        }
+        Ok(Ok(s)) => s,
+    };
+    let mut wire = Wire::new(stream, addr.to_string(), cfg.write_timeout);
+    let hs = ClientHandshake::new(cfg.cluster, cfg.key.clone(), me, server, nonce());
+    let session = bounded(
+        || format!("the handshake with {addr}"),
+        cfg.handshake_timeout,
+        async {
+            wire.write(&hs.hello()).await?;
+            let welcome = expect_frame(&mut wire, "WELCOME").await?;
+            match hs.on_welcome(&welcome) {
+                Ok((auth, session)) => {
+                    wire.write(&auth).await?;
+                    Ok(session)
+                }
+                Err(e) => {
+                    let e = wire.name_errors(e);
+                    if !matches!(e, Error::PeerRejected { .. }) {
+                        wire.reject(1, &e.to_string()).await;
+                    }
+                    Err(e)
+                }
+            }
+        },
+    )
+    .await?;
+    wire.dec.set_keyed(session.is_keyed());
+    wire.dec.set_max_len(cfg.max_frame_from_server);
+    Ok((wire, session))
+}
+
+/// Runs an established connection until it closes, the queue closes or shutdown.
+/// Returns the reason for an abnormal end.
 async fn pump(
     mut wire: Wire,
+    mut session: Session,
     cfg: &TransportConfig,
     conn: ConnId,
-    expect_from: Option<ParticipantId>,
     outq: &mut mpsc::Receiver<Envelope>,
     inbound: &mpsc::Sender<Inbound>,
-    shutdown: &CancellationToken,
-) -> std::result::Result<(), Error> {
-    let peer = peer_name(&wire);
+    stop: &CancellationToken,
+) -> Result<()> {
+    let mut last_in = Instant::now();
+    let mut last_out = Instant::now();
     loop {
+        let ping_at = last_out + cfg.keepalive;
+        let idle_at = last_in + cfg.idle_timeout;
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => {
-                let _ = tokio::time::timeout(Duration::from_millis(200), SinkExt::<Bytes>::close(&mut wire)).await;
+            _ = stop.cancelled() => {
+                let _ = tokio::time::timeout(Duration::from_millis(200), wire.wr.shutdown()).await;
                 return Ok(());
             }
             out = outq.recv() => {
                 let Some(envelope) = out else {
-                    let _ = tokio::time::timeout(Duration::from_millis(200), SinkExt::<Bytes>::close(&mut wire)).await;
+                    let _ = tokio::time::timeout(Duration::from_millis(200), wire.wr.shutdown()).await;
                     return Ok(());
                 };
-                let body = encode_frame(&envelope)?;
-                send_frame(&mut wire, cfg, FrameKind::Protocol, &body).await?;
+                let body = serde_json::to_vec(&envelope).map_err(|source| Error::MalformedPayload { source })?;
+                let frame = session.seal(FrameKind::Data, &body);
+                wire.write(&frame).await?;
+                last_out = Instant::now();
             }
-            frame = wire.next() => {
+            frame = wire.read() => {
                 let frame = match frame {
-                    None => return Ok(()),
-                    Some(Ok(f)) => f,
-                    Some(Err(e)) => {
-                        let err = Error::TransportFrame { peer: peer.clone(), reason: format!("unreadable frame: {e}") };
-                        reject(&mut wire, &err.to_string()).await;
-                        return Err(err);
+                    Ok(None) => return Ok(()),
+                    Ok(Some(f)) => f,
+                    Err(e) => {
+                        if matches!(e, Error::TransportFrame { .. }) {
+                            wire.send_reject(session.seal(FrameKind::Reject, &reject_body(&e.to_string()))).await;
+                        }
+                        return Err(e);
                     }
                 };
-                match check_envelope(cfg, &frame, &peer, expect_from) {
+                last_in = Instant::now();
+                let checked = session
+                    .open(frame)
+                    .and_then(|(kind, body)| match kind {
+                        FrameKind::Data => session.check_envelope(cfg.cluster, &body).map(Some),
+                        _ => Ok(None),
+                    })
+                    .map_err(|e| wire.name_errors(e));
+                match checked {
                     Ok(Some(envelope)) => {
                         if inbound.send(Inbound::Envelope { conn, envelope }).await.is_err() {
                             return Ok(());
@@ -185,61 +417,32 @@ async fn pump(
                     Ok(None) => {}
                     Err(e) => {
                         if !matches!(e, Error::PeerRejected { .. }) {
-                            reject(&mut wire, &e.to_string()).await;
+                            wire.send_reject(session.seal(FrameKind::Reject, &reject_body(&e.to_string()))).await;
                         }
                         return Err(e);
                     }
                 }
             }
-        }
-    }
-}
-
-/// Checks one frame: MAC, kind, protocol decoding, cluster and sender.
-fn check_envelope(
-    cfg: &TransportConfig,
-    frame: &[u8],
-    peer: &str,
-    expect_from: Option<ParticipantId>,
-) -> Result<Option<Envelope>> {
-    let (kind, body) = open(cfg.key.as_ref(), frame, peer)?;
-    match kind {
-        FrameKind::Reject => Err(Error::PeerRejected {
-            peer: peer.to_string(),
-            reason: String::from_utf8_lossy(body).into_owned(),
-        }),
-        FrameKind::Hello => Err(Error::TransportFrame {
-            peer: peer.to_string(),
-            reason: "a second hello on an established connection".to_string(),
-        }),
-        FrameKind::Protocol => {
-            let envelope = decode_frame(body).map_err(|e| Error::TransportFrame {
-                peer: peer.to_string(),
-                reason: format!("malformed protocol frame: {e}"),
-            })?;
-            if envelope.cluster != cfg.cluster {
-                return Err(Error::ForeignCluster {
-                    expected: cfg.cluster,
-                    got: envelope.cluster,
-                });
+            _ = tokio::time::sleep_until(ping_at) => {
+                let frame = session.seal(FrameKind::Ping, b"");
+                wire.write(&frame).await?;
+                last_out = Instant::now();
             }
-            if let Some(from) = expect_from {
-                if from != ParticipantId::UNREGISTERED && envelope.from != from {
-                    return Err(Error::TransportFrame {
-                        peer: peer.to_string(),
-                        reason: format!(
-                            "envelope claims to come from {} but the connection belongs to {from}",
-                            envelope.from
-                        ),
-                    });
-                }
+            _ = tokio::time::sleep_until(idle_at) => {
+                let e = Error::Timeout { what: format!("any frame from {} (idle connection)", wire.peer), after: cfg.idle_timeout };
+                wire.send_reject(session.seal(FrameKind::Reject, &reject_body(&e.to_string()))).await;
+                return Err(e);
             }
-            Ok(Some(envelope))
         }
     }
 }
 
 /// Where a node's outgoing envelopes go: one bounded queue per connected peer.
+///
+/// Several connections may claim the same id (a participant that reconnected while its
+/// old connection is not yet known dead, or — without a key — anyone). Envelopes for an
+/// id go to its newest established connection; closing a connection removes only that
+/// connection, so a short-lived duplicate never makes a live peer unreachable.
 #[derive(Debug, Clone, Default)]
 pub struct Router {
     inner: Arc<Mutex<RouterInner>>,
@@ -247,17 +450,15 @@ pub struct Router {
 
 #[derive(Debug, Default)]
 struct RouterInner {
-    by_conn: HashMap<ConnId, (Option<ParticipantId>, mpsc::Sender<Envelope>)>,
-    by_id: HashMap<ParticipantId, ConnId>,
+    by_conn: HashMap<ConnId, (ParticipantId, mpsc::Sender<Envelope>)>,
+    by_id: HashMap<ParticipantId, Vec<ConnId>>,
 }
 
 impl Router {
-    fn add(&self, conn: ConnId, id: Option<ParticipantId>, tx: mpsc::Sender<Envelope>) {
+    fn add(&self, conn: ConnId, id: ParticipantId, tx: mpsc::Sender<Envelope>) {
         if let Ok(mut g) = self.inner.lock() {
-            if let Some(id) = id {
-                if id != ParticipantId::UNREGISTERED {
-                    g.by_id.insert(id, conn);
-                }
+            if id != ParticipantId::UNREGISTERED {
+                g.by_id.entry(id).or_default().push(conn);
             }
             g.by_conn.insert(conn, (id, tx));
         }
@@ -265,9 +466,12 @@ impl Router {
 
     fn remove(&self, conn: ConnId) {
         if let Ok(mut g) = self.inner.lock() {
-            if let Some((Some(id), _)) = g.by_conn.remove(&conn) {
-                if g.by_id.get(&id) == Some(&conn) {
-                    g.by_id.remove(&id);
+            if let Some((id, _)) = g.by_conn.remove(&conn) {
+                if let Some(list) = g.by_id.get_mut(&id) {
+                    list.retain(|c| *c != conn);
+                    if list.is_empty() {
+                        g.by_id.remove(&id);
+                    }
                 }
             }
         }
@@ -277,7 +481,7 @@ impl Router {
     /// peer has no connection or its queue is full.
     pub fn send(&self, envelope: Envelope) -> bool {
         let tx = self.inner.lock().ok().and_then(|g| {
-            let conn = g.by_id.get(&envelope.to)?;
+            let conn = g.by_id.get(&envelope.to)?.last()?;
             g.by_conn.get(conn).map(|(_, tx)| tx.clone())
         });
         Self::push(tx, envelope)
@@ -321,15 +525,41 @@ impl Router {
     }
 }
 
-/// Accepts connections on `listener` until shutdown. Each connection's envelopes go to
-/// `inbound`; the router learns how to reach its peer.
+/// Decrements a counter when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(counter: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(counter.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Accepts connections on `listener` as node `me` until shutdown, admitting the ids
+/// `admission` allows. Each connection's envelopes go to `inbound`; the router learns how
+/// to reach its peer.
 pub async fn serve(
     listener: TcpListener,
     cfg: Arc<TransportConfig>,
+    me: ParticipantId,
+    admission: Admission,
     router: Router,
     inbound: mpsc::Sender<Inbound>,
     shutdown: CancellationToken,
 ) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let pending = Arc::new(AtomicUsize::new(0));
+    let admission = Arc::new(admission);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -343,49 +573,64 @@ pub async fn serve(
                 continue;
             }
         };
+        let Some(open_slot) = Slot::take(&open, cfg.max_connections) else {
+            tracing::warn!(peer = %addr, limit = cfg.max_connections, "refusing connection: too many open connections");
+            refuse_now(stream, "too many open connections; retry later");
+            continue;
+        };
+        let Some(pending_slot) = Slot::take(&pending, cfg.max_pending) else {
+            tracing::warn!(peer = %addr, limit = cfg.max_pending, "refusing connection: too many connections in their handshake");
+            refuse_now(stream, "too many connections in their handshake; retry later");
+            continue;
+        };
         let cfg = cfg.clone();
         let router = router.clone();
         let inbound = inbound.clone();
         let shutdown = shutdown.clone();
+        let admission = admission.clone();
         tokio::spawn(async move {
+            let _open = open_slot;
             let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-            let _ = stream.set_nodelay(true);
-            let mut wire = Framed::new(stream, codec());
-            let hello = match read_hello(&mut wire, &cfg, addr).await {
-                Ok(h) => h,
+            let mut wire = Wire::new(stream, addr.to_string(), cfg.write_timeout);
+            let hs = bounded(
+                || format!("the handshake of {addr}"),
+                cfg.handshake_timeout,
+                accept_handshake(&mut wire, &cfg, me, &admission),
+            )
+            .await;
+            drop(pending_slot);
+            let session = match hs {
+                Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(peer = %addr, reason = %e, "closing connection");
-                    reject(&mut wire, &e.to_string()).await;
+                    tracing::warn!(peer = %addr, reason = %e, "handshake refused; closing connection");
+                    if !matches!(e, Error::PeerRejected { .. }) {
+                        wire.reject(0, &e.to_string()).await;
+                    }
                     return;
                 }
             };
+            let peer_id = session.peer();
+            tracing::debug!(peer = %addr, id = %peer_id, keyed = session.is_keyed(), "connection established");
+            wire.dec.set_keyed(session.is_keyed());
+            wire.dec.set_max_len(cfg.max_frame_from_client);
             let (tx, mut rx) = mpsc::channel(cfg.queue);
-            router.add(conn, Some(hello.id), tx);
+            router.add(conn, peer_id, tx);
             let _ = inbound
                 .send(Inbound::Connected {
                     conn,
-                    peer: hello.id,
+                    peer: peer_id,
                 })
                 .await;
-            let res = pump(
-                wire,
-                &cfg,
-                conn,
-                Some(hello.id),
-                &mut rx,
-                &inbound,
-                &shutdown,
-            )
-            .await;
+            let res = pump(wire, session, &cfg, conn, &mut rx, &inbound, &shutdown).await;
             router.remove(conn);
             let reason = res.err().map(|e| {
-                tracing::warn!(peer = %addr, id = %hello.id, reason = %e, "connection closed");
+                tracing::warn!(peer = %addr, id = %peer_id, reason = %e, "connection closed");
                 e.to_string()
             });
             let _ = inbound
                 .send(Inbound::Closed {
                     conn,
-                    peer: Some(hello.id),
+                    peer: Some(peer_id),
                     reason,
                 })
                 .await;
@@ -393,76 +638,11 @@ pub async fn serve(
     }
 }
 
-async fn read_hello(wire: &mut Wire, cfg: &TransportConfig, addr: SocketAddr) -> Result<Hello> {
-    let peer = addr.to_string();
-    let frame = match tokio::time::timeout(cfg.handshake_timeout, wire.next()).await {
-        Err(_) => {
-            return Err(Error::Timeout {
-                what: format!("the hello of {peer}"),
-                after: cfg.handshake_timeout,
-            })
-        }
-        Ok(None) => {
-            return Err(Error::TransportFrame {
-                peer,
-                reason: "closed before its hello".to_string(),
-            })
-        }
-        Ok(Some(Err(e))) => {
-            return Err(Error::TransportFrame {
-                peer,
-                reason: format!("unreadable hello: {e}"),
-            })
-        }
-        Ok(Some(Ok(f))) => f,
-    };
-    let (kind, body) = open(cfg.key.as_ref(), &frame, &peer)?;
-    if kind != FrameKind::Hello {
-        return Err(Error::TransportFrame {
-            peer,
-            reason: "the first frame is not a hello".to_string(),
-        });
-    }
-    let hello: Hello = serde_json::from_slice(body).map_err(|e| Error::TransportFrame {
-        peer: peer.clone(),
-        reason: format!("malformed hello: {e}"),
-    })?;
-    if hello.cluster != cfg.cluster {
-        return Err(Error::ForeignCluster {
-            expected: cfg.cluster,
-            got: hello.cluster,
-        });
-    }
-    Ok(hello)
-}
-
-/// Connects once (bounded) and sends the hello.
-async fn dial(addr: SocketAddr, cfg: &TransportConfig, me: ParticipantId) -> Result<Wire> {
-    let stream = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await {
-        Err(_) => {
-            return Err(Error::Timeout {
-                what: format!("connecting to {addr}"),
-                after: cfg.connect_timeout,
-            })
-        }
-        Ok(Err(source)) => {
-            return Err(Error::Network {
-                peer: addr.to_string(),
-                action: "connect",
-                source,
-            })
-        }
-        Ok(Ok(s)) => s,
-    };
-    let _ = stream.set_nodelay(true);
-    let mut wire = Framed::new(stream, codec());
-    let hello = serde_json::to_vec(&Hello {
-        cluster: cfg.cluster,
-        id: me,
-    })
-    .map_err(|source| Error::MalformedPayload { source })?;
-    send_frame(&mut wire, cfg, FrameKind::Hello, &hello).await?;
-    Ok(wire)
+/// Writes a REJECT without waiting (the socket buffer of a fresh connection has room)
+/// and drops the connection.
+fn refuse_now(stream: TcpStream, reason: &str) {
+    let frame = encode_frame(FrameKind::Reject, 0, &reject_body(reason), None);
+    let _ = stream.try_write(&frame);
 }
 
 /// A connection to one server that reconnects with backoff until shutdown.
@@ -473,11 +653,13 @@ pub struct Client {
 }
 
 impl Client {
-    /// Starts connecting to `addr` as node `me`. Envelopes from the server go to
-    /// `inbound`; queue envelopes with [`Client::send`].
+    /// Starts connecting to the server `server` (its id: the coordinator, or
+    /// [`ParticipantId::METADATA_SERVER`]) at `addr` as node `me`. Envelopes from the
+    /// server go to `inbound`; queue envelopes with [`Client::send`].
     pub fn spawn(
         addr: SocketAddr,
         me: ParticipantId,
+        server: ParticipantId,
         cfg: Arc<TransportConfig>,
         inbound: mpsc::Sender<Inbound>,
         shutdown: CancellationToken,
@@ -490,15 +672,16 @@ impl Client {
                 if shutdown.is_cancelled() || rx.is_closed() {
                     break;
                 }
-                let wire = tokio::select! {
+                let dialled = tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    w = dial(addr, &cfg, me) => w,
+                    w = dial(addr, &cfg, me, server) => w,
                 };
-                match wire {
-                    Ok(wire) => {
+                match dialled {
+                    Ok((wire, session)) => {
                         backoff = cfg.backoff_min;
                         let _ = inbound.send(Inbound::Connected { conn, peer: me }).await;
-                        let res = pump(wire, &cfg, conn, None, &mut rx, &inbound, &shutdown).await;
+                        let res =
+                            pump(wire, session, &cfg, conn, &mut rx, &inbound, &shutdown).await;
                         let reason = res.err().map(|e| {
                             tracing::warn!(server = %addr, reason = %e, "connection closed");
                             e.to_string()
@@ -546,8 +729,9 @@ impl Client {
 }
 
 /// One request/response exchange with a server on a fresh connection, bounded by
-/// `timeout` (used by the `start` trigger and by participants looking up the
-/// coordinator). Returns the first envelope the server sends back.
+/// `timeout` (used by the triggers and by launchers asking the metadata server). The
+/// connection opens as `envelope.from` to the server `envelope.to`. Returns the first
+/// envelope the server sends back.
 pub async fn request(
     addr: SocketAddr,
     cfg: &TransportConfig,
@@ -555,34 +739,23 @@ pub async fn request(
     timeout: Duration,
 ) -> Result<Envelope> {
     let fut = async {
-        let mut wire = dial(addr, cfg, envelope.from).await?;
-        let body = encode_frame(&envelope)?;
-        send_frame(&mut wire, cfg, FrameKind::Protocol, &body).await?;
-        let peer = addr.to_string();
+        let (mut wire, mut session) = dial(addr, cfg, envelope.from, envelope.to).await?;
+        let body =
+            serde_json::to_vec(&envelope).map_err(|source| Error::MalformedPayload { source })?;
+        wire.write(&session.seal(FrameKind::Data, &body)).await?;
         loop {
-            match wire.next().await {
-                None => {
-                    return Err(Error::TransportFrame {
-                        peer,
-                        reason: format!("closed without answering {}", envelope.message.kind()),
-                    })
-                }
-                Some(Err(e)) => {
-                    return Err(Error::TransportFrame {
-                        peer,
-                        reason: format!("unreadable answer: {e}"),
-                    })
-                }
-                Some(Ok(f)) => {
-                    if let Some(env) = check_envelope(cfg, &f, &peer, None)? {
-                        let _ = tokio::time::timeout(
-                            Duration::from_millis(200),
-                            SinkExt::<Bytes>::close(&mut wire),
-                        )
-                        .await;
-                        return Ok(env);
-                    }
-                }
+            let frame = wire.read().await?.ok_or_else(|| Error::TransportFrame {
+                peer: addr.to_string(),
+                reason: format!("closed without answering {}", envelope.message.kind()),
+            })?;
+            let (kind, body) = session.open(frame).map_err(|e| wire.name_errors(e))?;
+            if kind == FrameKind::Data {
+                let env = session
+                    .check_envelope(cfg.cluster, &body)
+                    .map_err(|e| wire.name_errors(e))?;
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(200), wire.wr.shutdown()).await;
+                return Ok(env);
             }
         }
     };

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{serve, Client, ConnId, Inbound, Router, TransportConfig};
+use super::conn::{serve, Admission, Client, ConnId, Inbound, Router, TransportConfig};
 use super::host::{HostActions, HostSummary};
 use crate::catalog_store::CatalogStore;
 use crate::error::{Error, Result};
@@ -204,6 +204,7 @@ async fn drive<M: Machine>(mut m: M, mut a: DriveArgs) -> HostSummary {
                             | ProtocolEvent::GlobalSnapshotCompleted { .. }
                             | ProtocolEvent::GlobalSnapshotFailed { .. }
                             | ProtocolEvent::ResumeStarted { .. }
+                            | ProtocolEvent::EpochAdvanced { .. }
                     ) {
                         if let Some(store) = &a.store {
                             if let Err(err) = m.persist(store) {
@@ -347,6 +348,7 @@ pub async fn spawn_coordinator(
         Some(s) => s.load_or_new(config.cluster)?,
         None => Catalog::new(config.cluster),
     };
+    let admission = Admission::Participants(config.participants.clone());
     let machine = Coordinator::new(config, cat)?;
     let local_addr = listener.local_addr().ok();
     let transport = Arc::new(transport);
@@ -356,6 +358,8 @@ pub async fn spawn_coordinator(
     tokio::spawn(serve(
         listener,
         transport.clone(),
+        ParticipantId::COORDINATOR,
+        admission,
         router.clone(),
         in_tx.clone(),
         shutdown.clone(),
@@ -364,6 +368,7 @@ pub async fn spawn_coordinator(
         Client::spawn(
             addr,
             ParticipantId::COORDINATOR,
+            ParticipantId::METADATA_SERVER,
             transport.clone(),
             in_tx.clone(),
             shutdown.clone(),
@@ -409,7 +414,14 @@ pub fn spawn_participant(
     let transport = Arc::new(transport);
     let shutdown = CancellationToken::new();
     let (in_tx, in_rx) = mpsc::channel(1024);
-    let client = Client::spawn(coordinator, id, transport, in_tx, shutdown.clone());
+    let client = Client::spawn(
+        coordinator,
+        id,
+        ParticipantId::COORDINATOR,
+        transport,
+        in_tx,
+        shutdown.clone(),
+    );
     let (ctl_tx, ctl_rx) = mpsc::channel(1);
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(drive(
@@ -492,6 +504,8 @@ pub fn spawn_metadata_server(
     tokio::spawn(serve(
         listener,
         transport,
+        ParticipantId::METADATA_SERVER,
+        Admission::MetadataServerClients,
         router.clone(),
         in_tx,
         shutdown.clone(),
