@@ -727,6 +727,7 @@ async fn a_resume_with_a_silent_participant_repeats_poll_then_gives_up_without_r
     let _mute = Client::spawn(
         c.addr,
         ParticipantId(2),
+        ParticipantId::COORDINATOR,
         Arc::new(transport()),
         in_tx,
         mute_stop.clone(),
@@ -792,7 +793,11 @@ async fn a_resume_with_a_silent_participant_repeats_poll_then_gives_up_without_r
         polls.iter().all(|p| *p == polls[0] && p.0 == first),
         "{polls:?}"
     );
-    assert!(others.is_empty(), "the silent participant got {others:?}");
+    // After giving up, the coordinator tells everybody that the attempt is over.
+    assert!(
+        matches!(others.as_slice(), [Message::ResumeAbort { gs, .. }] if *gs == first),
+        "the silent participant got {others:?}"
+    );
 
     // The hosts that did answer restored and started nothing.
     tokio::time::sleep(Duration::from_millis(200)).await;

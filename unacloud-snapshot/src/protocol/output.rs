@@ -162,6 +162,12 @@ pub enum FailureReason {
         /// The participant's or host's explanation.
         detail: String,
     },
+    /// A participant had already seen a newer epoch (STALE): this coordinator's counters
+    /// were behind, e.g. after it lost its catalog. They now continue after the newest.
+    StaleEpoch {
+        /// What the participant had seen.
+        detail: String,
+    },
 }
 
 impl std::fmt::Display for FailureReason {
@@ -172,6 +178,7 @@ impl std::fmt::Display for FailureReason {
             }
             FailureReason::VmsNotRunning { detail } => write!(f, "VMs not running: {detail}"),
             FailureReason::ActionFailed { detail } => write!(f, "host action failed: {detail}"),
+            FailureReason::StaleEpoch { detail } => write!(f, "stale epoch: {detail}"),
         }
     }
 }
@@ -236,6 +243,14 @@ pub enum ProtocolEvent {
         /// The restored global snapshot.
         gs: GlobalSnapshotId,
     },
+    /// Coordinator: a participant had seen newer epochs (STALE); the counters jumped past
+    /// them. Persist the catalog now.
+    EpochAdvanced {
+        /// The highest global snapshot id now counted as started.
+        last_started: Option<GlobalSnapshotId>,
+        /// The highest resume attempt now counted as started.
+        last_resume_attempt: Option<ResumeAttempt>,
+    },
     /// Coordinator: the resume failed.
     ResumeFailed {
         /// The global snapshot that was being restored.
@@ -244,6 +259,14 @@ pub enum ProtocolEvent {
         who: Vec<ParticipantId>,
         /// Why.
         why: FailureReason,
+    },
+    /// Participant: the coordinator aborted resume attempt `attempt` (RESUME_ABORT); a
+    /// START of it will not come. VMs this host restored stay restored and stopped.
+    ResumeAborted {
+        /// The global snapshot that was being restored.
+        gs: GlobalSnapshotId,
+        /// Why.
+        reason: String,
     },
     /// Participant: its local snapshot is taken and durable (steps 1–5 done, and the wait
     /// for durability after a live snapshot's point) and DONE was sent.

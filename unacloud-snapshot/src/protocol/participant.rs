@@ -90,6 +90,7 @@ enum ResumeState {
     Starting,
     Started,
     Failed,
+    Aborted,
 }
 
 /// A participant's state machine. Same driving loop as the [`super::Coordinator`].
@@ -181,8 +182,15 @@ impl Participant {
                         self.resume = ResumeState::Idle;
                     }
                     self.send(Message::PollOk { gs, attempt });
+                } else {
+                    self.send_stale(gs, Some(attempt));
                 }
             }
+            Message::ResumeAbort {
+                gs,
+                attempt,
+                reason,
+            } => self.on_resume_abort(gs, attempt, reason),
             Message::Restore { gs, attempt } => self.on_restore(now, gs, attempt),
             Message::Start { gs, attempt } => self.on_start(now, gs, attempt),
             other => {
@@ -229,7 +237,7 @@ impl Participant {
                 _ => self.arm_idle_drop(),
             },
             Purpose::Restore(gs, attempt) | Purpose::StartVms(gs, attempt) => {
-                if attempt != self.attempt {
+                if attempt != self.attempt || self.resume == ResumeState::Aborted {
                     return Ok(());
                 }
                 let restoring = matches!(purpose, Purpose::Restore(..));
@@ -448,9 +456,32 @@ impl Participant {
         self.snap = SnapState::Abandoned;
     }
 
+    /// Tells the coordinator that its request of `gs` (`attempt`) is older than what this
+    /// participant has seen (`PROTOCOL.md` §6.3).
+    fn send_stale(&mut self, gs: GlobalSnapshotId, attempt: Option<ResumeAttempt>) {
+        self.send(Message::Stale {
+            gs,
+            attempt,
+            newest_gs: self.gs,
+            newest_attempt: self.attempt,
+        });
+    }
+
+    fn on_resume_abort(&mut self, gs: GlobalSnapshotId, attempt: ResumeAttempt, reason: String) {
+        if attempt < self.attempt {
+            return;
+        }
+        self.attempt = attempt;
+        self.resume_gs = gs;
+        self.resume = ResumeState::Aborted;
+        self.out
+            .push_back(Output::Event(ProtocolEvent::ResumeAborted { gs, reason }));
+    }
+
     fn on_precheck(&mut self, now: Instant, gs: GlobalSnapshotId) {
         if gs < self.gs {
-            return; // stale
+            self.send_stale(gs, None);
+            return;
         }
         if gs == self.gs && self.snap != SnapState::Idle {
             // Duplicate: repeat a finished answer, otherwise it is coming.
@@ -492,7 +523,8 @@ impl Participant {
 
     fn on_take_snapshot(&mut self, now: Instant, gs: GlobalSnapshotId) {
         if gs < self.gs {
-            return; // stale
+            self.send_stale(gs, None);
+            return;
         }
         if gs == self.gs {
             match self.snap {
@@ -660,6 +692,7 @@ impl Participant {
 
     fn on_restore(&mut self, now: Instant, gs: GlobalSnapshotId, attempt: ResumeAttempt) {
         if attempt < self.attempt {
+            self.send_stale(gs, Some(attempt));
             return;
         }
         if attempt == self.attempt && self.resume != ResumeState::Idle {
@@ -695,6 +728,10 @@ impl Participant {
     }
 
     fn on_start(&mut self, now: Instant, gs: GlobalSnapshotId, attempt: ResumeAttempt) {
+        if attempt < self.attempt {
+            self.send_stale(gs, Some(attempt));
+            return;
+        }
         if attempt != self.attempt || gs != self.resume_gs {
             return;
         }

@@ -319,6 +319,12 @@ impl Coordinator {
                     self.fail_resume(vec![from], FailureReason::ActionFailed { detail: reason });
                 }
             }
+            Message::Stale {
+                gs,
+                attempt,
+                newest_gs,
+                newest_attempt,
+            } => self.on_stale(now, from, gs, attempt, newest_gs, newest_attempt),
             other => {
                 return Err(Error::UnexpectedMessage {
                     role: ROLE,
@@ -516,6 +522,54 @@ impl Coordinator {
             to,
             message,
         )));
+    }
+
+    /// A participant has seen newer epochs than this request's (`PROTOCOL.md` §6.3): the
+    /// counters continue after the newest it has seen, and the attempt the request
+    /// belongs to fails at once (instead of waiting for its deadline).
+    fn on_stale(
+        &mut self,
+        now: Instant,
+        from: ParticipantId,
+        gs: GlobalSnapshotId,
+        attempt: Option<ResumeAttempt>,
+        newest_gs: GlobalSnapshotId,
+        newest_attempt: ResumeAttempt,
+    ) {
+        let behind_gs = self.catalog.last_started.map_or(true, |l| l < newest_gs);
+        if behind_gs {
+            self.catalog.last_started = Some(newest_gs);
+        }
+        let behind_attempt = self
+            .catalog
+            .last_resume_attempt
+            .map_or(true, |l| l < newest_attempt);
+        if behind_attempt && newest_attempt.0 > 0 {
+            self.catalog.last_resume_attempt = Some(newest_attempt);
+        }
+        let detail = format!(
+            "participant {from} has seen {newest_gs} and resume attempt {}; this coordinator's request was of {gs}{}. \
+             Its counters now continue after them (was its catalog lost?); trigger again",
+            newest_attempt.0,
+            attempt.map(|a| format!(", attempt {}", a.0)).unwrap_or_default()
+        );
+        if behind_gs || behind_attempt {
+            self.out.push_back(Output::Event(ProtocolEvent::EpochAdvanced {
+                last_started: self.catalog.last_started,
+                last_resume_attempt: self.catalog.last_resume_attempt,
+            }));
+        }
+        match (self.phase, attempt) {
+            (Phase::Precheck { gs: cur, .. } | Phase::Snapshot { gs: cur, .. }, None)
+                if cur == gs =>
+            {
+                self.fail_snapshot(now, vec![from], FailureReason::StaleEpoch { detail });
+            }
+            (Phase::Resume { attempt: cur, .. }, Some(a)) if cur == a => {
+                self.fail_resume(vec![from], FailureReason::StaleEpoch { detail });
+            }
+            _ => {}
+        }
     }
 
     fn broadcast(&mut self, message: Message) {

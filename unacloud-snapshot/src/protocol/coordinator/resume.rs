@@ -200,10 +200,16 @@ impl Coordinator {
     }
 
     pub(super) fn fail_resume(&mut self, who: Vec<ParticipantId>, why: FailureReason) {
-        let Phase::Resume { gs, .. } = self.phase else {
+        let Phase::Resume { gs, attempt, .. } = self.phase else {
             return;
         };
         self.phase = Phase::Idle;
+        // Participants learn that this attempt is over: a START of it will not come.
+        self.broadcast(Message::ResumeAbort {
+            gs,
+            attempt,
+            reason: why.to_string(),
+        });
         // Forget the own restore or start (outstanding or queued), not rule maintenance.
         if let Some(Purpose::Restore(_) | Purpose::StartVms(_)) = self.host.queued() {
             self.host.drop_queued();
@@ -469,6 +475,14 @@ mod tests {
         )
         .unwrap();
         assert!(c.running().is_none());
+        // Every participant learns that the attempt is over; nobody gets START.
+        let sent = drain(&mut c, &mut pending);
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert!(
+            sent.iter()
+                .all(|m| matches!(m, Message::ResumeAbort { attempt: a, .. } if *a == attempt)),
+            "{sent:?}"
+        );
         // A late RESTORE_OK of the failed attempt starts nothing either.
         c.handle_message(now, from(2, Message::RestoreOk { gs, attempt }))
             .unwrap();
