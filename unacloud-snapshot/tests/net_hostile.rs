@@ -815,3 +815,41 @@ async fn a_thousand_hostile_connections_cost_bounded_memory() {
         &log[..log.len().min(2000)]
     );
 }
+
+/// A connection that never finishes its handshake is closed at the handshake deadline;
+/// an established one that goes silent is closed at the idle timeout, after the server's
+/// keep-alive PINGs.
+#[tokio::test]
+async fn silent_connections_are_closed_and_established_ones_kept_alive() {
+    let mut cfg = transport(None);
+    cfg.handshake_timeout = Duration::from_millis(300);
+    cfg.keepalive = Duration::from_millis(100);
+    cfg.idle_timeout = Duration::from_millis(600);
+    let ms = spawn_metadata_server(
+        MetadataServerConfig::new(CLUSTER, 1),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        cfg,
+        None,
+    )
+    .unwrap();
+    let mut mute = Raw::connect(ms.local_addr()).await;
+    let reason = mute.rejection().await.unwrap();
+    assert!(reason.contains("handshake"), "{reason}");
+
+    let mut quiet = Raw::connect(ms.local_addr()).await;
+    let mut s = quiet
+        .handshake(None, ParticipantId::UNREGISTERED, ParticipantId::METADATA_SERVER)
+        .await
+        .unwrap();
+    let (mut pings, mut reason) = (0, None);
+    while let Some(f) = quiet.frame().await {
+        match s.open(f) {
+            Ok((FrameKind::Ping, _)) => pings += 1,
+            Err(unacloud_snapshot::Error::PeerRejected { reason: r, .. }) => reason = Some(r),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(pings >= 2, "{pings} PINGs before the idle timeout");
+    assert!(reason.unwrap().contains("idle"));
+    ms.stop().await;
+}

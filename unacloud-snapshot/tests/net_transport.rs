@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+#[cfg(feature = "hypervisor")]
 use unacloud_snapshot::colour::Colour;
 use unacloud_snapshot::net::conn::request;
 use unacloud_snapshot::net::daemon::trigger_global_snapshot;

@@ -958,6 +958,46 @@ mod tests {
         }
     }
 
+    fn hello_frame(body: &str) -> RawFrame {
+        FrameDecoder::new(MAX_HANDSHAKE_LEN)
+            .decode_one(&encode_frame(FrameKind::Hello, 0, body.as_bytes(), None))
+            .unwrap()
+    }
+
+    #[test]
+    fn hellos_are_checked_field_by_field_and_unknown_fields_ignored() {
+        let nonce = "ab".repeat(32);
+        let server = || ServerHandshake::new(ClusterId(1), None, ParticipantId(0), [9; 32]);
+        let ok = format!(
+            r#"{{"protocol":"unacloud-gs","versions":[1,2],"cluster":1,"id":3,"nonce":"{nonce}","future":{{"x":1}}}}"#
+        );
+        let (p, _) = server().on_hello(&hello_frame(&ok), |_| Ok(())).unwrap();
+        assert_eq!(p.hello().id, ParticipantId(3));
+        for (body, needle) in [
+            (ok.replace("unacloud-gs", "other"), "protocol"),
+            (ok.replace("[1,2]", "[2,3]"), "no common transport version"),
+            (ok.replace(r#""cluster":1"#, r#""cluster":2"#), "cluster"),
+            (ok.replace(&nonce, "abcd"), "nonce"),
+            (ok.replace(r#""id":3,"#, ""), "malformed HELLO"),
+        ] {
+            let e = server().on_hello(&hello_frame(&body), |_| Ok(())).unwrap_err();
+            assert!(e.to_string().contains(needle), "{body}: {e}");
+        }
+        let e = server()
+            .on_hello(&hello_frame(&ok), |id| Err(format!("{id} is not welcome")))
+            .unwrap_err();
+        assert!(matches!(e, Error::Unauthorised { .. }), "{e}");
+        // A WELCOME from another node than the one dialled is refused by the client.
+        let c = ClientHandshake::new(ClusterId(1), None, ParticipantId(3), ParticipantId(0), [7; 32]);
+        let (_, w) = ServerHandshake::new(ClusterId(1), None, ParticipantId(5), [9; 32])
+            .on_hello(&hello_frame(&ok), |_| Ok(()))
+            .unwrap();
+        let e = c
+            .on_welcome(&FrameDecoder::new(MAX_HANDSHAKE_LEN).decode_one(&w).unwrap())
+            .unwrap_err();
+        assert!(e.to_string().contains("instead of"), "{e}");
+    }
+
     #[test]
     fn key_mismatches_are_clear_errors() {
         let e = handshake(Some(key(1)), Some(key(2))).unwrap_err();

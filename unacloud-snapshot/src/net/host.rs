@@ -137,6 +137,7 @@ impl Inner {
 
     /// Colours the VM's traffic POST now if the backend is fast and installed; whether it
     /// did.
+    #[cfg(feature = "hypervisor")]
     fn colour_post_now(&self) -> bool {
         if !self.installed.load(Ordering::SeqCst) {
             return false;
