@@ -228,8 +228,9 @@ async fn drive<M: Machine>(mut m: M, mut a: DriveArgs) -> HostSummary {
             item = a.inbound.recv() => match item {
                 None => break,
                 Some(Inbound::Envelope { envelope, .. }) => {
+                    let (from, kind) = (envelope.from, envelope.message.kind());
                     if let Err(e) = m.handle_message(Instant::now(), envelope) {
-                        tracing::warn!(error = %e, "envelope refused");
+                        tracing::warn!(%from, message = kind, error = %e, "envelope refused");
                         let _ = a.events.send(NodeEvent::Error(e.to_string()));
                     }
                 }
@@ -547,6 +548,9 @@ pub fn spawn_metadata_server(
             }
             match ms.handle_request(Instant::now(), envelope) {
                 Ok(Some(reply)) => {
+                    if let Message::Refused { reason } = &reply.message {
+                        tracing::info!(to = %reply.to, conn, %reason, "metadata server refused a request");
+                    }
                     router.send_on(conn, reply);
                 }
                 Ok(None) => {}
