@@ -18,12 +18,14 @@
 //! listen = "0.0.0.0:7000"
 //! base_port = 7100
 //! results_csv = "global-snapshots.csv"
+//! max_registrations = 1024                  # INSERTs beyond are refused
 //!
 //! [launcher]                                # for `launcher`
 //! advertise = "10.0.0.5"                    # address participants are reached at
 //! cluster_size = 16                         # VMs in the whole deployment
 //! backend = "nft-netlink"                   # or "nft", "nft-command", "iptables"
-//! catalog = "/var/lib/unacloud/catalog.json"
+//! catalog = "/var/lib/unacloud/catalog-7.json"   # the default: catalog-<cluster>.json there
+//! run_dir = "/run/unacloud"                 # lock files (default; else the temp directory)
 //!
 //! [launcher.hypervisor]                     # the VMs' local snapshots, restores, starts
 //! backend = "qemu"                          # unacloud-core's QEMU backend (feature `hypervisor`)
@@ -47,6 +49,17 @@
 //! filter what it receives on that interface (forward path, see
 //! [`crate::colour::Scope::Interface`]), so neither guest nor application nor hypervisor
 //! changes; without it they apply to the host's (or namespace's) own traffic.
+//!
+//! A launcher first locks every VM's colouring scope (its namespace and tap, or the host):
+//! an exclusive `flock` of `launcher-<netns>-<tap>.lock` in the run directory, taken
+//! before any colouring backend is built, because building one removes the rules it finds
+//! (a crashed predecessor's leftovers). A second launcher for the same VM on the same
+//! host therefore fails at once, naming the lock file and the launcher holding it, and
+//! leaves the running launcher's rules alone.
+//!
+//! The coordinator's catalog of completed global snapshots is always persisted: to
+//! `catalog` when given, else to [`default_catalog_path`]
+//! (`/var/lib/unacloud/catalog-<cluster>.json`, the directory created with mode 0700).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -69,7 +82,7 @@ use crate::colour::{ColourBackend, Scope};
 use crate::error::{Error, Result};
 use crate::protocol::{
     ClusterId, CoordinatorConfig, DscpConfig, Envelope, GlobalSnapshotId, Message,
-    ParticipantConfig, ParticipantId, ProtocolEvent, Timeouts,
+    ParticipantConfig, ParticipantId, ProtocolEvent, Registration, Timeouts,
 };
 
 /// Which packet-colouring backend a launcher uses.
@@ -182,6 +195,9 @@ pub struct MetadataSection {
     pub base_port: u16,
     /// CSV file the times of every global snapshot are appended to.
     pub results_csv: Option<PathBuf>,
+    /// At most this many registrations (default 1024).
+    #[serde(default)]
+    pub max_registrations: Option<usize>,
 }
 
 /// `[launcher]` section.
@@ -195,8 +211,13 @@ pub struct LauncherSection {
     /// Colouring backend.
     #[serde(default)]
     pub backend: BackendKind,
-    /// Catalog file of the coordinator (if this host gets id 0).
+    /// Catalog file of the coordinator (if this host gets id 0); default
+    /// [`default_catalog_path`].
     pub catalog: Option<PathBuf>,
+    /// Where the lock files of the VMs' colouring scopes live; default
+    /// [`default_run_dir`]. Launchers of one host must agree on it.
+    #[serde(default)]
+    pub run_dir: Option<PathBuf>,
     /// The hypervisor that takes, restores and starts the VMs' local snapshots.
     pub hypervisor: Option<HypervisorSection>,
     /// The host's VMs.
@@ -359,6 +380,208 @@ pub fn vm_executor(vm: &VmConfig) -> Arc<dyn CommandExecutor> {
     } else {
         Arc::new(LocalHost)
     }
+}
+
+/// The directory of the default catalog files.
+pub const DEFAULT_CATALOG_DIR: &str = "/var/lib/unacloud";
+
+/// The default catalog file of cluster `cluster`:
+/// `/var/lib/unacloud/catalog-<cluster>.json`.
+pub fn default_catalog_path(cluster: u64) -> PathBuf {
+    Path::new(DEFAULT_CATALOG_DIR).join(format!("catalog-{cluster}.json"))
+}
+
+/// Creates the directory of the catalog file `path` (mode 0700, parents as needed) if it
+/// is missing, so that the coordinator can persist its catalog. The error says what to
+/// pass instead.
+pub fn prepare_catalog_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::InvalidConfig {
+            reason: format!(
+                "cannot create the catalog directory {} ({e}); the coordinator keeps its \
+                 catalog of completed global snapshots there: run as a user who may create \
+                 it, or pass --catalog FILE (`catalog` in [launcher]) in a writable directory",
+                dir.display()
+            ),
+        })
+}
+
+/// The run directory of launchers' lock files: `/run/unacloud` when it exists or can be
+/// created and is writable, else the system's temporary directory.
+pub fn default_run_dir() -> PathBuf {
+    use std::os::unix::fs::DirBuilderExt;
+    let run = PathBuf::from("/run/unacloud");
+    let usable = (run.is_dir() || std::fs::DirBuilder::new().mode(0o755).create(&run).is_ok())
+        && nix::unistd::access(&run, nix::unistd::AccessFlags::W_OK).is_ok();
+    if usable {
+        run
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// A name component of a lock file: letters, digits, `.` and `_` as they are, anything
+/// else (`-` included, the separator) as `%XX`, so distinct scopes get distinct files.
+fn lock_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'.' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The lock file of `vm`'s colouring scope in `run_dir`:
+/// `launcher-<netns or "host">-<tap or "all">.lock`.
+pub fn scope_lock_path(run_dir: &Path, vm: &VmConfig) -> PathBuf {
+    let ns = vm
+        .netns
+        .as_deref()
+        .map_or("host".to_string(), |n| format!("ns-{}", lock_component(n)));
+    let tap = vm
+        .tap
+        .as_deref()
+        .map_or("all".to_string(), |t| format!("tap-{}", lock_component(t)));
+    run_dir.join(format!("launcher-{ns}-{tap}.lock"))
+}
+
+/// An exclusive lock on one VM colouring scope (a namespace and tap, or the host), held by
+/// a running launcher: a non-blocking `flock` of a file in the run directory, which holds
+/// the holder's description. Released, and the file removed, when dropped (or when the
+/// process dies: the kernel releases the lock).
+#[derive(Debug)]
+pub struct ScopeLock {
+    path: PathBuf,
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl ScopeLock {
+    /// Takes the lock at `path` for VM `vm`, without waiting. Fails with the holder's
+    /// description when another process holds it.
+    pub fn acquire(path: &Path, vm: &str) -> Result<Self> {
+        use nix::fcntl::{Flock, FlockArg};
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let io_err = |what: &str, e: std::io::Error| Error::InvalidConfig {
+            reason: format!(
+                "VM {vm}: cannot {what} the lock file {} ({e}); pass --run-dir DIR \
+                 (`run_dir` in [launcher]) in a writable directory",
+                path.display()
+            ),
+        };
+        // A holder removes its file while it still holds the lock; a file we locked but
+        // that is no longer at `path` was such a file: open the new one and try again.
+        for _ in 0..10 {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o644)
+                .open(path)
+                .map_err(|e| io_err("open", e))?;
+            let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(f) => f,
+                Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                    let mut holder = String::new();
+                    let _ = file.read_to_string(&mut holder);
+                    let holder = holder.trim();
+                    let holder = if holder.is_empty() {
+                        "a launcher that is starting".to_string()
+                    } else {
+                        holder.to_string()
+                    };
+                    return Err(Error::InvalidConfig {
+                        reason: format!(
+                            "VM {vm} is already run by another launcher on this host: the \
+                             lock file {} is held by {holder}. Starting would remove its \
+                             packet-colouring rules; stop that launcher first",
+                            path.display()
+                        ),
+                    });
+                }
+                Err((_, errno)) => return Err(io_err("lock", errno.into())),
+            };
+            let same = match (file.metadata(), std::fs::metadata(path)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            };
+            if !same {
+                continue;
+            }
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let me = format!(
+                "pid {} (unacloud-gs launcher, VM {vm}, since unix time {since})\n",
+                std::process::id()
+            );
+            file.set_len(0).map_err(|e| io_err("write", e))?;
+            file.rewind().map_err(|e| io_err("write", e))?;
+            file.write_all(me.as_bytes())
+                .map_err(|e| io_err("write", e))?;
+            return Ok(Self {
+                path: path.to_path_buf(),
+                _file: file,
+            });
+        }
+        Err(Error::InvalidConfig {
+            reason: format!(
+                "VM {vm}: the lock file {} keeps being replaced; is another launcher \
+                 starting and stopping in a loop?",
+                path.display()
+            ),
+        })
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScopeLock {
+    fn drop(&mut self) {
+        // Removed while still held, so that nobody locks a file that is going away.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Locks the colouring scope of every VM in `vms` (one lock per distinct scope) in
+/// `run_dir`, creating the directory if needed. Fails, holding nothing, if any scope is
+/// held by another process.
+pub fn lock_vm_scopes(run_dir: &Path, vms: &[VmConfig]) -> Result<Vec<ScopeLock>> {
+    if !run_dir.is_dir() {
+        std::fs::create_dir_all(run_dir).map_err(|e| Error::InvalidConfig {
+            reason: format!(
+                "cannot create the run directory {} for the launchers' lock files ({e})",
+                run_dir.display()
+            ),
+        })?;
+    }
+    let mut locks: Vec<ScopeLock> = Vec::new();
+    for vm in vms {
+        let path = scope_lock_path(run_dir, vm);
+        if locks.iter().any(|l| l.path == path) {
+            continue;
+        }
+        locks.push(ScopeLock::acquire(&path, &vm.name)?);
+    }
+    Ok(locks)
 }
 
 /// The local-snapshot method of `vm`: a lab method of its own entry, else the
@@ -608,18 +831,77 @@ pub enum LauncherEvent {
         /// Why.
         why: String,
     },
+    /// A peer connected (coordinator: a participant or the metadata server; participant:
+    /// its coordinator).
+    Connected {
+        /// The participant reporting it.
+        id: u32,
+        /// The peer.
+        peer: u32,
+    },
+    /// A connection closed; `reason` is set when it was an error.
+    Disconnected {
+        /// The participant reporting it.
+        id: u32,
+        /// The peer, when known.
+        peer: Option<u32>,
+        /// Why, for errors.
+        reason: Option<String>,
+    },
+    /// A node refused an input (a message it cannot accept, a failed action report).
+    Error {
+        /// The participant reporting it.
+        id: u32,
+        /// What happened.
+        message: String,
+    },
+    /// Participant: neither RELEASE nor ABORT of `gs` arrived before its deadline (the
+    /// coordinator vanished); it stopped colouring by itself. Whether `gs` completed only
+    /// the coordinator's catalog knows.
+    ReleaseMissed {
+        /// The participant.
+        id: u32,
+        /// The global snapshot whose colour was held.
+        gs: u64,
+    },
+    /// Removing the rules failed three times; the host may still colour or drop traffic.
+    /// Needs an operator.
+    CleanupFailed {
+        /// The participant.
+        id: u32,
+        /// The global snapshot whose rules could not be removed.
+        gs: u64,
+        /// The last failure.
+        why: String,
+    },
+    /// Arming the idle drop rule failed; the next global snapshot tries again.
+    IdleDropFailed {
+        /// The participant.
+        id: u32,
+        /// Why.
+        why: String,
+    },
+    /// The launcher was asked to stop (SIGINT/SIGTERM) before it was running, in `phase`
+    /// (`building hosts`, `registering`, `waiting for the cluster to register`, `waiting
+    /// for the coordinator's address`); every rule it installed is removed and a
+    /// [`LauncherEvent::Summary`] per VM follows.
+    Interrupted {
+        /// What it was doing.
+        phase: String,
+    },
     /// A VM's host stopped; its rules were removed.
     Summary {
         /// The VM.
         vm: String,
-        /// Its participant id.
-        id: u32,
+        /// Its participant id (`null` when it stopped before it registered).
+        id: Option<u32>,
         /// What the host reports.
         #[serde(flatten)]
         summary: HostSummary,
     },
 }
 
+/// The launcher event of node event `ev` of participant `id`, if it has one.
 fn translate(id: ParticipantId, ev: &NodeEvent) -> Option<LauncherEvent> {
     match ev {
         NodeEvent::Protocol(ProtocolEvent::GlobalSnapshotStarted { gs }) => {
@@ -681,6 +963,35 @@ fn translate(id: ParticipantId, ev: &NodeEvent) -> Option<LauncherEvent> {
                 why: why.clone(),
             })
         }
+        NodeEvent::Protocol(ProtocolEvent::ReleaseMissed { gs }) => {
+            Some(LauncherEvent::ReleaseMissed { id: id.0, gs: gs.0 })
+        }
+        NodeEvent::Protocol(ProtocolEvent::CleanupFailed { gs, why }) => {
+            Some(LauncherEvent::CleanupFailed {
+                id: id.0,
+                gs: gs.0,
+                why: why.clone(),
+            })
+        }
+        NodeEvent::Protocol(ProtocolEvent::IdleDropFailed { why }) => {
+            Some(LauncherEvent::IdleDropFailed {
+                id: id.0,
+                why: why.clone(),
+            })
+        }
+        NodeEvent::Connected(peer) => Some(LauncherEvent::Connected {
+            id: id.0,
+            peer: peer.0,
+        }),
+        NodeEvent::Disconnected { peer, reason } => Some(LauncherEvent::Disconnected {
+            id: id.0,
+            peer: peer.map(|p| p.0),
+            reason: reason.clone(),
+        }),
+        NodeEvent::Error(message) => Some(LauncherEvent::Error {
+            id: id.0,
+            message: message.clone(),
+        }),
         _ => None,
     }
 }
@@ -773,38 +1084,163 @@ async fn ms_request(
         .message)
 }
 
-/// Runs a launcher until `shutdown`: registers every VM, runs one participant per VM
-/// (the coordinator for id 0), reports events to `on_event`, and on shutdown removes
-/// every rule and reports each VM's summary.
-pub async fn run_launcher(
-    cfg: &DaemonConfig,
-    opts: LauncherOptions,
-    shutdown: CancellationToken,
-    mut on_event: impl FnMut(LauncherEvent) + Send,
-) -> Result<()> {
-    let section = cfg.launcher.as_ref().ok_or_else(|| Error::InvalidConfig {
-        reason: "no [launcher] section and no --vm flags: nothing to launch".to_string(),
-    })?;
-    if section.vms.is_empty() {
-        return Err(Error::InvalidConfig {
-            reason: "the launcher has no VMs; add [[launcher.vm]] entries or --vm".to_string(),
-        });
+/// Every registration at the metadata server `ms`, read page by page (`QUERY_LIST
+/// {after}` until `more` is false), asking as participant `from`.
+pub async fn query_registrations(
+    ms: SocketAddr,
+    transport: &TransportConfig,
+    from: ParticipantId,
+) -> Result<Vec<Registration>> {
+    let mut all: Vec<Registration> = Vec::new();
+    let mut after = None;
+    loop {
+        match ms_request(ms, transport, from, Message::QueryList { after }).await? {
+            Message::List { participants, more } => {
+                let last = participants.last().map(|r| r.id);
+                all.extend(participants);
+                if !more {
+                    return Ok(all);
+                }
+                match last {
+                    // Each page must move on, or a faulty server would keep us here.
+                    Some(l) if after.map_or(true, |a| l > a) => after = Some(l),
+                    _ => {
+                        return Err(Error::TransportFrame {
+                            peer: ms.to_string(),
+                            reason: "answered QUERY_LIST with a page that says more follow \
+                                     but does not advance"
+                                .to_string(),
+                        })
+                    }
+                }
+            }
+            Message::Refused { reason } => {
+                return Err(Error::PeerRejected {
+                    peer: format!("metadata server {ms}"),
+                    reason,
+                })
+            }
+            other => {
+                return Err(Error::TransportFrame {
+                    peer: ms.to_string(),
+                    reason: format!("answered {} to QUERY_LIST", other.kind()),
+                })
+            }
+        }
     }
-    let ms = cfg.metadata_server()?;
-    let transport = cfg.transport()?;
-    let dscp = cfg.dscp()?;
-    let timeouts = cfg.timeouts();
+}
+
+/// `fut`, unless `shutdown` comes first (`None`).
+async fn unless_shutdown<T>(
+    shutdown: &CancellationToken,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<Option<T>> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => Ok(None),
+        r = fut => r.map(Some),
+    }
+}
+
+/// Sleeps `d`; `false` if `shutdown` came first.
+async fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// A host built (its empty chains installed) but not yet given to a node.
+struct Pending {
+    vm: String,
+    id: Option<ParticipantId>,
+    port: u16,
+    host: Arc<dyn HostActions>,
+}
+
+/// What a launcher is made of while it starts: hosts without a node yet, and nodes.
+#[derive(Default)]
+struct Starting {
+    pending: Vec<Pending>,
+    nodes: Vec<(String, ParticipantId, NodeHandle)>,
+}
+
+impl Starting {
+    /// Stops every node and shuts every pending host down (removing their rules),
+    /// reporting each VM's summary.
+    async fn tear_down(self, on_event: &mut (impl FnMut(LauncherEvent) + Send)) {
+        for (vm, id, node) in self.nodes {
+            let summary = node.stop().await;
+            on_event(LauncherEvent::Summary {
+                vm,
+                id: Some(id.0),
+                summary,
+            });
+        }
+        for p in self.pending {
+            let summary = p.host.shutdown().await;
+            on_event(LauncherEvent::Summary {
+                vm: p.vm,
+                id: p.id.map(|i| i.0),
+                summary,
+            });
+        }
+    }
+}
+
+const BUILDING: &str = "building hosts";
+const REGISTERING: &str = "registering";
+const WAITING_FOR_CLUSTER: &str = "waiting for the cluster to register";
+const WAITING_FOR_COORDINATOR: &str = "waiting for the coordinator's address";
+
+/// Everything [`start_launcher`] needs besides the configuration.
+struct StartParams<'a> {
+    section: &'a LauncherSection,
+    opts: &'a LauncherOptions,
+    ms: SocketAddr,
+    transport: &'a TransportConfig,
+    dscp: DscpConfig,
+    timeouts: Timeouts,
+    catalog: PathBuf,
+    shutdown: &'a CancellationToken,
+}
+
+/// Builds the hosts, registers them and starts their nodes, into `st`. `Break(phase)`
+/// when `shutdown` came during `phase`.
+async fn start_launcher(
+    p: StartParams<'_>,
+    st: &mut Starting,
+    on_event: &mut (impl FnMut(LauncherEvent) + Send),
+) -> Result<std::ops::ControlFlow<&'static str>> {
+    use std::ops::ControlFlow::{Break, Continue};
+    let StartParams {
+        section,
+        opts,
+        ms,
+        transport,
+        dscp,
+        timeouts,
+        catalog,
+        shutdown,
+    } = p;
     let reg_timeout = opts.registration_timeout.unwrap_or(Duration::from_secs(60));
     let reg_deadline = Instant::now() + reg_timeout;
 
     // Build the hosts first (installing our empty chains), then register.
-    let mut nodes: Vec<(String, ParticipantId, NodeHandle)> = Vec::new();
-    let mut prepared = Vec::new();
     let hv = match &section.hypervisor {
-        Some(h) => Some(open_hypervisor(h).await?),
+        Some(h) => match unless_shutdown(shutdown, open_hypervisor(h)).await? {
+            Some(hv) => Some(hv),
+            None => return Ok(Break(BUILDING)),
+        },
         None => None,
     };
     for vm in &section.vms {
+        // Let a pending signal be seen between two hosts.
+        tokio::task::yield_now().await;
+        if shutdown.is_cancelled() {
+            return Ok(Break(BUILDING));
+        }
         let method = local_snapshot(vm, hv.as_ref())?;
         let backend = build_vm_backend(section.backend, vm, dscp)?;
         let host: Arc<dyn HostActions> = Arc::new(VmHost::new(&vm.name, backend, method)?);
@@ -812,21 +1248,26 @@ pub async fn run_launcher(
             Some(step) => Arc::new(CrashAfterStep::new(host, step)),
             None => host,
         };
-        prepared.push((vm.name.clone(), host));
+        st.pending.push(Pending {
+            vm: vm.name.clone(),
+            id: None,
+            port: 0,
+            host,
+        });
     }
-    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<(ParticipantId, NodeEvent)>();
-    let mut registered = Vec::new();
-    for (name, host) in prepared {
-        let reply = ms_request(
+    for p in st.pending.iter_mut() {
+        let insert = ms_request(
             ms,
-            &transport,
+            transport,
             ParticipantId::UNREGISTERED,
             Message::Insert {
                 addr: section.advertise.to_string(),
-                vms: vec![name.clone()],
+                vms: vec![p.vm.clone()],
             },
-        )
-        .await?;
+        );
+        let Some(reply) = unless_shutdown(shutdown, insert).await? else {
+            return Ok(Break(REGISTERING));
+        };
         let (id, port) = match reply {
             Message::Inserted { id, port } => (id, port),
             Message::Refused { reason } => {
@@ -842,16 +1283,19 @@ pub async fn run_launcher(
                 })
             }
         };
+        p.id = Some(id);
+        p.port = port;
         on_event(LauncherEvent::Registered {
-            vm: name.clone(),
+            vm: p.vm.clone(),
             id: id.0,
             port,
         });
-        registered.push((name, host, id, port));
     }
     // Then start the nodes (the coordinator waits for the whole cluster, this host's
     // other VMs included).
-    for (name, host, id, port) in registered {
+    while let Some(first) = st.pending.first() {
+        let (name, host, port) = (first.vm.clone(), first.host.clone(), first.port);
+        let id = first.id.unwrap_or(ParticipantId::UNREGISTERED);
         let node = if id.is_coordinator() {
             let listen = SocketAddr::new(section.advertise, port);
             let listener = tokio::net::TcpListener::bind(listen)
@@ -863,20 +1307,27 @@ pub async fn run_launcher(
                 })?;
             // Wait for the whole cluster to register, then learn the participant ids.
             let participants = loop {
-                if let Message::List { participants, .. } =
-                    ms_request(ms, &transport, id, Message::QueryList { after: None }).await?
-                {
-                    if participants.len() >= section.cluster_size as usize {
-                        break participants;
-                    }
+                let Some(all) =
+                    unless_shutdown(shutdown, query_registrations(ms, transport, id)).await?
+                else {
+                    return Ok(Break(WAITING_FOR_CLUSTER));
+                };
+                if all.len() >= section.cluster_size as usize {
+                    break all;
                 }
                 if Instant::now() > reg_deadline {
                     return Err(Error::Timeout {
-                        what: format!("{} VMs to register", section.cluster_size),
+                        what: format!(
+                            "{} VMs to register ({} did)",
+                            section.cluster_size,
+                            all.len()
+                        ),
                         after: reg_timeout,
                     });
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                if !pause(shutdown, Duration::from_millis(20)).await {
+                    return Ok(Break(WAITING_FOR_CLUSTER));
+                }
             };
             let ids: Vec<ParticipantId> = participants
                 .iter()
@@ -889,7 +1340,7 @@ pub async fn run_launcher(
             cc.report_to_metadata_server = true;
             spawn_coordinator(
                 cc,
-                section.catalog.clone(),
+                Some(catalog.clone()),
                 listener,
                 Some(ms),
                 transport.clone(),
@@ -898,16 +1349,18 @@ pub async fn run_launcher(
             .await?
         } else {
             let coord = loop {
-                match ms_request(
+                let ask = ms_request(
                     ms,
-                    &transport,
+                    transport,
                     id,
                     Message::QueryAddress {
                         id: ParticipantId::COORDINATOR,
                     },
-                )
-                .await?
-                {
+                );
+                let Some(reply) = unless_shutdown(shutdown, ask).await? else {
+                    return Ok(Break(WAITING_FOR_COORDINATOR));
+                };
+                match reply {
                     Message::Address { registration } => {
                         let ip: IpAddr =
                             registration
@@ -927,7 +1380,11 @@ pub async fn run_launcher(
                             after: reg_timeout,
                         })
                     }
-                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                    _ => {
+                        if !pause(shutdown, Duration::from_millis(20)).await {
+                            return Ok(Break(WAITING_FOR_COORDINATOR));
+                        }
+                    }
                 }
             };
             let mut pc = ParticipantConfig::new(transport.cluster, id, vec![name.clone()]);
@@ -935,8 +1392,95 @@ pub async fn run_launcher(
             pc.dscp = dscp;
             spawn_participant(pc, coord, transport.clone(), host)?
         };
-        nodes.push((name, id, node));
+        // The node owns the host now.
+        st.pending.remove(0);
+        st.nodes.push((name, id, node));
     }
+    Ok(Continue(()))
+}
+
+/// The catalog file a launcher's coordinator persists to: `[launcher] catalog` /
+/// `--catalog`, else [`default_catalog_path`] (its directory created if missing).
+pub fn launcher_catalog(cfg: &DaemonConfig) -> Result<PathBuf> {
+    match cfg.launcher.as_ref().and_then(|l| l.catalog.clone()) {
+        Some(p) => Ok(p),
+        None => {
+            let p = default_catalog_path(cfg.cluster);
+            prepare_catalog_dir(&p)?;
+            Ok(p)
+        }
+    }
+}
+
+/// Runs a launcher until `shutdown`: locks the VMs' colouring scopes
+/// ([`lock_vm_scopes`]), builds their hosts, registers every VM, runs one participant per
+/// VM (the coordinator for id 0, its catalog persisted, see [`launcher_catalog`]),
+/// reports events to `on_event`, and on shutdown removes every rule and reports each
+/// VM's summary.
+///
+/// `shutdown` is honoured in every phase: while the hosts are built, while registering,
+/// while the coordinator waits for the cluster to register and while a participant waits
+/// for the coordinator's address. The launcher then reports
+/// [`LauncherEvent::Interrupted`], removes the rules it installed (a
+/// [`LauncherEvent::Summary`] per VM) and returns `Ok`. A failure while starting removes
+/// them too before the error is returned.
+pub async fn run_launcher(
+    cfg: &DaemonConfig,
+    opts: LauncherOptions,
+    shutdown: CancellationToken,
+    mut on_event: impl FnMut(LauncherEvent) + Send,
+) -> Result<()> {
+    let section = cfg.launcher.as_ref().ok_or_else(|| Error::InvalidConfig {
+        reason: "no [launcher] section and no --vm flags: nothing to launch".to_string(),
+    })?;
+    if section.vms.is_empty() {
+        return Err(Error::InvalidConfig {
+            reason: "the launcher has no VMs; add [[launcher.vm]] entries or --vm".to_string(),
+        });
+    }
+    let ms = cfg.metadata_server()?;
+    let transport = cfg.transport()?;
+    let dscp = cfg.dscp()?;
+    let timeouts = cfg.timeouts();
+    let catalog = launcher_catalog(cfg)?;
+    let run_dir = section.run_dir.clone().unwrap_or_else(default_run_dir);
+    // Before any backend is built: building one removes the rules it finds.
+    let locks = lock_vm_scopes(&run_dir, &section.vms)?;
+    for l in &locks {
+        tracing::debug!(lock = %l.path().display(), "locked a colouring scope");
+    }
+
+    let mut st = Starting::default();
+    let params = StartParams {
+        section,
+        opts: &opts,
+        ms,
+        transport: &transport,
+        dscp,
+        timeouts,
+        catalog,
+        shutdown: &shutdown,
+    };
+    match start_launcher(params, &mut st, &mut on_event).await {
+        Ok(std::ops::ControlFlow::Continue(())) => {}
+        Ok(std::ops::ControlFlow::Break(phase)) => {
+            tracing::info!(phase, "stopping: asked to stop while starting");
+            on_event(LauncherEvent::Interrupted {
+                phase: phase.to_string(),
+            });
+            st.tear_down(&mut on_event).await;
+            drop(locks);
+            return Ok(());
+        }
+        Err(e) => {
+            st.tear_down(&mut on_event).await;
+            drop(locks);
+            return Err(e);
+        }
+    }
+    let mut nodes = st.nodes;
+
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<(ParticipantId, NodeEvent)>();
     // Forward every node's events to one channel.
     let mut forwarders = Vec::new();
     for (_, id, node) in nodes.iter_mut() {
@@ -985,17 +1529,16 @@ pub async fn run_launcher(
             on_event(le);
         }
     }
-    for (vm, id, node) in nodes {
-        let summary = node.stop().await;
-        on_event(LauncherEvent::Summary {
-            vm,
-            id: id.0,
-            summary,
-        });
+    Starting {
+        pending: Vec::new(),
+        nodes,
     }
+    .tear_down(&mut on_event)
+    .await;
     for f in forwarders {
         f.abort();
     }
+    drop(locks);
     Ok(())
 }
 
@@ -1164,5 +1707,173 @@ netns = "pc-5"
         )
         .unwrap_err();
         assert!(e.to_string().contains("nft-netlink"), "{e}");
+    }
+
+    #[test]
+    fn node_errors_disconnections_and_missed_releases_become_launcher_events() {
+        let json = |ev: NodeEvent| {
+            serde_json::to_value(translate(ParticipantId(3), &ev).unwrap()).unwrap()
+        };
+        let v = json(NodeEvent::Error("bad frame".into()));
+        assert_eq!(v["event"], "error");
+        assert_eq!(v["id"], 3);
+        assert_eq!(v["message"], "bad frame");
+        let v = json(NodeEvent::Disconnected {
+            peer: Some(ParticipantId(0)),
+            reason: Some("reset".into()),
+        });
+        assert_eq!(v["event"], "disconnected");
+        assert_eq!(
+            (v["peer"].clone(), v["reason"].clone()),
+            (0.into(), "reset".into())
+        );
+        let v = json(NodeEvent::Disconnected {
+            peer: None,
+            reason: None,
+        });
+        assert!(v["peer"].is_null() && v["reason"].is_null(), "{v}");
+        let v = json(NodeEvent::Protocol(ProtocolEvent::ReleaseMissed {
+            gs: GlobalSnapshotId(9),
+        }));
+        assert_eq!(v["event"], "release_missed");
+        assert_eq!(v["gs"], 9);
+        assert_eq!(v["id"], 3);
+        let v = json(NodeEvent::Protocol(ProtocolEvent::CleanupFailed {
+            gs: GlobalSnapshotId(2),
+            why: "EBUSY".into(),
+        }));
+        assert_eq!(v["event"], "cleanup_failed");
+        let v = json(NodeEvent::Protocol(ProtocolEvent::IdleDropFailed {
+            why: "EPERM".into(),
+        }));
+        assert_eq!(v["event"], "idle_drop_failed");
+        let v = json(NodeEvent::Connected(ParticipantId(0)));
+        assert_eq!(
+            (v["event"].clone(), v["peer"].clone()),
+            ("connected".into(), 0.into())
+        );
+        // A summary of a VM that never registered has no id.
+        let v = serde_json::to_value(LauncherEvent::Summary {
+            vm: "web-1".into(),
+            id: None,
+            summary: HostSummary::default(),
+        })
+        .unwrap();
+        assert!(v["id"].is_null() && v["leftovers"] == 0, "{v}");
+    }
+
+    #[test]
+    fn each_colouring_scope_has_its_own_lock_file() {
+        let dir = Path::new("/run/x");
+        let vm = |netns: Option<&str>, tap: Option<&str>| VmConfig {
+            name: "v".into(),
+            netns: netns.map(str::to_string),
+            tap: tap.map(str::to_string),
+            ..VmConfig::default()
+        };
+        assert_eq!(
+            scope_lock_path(dir, &vm(None, None)),
+            Path::new("/run/x/launcher-host-all.lock")
+        );
+        assert_eq!(
+            scope_lock_path(dir, &vm(Some("pc-5"), Some("uct-web-1"))),
+            Path::new("/run/x/launcher-ns-pc%2D5-tap-uct%2Dweb%2D1.lock")
+        );
+        // Separators inside names cannot make two scopes share a file.
+        assert_ne!(
+            scope_lock_path(dir, &vm(Some("x-tap-y"), None)),
+            scope_lock_path(dir, &vm(Some("x"), Some("y-all")))
+        );
+        assert_ne!(
+            scope_lock_path(dir, &vm(Some("a/b"), None)),
+            scope_lock_path(dir, &vm(Some("a_b"), None))
+        );
+    }
+
+    #[test]
+    fn a_held_scope_lock_names_its_holder_and_is_released_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let vms = vec![
+            VmConfig {
+                name: "web-1".into(),
+                netns: Some("pc-5".into()),
+                ..VmConfig::default()
+            },
+            // Same scope as web-1: one lock for both.
+            VmConfig {
+                name: "web-2".into(),
+                netns: Some("pc-5".into()),
+                ..VmConfig::default()
+            },
+        ];
+        let held = lock_vm_scopes(dir.path(), &vms).unwrap();
+        assert_eq!(held.len(), 1);
+        let path = held[0].path().to_path_buf();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
+        // flock conflicts between two opens even within one process.
+        let e = lock_vm_scopes(dir.path(), &vms[1..])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&path.display().to_string())
+                && e.contains(&format!("pid {}", std::process::id()))
+                && e.contains("web-2")
+                && e.contains("another launcher"),
+            "{e}"
+        );
+        // Another scope is free.
+        let other = VmConfig {
+            name: "db".into(),
+            ..VmConfig::default()
+        };
+        let free = lock_vm_scopes(dir.path(), &[other]).unwrap();
+        drop(free);
+        drop(held);
+        assert!(!path.exists(), "the lock file outlived its lock");
+        let again = lock_vm_scopes(dir.path(), &vms).unwrap();
+        assert_eq!(again.len(), 1);
+    }
+
+    #[test]
+    fn the_default_catalog_is_per_cluster_and_its_directory_is_created_private() {
+        assert_eq!(
+            default_catalog_path(7),
+            Path::new("/var/lib/unacloud/catalog-7.json")
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a/b/catalog-7.json");
+        prepare_catalog_dir(&file).unwrap();
+        let mode = std::fs::metadata(dir.path().join("a/b"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        prepare_catalog_dir(&file).unwrap();
+        // A directory that cannot be created (a file is in the way): a clear error.
+        std::fs::write(dir.path().join("f"), b"").unwrap();
+        let e = prepare_catalog_dir(&dir.path().join("f/catalog.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cannot create the catalog directory") && e.contains("--catalog"),
+            "{e}"
+        );
+        // An explicit catalog is used as given.
+        let mut cfg = DaemonConfig::new(7);
+        cfg.launcher = Some(LauncherSection {
+            advertise: "127.0.0.1".parse().unwrap(),
+            cluster_size: 1,
+            backend: BackendKind::default(),
+            catalog: Some(file.clone()),
+            run_dir: None,
+            hypervisor: None,
+            vms: Vec::new(),
+        });
+        assert_eq!(launcher_catalog(&cfg).unwrap(), file);
     }
 }

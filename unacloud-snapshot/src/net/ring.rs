@@ -454,6 +454,8 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
             cfg.snapshot_timeout.as_millis().to_string(),
             "--key-file".into(),
             key_file.display().to_string(),
+            "--catalog".into(),
+            dir.0.join(format!("catalog{i}.json")).display().to_string(),
             "--events-json".into(),
         ];
         if let Some(c) = cfg.crash {
