@@ -266,7 +266,10 @@ fn an_insert_names_1_to_64_vms() {
     let mut s = ms();
     let u = ParticipantId::UNREGISTERED;
     let why = refusal(insert(&mut s, u, "10.0.0.1", &[]));
-    assert!(why.contains("1 to 64 VMs") && why.contains("names 0"), "{why}");
+    assert!(
+        why.contains("1 to 64 VMs") && why.contains("names 0"),
+        "{why}"
+    );
     let names: Vec<String> = (0..65).map(|i| format!("vm{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     assert!(matches!(
@@ -331,7 +334,9 @@ fn registrations_are_bounded_by_max_registrations() {
     }
     let why = refusal(insert(&mut s, u, "10.0.0.9", &["vm"]));
     assert!(
-        why.contains("full") && why.contains("3 registrations") && why.contains("max-registrations"),
+        why.contains("full")
+            && why.contains("3 registrations")
+            && why.contains("max-registrations"),
         "{why}"
     );
     // A host registering again keeps its id even when the registry is full.
@@ -377,7 +382,12 @@ fn snapshot_reports_are_accepted_only_from_the_coordinator() {
     let reply = s
         .handle_request(
             Instant::now(),
-            Envelope::new(C, ParticipantId(0), ParticipantId::METADATA_SERVER, report(2)),
+            Envelope::new(
+                C,
+                ParticipantId(0),
+                ParticipantId::METADATA_SERVER,
+                report(2),
+            ),
         )
         .unwrap();
     assert!(reply.is_none());
@@ -425,7 +435,11 @@ fn walk(s: &mut MetadataServer) -> Vec<Vec<Registration>> {
             let mut bigger = participants.clone();
             bigger.push(all[end].clone());
             let last = end + 1 == all.len();
-            assert!(page_len(&bigger, !last) > PAGE, "page {} not full", pages.len());
+            assert!(
+                page_len(&bigger, !last) > PAGE,
+                "page {} not full",
+                pages.len()
+            );
         }
         pages.push(participants.clone());
         if !more {
