@@ -456,6 +456,8 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
             key_file.display().to_string(),
             "--catalog".into(),
             dir.0.join(format!("catalog{i}.json")).display().to_string(),
+            "--run-dir".into(),
+            dir.0.display().to_string(),
             "--events-json".into(),
         ];
         if let Some(c) = cfg.crash {
