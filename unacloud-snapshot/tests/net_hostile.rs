@@ -270,7 +270,11 @@ async fn spoofed_done_is_refused_and_never_completes_a_global_snapshot() {
     // 1. An unregistered connection is not admitted by a coordinator at all.
     let mut un = Raw::connect(lab.addr).await;
     let e = un
-        .handshake(None, ParticipantId::UNREGISTERED, ParticipantId::COORDINATOR)
+        .handshake(
+            None,
+            ParticipantId::UNREGISTERED,
+            ParticipantId::COORDINATOR,
+        )
         .await
         .unwrap_err();
     assert!(e.contains("not a participant of this coordinator"), "{e}");
@@ -286,9 +290,13 @@ async fn spoofed_done_is_refused_and_never_completes_a_global_snapshot() {
         gs,
         local_time: Duration::from_millis(1),
     };
-    p1.envelope(&mut s, 2, ParticipantId::COORDINATOR, done).await;
+    p1.envelope(&mut s, 2, ParticipantId::COORDINATOR, done)
+        .await;
     let reason = p1.rejection().await.unwrap();
-    assert!(reason.contains("speaks only for the node that opened it"), "{reason}");
+    assert!(
+        reason.contains("speaks only for the node that opened it"),
+        "{reason}"
+    );
 
     // The global snapshot completes only with participant 2's own DONE, after its
     // 800 ms local snapshot.
@@ -370,7 +378,11 @@ async fn a_replayed_handshake_cannot_take_a_live_participant_away() {
     // A legitimate-looking handshake as participant 2 is recorded…
     let mut first = Raw::connect(lab.addr).await;
     let mut s = first
-        .handshake(lab.key.clone(), ParticipantId(2), ParticipantId::COORDINATOR)
+        .handshake(
+            lab.key.clone(),
+            ParticipantId(2),
+            ParticipantId::COORDINATOR,
+        )
         .await
         .unwrap();
     let _ = &mut s;
@@ -438,7 +450,11 @@ async fn anonymous_reports_and_direct_triggers_are_refused() {
     // A participant cannot trigger the coordinator directly.
     let mut p1 = Raw::connect(lab.addr).await;
     let mut s = p1
-        .handshake(lab.key.clone(), ParticipantId(1), ParticipantId::COORDINATOR)
+        .handshake(
+            lab.key.clone(),
+            ParticipantId(1),
+            ParticipantId::COORDINATOR,
+        )
         .await
         .unwrap();
     p1.envelope(
@@ -449,7 +465,10 @@ async fn anonymous_reports_and_direct_triggers_are_refused() {
     )
     .await;
     let reason = p1.rejection().await.unwrap();
-    assert!(reason.contains("may not send TRIGGER_GLOBAL_SNAPSHOT"), "{reason}");
+    assert!(
+        reason.contains("may not send TRIGGER_GLOBAL_SNAPSHOT"),
+        "{reason}"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(lab.ms.times().is_empty(), "nothing recorded");
     // Nothing started: the first global snapshot is still gs-1.
@@ -472,9 +491,14 @@ async fn a_captured_trigger_exchange_does_not_replay_on_a_keyed_cluster() {
             vms: vec!["vm0".into()],
         },
     );
-    request(ms, &transport(lab.key.clone()), insert, Duration::from_secs(5))
-        .await
-        .unwrap();
+    request(
+        ms,
+        &transport(lab.key.clone()),
+        insert,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // A real operator's trigger, recorded on the wire.
     let mut op = Raw::connect(ms).await;
@@ -510,7 +534,10 @@ async fn a_captured_trigger_exchange_does_not_replay_on_a_keyed_cluster() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     while let Ok(e) = lab.coord.events.try_recv() {
         assert!(
-            !matches!(e, NodeEvent::Protocol(ProtocolEvent::GlobalSnapshotStarted { .. })),
+            !matches!(
+                e,
+                NodeEvent::Protocol(ProtocolEvent::GlobalSnapshotStarted { .. })
+            ),
             "the replay started a global snapshot: {e:?}"
         );
     }
@@ -524,12 +551,18 @@ async fn oversize_registrations_are_refused_before_they_are_buffered() {
     // Megabytes of VM names: the frame's length alone is above the limit.
     let mut big = Raw::connect(ms).await;
     let mut s = big
-        .handshake(None, ParticipantId::UNREGISTERED, ParticipantId::METADATA_SERVER)
+        .handshake(
+            None,
+            ParticipantId::UNREGISTERED,
+            ParticipantId::METADATA_SERVER,
+        )
         .await
         .unwrap();
     let insert = Message::Insert {
         addr: "127.0.0.1".into(),
-        vms: (0..40_000).map(|i| format!("vm-with-a-long-name-{i:08}")).collect(),
+        vms: (0..40_000)
+            .map(|i| format!("vm-with-a-long-name-{i:08}"))
+            .collect(),
     };
     big.envelope(
         &mut s,
@@ -539,7 +572,10 @@ async fn oversize_registrations_are_refused_before_they_are_buffered() {
     )
     .await;
     let reason = big.rejection().await.unwrap();
-    assert!(reason.contains("exceeds this connection's limit"), "{reason}");
+    assert!(
+        reason.contains("exceeds this connection's limit"),
+        "{reason}"
+    );
     // A frame length announced before the handshake is bounded even more tightly.
     let mut early = Raw::connect(ms).await;
     early.send(&[0x00, 0x40, 0x00, 0x00, 1]).await;
@@ -621,8 +657,13 @@ async fn an_epoch_beyond_2_pow_53_is_refused_and_does_not_deafen_the_participant
     assert!(answers.is_empty(), "{answers:?}");
     assert!(rejected.unwrap().contains("above the largest"));
     // The participant reconnects and still answers ordinary epochs.
-    let (answers, _) =
-        fake_coordinator_round(&listener, &[Message::Precheck { gs: GlobalSnapshotId(5) }]).await;
+    let (answers, _) = fake_coordinator_round(
+        &listener,
+        &[Message::Precheck {
+            gs: GlobalSnapshotId(5),
+        }],
+    )
+    .await;
     assert!(
         answers.contains(&Message::PrecheckOk {
             gs: GlobalSnapshotId(5)
@@ -630,10 +671,17 @@ async fn an_epoch_beyond_2_pow_53_is_refused_and_does_not_deafen_the_participant
         "{answers:?}"
     );
     // A request older than what it has seen is answered STALE with its epochs.
-    let (answers, _) =
-        fake_coordinator_round(&listener, &[Message::Precheck { gs: GlobalSnapshotId(2) }]).await;
+    let (answers, _) = fake_coordinator_round(
+        &listener,
+        &[Message::Precheck {
+            gs: GlobalSnapshotId(2),
+        }],
+    )
+    .await;
     assert!(
-        answers.iter().any(|m| matches!(m, Message::Stale { gs, newest_gs, .. }
+        answers
+            .iter()
+            .any(|m| matches!(m, Message::Stale { gs, newest_gs, .. }
             if *gs == GlobalSnapshotId(2) && *newest_gs == GlobalSnapshotId(5))),
         "{answers:?}"
     );
@@ -696,8 +744,13 @@ async fn a_persisted_catalog_keeps_the_epoch_across_a_restart() {
     } = lab;
     coord.stop().await;
     let listener = TcpListener::bind(addr).await.unwrap();
-    let coord =
-        Lab::coordinator(listener, &ms, key.clone(), Some(_dir.path().join("catalog.json"))).await;
+    let coord = Lab::coordinator(
+        listener,
+        &ms,
+        key.clone(),
+        Some(_dir.path().join("catalog.json")),
+    )
+    .await;
     let mut lab = Lab {
         ms,
         coord,
@@ -838,7 +891,11 @@ async fn silent_connections_are_closed_and_established_ones_kept_alive() {
 
     let mut quiet = Raw::connect(ms.local_addr()).await;
     let mut s = quiet
-        .handshake(None, ParticipantId::UNREGISTERED, ParticipantId::METADATA_SERVER)
+        .handshake(
+            None,
+            ParticipantId::UNREGISTERED,
+            ParticipantId::METADATA_SERVER,
+        )
         .await
         .unwrap();
     let (mut pings, mut reason) = (0, None);

@@ -48,15 +48,29 @@ fn session(key: Option<ClusterKey>) -> Value {
     let (pending, welcome) = ServerHandshake::new(CLUSTER, key, SERVER, seq_bytes(0x20))
         .on_hello(&dec.decode_one(&hello).unwrap(), |_| Ok(()))
         .unwrap();
-    let (auth, mut c) = client.on_welcome(&dec.decode_one(&welcome).unwrap()).unwrap();
+    let (auth, mut c) = client
+        .on_welcome(&dec.decode_one(&welcome).unwrap())
+        .unwrap();
     let mut s = pending.on_auth(&dec.decode_one(&auth).unwrap()).unwrap();
     let precheck = s.seal(
         FrameKind::Data,
-        &envelope(SERVER, CLIENT, Message::Precheck { gs: GlobalSnapshotId(7) }),
+        &envelope(
+            SERVER,
+            CLIENT,
+            Message::Precheck {
+                gs: GlobalSnapshotId(7),
+            },
+        ),
     );
     let ok = c.seal(
         FrameKind::Data,
-        &envelope(CLIENT, SERVER, Message::PrecheckOk { gs: GlobalSnapshotId(7) }),
+        &envelope(
+            CLIENT,
+            SERVER,
+            Message::PrecheckOk {
+                gs: GlobalSnapshotId(7),
+            },
+        ),
     );
     let done = c.seal(
         FrameKind::Data,
@@ -119,9 +133,11 @@ fn the_published_vectors_are_what_this_implementation_sends() {
     if std::env::var_os("UNACLOUD_WRITE_VECTORS").is_some() {
         std::fs::write(path(), serde_json::to_string_pretty(&now).unwrap() + "\n").unwrap();
     }
-    let published: Value =
-        serde_json::from_str(&std::fs::read_to_string(path()).unwrap()).unwrap();
-    assert_eq!(published, now, "interop/vectors.json differs from the wire format");
+    let published: Value = serde_json::from_str(&std::fs::read_to_string(path()).unwrap()).unwrap();
+    assert_eq!(
+        published, now,
+        "interop/vectors.json differs from the wire format"
+    );
 }
 
 #[test]
@@ -130,11 +146,17 @@ fn the_published_vectors_decode_to_their_fields_and_fail_when_altered() {
     for (set, keyed) in [("keyed", true), ("unkeyed", false)] {
         for f in v[set].as_array().unwrap() {
             let bytes = hex_decode(f["hex"].as_str().unwrap()).unwrap();
-            let raw = FrameDecoder::new(1 << 20).keyed(keyed).decode_one(&bytes).unwrap();
+            let raw = FrameDecoder::new(1 << 20)
+                .keyed(keyed)
+                .decode_one(&bytes)
+                .unwrap();
             assert_eq!(u64::from(raw.kind as u8), f["kind"].as_u64().unwrap());
             assert_eq!(raw.seq, f["seq"].as_u64().unwrap());
             assert_eq!(raw.body, f["body"].as_str().unwrap().as_bytes());
-            assert_eq!(raw.mac.map(|m| hex_encode(&m)).as_deref(), f["mac"].as_str());
+            assert_eq!(
+                raw.mac.map(|m| hex_encode(&m)).as_deref(),
+                f["mac"].as_str()
+            );
             // The length prefix counts everything after itself.
             let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
             assert_eq!(len, bytes.len() - 4);
@@ -143,7 +165,10 @@ fn the_published_vectors_decode_to_their_fields_and_fail_when_altered() {
     // Negative control: one flipped bit in the keyed DONE's body fails its MAC.
     let key = ClusterKey::from_hex(v["key"].as_str().unwrap()).unwrap();
     let nonce = |k: &str| -> [u8; 32] {
-        hex_decode(v[k].as_str().unwrap()).unwrap().try_into().unwrap()
+        hex_decode(v[k].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap()
     };
     let dec = FrameDecoder::new(MAX_HANDSHAKE_LEN);
     let frames: Vec<Vec<u8>> = v["keyed"]
@@ -155,7 +180,9 @@ fn the_published_vectors_decode_to_their_fields_and_fail_when_altered() {
     let (pending, _) = ServerHandshake::new(CLUSTER, Some(key), SERVER, nonce("server_nonce"))
         .on_hello(&dec.decode_one(&frames[0]).unwrap(), |_| Ok(()))
         .unwrap();
-    let mut s = pending.on_auth(&dec.decode_one(&frames[2]).unwrap()).unwrap();
+    let mut s = pending
+        .on_auth(&dec.decode_one(&frames[2]).unwrap())
+        .unwrap();
     let post = FrameDecoder::new(1 << 20).keyed(true);
     s.open(post.decode_one(&frames[4]).unwrap()).unwrap();
     let mut done = frames[5].clone();

@@ -254,8 +254,13 @@ impl Wire {
 
     /// Sends a REJECT with sequence number `seq` (before a session exists).
     async fn reject(&mut self, seq: u64, reason: &str) {
-        self.send_reject(encode_frame(FrameKind::Reject, seq, &reject_body(reason), None))
-            .await;
+        self.send_reject(encode_frame(
+            FrameKind::Reject,
+            seq,
+            &reject_body(reason),
+            None,
+        ))
+        .await;
     }
 
     /// Sends a REJECT frame (best effort, bounded) and closes the write side.
@@ -580,7 +585,10 @@ pub async fn serve(
         };
         let Some(pending_slot) = Slot::take(&pending, cfg.max_pending) else {
             tracing::warn!(peer = %addr, limit = cfg.max_pending, "refusing connection: too many connections in their handshake");
-            refuse_now(stream, "too many connections in their handshake; retry later");
+            refuse_now(
+                stream,
+                "too many connections in their handshake; retry later",
+            );
             continue;
         };
         let cfg = cfg.clone();
@@ -753,8 +761,7 @@ pub async fn request(
                 let env = session
                     .check_envelope(cfg.cluster, &body)
                     .map_err(|e| wire.name_errors(e))?;
-                let _ =
-                    tokio::time::timeout(Duration::from_millis(200), wire.wr.shutdown()).await;
+                let _ = tokio::time::timeout(Duration::from_millis(200), wire.wr.shutdown()).await;
                 return Ok(env);
             }
         }

@@ -239,7 +239,12 @@ fn bad(reason: impl Into<String>) -> Error {
 }
 
 /// Encodes one frame (length prefix included).
-pub fn encode_frame(kind: FrameKind, seq: u64, body: &[u8], mac: Option<&[u8; MAC_LEN]>) -> Vec<u8> {
+pub fn encode_frame(
+    kind: FrameKind,
+    seq: u64,
+    body: &[u8],
+    mac: Option<&[u8; MAC_LEN]>,
+) -> Vec<u8> {
     let len = HEADER_LEN + body.len() + mac.map_or(0, |_| MAC_LEN);
     let mut out = Vec::with_capacity(LENGTH_LEN + len);
     out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
@@ -328,10 +333,7 @@ impl FrameDecoder {
         let rest = &frame[HEADER_LEN..];
         let (body, mac) = if self.keyed && kind.is_authenticated() {
             if rest.len() < MAC_LEN {
-                return Err(bad(format!(
-                    "{} frame shorter than its MAC",
-                    kind.name()
-                )));
+                return Err(bad(format!("{} frame shorter than its MAC", kind.name())));
             }
             let (b, m) = rest.split_at(rest.len() - MAC_LEN);
             let mut mac = [0u8; MAC_LEN];
@@ -355,10 +357,7 @@ impl FrameDecoder {
     pub fn decode_one(&self, bytes: &[u8]) -> Result<RawFrame> {
         match self.decode(bytes)? {
             Some((f, used)) if used == bytes.len() => Ok(f),
-            Some((_, used)) => Err(bad(format!(
-                "{} bytes after the frame",
-                bytes.len() - used
-            ))),
+            Some((_, used)) => Err(bad(format!("{} bytes after the frame", bytes.len() - used))),
             None => Err(bad("truncated frame")),
         }
     }
@@ -674,8 +673,8 @@ impl PendingServer {
     /// one).
     pub fn on_auth(self, frame: &RawFrame) -> Result<Session> {
         check_first(frame, FrameKind::Auth, 1)?;
-        let a: AuthBody = serde_json::from_slice(&frame.body)
-            .map_err(|e| bad(format!("malformed AUTH: {e}")))?;
+        let a: AuthBody =
+            serde_json::from_slice(&frame.body).map_err(|e| bad(format!("malformed AUTH: {e}")))?;
         let auth_err = |reason: &str| Error::Authentication {
             peer: format!("node {}", self.hello.id),
             reason: reason.to_string(),
@@ -772,8 +771,7 @@ impl Session {
                 frame.kind.name()
             ))),
             FrameKind::Data | FrameKind::Ping => {
-                if let Some(expected) = self.mac(self.in_dir, frame.seq, frame.kind, &frame.body)
-                {
+                if let Some(expected) = self.mac(self.in_dir, frame.seq, frame.kind, &frame.body) {
                     let ok = frame.mac.is_some_and(|m| same_mac(&m, &expected));
                     if !ok {
                         return Err(Error::Authentication {
@@ -936,7 +934,13 @@ mod tests {
     /// Runs a handshake between `ck` (client key) and `sk` (server key).
     fn handshake(ck: Option<ClusterKey>, sk: Option<ClusterKey>) -> Result<(Session, Session)> {
         let dec = FrameDecoder::new(MAX_HANDSHAKE_LEN);
-        let c = ClientHandshake::new(ClusterId(1), ck, ParticipantId(3), ParticipantId(0), [7; 32]);
+        let c = ClientHandshake::new(
+            ClusterId(1),
+            ck,
+            ParticipantId(3),
+            ParticipantId(0),
+            [7; 32],
+        );
         let (p, w) = ServerHandshake::new(ClusterId(1), sk, ParticipantId(0), [9; 32])
             .on_hello(&dec.decode_one(&c.hello())?, |_| Ok(()))?;
         let (a, cs) = c.on_welcome(&dec.decode_one(&w)?)?;
@@ -953,7 +957,10 @@ mod tests {
                 let f = c.seal(FrameKind::Data, &[i]);
                 assert_eq!(s.open(dec.decode_one(&f).unwrap()).unwrap().1, vec![i]);
                 let f = s.seal(FrameKind::Ping, b"");
-                assert_eq!(c.open(dec.decode_one(&f).unwrap()).unwrap().0, FrameKind::Ping);
+                assert_eq!(
+                    c.open(dec.decode_one(&f).unwrap()).unwrap().0,
+                    FrameKind::Ping
+                );
             }
         }
     }
@@ -980,7 +987,9 @@ mod tests {
             (ok.replace(&nonce, "abcd"), "nonce"),
             (ok.replace(r#""id":3,"#, ""), "malformed HELLO"),
         ] {
-            let e = server().on_hello(&hello_frame(&body), |_| Ok(())).unwrap_err();
+            let e = server()
+                .on_hello(&hello_frame(&body), |_| Ok(()))
+                .unwrap_err();
             assert!(e.to_string().contains(needle), "{body}: {e}");
         }
         let e = server()
@@ -988,7 +997,13 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, Error::Unauthorised { .. }), "{e}");
         // A WELCOME from another node than the one dialled is refused by the client.
-        let c = ClientHandshake::new(ClusterId(1), None, ParticipantId(3), ParticipantId(0), [7; 32]);
+        let c = ClientHandshake::new(
+            ClusterId(1),
+            None,
+            ParticipantId(3),
+            ParticipantId(0),
+            [7; 32],
+        );
         let (_, w) = ServerHandshake::new(ClusterId(1), None, ParticipantId(5), [9; 32])
             .on_hello(&hello_frame(&ok), |_| Ok(()))
             .unwrap();
@@ -1013,7 +1028,13 @@ mod tests {
         // The attacker replays a HELLO and the AUTH it saw on another connection: the
         // server's nonce differs, so the old proof does not verify.
         let dec = FrameDecoder::new(MAX_HANDSHAKE_LEN);
-        let c = ClientHandshake::new(ClusterId(1), Some(key(1)), ParticipantId(3), ParticipantId(0), [7; 32]);
+        let c = ClientHandshake::new(
+            ClusterId(1),
+            Some(key(1)),
+            ParticipantId(3),
+            ParticipantId(0),
+            [7; 32],
+        );
         let hello = c.hello();
         let (p, w) = ServerHandshake::new(ClusterId(1), Some(key(1)), ParticipantId(0), [9; 32])
             .on_hello(&dec.decode_one(&hello).unwrap(), |_| Ok(()))
@@ -1041,7 +1062,10 @@ mod tests {
         let (mut c, mut s) = handshake(Some(key(1)), Some(key(1))).unwrap();
         let a = c.seal(FrameKind::Data, b"a");
         let b = c.seal(FrameKind::Data, b"b");
-        assert!(s.open(dec.decode_one(&b).unwrap()).is_err(), "skipped a frame");
+        assert!(
+            s.open(dec.decode_one(&b).unwrap()).is_err(),
+            "skipped a frame"
+        );
         let (mut c, mut s) = handshake(Some(key(1)), Some(key(1))).unwrap();
         let a2 = c.seal(FrameKind::Data, b"a");
         assert_eq!(a, a2, "same session inputs, same bytes");
@@ -1104,10 +1128,23 @@ mod tests {
         };
         assert!(authorise(un, ms, &insert).is_ok());
         assert!(authorise(ParticipantId(3), ms, &insert).is_err());
-        let e = authorise(c, ParticipantId(1), &Message::Precheck { gs: GlobalSnapshotId(u64::MAX) })
-            .unwrap_err();
+        let e = authorise(
+            c,
+            ParticipantId(1),
+            &Message::Precheck {
+                gs: GlobalSnapshotId(u64::MAX),
+            },
+        )
+        .unwrap_err();
         assert!(e.contains("above the largest"), "{e}");
-        assert!(authorise(c, ParticipantId(1), &Message::Precheck { gs: GlobalSnapshotId(MAX_EPOCH) }).is_ok());
+        assert!(authorise(
+            c,
+            ParticipantId(1),
+            &Message::Precheck {
+                gs: GlobalSnapshotId(MAX_EPOCH)
+            }
+        )
+        .is_ok());
     }
 
     #[test]
@@ -1126,7 +1163,10 @@ mod tests {
         assert!(ClusterKey::from_hex("abc").is_err());
         let k = ClusterKey::from_hex("00112233445566778899aabbccddeeff").unwrap();
         assert_eq!(format!("{k:?}"), "ClusterKey(<redacted>)");
-        assert_eq!(hex_decode(&hex_encode(&[0, 255, 16])).unwrap(), vec![0, 255, 16]);
+        assert_eq!(
+            hex_decode(&hex_encode(&[0, 255, 16])).unwrap(),
+            vec![0, 255, 16]
+        );
     }
 
     proptest! {

@@ -554,10 +554,11 @@ impl Coordinator {
             attempt.map(|a| format!(", attempt {}", a.0)).unwrap_or_default()
         );
         if behind_gs || behind_attempt {
-            self.out.push_back(Output::Event(ProtocolEvent::EpochAdvanced {
-                last_started: self.catalog.last_started,
-                last_resume_attempt: self.catalog.last_resume_attempt,
-            }));
+            self.out
+                .push_back(Output::Event(ProtocolEvent::EpochAdvanced {
+                    last_started: self.catalog.last_started,
+                    last_resume_attempt: self.catalog.last_resume_attempt,
+                }));
         }
         match (self.phase, attempt) {
             (Phase::Precheck { gs: cur, .. } | Phase::Snapshot { gs: cur, .. }, None)
