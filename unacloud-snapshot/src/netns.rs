@@ -11,6 +11,10 @@
 //! no longer exists, never those of a live parallel run), the random part keeps two runs
 //! of one process apart. The lab deletes its namespaces when dropped, on failure half-way
 //! through creation, and on [`NetnsLab::teardown`].
+//!
+//! A lab killed with SIGKILL cannot clean up: the programs it started die with it
+//! ([`die_with_parent_if_asked`]), and the next lab deletes what it left — namespaces
+//! (with their rules and taps) and its private run directory ([`RunDir`]).
 
 use std::time::Duration;
 
@@ -84,15 +88,122 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
             continue;
         };
-        let alive = pid as u32 == std::process::id()
-            || std::path::Path::new(&format!("/proc/{pid}")).exists();
-        if !alive {
+        if !pid_alive(pid) {
             tracing::warn!(namespace = %name, "deleting a namespace left by a crashed run");
             ip(&["netns", "del", &name])?;
             deleted.push(name);
         }
     }
     Ok(deleted)
+}
+
+/// The environment variable through which a lab asks the programs it starts to die with
+/// it: its value is the lab's process id (see [`die_with_parent_if_asked`]).
+pub const DIE_WITH_PARENT_ENV: &str = "UNACLOUD_DIE_WITH_PARENT";
+
+/// Called first thing by programs a lab starts (the `unacloud-gs` subcommands): when
+/// [`DIE_WITH_PARENT_ENV`] names a process id, the kernel sends this process SIGTERM when
+/// its parent dies (`PR_SET_PDEATHSIG`), so a SIGKILLed lab leaves no launcher, ring peer
+/// or test manager behind; launchers handle SIGTERM by removing their rules. If the parent
+/// is already gone (it died before this call), the process exits at once.
+pub fn die_with_parent_if_asked() {
+    let Some(parent) = std::env::var(DIE_WITH_PARENT_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return;
+    };
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM) {
+        tracing::warn!(error = %e, "cannot ask to die with the parent process");
+    }
+    if nix::unistd::getppid().as_raw() != parent {
+        eprintln!("the process that started this one ({parent}) is gone; exiting");
+        std::process::exit(1);
+    }
+}
+
+/// A private directory of one lab run: `<tmp>/ucn-<pid>-run-<random>`, created with
+/// `mkdtemp` (unpredictable name, mode 0700) and removed when dropped. The creator's pid in
+/// the name lets a later run remove it if this one was killed
+/// ([`remove_stale_run_dirs`]).
+#[derive(Debug)]
+pub struct RunDir {
+    path: std::path::PathBuf,
+}
+
+impl RunDir {
+    /// Creates a fresh run directory in the system's temporary directory.
+    pub fn create() -> Result<Self> {
+        let template =
+            std::env::temp_dir().join(format!("{FAMILY_PREFIX}{}-run-XXXXXX", std::process::id()));
+        let path = nix::unistd::mkdtemp(&template).map_err(|e| Error::ResultsIo {
+            path: template.clone(),
+            source: std::io::Error::from(e),
+        })?;
+        Ok(Self { path })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Writes a secret (e.g. a cluster key) into a new file readable by its owner only
+    /// (mode 0600, never an existing file).
+    pub fn write_secret(&self, name: &str, contents: &[u8]) -> Result<std::path::PathBuf> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = self.path.join(name);
+        let io = |source| Error::ResultsIo {
+            path: p.clone(),
+            source,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(io)?;
+        f.write_all(contents).map_err(io)?;
+        Ok(p)
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    pid as u32 == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Run directories ([`RunDir`]) whose creating process no longer exists.
+pub fn stale_run_dirs() -> Vec<std::path::PathBuf> {
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let rest = name.strip_prefix(FAMILY_PREFIX)?;
+            let (pid, tail) = rest.split_once('-')?;
+            let pid: i32 = pid.parse().ok()?;
+            (tail.starts_with("run-") && !pid_alive(pid) && e.file_type().ok()?.is_dir())
+                .then(|| e.path())
+        })
+        .collect()
+}
+
+/// Removes the run directories of runs that were killed; returns them.
+pub fn remove_stale_run_dirs() -> Vec<std::path::PathBuf> {
+    let dirs = stale_run_dirs();
+    for d in &dirs {
+        tracing::warn!(dir = %d.display(), "removing the run directory of a killed run");
+        let _ = std::fs::remove_dir_all(d);
+    }
+    dirs
 }
 
 /// A namespace standing in for one VM.
@@ -132,6 +243,7 @@ impl NetnsLab {
             });
         }
         cleanup_stale()?;
+        remove_stale_run_dirs();
         let prefix = Self::fresh_prefix();
         let mut lab = Self {
             hub: format!("{prefix}hub"),

@@ -439,6 +439,7 @@ pub fn init_tracing() {
 /// error as one line. Installs the tracing subscriber ([`init_tracing`]) unless the
 /// program has one.
 pub fn main(args: &[String]) -> ExitCode {
+    crate::netns::die_with_parent_if_asked();
     let cli = match Cli::try_parse_from(
         std::iter::once("unacloud-gs".to_string()).chain(args.iter().cloned()),
     ) {

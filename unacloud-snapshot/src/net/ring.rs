@@ -31,7 +31,7 @@ use crate::colour::iptables::Iptables;
 use crate::colour::nft::{Nft, NftOneShot};
 use crate::colour::ColourBackend;
 use crate::error::{Error, Result};
-use crate::netns::{NetnsLab, HUB_ADDR};
+use crate::netns::{NetnsLab, RunDir, DIE_WITH_PARENT_ENV, HUB_ADDR};
 use crate::protocol::{ClusterId, DscpConfig, MetadataServerConfig};
 
 /// Port of the RCPBT test manager on the hub's bridge address.
@@ -240,15 +240,6 @@ impl Drop for Procs {
     }
 }
 
-/// A directory removed when dropped.
-pub(crate) struct TempDir(pub(crate) PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn spawn_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::CommandSpawn {
         program: what.to_string(),
@@ -266,6 +257,8 @@ fn command(cfg: &RingNetnsConfig, netns: Option<&str>, sub: &str, args: &[String
         None => Command::new(&cfg.program),
     };
     c.args(&cfg.program_args).arg(sub).args(args);
+    // If this process is SIGKILLed, what it started gets SIGTERM from the kernel.
+    c.env(DIE_WITH_PARENT_ENV, std::process::id().to_string());
     c.stdin(Stdio::null()).kill_on_drop(true);
     c
 }
@@ -359,20 +352,13 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
     let peers = cfg.peers as usize;
     let lab = blocking(move || NetnsLab::create(peers)).await??;
     let mut lab = scopeguard(lab);
-    let dir = TempDir(std::env::temp_dir().join(format!("{}run", lab.0.prefix())));
-    std::fs::create_dir_all(&dir.0).map_err(|source| Error::ResultsIo {
-        path: dir.0.clone(),
-        source,
-    })?;
+    // Private (0700, unpredictable name); a later run removes it if this one is killed.
+    let dir = RunDir::create()?;
 
     // A fresh cluster key for this run: every protocol frame is authenticated.
     let key_bytes: [u8; 32] = rand::random();
     let key_hex: String = key_bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let key_file = dir.0.join("cluster.key");
-    std::fs::write(&key_file, &key_hex).map_err(|source| Error::ResultsIo {
-        path: key_file.clone(),
-        source,
-    })?;
+    let key_file = dir.write_secret("cluster.key", key_hex.as_bytes())?;
     let cluster = ClusterId(u64::from(rand::random::<u32>()));
     let transport = TransportConfig::new(cluster, Some(ClusterKey::from_hex(&key_hex)?));
 
@@ -397,7 +383,7 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
             ],
         );
         c.stdout(Stdio::null())
-            .stderr(stderr_file(&dir.0, &format!("peer{i}"))?);
+            .stderr(stderr_file(dir.path(), &format!("peer{i}"))?);
         let child = c.spawn().map_err(spawn_err("ip netns exec (ring peer)"))?;
         let pid = procs
             .push(format!("peer{i}"), child)
@@ -420,7 +406,7 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
         MetadataServerConfig::new(cluster, base_port),
         listener,
         transport.clone(),
-        Some(dir.0.join("global-snapshots.csv")),
+        Some(dir.path().join("global-snapshots.csv")),
     )?;
     let ms_addr = ms.local_addr();
 
@@ -455,9 +441,12 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
             "--key-file".into(),
             key_file.display().to_string(),
             "--catalog".into(),
-            dir.0.join(format!("catalog{i}.json")).display().to_string(),
+            dir.path()
+                .join(format!("catalog{i}.json"))
+                .display()
+                .to_string(),
             "--run-dir".into(),
-            dir.0.display().to_string(),
+            dir.path().display().to_string(),
             "--events-json".into(),
         ];
         if let Some(c) = cfg.crash {
@@ -468,7 +457,7 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
         }
         let mut c = command(&cfg, None, "launcher", &args);
         c.stdout(Stdio::piped())
-            .stderr(stderr_file(&dir.0, &format!("launcher{i}"))?);
+            .stderr(stderr_file(dir.path(), &format!("launcher{i}"))?);
         let mut child = c.spawn().map_err(spawn_err("launcher"))?;
         if let Some(out) = child.stdout.take() {
             let tx = ev_tx.clone();
@@ -491,14 +480,14 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
                 v["event"] == "registered"
             })
             .await
-            .map_err(|e| with_log(e, &dir.0, "launcher0"))?;
+            .map_err(|e| with_log(e, dir.path(), "launcher0"))?;
         }
     }
     wait_event(&mut ev_rx, Duration::from_secs(30).min(left()), |i, v| {
         i == 0 && v["event"] == "ready"
     })
     .await
-    .map_err(|e| with_log(e, &dir.0, "launcher0"))?;
+    .map_err(|e| with_log(e, dir.path(), "launcher0"))?;
 
     // 4. The test manager: the ring starts.
     let mut tm = command(
@@ -517,13 +506,13 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
             "--label".into(),
             format!("ring_netns-{}peers", cfg.peers),
             "--csv".into(),
-            dir.0.join("rcpbt.csv").display().to_string(),
+            dir.path().join("rcpbt.csv").display().to_string(),
             "--deadline-s".into(),
             deadline_s.clone(),
         ],
     );
     tm.stdout(Stdio::piped())
-        .stderr(stderr_file(&dir.0, "manager")?);
+        .stderr(stderr_file(dir.path(), "manager")?);
     let mut tm_child = tm
         .spawn()
         .map_err(spawn_err("ip netns exec (test manager)"))?;
@@ -572,7 +561,7 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
                     || v["event"] == "trigger_refused")
         })
         .await
-        .map_err(|e| with_log(e, &dir.0, "launcher0"))?;
+        .map_err(|e| with_log(e, dir.path(), "launcher0"))?;
         match ev["event"].as_str() {
             Some("gs_completed") => {
                 report.global_snapshots_completed += 1;
@@ -643,7 +632,7 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
     let outcome: serde_json::Value = serde_json::from_str(&line).map_err(|_| Error::Rcpbt {
         reason: format!(
             "the test manager produced no result ({})",
-            log_tail(&dir.0, "manager")
+            log_tail(dir.path(), "manager")
         ),
     })?;
     report.tokens_counted = outcome["tokens_counted"].as_u64().unwrap_or(0);

@@ -50,11 +50,12 @@ use super::conn::TransportConfig;
 use super::frame::ClusterKey;
 use super::host::{local_snapshot_name, HostActions, LocalSnapshot, VmHost};
 use super::node::{spawn_coordinator, spawn_participant, NodeEvent, NodeHandle};
-use super::ring::{LabGuard, Procs, TempDir};
+use super::ring::{LabGuard, Procs};
 use crate::colour::exec::{check, run_argv};
 use crate::colour::netlink::NftNetlink;
 use crate::colour::{ColourBackend, Scope};
 use crate::error::{Error, Result};
+use crate::netns::RunDir;
 use crate::netns::{NetnsLab, HUB_ADDR};
 use crate::protocol::{
     ClusterId, CoordinatorConfig, DscpConfig, GlobalSnapshotId, ParticipantConfig, ParticipantId,
@@ -891,12 +892,23 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
     };
 
     // 1. The lab: one namespace per PC on the lab bridge.
+    // The VMs of a run that was killed die first (their taps go with its namespaces).
+    blocking(|| {
+        for d in crate::netns::stale_run_dirs() {
+            let n = kill_all_under(&d);
+            if n > 0 {
+                tracing::warn!(dir = %d.display(), vms = n, "killed the VMs of a killed run");
+            }
+        }
+    })
+    .await?;
     let lab = blocking(move || NetnsLab::create(n_all)).await??;
     let mut lab = LabGuard(lab);
     let hub = lab.0.hub().to_string();
-    let dir = TempDir(std::env::temp_dir().join(format!("{}vms", lab.0.prefix())));
-    std::fs::create_dir_all(&dir.0).map_err(io_err(&dir.0))?;
-    let reaper = Reaper(dir.0.clone());
+    // Private (0700, unpredictable name); a later run kills the VMs of a killed run and
+    // removes its directory.
+    let dir = RunDir::create()?;
+    let reaper = Reaper(dir.path().to_path_buf());
     {
         let hub = hub.clone();
         let pcs: Vec<String> = lab.0.peers().iter().map(|p| p.name.clone()).collect();
@@ -925,7 +937,7 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
             name,
             p.name.clone(),
             p.addr,
-            dir.0.join(format!("pc{i}")),
+            dir.path().join(format!("pc{i}")),
             &cfg.guest,
             accel,
         )
@@ -977,7 +989,7 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
     let key_hex: String = key_bytes.iter().map(|b| format!("{b:02x}")).collect();
     let cluster = ClusterId(u64::from(rand::random::<u32>()));
     let transport = TransportConfig::new(cluster, Some(ClusterKey::from_hex(&key_hex)?));
-    let catalog = dir.0.join("catalog.json");
+    let catalog = dir.path().join("catalog.json");
     let timeouts = Timeouts {
         precheck: Duration::from_secs(10),
         snapshot: Duration::from_secs(120),
@@ -1013,8 +1025,8 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(
-            std::fs::File::create(dir.0.join("manager.log"))
-                .map_err(io_err(&dir.0.join("manager.log")))?,
+            std::fs::File::create(dir.path().join("manager.log"))
+                .map_err(io_err(&dir.path().join("manager.log")))?,
         ))
         .kill_on_drop(true);
     let mut tm_child = tm.spawn().map_err(|source| Error::CommandSpawn {
@@ -1231,7 +1243,7 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
             report.ring_duration_s = outcome["duration_s"].as_f64().unwrap_or(0.0);
         }
         Err(_) => {
-            let log = std::fs::read_to_string(dir.0.join("manager.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(dir.path().join("manager.log")).unwrap_or_default();
             report.failures.push(format!(
                 "the test manager produced no result: {}",
                 log.lines().last().unwrap_or("")
@@ -1260,7 +1272,7 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
             }
         }
     }
-    let root = dir.0.clone();
+    let root = dir.path().to_path_buf();
     report.vms_left = blocking(move || {
         let until = Instant::now() + Duration::from_secs(10);
         let mut n = qemu_processes_under(&root);

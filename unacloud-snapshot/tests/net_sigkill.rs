@@ -1,0 +1,131 @@
+//! A lab SIGKILLed in the middle of a run (root, namespaces of its own): the programs it
+//! started die with it, its run directory and key were private, and the next run's
+//! clean-up removes every namespace and file it left.
+#![cfg(feature = "tokio")]
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use unacloud_snapshot::netns::{self, DIE_WITH_PARENT_ENV, FAMILY_PREFIX};
+
+fn privileged() -> bool {
+    match netns::probe() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            false
+        }
+    }
+}
+
+/// Processes started by `parent` through a lab (they carry its pid in their environment).
+fn children_of_lab(parent: u32) -> Vec<u32> {
+    let needle = format!("{DIE_WITH_PARENT_ENV}={parent}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+        })
+        .collect()
+}
+
+fn namespaces_of(pid: u32) -> Vec<String> {
+    let prefix = format!("{FAMILY_PREFIX}{pid}-");
+    netns::list_namespaces()
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect()
+}
+
+fn run_dirs_of(pid: u32) -> Vec<PathBuf> {
+    let prefix = format!("{FAMILY_PREFIX}{pid}-run-");
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Whatever happens, nothing of the lab survives the test.
+struct Cleanup(u32);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in std::iter::once(self.0).chain(children_of_lab(self.0)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = netns::cleanup_stale();
+        netns::remove_stale_run_dirs();
+    }
+}
+
+#[test]
+fn a_sigkilled_lab_leaves_nothing_that_the_next_run_does_not_remove() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = std::process::Command::new(env!("CARGO_BIN_EXE_unacloud-gs"))
+        .args(["ring-netns", "--peers", "3", "--tokens", "100000000"])
+        .args(["--snapshots", "1000", "--snapshot-delay-ms", "20"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = lab.id();
+    let _cleanup = Cleanup(pid);
+    // Wait until its launchers run (bounded).
+    let started = Instant::now();
+    while children_of_lab(pid).len() < 6 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the lab did not start its programs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let dirs = run_dirs_of(pid);
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dirs[0]), 0o700, "run directory");
+    assert_eq!(mode(&dirs[0].join("cluster.key")), 0o600, "cluster key");
+    assert!(namespaces_of(pid).len() >= 4);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    lab.wait().unwrap();
+    // Everything it started dies with it.
+    let killed = Instant::now();
+    let mut left = children_of_lab(pid);
+    while !left.is_empty() && killed.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(100));
+        left = children_of_lab(pid);
+    }
+    assert!(
+        left.is_empty(),
+        "processes outlived the killed lab: {left:?}"
+    );
+    // What the kernel cannot remove, the next run's clean-up does.
+    assert!(
+        !namespaces_of(pid).is_empty(),
+        "nothing to clean? then the test proves nothing"
+    );
+    let deleted = netns::cleanup_stale().unwrap();
+    assert!(deleted.iter().all(|n| !n.is_empty()));
+    assert!(namespaces_of(pid).is_empty(), "{:?}", namespaces_of(pid));
+    let removed = netns::remove_stale_run_dirs();
+    assert!(removed.contains(&dirs[0]), "{removed:?}");
+    assert!(run_dirs_of(pid).is_empty());
+}
