@@ -30,6 +30,26 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// A settings or registry file is not a regular file (a FIFO, a device, a
+    /// folder…), so it is not read at all.
+    #[error("{} is not a regular file but {kind}; settings files are regular files", path.display())]
+    NotRegularFile {
+        /// The path as given.
+        path: PathBuf,
+        /// What it is instead, in words.
+        kind: &'static str,
+    },
+    /// A settings or registry file is larger than
+    /// [`ParseLimits::max_input_bytes`](crate::settings::ParseLimits::max_input_bytes).
+    #[error("{} has {len} bytes, more than the input size limit of {max}; raise ParseLimits::max_input_bytes if the file is genuine", path.display())]
+    InputTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size, or the bytes read when it grew while being read.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
     /// The input is not well-formed XML.
     #[error("malformed XML at line {line}")]
     Xml {
@@ -240,6 +260,13 @@ pub enum Error {
         dest_root: PathBuf,
         /// Every refused file, with the reason.
         rejected: Vec<crate::copy::RejectedPath>,
+    },
+    /// The destination root is a symbolic link; copies refuse it, whatever it points
+    /// to (give the folder it points to instead).
+    #[error("refusing to copy into {}: it is a symbolic link (give the folder it points to)", dest_root.display())]
+    DestinationIsSymlink {
+        /// The destination root as given.
+        dest_root: PathBuf,
     },
     /// Copying a file failed; temporary files were removed.
     #[error("copying {} to {} failed while {step}", from.display(), to.display())]

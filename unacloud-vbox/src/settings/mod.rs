@@ -69,7 +69,10 @@ use crate::error::{Error, Result};
 /// generated machines with tens of thousands of snapshots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ParseLimits {
-    /// Largest input accepted by the `load` functions, in bytes.
+    /// Largest input accepted by the `load` functions, in bytes (default 64 MiB,
+    /// several times the largest settings file VirtualBox writes for a machine with
+    /// thousands of snapshots). Larger files are refused with
+    /// [`Error::InputTooLarge`] before anything is read.
     pub max_input_bytes: u64,
     /// Deepest element nesting (each snapshot level costs two: `Snapshot` and
     /// `Snapshots`). The parser keeps an explicit stack, so this bounds memory, not
@@ -87,7 +90,7 @@ pub struct ParseLimits {
 impl Default for ParseLimits {
     fn default() -> Self {
         ParseLimits {
-            max_input_bytes: 1 << 30,
+            max_input_bytes: 64 << 20,
             max_depth: 50_000,
             max_tag_bytes: 1 << 20,
             max_text_bytes: 1 << 20,
@@ -612,29 +615,71 @@ impl GlobalRegistry {
     /// Reads and parses `VirtualBox.xml`; relative locations resolve against the
     /// folder that holds it.
     pub fn load(path: impl AsRef<Path>) -> Result<GlobalRegistry> {
+        Self::load_with_limits(path, &ParseLimits::default())
+    }
+
+    /// [`GlobalRegistry::load`] with explicit limits.
+    pub fn load_with_limits(
+        path: impl AsRef<Path>,
+        limits: &ParseLimits,
+    ) -> Result<GlobalRegistry> {
         let path = path.as_ref();
-        let limits = ParseLimits::default();
-        let text = read_limited(path, &limits)?;
+        let text = read_limited(path, limits)?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Self::parse_str_with_limits(&text, base, &limits).map_err(|e| Error::in_file(path, e))
+        Self::parse_str_with_limits(&text, base, limits).map_err(|e| Error::in_file(path, e))
     }
 }
 
+/// Reads a settings file: the path is followed once (a symbolic link to a regular
+/// file is fine), the opened file must be a regular file — a FIFO or a device is
+/// refused without being read, and opening never waits for a FIFO's writer — and at
+/// most [`ParseLimits::max_input_bytes`] are read, even from a file that grows.
 fn read_limited(path: &Path, limits: &ParseLimits) -> Result<String> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if meta.len() > limits.max_input_bytes {
-        return Err(Error::in_file(
-            path,
-            Error::LimitExceeded {
-                limit: "input size",
-                field: "max_input_bytes",
-                max: limits.max_input_bytes,
-                element: "(file)".into(),
-                line: 0,
-            },
-        ));
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        let kind = if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_block_device() {
+            "a block device"
+        } else if ft.is_dir() {
+            "a folder"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "something else"
+        };
+        return Err(Error::NotRegularFile {
+            path: path.to_path_buf(),
+            kind,
+        });
     }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let max = limits.max_input_bytes;
+    let too_large = |len| Error::InputTooLarge {
+        path: path.to_path_buf(),
+        len,
+        max,
+    };
+    if meta.len() > max {
+        return Err(too_large(meta.len()));
+    }
+    // A regular file ignores O_NONBLOCK; read one byte past the limit to notice growth.
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > max {
+        return Err(too_large(bytes.len() as u64));
+    }
     String::from_utf8(bytes).map_err(|e| {
         Error::io(
             path,

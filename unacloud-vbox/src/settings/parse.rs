@@ -132,9 +132,27 @@ impl<'a> Parser<'a> {
         self.line_at(self.reader.buffer_position())
     }
 
+    /// An error the reader itself raised: it knows where.
     fn xml_error(&self, source: quick_xml::Error) -> Error {
         Error::Xml {
             line: self.line_at(self.reader.error_position()),
+            source,
+        }
+    }
+
+    /// An error found in `bytes` (a slice of the input: an attribute value, an entity
+    /// reference, a text) after the reader returned it; `offset` is the position of
+    /// the problem inside `bytes`. The reader's error position does not apply here.
+    fn xml_error_in(&self, bytes: &[u8], offset: usize, source: quick_xml::Error) -> Error {
+        let base = self.input.as_ptr() as usize;
+        let p = bytes.as_ptr() as usize;
+        let pos = if p >= base && p <= base + self.input.len() {
+            (p - base).saturating_add(offset) as u64
+        } else {
+            self.reader.buffer_position()
+        };
+        Error::Xml {
+            line: self.line_at(pos),
             source,
         }
     }
@@ -192,7 +210,9 @@ impl<'a> Parser<'a> {
                         ..
                     }) = self.stack.last()
                     {
-                        let s = t.xml10_content().map_err(|e| self.xml_error(e.into()))?;
+                        let s = t
+                            .xml10_content()
+                            .map_err(|e| self.xml_error_in(&t, 0, e.into()))?;
                         self.push_text(&s)?;
                     } else if self.stack.is_empty() && !t.iter().all(u8::is_ascii_whitespace) {
                         return Err(self.outside_root());
@@ -204,7 +224,9 @@ impl<'a> Parser<'a> {
                         ..
                     }) = self.stack.last()
                     {
-                        let s = t.xml10_content().map_err(|e| self.xml_error(e.into()))?;
+                        let s = t
+                            .xml10_content()
+                            .map_err(|e| self.xml_error_in(&t, 0, e.into()))?;
                         self.push_text(&s)?;
                     } else if self.stack.is_empty() {
                         return Err(self.outside_root());
@@ -273,10 +295,13 @@ impl<'a> Parser<'a> {
     }
 
     fn resolve_ref(&self, r: &BytesRef<'_>) -> Result<String> {
-        if let Some(c) = r.resolve_char_ref().map_err(|e| self.xml_error(e))? {
+        if let Some(c) = r
+            .resolve_char_ref()
+            .map_err(|e| self.xml_error_in(r, 0, e))?
+        {
             return Ok(c.to_string());
         }
-        let name = r.decode().map_err(|e| self.xml_error(e.into()))?;
+        let name = r.decode().map_err(|e| self.xml_error_in(r, 0, e.into()))?;
         Ok(match quick_xml::escape::resolve_predefined_entity(&name) {
             Some(s) => s.to_owned(),
             None => format!("&{name};"),
@@ -904,7 +929,16 @@ impl<'a> Parser<'a> {
         use quick_xml::events::attributes::AttrError;
         let raw = e.attributes_raw();
         let n = raw.len();
-        let err = |a: AttrError| self.xml_error(quick_xml::Error::InvalidAttr(a));
+        let err = |a: AttrError| {
+            let at = match a {
+                AttrError::ExpectedEq(p)
+                | AttrError::ExpectedValue(p)
+                | AttrError::UnquotedValue(p)
+                | AttrError::ExpectedQuote(p, _)
+                | AttrError::Duplicated(p, _) => p,
+            };
+            self.xml_error_in(raw, at, quick_xml::Error::InvalidAttr(a))
+        };
         let mut i = 0;
         loop {
             while i < n && raw[i].is_ascii_whitespace() {
@@ -971,11 +1005,22 @@ impl<'a> Parser<'a> {
             let text = match self.input_slice(value) {
                 Some(t) => t,
                 None => std::str::from_utf8(value).map_err(|u| {
-                    self.xml_error(quick_xml::encoding::EncodingError::from(u).into())
+                    self.xml_error_in(
+                        value,
+                        u.valid_up_to(),
+                        quick_xml::encoding::EncodingError::from(u).into(),
+                    )
                 })?,
             };
             let v = if has_amp {
-                quick_xml::escape::unescape(text).map_err(|x| self.xml_error(x.into()))?
+                quick_xml::escape::unescape(text).map_err(|x| {
+                    let at = match &x {
+                        quick_xml::escape::EscapeError::UnrecognizedEntity(r, _)
+                        | quick_xml::escape::EscapeError::UnterminatedEntity(r) => r.start,
+                        _ => 0,
+                    };
+                    self.xml_error_in(value, at, x.into())
+                })?
             } else {
                 std::borrow::Cow::Borrowed(text)
             };
