@@ -15,6 +15,15 @@
 //!   place. On any failure the temporary file is removed, files this call already put
 //!   in place are removed again (unless [`CopyOptions::keep_completed_on_error`]),
 //!   and folders it created are removed if empty.
+//! * **No links followed, no modes widened.** A source that is a symbolic link is
+//!   refused ([`RejectReason::SourceSymlink`]) — never followed, whatever it points
+//!   to — as is a source that is not a regular file (a FIFO, a device). Sources are
+//!   opened with `O_NOFOLLOW` and the *opened* file is checked (`fstat`), so a file
+//!   swapped for a link after the checks is not read either. The destination root
+//!   itself must not be a symbolic link ([`Error::DestinationIsSymlink`]; give the
+//!   folder it points to). Each copy gets the source's permission bits (`mode & 0o777`:
+//!   no set-uid, set-gid or sticky bit), set explicitly so that neither the umask nor
+//!   anything else makes it wider than the source; owner and group are not copied.
 //! * **Sparse files stay sparse** where the file system reports holes
 //!   (`SEEK_DATA`/`SEEK_HOLE`) and, optionally, all-zero blocks are not written either.
 //! * **Progress** is reported through a callback (bytes done and total, current file).
@@ -39,6 +48,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -198,6 +208,12 @@ pub enum RejectReason {
     Duplicate,
     /// The destination resolves to the source itself.
     SameAsSource,
+    /// The source is a symbolic link: copies never follow links (the link could point
+    /// anywhere, e.g. at `/etc/shadow`). Copy the file it points to instead.
+    SourceSymlink {
+        /// The link.
+        path: PathBuf,
+    },
     /// The source is missing or not a regular file.
     BadSource {
         /// What is wrong with it.
@@ -227,6 +243,11 @@ impl fmt::Display for RejectReason {
             }
             RejectReason::Duplicate => f.write_str("another file has the same destination"),
             RejectReason::SameAsSource => f.write_str("destination is the source file itself"),
+            RejectReason::SourceSymlink { path } => write!(
+                f,
+                "source {} is a symbolic link (copies never follow links)",
+                path.display()
+            ),
             RejectReason::BadSource { reason } => write!(f, "source {reason}"),
         }
     }
@@ -312,6 +333,52 @@ struct Plan {
     source: PathBuf,
     dest: PathBuf,
     len: u64,
+    /// Permission bits of the source (`mode & 0o777`).
+    mode: u32,
+    /// Device and inode of the file checked, so the file copied is the same one.
+    id: (u64, u64),
+}
+
+/// Opens a source for reading without following a final symbolic link and without
+/// blocking on a FIFO; the caller checks the opened file's metadata.
+fn open_source(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+}
+
+/// Checks a source: not a symbolic link, a regular file; returns `(len, mode, id)`
+/// from the opened file's own metadata.
+fn check_source(path: &Path) -> Result<(u64, u32, (u64, u64)), RejectReason> {
+    let bad = |reason: String| RejectReason::BadSource { reason };
+    // Look before opening so that device nodes are never opened at all.
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(RejectReason::SourceSymlink {
+                path: path.to_path_buf(),
+            })
+        }
+        Ok(m) if !m.is_file() => {
+            return Err(bad(format!("{} is not a regular file", path.display())))
+        }
+        Ok(_) => {}
+        Err(e) => return Err(bad(format!("{} cannot be read: {e}", path.display()))),
+    }
+    let file = match open_source(path) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            return Err(RejectReason::SourceSymlink {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(bad(format!("{} cannot be read: {e}", path.display()))),
+    };
+    match file.metadata() {
+        Ok(m) if m.is_file() => Ok((m.len(), m.mode() & 0o777, (m.dev(), m.ino()))),
+        Ok(_) => Err(bad(format!("{} is not a regular file", path.display()))),
+        Err(e) => Err(bad(format!("{} cannot be read: {e}", path.display()))),
+    }
 }
 
 /// Copy `files` (pairs of source path and destination path relative to `dest_root`)
@@ -363,6 +430,7 @@ fn plan<S: AsRef<Path>, R: AsRef<Path>>(
     dest_root: &Path,
     options: &CopyOptions,
 ) -> Result<Vec<Plan>> {
+    refuse_symlinked_root(dest_root)?;
     let canonical_root = fs::canonicalize(dest_root).ok();
     let mut rejected = Vec::new();
     let mut plans = Vec::with_capacity(files.len());
@@ -389,18 +457,10 @@ fn plan<S: AsRef<Path>, R: AsRef<Path>>(
             reject(reason);
             continue;
         }
-        let len = match fs::metadata(source) {
-            Ok(m) if m.is_file() => m.len(),
-            Ok(_) => {
-                reject(RejectReason::BadSource {
-                    reason: format!("{} is not a regular file", source.display()),
-                });
-                continue;
-            }
-            Err(e) => {
-                reject(RejectReason::BadSource {
-                    reason: format!("{} cannot be read: {e}", source.display()),
-                });
+        let (len, mode, id) = match check_source(source) {
+            Ok(checked) => checked,
+            Err(reason) => {
+                reject(reason);
                 continue;
             }
         };
@@ -431,6 +491,8 @@ fn plan<S: AsRef<Path>, R: AsRef<Path>>(
             source: source.to_path_buf(),
             dest,
             len,
+            mode,
+            id,
         });
     }
     if rejected.is_empty() {
@@ -440,6 +502,16 @@ fn plan<S: AsRef<Path>, R: AsRef<Path>>(
             dest_root: dest_root.to_path_buf(),
             rejected,
         })
+    }
+}
+
+/// The destination root must not be a symbolic link (whatever it points to).
+fn refuse_symlinked_root(dest_root: &Path) -> Result<()> {
+    match fs::symlink_metadata(dest_root) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::DestinationIsSymlink {
+            dest_root: dest_root.to_path_buf(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -491,6 +563,8 @@ fn execute<F: FnMut(&CopyProgress<'_>)>(
     let total: u64 = plans.iter().map(|p| p.len).sum();
     let mut done_before = 0u64;
     create_dirs(dest_root, &mut report.created_dirs).map_err(|e| Error::io(dest_root, e))?;
+    // Re-check now that it exists: a link put there since planning is refused too.
+    refuse_symlinked_root(dest_root)?;
     let canonical_root = fs::canonicalize(dest_root).map_err(|e| Error::io(dest_root, e))?;
     let mut buf = vec![0u8; options.buffer_size.max(4096)];
     for (index, plan) in plans.iter().enumerate() {
@@ -523,27 +597,20 @@ fn execute<F: FnMut(&CopyProgress<'_>)>(
                 })
             }
         }
-        let (temp_path, mut temp) =
-            create_temp(parent, &plan.dest).map_err(fail("creating a temporary file"))?;
-        let outcome = copy_one(
-            plan,
-            &temp_path,
-            &mut temp,
-            options,
-            &mut buf,
-            &mut |file_done| {
-                progress(&CopyProgress {
-                    bytes_done: done_before + file_done,
-                    bytes_total: total,
-                    file_index: index,
-                    file_count: plans.len(),
-                    file_bytes_done: file_done,
-                    file_bytes_total: plan.len,
-                    source: &plan.source,
-                    dest: &plan.dest,
-                })
-            },
-        );
+        let (temp_path, mut temp) = create_temp(parent, &plan.dest, plan.mode)
+            .map_err(fail("creating a temporary file"))?;
+        let outcome = copy_one(plan, &mut temp, options, &mut buf, &mut |file_done| {
+            progress(&CopyProgress {
+                bytes_done: done_before + file_done,
+                bytes_total: total,
+                file_index: index,
+                file_count: plans.len(),
+                file_bytes_done: file_done,
+                file_bytes_total: plan.len,
+                source: &plan.source,
+                dest: &plan.dest,
+            })
+        });
         drop(temp);
         let copied = match outcome {
             Ok(c) => c,
@@ -596,7 +663,9 @@ fn create_dirs(dir: &Path, created: &mut Vec<PathBuf>) -> io::Result<()> {
     Ok(())
 }
 
-fn create_temp(dir: &Path, dest: &Path) -> io::Result<(PathBuf, File)> {
+/// Creates a fresh temporary file next to `dest` with permission bits `mode` (set
+/// explicitly after creation: the umask may only have narrowed them further).
+fn create_temp(dir: &Path, dest: &Path, mode: u32) -> io::Result<(PathBuf, File)> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = dest
         .file_name()
@@ -611,9 +680,16 @@ fn create_temp(dir: &Path, dest: &Path) -> io::Result<(PathBuf, File)> {
             .write(true)
             .read(true)
             .create_new(true)
+            .mode(mode & 0o777)
             .open(&temp)
         {
-            Ok(f) => return Ok((temp, f)),
+            Ok(f) => {
+                if let Err(e) = f.set_permissions(fs::Permissions::from_mode(mode & 0o777)) {
+                    let _ = fs::remove_file(&temp);
+                    return Err(e);
+                }
+                return Ok((temp, f));
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         }
@@ -644,7 +720,6 @@ fn install(temp: &Path, dest: &Path, overwrite: bool) -> io::Result<()> {
 
 fn copy_one(
     plan: &Plan,
-    temp_path: &Path,
     temp: &mut File,
     options: &CopyOptions,
     buf: &mut [u8],
@@ -658,11 +733,16 @@ fn copy_one(
             source,
         }
     };
-    let mut src = File::open(&plan.source).map_err(fail("opening the source"))?;
-    let len = src
-        .metadata()
-        .map_err(fail("reading the source's size"))?
-        .len();
+    // The file checked while planning, and nothing else: no link followed, the same
+    // inode, still a regular file.
+    let mut src = open_source(&plan.source).map_err(fail("opening the source"))?;
+    let meta = src.metadata().map_err(fail("reading the source's size"))?;
+    if !meta.is_file() || (meta.dev(), meta.ino()) != plan.id {
+        return Err(fail("opening the source")(io::Error::other(
+            "the source was replaced since it was checked",
+        )));
+    }
+    let len = meta.len();
     if len != plan.len {
         return Err(fail("reading the source")(io::Error::other(format!(
             "source changed size during the copy ({} -> {len} bytes)",
@@ -722,7 +802,8 @@ fn copy_one(
         temp.sync_all()
             .map_err(fail("flushing the destination to disk"))?;
     }
-    let written = fs::metadata(temp_path)
+    let written = temp
+        .metadata()
         .map_err(fail("checking the destination"))?
         .len();
     if written != len {
@@ -737,7 +818,7 @@ fn copy_one(
         None => None,
         Some(h) => {
             let expected = h.finalize();
-            let actual = hash_file(temp_path, len, options.sparse, buf)
+            let actual = hash_file(temp, len, options.sparse, buf)
                 .map_err(fail("reading the destination back"))?;
             if expected != actual {
                 return Err(Error::ChecksumMismatch {
@@ -809,13 +890,13 @@ fn hash_zeros(hasher: &mut blake3::Hasher, mut n: u64) {
     }
 }
 
-fn hash_file(path: &Path, len: u64, sparse: bool, buf: &mut [u8]) -> io::Result<blake3::Hash> {
-    let mut file = File::open(path)?;
+/// Hashes the destination through its own descriptor (its mode may forbid reopening).
+fn hash_file(file: &mut File, len: u64, sparse: bool, buf: &mut [u8]) -> io::Result<blake3::Hash> {
     let mut hasher = blake3::Hasher::new();
     let mut pos = 0u64;
     while pos < len {
         let (start, end) = if sparse {
-            next_data(&file, pos, len)?
+            next_data(file, pos, len)?
         } else {
             (pos, len)
         };
