@@ -74,6 +74,9 @@
 //! * [`vdi`] — VDI header reader and chain verification; [`copy`] — verified,
 //!   atomic, sparse-aware copies confined to a destination root; [`synth`] — a
 //!   deterministic generator of realistic machines for benchmarks and fuzzing.
+//! * [`display`] — the escaping every human-readable output uses, so that names and
+//!   locations from a hostile settings file cannot forge lines or send terminal
+//!   escape sequences.
 //! * [`manage`] — driving a real VirtualBox through `VBoxManage`, implementing
 //!   [`unacloud_core::hypervisor::Hypervisor`].
 //!
@@ -83,6 +86,7 @@
 #![deny(missing_docs)]
 
 pub mod copy;
+pub mod display;
 pub mod error;
 pub mod location;
 pub mod manage;

@@ -199,19 +199,28 @@ where
     }
 }
 
-/// An error and its causes on one line.
+/// An error and its causes on one line (`outer: cause: root cause`), control
+/// characters escaped: [`crate::display::error_chain`].
 pub fn one_line(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = c.source();
+    crate::display::error_chain(e)
+}
+
+fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    crate::display::escape_control(s)
+}
+
+/// Output passed through from `VBoxManage`, each line escaped (line breaks kept).
+fn esc_lines(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for line in s.split_inclusive('\n') {
+        let (body, nl) = match line.strip_suffix('\n') {
+            Some(b) => (b.strip_suffix('\r').unwrap_or(b), "\n"),
+            None => (line, ""),
+        };
+        out.push_str(&esc(body));
+        out.push_str(nl);
     }
-    s.replace('\n', " ")
+    out
 }
 
 fn io_err(e: std::io::Error) -> Error {
@@ -272,7 +281,7 @@ where
                 } else {
                     "-"
                 };
-                writeln!(out, "{}  {:<8} {}", vm.uuid, state, vm.name).map_err(io_err)?;
+                writeln!(out, "{}  {:<8} {}", vm.uuid, state, esc(&vm.name)).map_err(io_err)?;
             }
         }
         CliCommand::Info { vm } => {
@@ -282,12 +291,13 @@ where
         CliCommand::SnapshotList { vm, tree } => {
             let t = hv.snapshots(vm).await?;
             if *tree {
-                write!(out, "{}", t.render_text()).map_err(io_err)?;
+                write!(out, "{}", crate::display::render_tree_text(&t)?).map_err(io_err)?;
             } else {
                 for (n, _) in t.iter() {
                     if let Some(s) = t.get(n) {
                         let mark = if t.current() == Some(n) { " *" } else { "" };
-                        writeln!(out, "{}  {}{}", s.id, s.name, mark).map_err(io_err)?;
+                        writeln!(out, "{}  {}{}", esc(&s.id), esc(&s.name), mark)
+                            .map_err(io_err)?;
                     }
                 }
             }
@@ -296,13 +306,13 @@ where
             let o = hv.exec(&cmds[0]).await?;
             match parse::parse_snapshot_taken(&o.stdout) {
                 Some(u) => writeln!(out, "snapshot taken: {u}").map_err(io_err)?,
-                None => write!(out, "{}", o.stdout).map_err(io_err)?,
+                None => write!(out, "{}", esc_lines(&o.stdout)).map_err(io_err)?,
             }
         }
         _ => {
             for c in &cmds {
                 let o = hv.exec(c).await?;
-                write!(out, "{}", o.stdout).map_err(io_err)?;
+                write!(out, "{}", esc_lines(&o.stdout)).map_err(io_err)?;
             }
         }
     }
@@ -310,11 +320,11 @@ where
 }
 
 fn print_info(d: &parse::VmDetails, out: &mut dyn Write) -> std::io::Result<()> {
-    writeln!(out, "name:       {}", d.name)?;
+    writeln!(out, "name:       {}", esc(&d.name))?;
     if let Some(u) = d.uuid {
         writeln!(out, "uuid:       {u}")?;
     }
-    writeln!(out, "state:      {}", d.state)?;
+    writeln!(out, "state:      {}", esc(&d.state.to_string()))?;
     if let Some(c) = d.cpus {
         writeln!(out, "cpus:       {c}")?;
     }
@@ -322,18 +332,21 @@ fn print_info(d: &parse::VmDetails, out: &mut dyn Write) -> std::io::Result<()> 
         writeln!(out, "memory:     {m} MB")?;
     }
     if let Some(f) = &d.settings_file {
-        writeln!(out, "settings:   {}", f.display())?;
+        writeln!(out, "settings:   {}", crate::display::escape_path(f))?;
     }
     for a in d.disk_attachments() {
         writeln!(
             out,
             "disk:       {} {}:{} {}",
-            a.controller, a.port, a.device, a.disk
+            esc(&a.controller),
+            a.port,
+            a.device,
+            esc(&a.disk.to_string())
         )?;
     }
     writeln!(out, "snapshots:  {}", d.snapshots.len())?;
     if let Some(c) = &d.current_snapshot {
-        writeln!(out, "current:    {c}")?;
+        writeln!(out, "current:    {}", esc(&c.to_string()))?;
     }
     Ok(())
 }
@@ -351,10 +364,10 @@ fn migrate_set(
         crate::tracker::MigrationOptions::default().with_preloaded(preloaded.iter().copied());
     let set = machine.migration_set(snapshot, &options)?;
     for f in &set.files {
-        writeln!(out, "{}", f.path.display()).map_err(io_err)?;
+        writeln!(out, "{}", crate::display::escape_path(&f.path)).map_err(io_err)?;
     }
     for w in &set.warnings {
-        writeln!(err, "warning: {w}").map_err(io_err)?;
+        writeln!(err, "warning: {}", esc(w)).map_err(io_err)?;
     }
     Ok(())
 }
