@@ -54,6 +54,15 @@ impl LocationKind {
     pub fn is_absolute(self) -> bool {
         !matches!(self, LocationKind::Relative)
     }
+
+    /// Whether the location names a file of another host's file system that this
+    /// host cannot look up: a Windows drive path or a network share, on a
+    /// non-Windows host. Such a location is never resolved against anything else
+    /// (not the machine folder, not the current folder): trackers report it as
+    /// missing, with a warning naming it.
+    pub fn is_foreign(self) -> bool {
+        !cfg!(windows) && matches!(self, LocationKind::WindowsDrive | LocationKind::Unc)
+    }
 }
 
 /// A location string together with its lexical resolution.
@@ -81,6 +90,29 @@ impl Location {
             kind,
             resolved: PathBuf::from(resolved),
         }
+    }
+
+    /// How an already resolved path (for example a
+    /// [`VmFile::path`](unacloud_core::files::VmFile::path)) was written: resolution
+    /// keeps the drive letter and the leading `//` of shares, so the kind can be
+    /// told from the path alone.
+    ///
+    /// ```
+    /// use std::path::Path;
+    /// use unacloud_vbox::location::{Location, LocationKind};
+    ///
+    /// assert_eq!(Location::kind_of_path(Path::new("C:/Users/a.vdi")), LocationKind::WindowsDrive);
+    /// assert_eq!(Location::kind_of_path(Path::new("//srv/share/a.vdi")), LocationKind::Unc);
+    /// assert_eq!(Location::kind_of_path(Path::new("/vms/a.vdi")), LocationKind::UnixAbsolute);
+    /// assert_eq!(Location::kind_of_path(Path::new("vms/a.vdi")), LocationKind::Relative);
+    /// ```
+    pub fn kind_of_path(path: &Path) -> LocationKind {
+        Location::resolve(&path.to_string_lossy(), Path::new("")).kind()
+    }
+
+    /// Whether the location is foreign to this host (see [`LocationKind::is_foreign`]).
+    pub fn is_foreign(&self) -> bool {
+        self.kind.is_foreign()
     }
 
     /// The string as written in the settings file.

@@ -63,9 +63,10 @@ use unacloud_core::tree::SnapshotTree;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::location::Location;
+use crate::location::{Location, LocationKind};
 use crate::settings::{
-    DeviceType, GlobalRegistry, Hardware, MachineSettings, MediaRegistry, SnapshotSettings,
+    DeviceType, GlobalRegistry, Hardware, MachineSettings, MediaRegistry, ParseLimits,
+    SnapshotSettings,
 };
 
 /// Which registry a medium was found in.
@@ -255,11 +256,25 @@ pub type FileTracker = Machine;
 
 impl Machine {
     /// Loads a `.vbox` file, and the global registry if given.
+    ///
+    /// Only regular files are read (a symbolic link is followed once); FIFOs and
+    /// devices are refused with [`Error::NotRegularFile`], files above
+    /// [`ParseLimits::max_input_bytes`] (64 MiB by default) with
+    /// [`Error::InputTooLarge`]; see [`Machine::load_with_limits`].
     pub fn load(path: impl AsRef<Path>, global_registry: Option<&Path>) -> Result<Machine> {
+        Self::load_with_limits(path, global_registry, &ParseLimits::default())
+    }
+
+    /// [`Machine::load`] with explicit parse limits (for both files).
+    pub fn load_with_limits(
+        path: impl AsRef<Path>,
+        global_registry: Option<&Path>,
+        limits: &ParseLimits,
+    ) -> Result<Machine> {
         let path = path.as_ref();
-        let settings = MachineSettings::load(path)?;
+        let settings = MachineSettings::load_with_limits(path, limits)?;
         let global = match global_registry {
-            Some(g) => Some(GlobalRegistry::load(g)?),
+            Some(g) => Some(GlobalRegistry::load_with_limits(g, limits)?),
             None => None,
         };
         Machine::from_settings(settings, path, global).map_err(|e| match e {
@@ -533,13 +548,17 @@ impl Machine {
 
     /// The snapshot tree as text, DOT or JSON.
     ///
+    /// Text is for people: control characters in names are escaped
+    /// ([`crate::display::escape_control`]) so that a hostile name cannot forge rows.
+    /// DOT escapes by its own rules and JSON holds the exact strings.
+    ///
     /// JSON has the shape of [`unacloud_core::tree::TreeJson`]
     /// (`{"current": id|null, "snapshots": [{"id", "name", …, "current", "children"}]}`)
     /// and is written without recursion, in compact form, so trees of any depth are
     /// safe to render.
     pub fn render_snapshot_tree(&self, format: TreeFormat) -> Result<String> {
         Ok(match format {
-            TreeFormat::Text => self.snapshot_tree()?.render_text(),
+            TreeFormat::Text => crate::display::render_tree_text(&self.snapshot_tree()?)?,
             TreeFormat::Dot => self.snapshot_tree()?.render_dot(),
             TreeFormat::Json => self.snapshot_tree_json()?,
         })
@@ -772,7 +791,7 @@ impl Machine {
         }
         if let Some(sf) = state_file {
             let loc = Location::resolve(sf, &self.machine_dir);
-            b.push_path(loc.path().to_path_buf(), FileRole::SavedState);
+            b.push_location(loc, FileRole::SavedState);
         }
         Ok(b.finish())
     }
@@ -839,7 +858,7 @@ impl Machine {
         for sf in self.state_files() {
             if keep(Candidate::StateFile) {
                 let loc = Location::resolve(sf, &self.machine_dir);
-                b.push_path(loc.path().to_path_buf(), FileRole::SavedState);
+                b.push_location(loc, FileRole::SavedState);
             }
         }
         b.finish()
@@ -883,6 +902,7 @@ impl Machine {
         let mut links = Vec::new();
         let mut not_checked = Vec::new();
         let mut unknown = Vec::new();
+        let mut foreign = Vec::new();
         for f in set.files.iter().filter(|f| f.role == FileRole::Disk) {
             let medium = f
                 .uuid
@@ -890,6 +910,13 @@ impl Machine {
                 .and_then(|u| Uuid::try_parse(u).ok())
                 .and_then(|u| self.medium(&u));
             match medium {
+                // A foreign location names no file here: missing, never looked up.
+                Some(m) if Location::kind_of_path(&f.path).is_foreign() => {
+                    foreign.push(crate::vdi::ChainProblem::Missing {
+                        path: f.path.clone(),
+                        uuid: m.uuid,
+                    });
+                }
                 Some(m) if m.kind == MediumKind::HardDisk && is_vdi(m.format.as_deref()) => {
                     let parent = m.parent.map(|p| self.media[p].uuid);
                     links.push(crate::vdi::ChainLink::new(f.path.clone(), m.uuid, parent));
@@ -898,8 +925,10 @@ impl Machine {
                 None => unknown.push(f.clone()),
             }
         }
+        let mut chain = crate::vdi::verify_chain(&links);
+        chain.problems.extend(foreign);
         VerifyReport {
-            chain: crate::vdi::verify_chain(&links),
+            chain,
             not_checked,
             unknown,
         }
@@ -946,20 +975,29 @@ impl Machine {
         F: FnMut(&crate::copy::CopyProgress<'_>),
     {
         self.verify(set).into_result()?;
-        let base = Location::resolve("", &self.machine_dir);
         let pairs: Vec<(PathBuf, PathBuf)> = set
             .files
             .iter()
             .map(|f| {
-                let rel = Location::resolve(&f.path.to_string_lossy(), &self.machine_dir)
-                    .strip_base(base.path())
-                    // Outside the machine folder: hand over the path as it is, so the
-                    // copier refuses it and names it.
-                    .unwrap_or_else(|| f.path.clone());
+                let rel = self.relative_to_machine_dir(&f.path).unwrap_or_else(|| {
+                    // Outside the machine folder: hand over an absolute form (or the
+                    // foreign path as it is), so the copier refuses it and names it.
+                    absolute_lexical(&f.path).unwrap_or_else(|| f.path.clone())
+                });
                 (f.path.clone(), rel)
             })
             .collect();
         crate::copy::copy_files(&pairs, dest_root, copy_options, progress)
+    }
+
+    /// `path` relative to the machine folder, or `None` when it lies outside it (or
+    /// is foreign). Both are made absolute against the current folder first, so a
+    /// machine given by a relative path (`vms/TM.vbox`, `TM.vbox`) gives the same
+    /// answer whatever the current folder; the comparison is lexical.
+    fn relative_to_machine_dir(&self, path: &Path) -> Option<PathBuf> {
+        let base = absolute_lexical(&self.machine_dir)?;
+        let file = absolute_lexical(path)?;
+        Location::resolve(&file.to_string_lossy(), Path::new("/")).strip_base(&base)
     }
 
     /// Saved-state files of every snapshot and of the machine (may repeat).
@@ -1028,6 +1066,26 @@ impl VerifyReport {
     }
 }
 
+/// `path` made absolute against the current folder and folded lexically (`.` and
+/// `..`), or `None` for a foreign path (a Windows drive or share on this host),
+/// which is never resolved against anything.
+fn absolute_lexical(path: &Path) -> Option<PathBuf> {
+    if Location::kind_of_path(path).is_foreign() {
+        return None;
+    }
+    let p = if path.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        path
+    };
+    let abs = std::path::absolute(p).ok()?;
+    Some(
+        Location::resolve(&abs.to_string_lossy(), Path::new("/"))
+            .path()
+            .to_path_buf(),
+    )
+}
+
 fn is_vdi(format: Option<&str>) -> bool {
     format.is_some_and(|f| f.eq_ignore_ascii_case("vdi"))
 }
@@ -1053,6 +1111,9 @@ struct SetBuilder<'m> {
     media_in: Vec<bool>,
     others: HashSet<OsString>,
     measure: bool,
+    /// For each file of `set`, the location it was written as (`None` for the
+    /// settings file, which the user gave).
+    locations: Vec<Option<Location>>,
 }
 
 impl<'m> SetBuilder<'m> {
@@ -1063,6 +1124,7 @@ impl<'m> SetBuilder<'m> {
             media_in: vec![false; machine.media.len()],
             others: HashSet::new(),
             measure,
+            locations: Vec::new(),
         }
     }
 
@@ -1076,23 +1138,62 @@ impl<'m> SetBuilder<'m> {
                 Some(uuid_string(&m.uuid)),
                 None,
             ));
+            self.locations.push(Some(m.location.clone()));
         }
     }
 
+    /// A file given by its path (the settings file): no location to judge.
     fn push_path(&mut self, path: PathBuf, role: FileRole) {
-        if let Some(&c) = self.machine.media_by_path.get(path.as_os_str()) {
-            if std::mem::replace(&mut self.media_in[c], true) {
-                return;
-            }
-        } else if !self.others.insert(path.as_os_str().to_owned()) {
-            return;
+        if self.add_path(&path) {
+            self.set.files.push(VmFile::new(path, role, None, None));
+            self.locations.push(None);
         }
-        self.set.files.push(VmFile::new(path, role, None, None));
+    }
+
+    /// A file read from a settings file's location (a saved state).
+    fn push_location(&mut self, loc: Location, role: FileRole) {
+        let path = loc.path().to_path_buf();
+        if self.add_path(&path) {
+            self.set.files.push(VmFile::new(path, role, None, None));
+            self.locations.push(Some(loc));
+        }
+    }
+
+    /// Whether `path` is new to the set (and marks it seen).
+    fn add_path(&mut self, path: &Path) -> bool {
+        if let Some(&c) = self.machine.media_by_path.get(path.as_os_str()) {
+            !std::mem::replace(&mut self.media_in[c], true)
+        } else {
+            self.others.insert(path.as_os_str().to_owned())
+        }
     }
 
     fn finish(mut self) -> MigrationSet {
-        if self.measure {
-            for f in &mut self.set.files {
+        for (f, loc) in self.set.files.iter_mut().zip(&self.locations) {
+            let what = format!(
+                "{}{}",
+                f.role,
+                f.uuid
+                    .as_deref()
+                    .map(|u| format!(" {u}"))
+                    .unwrap_or_default()
+            );
+            let foreign = loc.as_ref().filter(|l| l.is_foreign());
+            if let Some(l) = foreign {
+                // Never looked up: on this host it would be read relative to the
+                // current folder, which the settings file knows nothing about.
+                let kind = match l.kind() {
+                    LocationKind::Unc => "a network share",
+                    _ => "a Windows path",
+                };
+                self.set.warnings.push(format!(
+                    "missing file: {} ({what}): foreign location {:?}, {kind} of the host that wrote the settings, outside the machine folder; it is not looked up on this host and copies refuse it",
+                    f.path.display(),
+                    l.original()
+                ));
+                continue;
+            }
+            if self.measure {
                 match std::fs::metadata(&f.path) {
                     Ok(meta) if meta.is_file() => f.bytes = Some(meta.len()),
                     Ok(_) => self.set.warnings.push(format!(
@@ -1100,16 +1201,24 @@ impl<'m> SetBuilder<'m> {
                         f.path.display(),
                         f.role
                     )),
-                    Err(e) => self.set.warnings.push(format!(
-                        "missing file: {} ({}{}): {e}",
-                        f.path.display(),
-                        f.role,
-                        f.uuid
-                            .as_deref()
-                            .map(|u| format!(" {u}"))
-                            .unwrap_or_default()
-                    )),
+                    Err(e) => self
+                        .set
+                        .warnings
+                        .push(format!("missing file: {} ({what}): {e}", f.path.display())),
                 }
+            }
+            let Some(l) = loc else { continue };
+            if self.machine.relative_to_machine_dir(&f.path).is_none() {
+                self.set.warnings.push(format!(
+                    "location {:?} ({what}) is outside the machine folder (it resolves to {}); copies refuse it: preload it at the destination instead",
+                    l.original(),
+                    f.path.display()
+                ));
+            } else if l.kind().is_absolute() {
+                self.set.warnings.push(format!(
+                    "absolute location {:?} ({what}): a copy keeps the file's place in the machine folder, but the copied settings still name this host's path",
+                    l.original()
+                ));
             }
         }
         self.set
