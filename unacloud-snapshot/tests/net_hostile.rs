@@ -688,10 +688,13 @@ async fn an_epoch_beyond_2_pow_53_is_refused_and_does_not_deafen_the_participant
     part.stop().await;
 }
 
-#[tokio::test]
-async fn a_coordinator_that_lost_its_catalog_learns_the_epoch_from_stale() {
+/// A coordinator restarted without its catalog after `before` completed global
+/// snapshots: its first attempt (gs-1 again) fails with STALE — also when gs-1 is exactly
+/// the participants' newest epoch, where answering it as a duplicate would record their
+/// old local snapshots as a new global snapshot — and the next one continues after it.
+async fn lost_catalog(before: u64) {
     let mut lab = Lab::new(None, Duration::from_millis(2), false).await;
-    for _ in 0..3 {
+    for _ in 0..before {
         lab.complete_one().await;
     }
     // The coordinator restarts without a catalog: it would start at gs-1 again.
@@ -719,14 +722,27 @@ async fn a_coordinator_that_lost_its_catalog_learns_the_epoch_from_stale() {
     assert_eq!(gs, GlobalSnapshotId(1));
     match lab.outcome().await {
         ProtocolEvent::GlobalSnapshotFailed { why, .. } => {
-            assert!(why.to_string().contains("has seen gs-3"), "{why}");
+            assert!(
+                why.to_string().contains(&format!("has seen gs-{before}")),
+                "{why}"
+            );
         }
         other => panic!("{other:?}"),
     }
     // The next one continues after the participants' epoch and completes.
     let next = lab.complete_one().await;
-    assert_eq!(next, GlobalSnapshotId(4));
+    assert_eq!(next, GlobalSnapshotId(before + 1));
     lab.stop().await;
+}
+
+#[tokio::test]
+async fn a_coordinator_that_lost_its_catalog_learns_the_epoch_from_stale() {
+    lost_catalog(3).await;
+}
+
+#[tokio::test]
+async fn a_coordinator_that_lost_its_catalog_cannot_reuse_the_newest_epoch() {
+    lost_catalog(1).await;
 }
 
 #[tokio::test]

@@ -616,9 +616,12 @@ fn late_and_duplicated_messages_of_an_earlier_attempt_are_ignored() {
     // A duplicated PRECHECK_OK of gs2 counts once.
     c.drive();
     assert_eq!(c.completed(), vec![gs1, gs2]);
-    // Late TAKE_SNAPSHOT / PRECHECK / ABORT of gs1 at a participant: no action, no reply.
+    // Late TAKE_SNAPSHOT / PRECHECK / ABORT of gs1 at a participant: no action; the two
+    // requests are answered STALE (the coordinator ignores STALE of an attempt that is
+    // not running), the ABORT not at all.
     let before = c.actions.len();
     let sent = c.messages;
+    let stale_before = c.count_kind("STALE");
     for m in [
         Message::TakeSnapshot { gs: gs1 },
         Message::Precheck { gs: gs1 },
@@ -631,7 +634,9 @@ fn late_and_duplicated_messages_of_an_earlier_attempt_are_ignored() {
     }
     c.drive();
     assert_eq!(c.actions.len(), before);
-    assert_eq!(c.messages, sent);
+    assert_eq!(c.messages, sent + 2);
+    assert_eq!(c.count_kind("STALE"), stale_before + 2);
+    assert_eq!(c.completed(), vec![gs1, gs2]);
 }
 
 #[test]
@@ -660,20 +665,38 @@ fn a_duplicated_done_is_counted_once() {
 }
 
 #[test]
-fn a_duplicated_take_snapshot_repeats_done_without_rerunning_the_steps() {
-    let mut c = Cluster::new(2);
+fn a_duplicated_take_snapshot_repeats_done_until_the_global_snapshot_is_decided() {
+    let mut c = Cluster::new(3);
+    c.hold.insert(p(2));
     let gs = c.coord.start_global_snapshot(c.now).unwrap();
     c.drive();
-    let steps = c.actions_of(p(1)).len();
-    c.deliver(Envelope::new(
-        CLUSTER,
-        p(0),
-        p(1),
-        Message::TakeSnapshot { gs },
-    ));
+    let a = c.take_pending(p(2));
+    c.complete(a, ActionOutcome::VmsRunning(true));
     c.drive();
+    // p1 sent DONE and holds its colour; gs is not decided yet: a duplicate of
+    // TAKE_SNAPSHOT repeats DONE without re-running the steps.
+    let steps = c.actions_of(p(1)).len();
+    let take = Envelope::new(CLUSTER, p(0), p(1), Message::TakeSnapshot { gs });
+    c.deliver(take.clone());
+    c.collect();
     assert_eq!(c.actions_of(p(1)).len(), steps);
     assert_eq!(c.count_kind("DONE"), 2);
+    c.hold.clear();
+    c.drive();
+    assert_eq!(c.completed(), vec![gs]);
+    // After RELEASE the same request can only come from a coordinator that reuses gs
+    // (one that lost its catalog): STALE, so that it cannot record this host's old local
+    // snapshot as part of a new global snapshot.
+    let steps = c.actions_of(p(1)).len();
+    let dones = c.count_kind("DONE");
+    c.deliver(take);
+    c.drive();
+    assert_eq!(c.actions_of(p(1)).len(), steps);
+    assert_eq!(c.count_kind("DONE"), dones);
+    assert!(c
+        .transmitted
+        .iter()
+        .any(|e| e.from == p(1) && matches!(e.message, Message::Stale { gs: g, newest_gs, .. } if g == gs && newest_gs == gs)));
 }
 
 #[test]

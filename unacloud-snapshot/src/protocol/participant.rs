@@ -100,6 +100,10 @@ pub struct Participant {
     /// The newest global snapshot seen (the epoch); older ones are ignored.
     gs: GlobalSnapshotId,
     snap: SnapState,
+    /// Whether the newest global snapshot is decided here (RELEASE or ABORT arrived, or
+    /// its deadline passed): a request of it can then only come from a coordinator that
+    /// reuses the epoch, and is answered STALE (`PROTOCOL.md` §6.3).
+    decided: bool,
     /// The newest resume attempt seen.
     attempt: ResumeAttempt,
     resume_gs: GlobalSnapshotId,
@@ -126,6 +130,7 @@ impl Participant {
             config,
             gs: GlobalSnapshotId(0),
             snap: SnapState::Idle,
+            decided: false,
             attempt: ResumeAttempt(0),
             resume_gs: GlobalSnapshotId(0),
             resume: ResumeState::Idle,
@@ -175,7 +180,9 @@ impl Participant {
             Message::Poll { gs, attempt } => {
                 // A coordinator that resumes has decided every global snapshot.
                 self.release_held(now);
-                if attempt >= self.attempt {
+                if self.reused_attempt(gs, attempt) {
+                    self.send_stale(gs, Some(attempt));
+                } else if attempt >= self.attempt {
                     if attempt > self.attempt {
                         self.attempt = attempt;
                         self.resume_gs = gs;
@@ -278,6 +285,7 @@ impl Participant {
             if now >= deadline && !self.host.is_busy() {
                 let gs = self.gs;
                 self.snap = SnapState::Done(local_time);
+                self.decided = true;
                 self.out
                     .push_back(Output::Event(ProtocolEvent::ReleaseMissed { gs }));
                 self.issue_cleanup(now, gs);
@@ -446,6 +454,7 @@ impl Participant {
         }
         // Current attempt: release the held colour; a duplicate finds nothing to do.
         self.release_held(now);
+        self.decided = true;
     }
 
     /// Moves the epoch on to `gs`, an attempt this host never took part in (after
@@ -454,6 +463,7 @@ impl Participant {
         self.release_held(now);
         self.gs = gs;
         self.snap = SnapState::Abandoned;
+        self.decided = true;
     }
 
     /// Tells the coordinator that its request of `gs` (`attempt`) is older than what this
@@ -479,7 +489,7 @@ impl Participant {
     }
 
     fn on_precheck(&mut self, now: Instant, gs: GlobalSnapshotId) {
-        if gs < self.gs {
+        if gs < self.gs || (gs == self.gs && self.decided) {
             self.send_stale(gs, None);
             return;
         }
@@ -492,6 +502,7 @@ impl Participant {
         }
         self.release_held(now);
         self.gs = gs;
+        self.decided = false;
         if let Some(reason) = self.busy_reason() {
             self.snap = SnapState::Abandoned;
             self.send(Message::PrecheckFailed { gs, reason });
@@ -522,7 +533,7 @@ impl Participant {
     }
 
     fn on_take_snapshot(&mut self, now: Instant, gs: GlobalSnapshotId) {
-        if gs < self.gs {
+        if gs < self.gs || (gs == self.gs && self.decided) {
             self.send_stale(gs, None);
             return;
         }
@@ -538,6 +549,7 @@ impl Participant {
         }
         self.release_held(now);
         self.gs = gs;
+        self.decided = false;
         // The coordinator moved on without our answer being needed.
         self.cancel_check();
         if let Some(reason) = self.busy_reason() {
@@ -618,6 +630,7 @@ impl Participant {
             self.skip_to(now, gs);
             return;
         }
+        self.decided = true;
         let why = || format!("aborted by the coordinator: {reason}");
         match self.snap {
             SnapState::Steps { .. } if matches!(self.host.queued(), Some(Purpose::Step(..))) => {
@@ -690,8 +703,17 @@ impl Participant {
         self.host.issue_cleanup(&mut self.out, gs, deadline);
     }
 
+    /// A request of the current resume attempt that no coordinator sends twice: that
+    /// attempt was aborted here, or the request names another global snapshot than the
+    /// attempt does (a coordinator that reuses attempt numbers).
+    fn reused_attempt(&self, gs: GlobalSnapshotId, attempt: ResumeAttempt) -> bool {
+        attempt == self.attempt
+            && attempt.0 > 0
+            && (self.resume == ResumeState::Aborted || gs != self.resume_gs)
+    }
+
     fn on_restore(&mut self, now: Instant, gs: GlobalSnapshotId, attempt: ResumeAttempt) {
-        if attempt < self.attempt {
+        if attempt < self.attempt || self.reused_attempt(gs, attempt) {
             self.send_stale(gs, Some(attempt));
             return;
         }
@@ -728,11 +750,11 @@ impl Participant {
     }
 
     fn on_start(&mut self, now: Instant, gs: GlobalSnapshotId, attempt: ResumeAttempt) {
-        if attempt < self.attempt {
+        if attempt < self.attempt || (attempt == self.attempt && gs != self.resume_gs) {
             self.send_stale(gs, Some(attempt));
             return;
         }
-        if attempt != self.attempt || gs != self.resume_gs {
+        if attempt != self.attempt {
             return;
         }
         match self.resume {
