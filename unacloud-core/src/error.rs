@@ -138,6 +138,42 @@ pub enum Error {
         /// What was cancelled.
         operation: String,
     },
+    /// `qemu-img` failed; `kind` says why (read from its exit status and standard
+    /// error, which is kept as the source).
+    #[error("qemu-img could not {operation} {}: {kind}", path.display())]
+    QemuImg {
+        /// What was being done ("create overlay", "inspect image", …).
+        operation: &'static str,
+        /// The image the command was about.
+        path: PathBuf,
+        /// Why it failed.
+        kind: ImageFailure,
+        /// Its exit code (`None` when it was killed by a signal).
+        exit_code: Option<i32>,
+        /// What it printed on standard error.
+        #[source]
+        source: ToolOutput,
+    },
+    /// A file the backend was asked to change or delete lies outside the backend's root
+    /// (a registry copied from another root still names the original's files).
+    #[error("refusing to {operation} {}: it is outside the backend root {}", path.display(), root.display())]
+    OutsideRoot {
+        /// What was refused.
+        operation: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The backend's root.
+        root: PathBuf,
+    },
+    /// A failure injected by a test's fault hook (never produced otherwise).
+    #[doc(hidden)]
+    #[error("fault injected at side effect {step} ({at})")]
+    FaultInjected {
+        /// The side effect's number, from 1.
+        step: u64,
+        /// What it was.
+        at: String,
+    },
     /// Any other backend failure, with the backend's raw message.
     #[error("{backend}: {message}")]
     Backend {
@@ -147,6 +183,88 @@ pub enum Error {
         message: String,
     },
 }
+
+/// Why an image tool failed, as read from its exit status and standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ImageFailure {
+    /// The file system is full (or over quota).
+    NoSpace,
+    /// The operating system refused access (mode bits, read-only file system).
+    PermissionDenied,
+    /// A file it needed (the image, its backing file) does not exist.
+    NotFound,
+    /// The image is not a valid image of its format (bad header, wrong format).
+    CorruptImage,
+    /// Another process holds the image's lock (a running VM).
+    Locked,
+    /// Anything else; the tool's output says more.
+    Other,
+}
+
+impl ImageFailure {
+    /// Classifies a failed run from its standard error.
+    pub fn classify(stderr: &str) -> ImageFailure {
+        let s = stderr.to_ascii_lowercase();
+        if s.contains("no space left") || s.contains("disk quota exceeded") {
+            ImageFailure::NoSpace
+        } else if s.contains("permission denied")
+            || s.contains("read-only file system")
+            || s.contains("operation not permitted")
+        {
+            ImageFailure::PermissionDenied
+        } else if s.contains("no such file or directory") {
+            ImageFailure::NotFound
+        } else if s.contains("failed to get") && s.contains("lock") {
+            ImageFailure::Locked
+        } else if s.contains("image is corrupt")
+            || s.contains("not in qcow2 format")
+            || s.contains("unknown file format")
+            || s.contains("could not open")
+                && (s.contains("invalid") || s.contains("unsupported") || s.contains("corrupt"))
+            || s.contains("image not in")
+            || s.contains("unsupported qcow2 version")
+        {
+            ImageFailure::CorruptImage
+        } else {
+            ImageFailure::Other
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImageFailure::NoSpace => "no space left on the device",
+            ImageFailure::PermissionDenied => "permission denied",
+            ImageFailure::NotFound => "a file it needs does not exist",
+            ImageFailure::CorruptImage => "the image is corrupt or not of the expected format",
+            ImageFailure::Locked => "the image is locked by another process",
+            ImageFailure::Other => "it failed",
+        })
+    }
+}
+
+/// What an external tool printed on standard error, kept as an error's source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolOutput {
+    /// The tool's exit status, as the operating system describes it.
+    pub status: String,
+    /// Its standard error, trimmed.
+    pub stderr: String,
+}
+
+impl std::fmt::Display for ToolOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.stderr.is_empty() {
+            write!(f, "{} (nothing on standard error)", self.status)
+        } else {
+            write!(f, "{}: {}", self.status, self.stderr)
+        }
+    }
+}
+
+impl std::error::Error for ToolOutput {}
 
 fn summarise_unplaced(unplaced: &[crate::placement::Unplaced]) -> String {
     let mut s: Vec<String> = unplaced
@@ -168,6 +286,28 @@ impl Error {
             source,
         }
     }
+}
+
+/// An error with every cause below it, outermost first, joined by `": "` (what a
+/// one-line report should print: [`Error::Io`] alone names the file, its source says
+/// why).
+///
+/// ```
+/// let e = unacloud_core::Error::io("/x", std::io::Error::other("disk full"));
+/// assert_eq!(unacloud_core::error::chain(&e), "I/O error on /x: disk full");
+/// ```
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.ends_with(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 /// `Result` with [`Error`].

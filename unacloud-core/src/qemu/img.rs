@@ -173,17 +173,26 @@ impl QemuImg {
             return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
         }
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        let shown: Vec<String> = args
+        // The image the command is about: its last argument that is neither an option
+        // nor a size.
+        let path = args
             .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        Err(Error::Backend {
-            backend: BACKEND.to_owned(),
-            message: format!(
-                "`qemu-img {}` ({operation}) failed with {}: {stderr}",
-                shown.join(" "),
-                out.status
-            ),
+            .rev()
+            .find(|a| {
+                let a = a.to_string_lossy();
+                !a.starts_with('-') && !a.chars().all(|c| c.is_ascii_digit())
+            })
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        Err(Error::QemuImg {
+            operation,
+            path,
+            kind: crate::error::ImageFailure::classify(&stderr),
+            exit_code: out.status.code(),
+            source: crate::error::ToolOutput {
+                status: out.status.to_string(),
+                stderr,
+            },
         })
     }
 
