@@ -9,8 +9,9 @@ use crate::hypervisor::CloneSpec;
 use crate::model::{DiskType, Uuid, VmId, VmInfo};
 
 use super::img::BACKEND;
+use super::journal::{rel, IntentOp};
 use super::settings::{validate_name, DiskSlot, NetConfig, SavedState, VmSettings};
-use super::{all_disks, find, own_image_file, remove_if_exists, run, set_writable, QemuHypervisor};
+use super::{all_disks, find, own_image_file, run, set_writable, QemuHypervisor};
 
 impl QemuHypervisor {
     /// Registers a VM from its settings file (e.g. copied from another host with the
@@ -234,10 +235,40 @@ impl QemuHypervisor {
                 });
             }
         }
-        for (i, frozen) in &fresh_overlays {
+        let new_files: Vec<PathBuf> = fresh_overlays
+            .iter()
+            .map(|(i, _)| rel(&self.root, &folder.join(&settings.disks[*i].file)))
+            .collect();
+        let intent = self.begin(
+            &settings.name,
+            &settings_file,
+            IntentOp::RegisterVm { new_files },
+        )?;
+        let res = self
+            .register_rest(&mut st, &folder, &settings_file, settings, &fresh_overlays)
+            .await;
+        match &res {
+            Ok(_) => self.end(intent),
+            Err(_) => self.abandon(&mut st, intent),
+        }
+        res
+    }
+
+    /// The side effects of [`QemuHypervisor::register_vm_files`] once its intent is
+    /// written: fresh overlays, the settings, the registry entry (the commit point).
+    async fn register_rest(
+        &self,
+        st: &mut super::State,
+        folder: &Path,
+        settings_file: &Path,
+        mut settings: VmSettings,
+        fresh_overlays: &[(usize, PathBuf)],
+    ) -> Result<VmInfo> {
+        for (i, frozen) in fresh_overlays {
             let slot = &settings.disks[*i];
             let backing = PathBuf::from("..").join(frozen);
-            std::fs::create_dir_all(folder.join("Snapshots")).map_err(|e| Error::io(&folder, e))?;
+            self.fx("create overlay")?;
+            std::fs::create_dir_all(folder.join("Snapshots")).map_err(|e| Error::io(folder, e))?;
             self.img
                 .create_overlay_unopened(
                     &folder.join(&slot.file),
@@ -249,10 +280,11 @@ impl QemuHypervisor {
         }
         settings.aborted = false;
         settings.pending = None;
-        run::RunRecord::remove(&folder);
-        settings.save(&settings_file, self.durable)?;
-        self.update_registry(&mut st, |reg| reg.vms.push(settings_file.clone()))?;
-        Ok(st.add_vm(settings_file, settings))
+        run::RunRecord::remove(folder);
+        self.fx("write VM settings")?;
+        settings.save(settings_file, self.durable)?;
+        self.update_registry(st, |reg| reg.vms.push(settings_file.to_path_buf()))?;
+        Ok(st.add_vm(settings_file.to_path_buf(), settings))
     }
 
     /// Unregisters a VM that is not running; with `delete_files`, removes exactly its
@@ -262,35 +294,52 @@ impl QemuHypervisor {
         let (guard, name, folder, settings) = self.lock_vm(vm).await?;
         guard.refuse_running("unregister", &name, "running")?;
         let mut st = self.state.lock().await;
+        // An operation on this VM abandoned in this process is settled first.
+        self.replay_intents(&mut st, Some(&name))?;
         let settings_file = find(&st, vm)?.settings_file.clone();
-        self.update_registry(&mut st, |reg| reg.vms.retain(|p| *p != settings_file))?;
+        if !delete_files {
+            self.update_registry(&mut st, |reg| {
+                reg.vms.retain(|p| *p != settings_file);
+                reg.foreign.retain(|p| *p != settings_file);
+            })?;
+            st.vms.remove(&name);
+            return Ok(());
+        }
+        if st.registry.foreign.contains(&settings_file) {
+            return Err(Error::OutsideRoot {
+                operation: "delete the files of VM",
+                path: settings_file,
+                root: self.root.clone(),
+            });
+        }
+        let files = own_files(&name, &folder, &settings);
+        let intent = self.begin(
+            &name,
+            &settings_file,
+            IntentOp::DeleteVm {
+                folder: rel(&self.root, &folder),
+                files: files.iter().map(|f| rel(&self.root, f)).collect(),
+            },
+        )?;
+        // The registry no longer naming the VM is the commit point; the files go after.
+        if let Err(e) = self.update_registry(&mut st, |reg| reg.vms.retain(|p| *p != settings_file))
+        {
+            self.abandon(&mut st, intent);
+            return Err(e);
+        }
         st.vms.remove(&name);
+        let finished = self.settle(&mut st, &intent.intent);
         drop(st);
         drop(guard);
-        if delete_files {
-            let mut own: Vec<PathBuf> = settings
-                .disks
-                .iter()
-                .filter(|d| d.own)
-                .map(|d| VmSettings::disk_path(&folder, d))
-                .collect();
-            for m in &settings.snapshots {
-                own.extend(m.disks.iter().map(|d| folder.join(&d.file)));
-                own.extend(m.state_file.iter().map(|f| folder.join(f)));
+        match finished {
+            Ok(()) => {
+                self.end(intent);
+                Ok(())
             }
-            own.extend(settings.saved_state.iter().map(|s| folder.join(&s.file)));
-            own.push(folder.join("console.log"));
-            own.push(folder.join(run::RUN_FILE));
-            own.push(folder.join("qemu.pid"));
-            for p in &own {
-                remove_if_exists(p)?;
-            }
-            remove_if_exists(&settings_file)?;
-            let _ = std::fs::remove_dir(folder.join("Snapshots"));
-            // Leaves the folder if anything else is in it.
-            let _ = std::fs::remove_dir(&folder);
+            // The VM is unregistered; the rest of its files go when the root is next
+            // opened (or the name is used again).
+            Err(e) => Err(e),
         }
-        Ok(())
     }
 
     /// Clones a VM that is not running: each disk's content at the current state (or at
@@ -336,8 +385,17 @@ impl QemuHypervisor {
                 id: folder.display().to_string(),
             });
         }
-        std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
+        let settings_file = folder.join(format!("{}.vm.json", spec.name));
+        let intent = self.begin(
+            &spec.name,
+            &settings_file,
+            IntentOp::CloneVm {
+                folder: rel(&self.root, &folder),
+            },
+        )?;
         let result = async {
+            self.fx("create VM folder")?;
+            std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
             let mut slots = Vec::new();
             for d in &src.disks {
                 let from = match &at {
@@ -351,6 +409,7 @@ impl QemuHypervisor {
                 };
                 let file = own_image_file(&spec.name, &d.controller, d.port, d.device);
                 let to = folder.join(&file);
+                self.fx("copy disk")?;
                 match &d.base {
                     Some(b) => {
                         self.img
@@ -384,7 +443,7 @@ impl QemuHypervisor {
                 net,
                 ..src.clone()
             };
-            let settings_file = folder.join(format!("{}.vm.json", spec.name));
+            self.fx("write VM settings")?;
             settings.save(&settings_file, self.durable)?;
             let mut st = self.state.lock().await;
             if st.vms.contains_key(&spec.name) {
@@ -394,13 +453,45 @@ impl QemuHypervisor {
                 });
             }
             self.update_registry(&mut st, |reg| reg.vms.push(settings_file.clone()))?;
-            Ok(st.add_vm(settings_file, settings))
+            Ok(st.add_vm(settings_file.clone(), settings))
         }
         .await;
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&folder);
+        let mut st = self.state.lock().await;
+        match &result {
+            Ok(_) => self.end(intent),
+            Err(_) => self.abandon(&mut st, intent),
         }
+        drop(st);
         drop(guard);
         result
     }
+}
+
+/// Exactly the files of VM `name` in `folder`: its overlays, every snapshot's images and
+/// state, its saved state, console log, run record and pid file, and any overlay named
+/// as this VM's own that an interrupted attach left untracked. Never a template, never
+/// a shared image.
+fn own_files(name: &str, folder: &Path, settings: &VmSettings) -> Vec<PathBuf> {
+    let mut own: Vec<PathBuf> = settings
+        .disks
+        .iter()
+        .filter(|d| d.own)
+        .map(|d| VmSettings::disk_path(folder, d))
+        .collect();
+    for m in &settings.snapshots {
+        own.extend(m.disks.iter().map(|d| folder.join(&d.file)));
+        own.extend(m.state_file.iter().map(|f| folder.join(f)));
+    }
+    own.extend(settings.saved_state.iter().map(|s| folder.join(&s.file)));
+    own.push(folder.join("console.log"));
+    own.push(folder.join(run::RUN_FILE));
+    own.push(folder.join("qemu.pid"));
+    let prefix = format!("{}-", super::sanitize(name));
+    for e in std::fs::read_dir(folder).into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(&prefix) && n.ends_with(".qcow2") && !own.contains(&e.path()) {
+            own.push(e.path());
+        }
+    }
+    own
 }

@@ -58,6 +58,7 @@
 
 mod files;
 mod img;
+mod journal;
 mod qmp;
 mod run;
 mod settings;
@@ -124,7 +125,7 @@ impl Entry {
 }
 
 #[derive(Debug)]
-struct State {
+pub(crate) struct State {
     registry: Registry,
     vms: BTreeMap<String, Entry>,
 }
@@ -155,6 +156,8 @@ pub struct QemuHypervisor {
     accel: Mutex<Option<Accel>>,
     space_margin: u64,
     snapshot_timeout: std::time::Duration,
+    fault: journal::Fault,
+    live_intents: std::sync::Mutex<std::collections::HashSet<Uuid>>,
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
@@ -203,7 +206,7 @@ impl QemuHypervisor {
                     Error::io(&lock_path, std::io::Error::from_raw_os_error(errno as i32))
                 }
             })?;
-        let registry = Registry::load(&root.join("registry.json"))?;
+        let registry = Registry::load(&root.join("registry.json"))?.resolve(&root);
         let mut vms = BTreeMap::new();
         for file in &registry.vms {
             match VmSettings::load(file) {
@@ -230,8 +233,22 @@ impl QemuHypervisor {
             accel: Mutex::new(None),
             space_margin: 64 << 20,
             snapshot_timeout: std::time::Duration::from_secs(600),
+            fault: journal::Fault::default(),
+            live_intents: std::sync::Mutex::new(std::collections::HashSet::new()),
             _lock: lock,
         };
+        // Interrupted operations first (the registry says which committed), then files
+        // no record explains, then running VMs.
+        {
+            let mut st = hv.state.lock().await;
+            hv.replay_intents(&mut st, None)?;
+            let vms = std::mem::take(&mut st.vms);
+            st.vms = vms
+                .into_iter()
+                .filter(|(_, e)| st.registry.vms.contains(&e.settings_file))
+                .collect();
+        }
+        hv.sweep_orphans().await?;
         hv.reattach_all().await?;
         Ok(hv)
     }
@@ -380,7 +397,9 @@ impl QemuHypervisor {
     fn update_registry(&self, st: &mut State, change: impl FnOnce(&mut Registry)) -> Result<()> {
         let mut reg = st.registry.clone();
         change(&mut reg);
-        reg.save(&self.root.join("registry.json"), self.durable)?;
+        self.fx("write registry")?;
+        reg.stored(&self.root)
+            .save(&self.root.join("registry.json"), self.durable)?;
         st.registry = reg;
         Ok(())
     }
@@ -589,6 +608,8 @@ impl Hypervisor for QemuHypervisor {
     async fn create_vm(&self, spec: &VmSpec) -> Result<VmInfo> {
         validate_name(&spec.name)?;
         let mut st = self.state.lock().await;
+        // An earlier attempt at this name abandoned in this process is settled first.
+        self.replay_intents(&mut st, Some(&spec.name))?;
         if st.vms.contains_key(&spec.name) {
             return Err(Error::AlreadyExists {
                 kind: "vm",
@@ -608,7 +629,6 @@ impl Hypervisor for QemuHypervisor {
             });
         }
         let created_folder = !folder.exists();
-        std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
         let settings = VmSettings {
             format: SETTINGS_FORMAT.to_owned(),
             uuid: Uuid::new_v4(),
@@ -627,16 +647,27 @@ impl Hypervisor for QemuHypervisor {
             aborted: false,
             pending: None,
         };
-        let res = settings.save(&settings_file, self.durable).and_then(|()| {
-            self.update_registry(&mut st, |reg| reg.vms.push(settings_file.clone()))
-        });
+        let intent = self.begin(
+            &spec.name,
+            &settings_file,
+            journal::IntentOp::CreateVm {
+                folder: journal::rel(&self.root, &folder),
+                created_folder,
+            },
+        )?;
+        let res = self
+            .fx("create VM folder")
+            .and_then(|()| std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e)))
+            .and_then(|()| self.fx("write VM settings"))
+            .and_then(|()| settings.save(&settings_file, self.durable))
+            .and_then(|()| {
+                self.update_registry(&mut st, |reg| reg.vms.push(settings_file.clone()))
+            });
         if let Err(e) = res {
-            let _ = std::fs::remove_file(&settings_file);
-            if created_folder {
-                let _ = std::fs::remove_dir(&folder);
-            }
+            self.abandon(&mut st, intent);
             return Err(e);
         }
+        self.end(intent);
         Ok(st.add_vm(settings_file, settings))
     }
 
@@ -790,8 +821,19 @@ impl Hypervisor for QemuHypervisor {
                 users: children,
             });
         }
-        self.update_registry(&mut st, |reg| reg.disks.retain(|x| x.uuid != d.uuid))?;
+        if delete_file && st.registry.foreign.contains(&d.location) {
+            return Err(Error::OutsideRoot {
+                operation: "delete the disk image",
+                path: d.location.clone(),
+                root: self.root.clone(),
+            });
+        }
+        self.update_registry(&mut st, |reg| {
+            reg.disks.retain(|x| x.uuid != d.uuid);
+            reg.foreign.retain(|f| *f != d.location);
+        })?;
         if delete_file {
+            self.fx("remove disk image")?;
             remove_if_exists(&d.location)?;
         }
         Ok(())
@@ -844,6 +886,12 @@ impl Hypervisor for QemuHypervisor {
 
     async fn attach_disk(&self, vm: &VmId, spec: &AttachSpec) -> Result<DiskInfo> {
         let mut st = self.state.lock().await;
+        if let Ok(e) = find(&st, vm) {
+            // An attach to this VM abandoned in this process (its future was dropped)
+            // is settled first, so its overlay does not block this one.
+            let name = e.settings.name.clone();
+            self.replay_intents(&mut st, Some(&name))?;
+        }
         let disk = find_disk(&st, &spec.disk)?;
         let users = users_of(&st, disk.uuid);
         let e = find(&st, vm)?;
@@ -869,6 +917,7 @@ impl Hypervisor for QemuHypervisor {
         let folder = e.folder();
         let settings_file = e.settings_file.clone();
         let mut settings = e.settings.clone();
+        let mut attach_intent = None;
         let (slot, new_disk) = if disk.disk_type == DiskType::MultiAttach {
             let file = own_image_file(&name, &spec.controller, spec.port, spec.device);
             let overlay = folder.join(&file);
@@ -879,9 +928,26 @@ impl Hypervisor for QemuHypervisor {
                 });
             }
             let fmt = disk.format.to_string().to_ascii_lowercase();
-            self.img
-                .create_overlay(&overlay, &disk.location, &fmt)
-                .await?;
+            let intent = self.begin(
+                &name,
+                &settings_file,
+                journal::IntentOp::AttachDisk {
+                    overlay: journal::rel(&self.root, &overlay),
+                },
+            )?;
+            let made = match self.fx("create overlay") {
+                Ok(()) => {
+                    self.img
+                        .create_overlay(&overlay, &disk.location, &fmt)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = made {
+                self.abandon(&mut st, intent);
+                return Err(e);
+            }
+            attach_intent = Some(intent);
             let uuid = Uuid::new_v4();
             let slot = DiskSlot {
                 controller: spec.controller.clone(),
@@ -936,12 +1002,19 @@ impl Hypervisor for QemuHypervisor {
         if settings.boot.is_none() {
             settings.boot = st.registry.boot.get(&disk.uuid).cloned();
         }
-        // The overlay is recorded in the VM's settings only (one atomic write).
-        if let Err(err) = settings.save(&settings_file, self.durable) {
-            if let Some(d) = &new_disk {
-                let _ = std::fs::remove_file(&d.location);
+        // The overlay is recorded in the VM's settings only (one atomic write: the
+        // commit point).
+        let saved = self
+            .fx("write VM settings")
+            .and_then(|()| settings.save(&settings_file, self.durable));
+        if let Err(err) = saved {
+            if let Some(intent) = attach_intent {
+                self.abandon(&mut st, intent);
             }
             return Err(err);
+        }
+        if let Some(intent) = attach_intent {
+            self.end(intent);
         }
         let e = find_mut(&mut st, vm)?;
         e.settings = settings;

@@ -13,8 +13,10 @@ pub(crate) const SETTINGS_FORMAT: &str = "unacloud-qemu-vm/2";
 /// The previous format, read as long as it records no snapshots (its snapshots were
 /// internal qcow2 snapshots, which this version does not take).
 const SETTINGS_FORMAT_V1: &str = "unacloud-qemu-vm/1";
-/// Format marker of the registry.
-pub(crate) const REGISTRY_FORMAT: &str = "unacloud-qemu-registry/1";
+/// Format marker of the registry (paths inside the root are stored relative to it).
+pub(crate) const REGISTRY_FORMAT: &str = "unacloud-qemu-registry/2";
+/// The previous format, with absolute paths: read, converted on the next write.
+const REGISTRY_FORMAT_V1: &str = "unacloud-qemu-registry/1";
 
 /// The multiattach template a VM disk is a differencing child of.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -419,9 +421,67 @@ pub(crate) struct Registry {
     /// Kernel and initrd of templates that boot directly, by the template's uuid.
     #[serde(default)]
     pub boot: std::collections::BTreeMap<Uuid, BootFiles>,
+    /// The root this registry was last written for.
+    #[serde(default)]
+    pub root: Option<PathBuf>,
+    /// Absolute paths outside the root that came from a registry written for another
+    /// root (a copied root): the backend never deletes them.
+    #[serde(default)]
+    pub foreign: Vec<PathBuf>,
 }
 
 impl Registry {
+    /// The registry as read from `root/registry.json`, with every path made absolute;
+    /// absolute paths outside `root` from a registry written for another root (or by
+    /// the previous format) are marked foreign.
+    pub(crate) fn resolve(mut self, root: &Path) -> Registry {
+        use super::journal::abs;
+        let copied = self.root.as_deref() != Some(root);
+        let mut foreign: Vec<PathBuf> = self.foreign.iter().map(|p| abs(root, p)).collect();
+        let mut mark = |p: &Path| {
+            if copied && p.is_absolute() && !p.starts_with(root) && !foreign.iter().any(|f| f == p)
+            {
+                foreign.push(p.to_path_buf());
+            }
+        };
+        for v in &self.vms {
+            mark(v);
+        }
+        for d in &self.disks {
+            mark(&d.location);
+        }
+        self.vms = self.vms.iter().map(|p| abs(root, p)).collect();
+        for d in &mut self.disks {
+            d.location = abs(root, &d.location);
+        }
+        for b in self.boot.values_mut() {
+            b.kernel = abs(root, &b.kernel);
+            b.initrd = b.initrd.as_deref().map(|i| abs(root, i));
+        }
+        self.foreign = foreign;
+        self.root = Some(root.to_path_buf());
+        self.format = REGISTRY_FORMAT.to_owned();
+        self
+    }
+
+    /// The registry as stored: paths inside `root` relative to it.
+    pub(crate) fn stored(&self, root: &Path) -> Registry {
+        use super::journal::rel;
+        let mut r = self.clone();
+        r.vms = r.vms.iter().map(|p| rel(root, p)).collect();
+        for d in &mut r.disks {
+            d.location = rel(root, &d.location);
+        }
+        for b in r.boot.values_mut() {
+            b.kernel = rel(root, &b.kernel);
+            b.initrd = b.initrd.as_deref().map(|i| rel(root, i));
+        }
+        r.foreign = r.foreign.iter().map(|p| rel(root, p)).collect();
+        r.root = Some(root.to_path_buf());
+        r.format = REGISTRY_FORMAT.to_owned();
+        r
+    }
+
     pub(crate) fn load(path: &Path) -> Result<Registry> {
         match std::fs::read_to_string(path) {
             Ok(text) => {
@@ -431,7 +491,7 @@ impl Registry {
                     reason: e.to_string(),
                     backup: None,
                 })?;
-                if r.format != REGISTRY_FORMAT {
+                if r.format != REGISTRY_FORMAT && r.format != REGISTRY_FORMAT_V1 {
                     return Err(Error::Corrupt {
                         what: "QEMU backend registry",
                         path: path.to_owned(),
