@@ -211,16 +211,24 @@ pub struct DeployOptions {
     /// Start each VM after creating it (Deploying → Deployed); off for backends that
     /// cannot run VMs here.
     pub start: bool,
+    /// Finish an interrupted deployment of the same plan: a VM of the plan that
+    /// already exists on its host is kept when it is complete (its one disk is its own
+    /// differencing child of the template and every file of it is there,
+    /// [`MultiattachManager::is_complete_from`]) and is otherwise removed with its own
+    /// files and made again. Off: an existing VM of that name fails (it is never
+    /// touched).
+    pub resume: bool,
 }
 
 impl Default for DeployOptions {
-    /// 16 hosts at a time, 3 attempts, the thesis's time limits, no start.
+    /// 16 hosts at a time, 3 attempts, the thesis's time limits, no start, no resume.
     fn default() -> Self {
         DeployOptions {
             max_parallel_hosts: 16,
             retry: RetryPolicy::default(),
             timeouts: LifecycleTimeouts::default(),
             start: false,
+            resume: false,
         }
     }
 }
@@ -492,14 +500,36 @@ async fn run_vm(
     };
     let template = match bounded("look up template", tr.remaining(), look).await {
         Ok(d) => d,
-        Err(e) => return tr.fail(e.to_string()),
+        Err(e) => return tr.fail(crate::error::chain(&e)),
     };
-    // Never touch a VM this deployment did not create.
+    // Never touch a VM this deployment did not create; when resuming the same plan,
+    // keep a complete VM and make a half-made one again.
+    let mut kept = false;
     if hv.vm_info(&id).await.is_ok() {
-        return tr.fail(format!(
-            "a VM named {} already exists on host {host}",
-            spec.name
-        ));
+        if !options.resume {
+            return tr.fail(format!(
+                "a VM named {} already exists on host {host}",
+                spec.name
+            ));
+        }
+        let manager = MultiattachManager::new(hv);
+        match manager.is_complete_from(&id, &template).await {
+            Ok(true) => kept = true,
+            Ok(false) => {
+                tracing::info!(
+                    "VM {} on {host} was left half-made by an interrupted run; making it again",
+                    spec.name
+                );
+                if let Err(e) = hv.unregister_vm(&id, true).await {
+                    return tr.fail(format!(
+                        "the half-made VM {} could not be removed: {}",
+                        spec.name,
+                        crate::error::chain(&e)
+                    ));
+                }
+            }
+            Err(e) => return tr.fail(crate::error::chain(&e)),
+        }
     }
     tr.event(Event::TransferCompleted);
 
@@ -507,6 +537,9 @@ async fn run_vm(
     // transient errors while the state's time limit lasts.
     let mut backoff = options.retry.backoff;
     loop {
+        if kept {
+            break;
+        }
         tr.outcome.attempts += 1;
         let manager = MultiattachManager::new(hv);
         let attempt = bounded(
@@ -548,7 +581,7 @@ async fn run_vm(
                     backoff = backoff.saturating_mul(2);
                     continue;
                 }
-                return tr.fail(e.to_string());
+                return tr.fail(crate::error::chain(&e));
             }
         }
     }
@@ -579,7 +612,7 @@ async fn run_vm(
         }
         Some(Err(e)) => {
             remove_vm_quietly(hv, &id).await;
-            tr.fail(e.to_string())
+            tr.fail(crate::error::chain(&e))
         }
     }
 }

@@ -56,12 +56,20 @@ impl FileTransfer for LocalTransfer {
                 return Err(e);
             }
         };
-        let f = tokio::fs::OpenOptions::new()
-            .write(true)
-            .open(&tmp)
-            .await
-            .map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().await.map_err(|e| Error::io(&tmp, e))?;
+        // Every error path removes the temporary copy (a full disk leaves nothing).
+        let synced = async {
+            let f = tokio::fs::OpenOptions::new()
+                .write(true)
+                .open(&tmp)
+                .await
+                .map_err(|e| Error::io(&tmp, e))?;
+            f.sync_all().await.map_err(|e| Error::io(&tmp, e))
+        }
+        .await;
+        if let Err(e) = synced {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
         if let Err(e) = tokio::fs::rename(&tmp, to).await {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(Error::io(to, e));
@@ -193,6 +201,31 @@ impl<'a> MultiattachManager<'a> {
             remove_vm_quietly(self.hv, &id).await;
         }
         result
+    }
+
+    /// Whether `vm` is complete as [`MultiattachManager::create_vm_from`] leaves it:
+    /// exactly one disk, which is its own differencing child of `template`, and every
+    /// file of the VM present (no warning in its file set). A VM an interrupted
+    /// provisioning left half-made (no disk yet, or a missing image) is not.
+    pub async fn is_complete_from(&self, vm: &VmId, template: &DiskInfo) -> Result<bool> {
+        let info = self.hv.vm_info(vm).await?;
+        let [attached] = info.disks.as_slice() else {
+            return Ok(false);
+        };
+        let disks = self.hv.list_disks().await?;
+        let on_template = disks
+            .iter()
+            .find(|d| d.uuid == attached.disk)
+            .is_some_and(|d| d.parent == Some(template.uuid) && d.uuid != template.uuid);
+        if !on_template {
+            return Ok(false);
+        }
+        match self.hv.vm_files(vm).await {
+            Ok(set) => Ok(set.warnings.is_empty()),
+            // A backend that cannot list files: the disk chain is all there is to check.
+            Err(Error::Unsupported { .. }) => Ok(true),
+            Err(e) => Err(e),
+        }
     }
 
     /// Operation 3: clones `source` into a new VM named `name` whose disks are new
