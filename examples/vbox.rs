@@ -358,6 +358,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn migrate_set_escapes_hostile_locations() {
+        let dir = tempfile::tempdir().unwrap();
+        let vbox_file = dir.path().join("TM.vbox");
+        std::fs::write(
+            &vbox_file,
+            r#"<VirtualBox version="1.19-linux"><Machine uuid="{11111111-1111-1111-1111-111111111111}" name="TM" OSType="Linux" stateFile="Snapshots/a&#10;/etc/shadow&#27;[2K.sav">
+            <Hardware/></Machine></VirtualBox>"#,
+        )
+        .unwrap();
+        let f = vbox_file.to_str().unwrap().to_owned();
+        let (code, out, err) = vbox(&["migrate-set", &f, "--snapshot", "current"], || None).await;
+        assert_eq!(code, 0, "{err}");
+        // Two files, two lines: the settings and the saved state, escaped.
+        assert_eq!(out.lines().count(), 2, "{out}");
+        assert!(out.contains("Snapshots/a\\n/etc/shadow"), "{out}");
+        assert!(
+            !out.contains('\u{1b}') && !err.contains('\u{1b}'),
+            "{out:?} {err:?}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+
+    #[tokio::test]
     async fn without_vboxmanage_one_line_and_exit_2() {
         let (code, out, err) = vbox(&["start", "TM"], || None).await;
         assert_eq!(code, 2);
