@@ -962,8 +962,15 @@ impl Machine {
     /// machine's folder. A file outside the machine folder (an absolute location, a
     /// `..` path, a template elsewhere) is refused together with every other
     /// offending file, before anything is written — preload such images and list them
-    /// in [`MigrationOptions::preloaded`] instead. Copies go to temporary names, are
-    /// checked and renamed into place (see [`crate::copy`]).
+    /// in [`MigrationOptions::preloaded`] instead. The layout is computed from the
+    /// machine folder, made absolute, so a machine loaded from a relative path
+    /// (`vms/TM.vbox`) copies to `dest_root/TM.vbox`, whatever the current folder.
+    /// Foreign locations (`C:\…`, `//host/share/…` on a non-Windows host) are
+    /// refused too. Copies go to temporary names, are checked and renamed into place
+    /// (see [`crate::copy`]): a file of the set that is a symbolic link (simplest and
+    /// safest: links are never followed, wherever they point) or not a regular file,
+    /// and a `dest_root` that is itself a symbolic link, are refused before anything
+    /// is written; every copy keeps its source's permission bits.
     pub fn copy_set_to<F>(
         &self,
         set: &MigrationSet,
