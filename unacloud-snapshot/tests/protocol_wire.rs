@@ -506,3 +506,26 @@ fn the_envelope_example_of_protocol_md_decodes() {
         }
     );
 }
+
+/// PROTOCOL.md §2.1: duplicate fields and non-integer numbers are malformed.
+#[test]
+fn duplicate_fields_and_non_integer_numbers_are_malformed() {
+    for text in [
+        r#"{"cluster":1,"cluster":2,"from":0,"to":1,"message":{"type":"precheck","gs":1}}"#,
+        r#"{"cluster":1,"from":0,"to":1,"message":{"type":"precheck","gs":1,"gs":2}}"#,
+        r#"{"cluster":1,"from":0,"to":1,"message":{"type":"precheck","gs":7.0}}"#,
+        r#"{"cluster":1,"from":0,"to":1,"message":{"type":"precheck","gs":7e0}}"#,
+        r#"{"cluster":1,"from":0,"to":1,"message":{"type":"precheck","gs":-7}}"#,
+        r#"{"cluster":1,"from":0,"to":1,"message":{"type":"precheck","gs":true}}"#,
+    ] {
+        assert!(
+            serde_json::from_str::<Envelope>(text).is_err(),
+            "accepted {text}"
+        );
+    }
+    let ok = r#"{"cluster":1,"from":0,"to":1,"message":{"type":"precheck","gs":7,"new":1}}"#;
+    assert!(
+        serde_json::from_str::<Envelope>(ok).is_ok(),
+        "unknown fields are ignored"
+    );
+}
