@@ -30,9 +30,9 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
-    /// A settings or registry file is not a regular file (a FIFO, a device, a
-    /// folder…), so it is not read at all.
-    #[error("{} is not a regular file but {kind}; settings files are regular files", path.display())]
+    /// A settings file, registry or disk image is not a regular file (a FIFO, a
+    /// device, a folder…), so it is not read at all.
+    #[error("{} is not a regular file but {kind}", path.display())]
     NotRegularFile {
         /// The path as given.
         path: PathBuf,
@@ -362,6 +362,30 @@ impl Error {
             e = source;
         }
         e
+    }
+
+    /// [`Error::NotRegularFile`] for `path`, whose file type is `ft`.
+    pub(crate) fn not_regular(path: impl Into<PathBuf>, ft: std::fs::FileType) -> Self {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_block_device() {
+            "a block device"
+        } else if ft.is_dir() {
+            "a folder"
+        } else if ft.is_socket() {
+            "a socket"
+        } else if ft.is_symlink() {
+            "a symbolic link"
+        } else {
+            "something else"
+        };
+        Error::NotRegularFile {
+            path: path.into(),
+            kind,
+        }
     }
 
     pub(crate) fn in_file(path: impl Into<PathBuf>, source: Error) -> Self {

@@ -981,6 +981,7 @@ impl Machine {
     where
         F: FnMut(&crate::copy::CopyProgress<'_>),
     {
+        self.refuse_linked_folders(set, dest_root)?;
         self.verify(set).into_result()?;
         let pairs: Vec<(PathBuf, PathBuf)> = set
             .files
@@ -995,6 +996,43 @@ impl Machine {
             })
             .collect();
         crate::copy::copy_files(&pairs, dest_root, copy_options, progress)
+    }
+
+    /// Refuses (before anything is read or written) every file of `set` that lies
+    /// below a symbolic link to a folder inside the machine folder (`Snapshots` ->
+    /// `/etc`): the copier never follows a link as the file itself, and this closes
+    /// the same hole one folder up. The machine folder itself may be a link.
+    fn refuse_linked_folders(&self, set: &MigrationSet, dest_root: &Path) -> Result<()> {
+        let Some(base) = absolute_lexical(&self.machine_dir) else {
+            return Ok(());
+        };
+        let mut rejected = Vec::new();
+        for f in &set.files {
+            let Some(rel) = self.relative_to_machine_dir(&f.path) else {
+                continue; // refused by the copier, naming it
+            };
+            let mut cur = base.clone();
+            let parts: Vec<_> = rel.components().collect();
+            for part in parts.iter().take(parts.len().saturating_sub(1)) {
+                cur.push(part);
+                if std::fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_symlink()) {
+                    rejected.push(crate::copy::RejectedPath {
+                        source: f.path.clone(),
+                        relative: rel.to_string_lossy().into_owned(),
+                        reason: crate::copy::RejectReason::SourceSymlink { path: cur.clone() },
+                    });
+                    break;
+                }
+            }
+        }
+        if rejected.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::CopyRefused {
+                dest_root: dest_root.to_path_buf(),
+                rejected,
+            })
+        }
     }
 
     /// `path` relative to the machine folder, or `None` when it lies outside it (or

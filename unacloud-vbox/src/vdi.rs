@@ -35,6 +35,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
@@ -280,8 +281,18 @@ impl VdiHeader {
             path: path.to_path_buf(),
             source,
         };
-        let mut file = File::open(path).map_err(io_err)?;
-        let len = file.metadata().map_err(io_err)?.len();
+        // Never wait for a FIFO's writer, and read only regular files (checked on
+        // the opened file): a hostile registry may name a FIFO or a device.
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(path)
+            .map_err(io_err)?;
+        let meta = file.metadata().map_err(io_err)?;
+        if !meta.is_file() {
+            return Err(Error::not_regular(path, meta.file_type()));
+        }
+        let len = meta.len();
         let mut buf = [0u8; HEADER_SECTOR];
         let mut filled = 0;
         while filled < buf.len() {

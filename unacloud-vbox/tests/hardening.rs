@@ -495,3 +495,62 @@ fn entity_errors_report_their_own_line() {
         e => panic!("unexpected {e:?}"),
     }
 }
+
+#[test]
+fn a_symlinked_folder_inside_the_machine_folder_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vbox = machine_folder(&tmp.path().join("vm"));
+    // `Snapshots` is a link to a folder elsewhere that holds the "saved state".
+    let elsewhere = tmp.path().join("etc");
+    fs::create_dir(&elsewhere).unwrap();
+    fs::write(elsewhere.join("s1.sav"), b"secret").unwrap();
+    fs::remove_dir_all(tmp.path().join("vm/Snapshots")).unwrap();
+    symlink(&elsewhere, tmp.path().join("vm/Snapshots")).unwrap();
+    let m = Machine::load(&vbox, None).unwrap();
+    let dst = tmp.path().join("dst");
+    let err = m
+        .copy_to(
+            "installed",
+            &MigrationOptions::default(),
+            &dst,
+            &CopyOptions::default(),
+            |_| {},
+        )
+        .unwrap_err();
+    let text = chain(&err);
+    assert!(matches!(err, Error::CopyRefused { .. }), "{err:?}");
+    assert!(
+        text.contains("Snapshots") && text.contains("symbolic link"),
+        "{text}"
+    );
+    assert!(tree(&dst).is_empty());
+}
+
+#[test]
+fn a_fifo_disk_does_not_block_verification() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vbox = machine_folder(&tmp.path().join("vm"));
+    let vdi = tmp.path().join("vm/TM.vdi");
+    fs::remove_file(&vdi).unwrap();
+    nix::unistd::mkfifo(&vdi, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let m = Machine::load(&vbox, None).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let dst = tmp.path().join("dst");
+    let d = dst.clone();
+    std::thread::spawn(move || {
+        let r = m.copy_to(
+            "installed",
+            &MigrationOptions::default(),
+            &d,
+            &CopyOptions::default(),
+            |_| {},
+        );
+        let _ = tx.send(r.map(|_| ()).map_err(|e| chain(&e)));
+    });
+    let text = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a FIFO disk must not block the copy")
+        .unwrap_err();
+    assert!(text.contains("not a regular file"), "{text}");
+    assert!(tree(&dst).is_empty());
+}

@@ -636,32 +636,15 @@ impl GlobalRegistry {
 /// most [`ParseLimits::max_input_bytes`] are read, even from a file that grows.
 fn read_limited(path: &Path, limits: &ParseLimits) -> Result<String> {
     use std::io::Read as _;
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
         .open(path)
         .map_err(|e| Error::io(path, e))?;
     let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-    let ft = meta.file_type();
-    if !ft.is_file() {
-        let kind = if ft.is_fifo() {
-            "a FIFO"
-        } else if ft.is_char_device() {
-            "a character device"
-        } else if ft.is_block_device() {
-            "a block device"
-        } else if ft.is_dir() {
-            "a folder"
-        } else if ft.is_socket() {
-            "a socket"
-        } else {
-            "something else"
-        };
-        return Err(Error::NotRegularFile {
-            path: path.to_path_buf(),
-            kind,
-        });
+    if !meta.file_type().is_file() {
+        return Err(Error::not_regular(path, meta.file_type()));
     }
     let max = limits.max_input_bytes;
     let too_large = |len| Error::InputTooLarge {
