@@ -340,3 +340,32 @@ fn a_relative_machine_path_copies_to_the_right_place() {
     assert!(tmp.path().join("dst/Snapshots/s1.sav").is_file());
     assert!(!tmp.path().join("dst/src").exists());
 }
+
+#[test]
+fn a_terminal_gets_a_progress_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vbox = machine_folder(&tmp.path().join("vm"));
+    let dst = tmp.path().join("dst");
+    let argv: Vec<String> = [
+        "file_tracker",
+        s(&vbox),
+        "--snapshot",
+        "installed",
+        "--copy-to",
+        s(&dst),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    assert_eq!(file_tracker::run(&argv, &mut out, &mut err, true), 0);
+    let err = String::from_utf8(err).unwrap();
+    assert!(err.starts_with('\r') && err.ends_with('\n'), "{err:?}");
+    assert!(
+        err.contains("100.0%") && err.contains("file 3/3"),
+        "{err:?}"
+    );
+    // One line, redrawn in place.
+    assert_eq!(err.matches('\n').count(), 1, "{err:?}");
+}
