@@ -16,6 +16,12 @@
 //! Sizes on disk are allocated blocks (`st_blocks × 512`), not apparent lengths;
 //! `full_copy_bytes` is what full copies of the template would take (VMs × template);
 //! `elapsed_ms` covers placement and provisioning (not creating the template).
+//!
+//! Run again on the same `--out` after a crash (or a Ctrl-C), it finishes the job: the
+//! published template and the hosts are reused (each backend settles the operations
+//! that were interrupted when it opens its root), VMs already complete are kept and
+//! half-made ones are made again. Errors are printed with their whole cause chain;
+//! output cut short by a closed pipe (`| head`) ends the program quietly.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -27,7 +33,7 @@ use std::time::Instant;
 use clap::Parser;
 use rand::{RngCore, SeedableRng};
 use unacloud::core::hypervisor::{DiskRef, Hypervisor};
-use unacloud::core::model::{DiskFormat, HardwareProfile, Host};
+use unacloud::core::model::{DiskFormat, DiskInfo, DiskType, HardwareProfile, Host};
 use unacloud::core::placement::{place, Algorithm, VmRequest};
 use unacloud::core::provision::allocated_bytes;
 use unacloud::core::provision::catalog::{Catalog, ImageSettings, NewTemplate};
@@ -37,6 +43,33 @@ use unacloud::core::provision::deploy::{
 use unacloud::core::provision::multiattach::MultiattachManager;
 use unacloud::core::provision::preload::preload;
 use unacloud::core::qemu::{QemuHypervisor, QemuImg};
+
+/// An error with every cause below it (`I/O error on <file>: <why>`).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    unacloud::core::error::chain(e)
+}
+
+/// Writes one line of the report; a closed pipe (`provision | head`) ends the program
+/// quietly instead of panicking like `println!`.
+fn out(line: std::fmt::Arguments<'_>) {
+    let mut stdout = std::io::stdout().lock();
+    let res = stdout
+        .write_fmt(line)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush());
+    match res {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: writing the report: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+macro_rules! outln {
+    ($($arg:tt)*) => { out(format_args!($($arg)*)) };
+}
 
 #[derive(Parser, Debug)]
 #[command(about = "Provision VMs from a multiattach template on simulated hosts")]
@@ -56,7 +89,8 @@ struct Args {
     /// Number of simulated hosts.
     #[arg(long, default_value_t = 2)]
     hosts: usize,
-    /// Output folder (must not exist or be empty).
+    /// Output folder: new or empty, or the folder of an earlier run of the same
+    /// command, which is then finished (complete VMs are kept, half-made ones re-made).
     #[arg(long)]
     out: PathBuf,
     /// Copy the template into each host's own store first (with a progress bar) instead
@@ -127,46 +161,89 @@ fn bar(done: usize, total: usize, what: &str) {
         .checked_div(total)
         .unwrap_or(width)
         .min(width);
-    eprint!(
+    let mut err = std::io::stderr().lock();
+    let _ = write!(
+        err,
         "\r{what} [{}{}] {done}/{total}",
         "#".repeat(filled),
         ".".repeat(width - filled)
     );
-    let _ = std::io::stderr().flush();
     if done >= total {
-        eprintln!();
+        let _ = writeln!(err);
     }
+    let _ = err.flush();
 }
 
-/// Writes a raw image with `fill` bytes of pseudo-random data, converts it to qcow2.
+/// Writes a raw image with `fill` bytes of pseudo-random data, converts it to qcow2. On
+/// any error (a full disk) neither the raw image nor a partial qcow2 is left behind.
 async fn create_template(dir: &Path, size: u64, fill: u64, quiet: bool) -> Result<PathBuf, String> {
     let raw = dir.join(".base.raw");
     let qcow = dir.join("base.qcow2");
-    {
-        let mut f = std::fs::File::create(&raw).map_err(|e| format!("{}: {e}", raw.display()))?;
-        f.set_len(size)
-            .map_err(|e| format!("{}: {e}", raw.display()))?;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1604);
-        let mut buf = vec![0u8; 4 << 20];
-        let mut written = 0u64;
-        while written < fill {
-            let n = (fill - written).min(buf.len() as u64) as usize;
-            rng.fill_bytes(&mut buf[..n]);
-            f.write_all(&buf[..n])
+    let made = async {
+        {
+            let mut f =
+                std::fs::File::create(&raw).map_err(|e| format!("{}: {e}", raw.display()))?;
+            f.set_len(size)
                 .map_err(|e| format!("{}: {e}", raw.display()))?;
-            written += n as u64;
-            if !quiet {
-                let mib = |b: u64| (b >> 20) as usize;
-                bar(mib(written), mib(fill).max(1), "template data (MiB)");
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1604);
+            let mut buf = vec![0u8; 4 << 20];
+            let mut written = 0u64;
+            while written < fill {
+                let n = (fill - written).min(buf.len() as u64) as usize;
+                rng.fill_bytes(&mut buf[..n]);
+                f.write_all(&buf[..n])
+                    .map_err(|e| format!("{}: {e}", raw.display()))?;
+                written += n as u64;
+                if !quiet {
+                    let mib = |b: u64| (b >> 20) as usize;
+                    bar(mib(written), mib(fill).max(1), "template data (MiB)");
+                }
             }
         }
+        QemuImg::new()
+            .convert(&raw, "raw", &qcow, "qcow2")
+            .await
+            .map_err(|e| chain(&e))
     }
-    QemuImg::new()
-        .convert(&raw, "raw", &qcow, "qcow2")
-        .await
-        .map_err(|e| e.to_string())?;
-    std::fs::remove_file(&raw).map_err(|e| format!("{}: {e}", raw.display()))?;
+    .await;
+    let _ = std::fs::remove_file(&raw);
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(&qcow);
+        return Err(e);
+    }
     Ok(qcow)
+}
+
+/// The published template of an earlier run whose image is in place, if any.
+fn earlier_template(
+    catalog: &Catalog,
+    templates: &Path,
+) -> Option<unacloud::core::provision::catalog::TemplateVersion> {
+    let tv = catalog.latest_published("base").ok()?;
+    let meta = std::fs::metadata(templates.join(&tv.file_name)).ok()?;
+    (meta.len() == tv.size_bytes).then(|| tv.clone())
+}
+
+/// Registers the template on a host as multiattach, or finds it registered by an
+/// earlier run (finishing a registration that stopped before the type change).
+async fn host_template(hv: &QemuHypervisor, path: &Path) -> Result<DiskInfo, String> {
+    let disks = hv.list_disks().await.map_err(|e| chain(&e))?;
+    let canon = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(d) = disks.into_iter().find(|d| d.location == canon) {
+        if d.disk_type != DiskType::MultiAttach {
+            hv.set_disk_type(&DiskRef::Uuid(d.uuid), DiskType::MultiAttach)
+                .await
+                .map_err(|e| chain(&e))?;
+        }
+        return Ok(DiskInfo {
+            disk_type: DiskType::MultiAttach,
+            ..d
+        });
+    }
+    MultiattachManager::new(hv)
+        .register_template(path)
+        .await
+        .map_err(|e| chain(&e))
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -188,41 +265,66 @@ async fn run(args: Args) -> Result<bool, String> {
         return Err("--vms and --hosts must be at least 1".into());
     }
     let quiet = args.json;
-    if args.out.exists()
-        && std::fs::read_dir(&args.out)
-            .map_err(|e| format!("{}: {e}", args.out.display()))?
-            .next()
-            .is_some()
-    {
+    let templates = args.out.join("templates");
+    let catalog_path = templates.join("catalog.json");
+    // A folder holding only what a run makes (`templates`, `hosts`) is an earlier run,
+    // however early it stopped.
+    let entries: Vec<String> = match std::fs::read_dir(&args.out) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(format!("{}: {e}", args.out.display())),
+    };
+    let resume = !entries.is_empty();
+    if entries.iter().any(|n| {
+        !matches!(
+            n.as_str(),
+            "templates" | "hosts" | "plan.json" | ".plan.json.tmp"
+        )
+    }) {
         return Err(format!(
-            "{} is not empty; choose a new --out folder",
+            "{} is not empty and is not the folder of an earlier run; choose a new --out folder",
             args.out.display()
         ));
     }
-    let templates = args.out.join("templates");
     std::fs::create_dir_all(&templates).map_err(|e| format!("{}: {e}", templates.display()))?;
 
-    // 1. The template and its catalog entry.
-    let fill = args.template_size / 100 * u64::from(args.fill_percent);
-    let image = create_template(&templates, args.template_size, fill, quiet).await?;
-    let mut catalog = Catalog::open(templates.join("catalog.json")).map_err(|e| e.to_string())?;
-    let mut new = NewTemplate::new("base", "Linux", DiskFormat::Qcow2, &image);
-    new.settings = ImageSettings {
-        os_type: Some("Linux_64".into()),
-        bridged_adapter: Some(true),
-        guest_additions_version: None,
+    // 1. The template and its catalog entry (an earlier run's, when it got that far).
+    let mut catalog = Catalog::open(&catalog_path).map_err(|e| chain(&e))?;
+    let tv = match earlier_template(&catalog, &templates) {
+        Some(tv) => {
+            if !quiet {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "resuming in {}: template {}",
+                    args.out.display(),
+                    tv.id()
+                );
+            }
+            tv
+        }
+        None => {
+            let fill = args.template_size / 100 * u64::from(args.fill_percent);
+            let image = create_template(&templates, args.template_size, fill, quiet).await?;
+            let mut new = NewTemplate::new("base", "Linux", DiskFormat::Qcow2, &image);
+            new.settings = ImageSettings {
+                os_type: Some("Linux_64".into()),
+                bridged_adapter: Some(true),
+                guest_additions_version: None,
+            };
+            let version = catalog.add_draft(new).map_err(|e| chain(&e))?;
+            let tv = catalog.get("base", version).map_err(|e| chain(&e))?.clone();
+            // In place before it is published: a published version's image is there.
+            let path = templates.join(&tv.file_name);
+            std::fs::rename(&image, &path).map_err(|e| format!("{}: {e}", image.display()))?;
+            catalog.publish("base", version).map_err(|e| chain(&e))?;
+            tv
+        }
     };
-    let version = catalog.add_draft(new).map_err(|e| e.to_string())?;
-    catalog
-        .publish("base", version)
-        .map_err(|e| e.to_string())?;
-    let tv = catalog
-        .get("base", version)
-        .map_err(|e| e.to_string())?
-        .clone();
     let template_path = templates.join(&tv.file_name);
-    std::fs::rename(&image, &template_path).map_err(|e| format!("{}: {e}", image.display()))?;
-    let template_bytes = allocated_bytes(&template_path).map_err(|e| e.to_string())?;
+    let template_bytes = allocated_bytes(&template_path).map_err(|e| chain(&e))?;
     let template_id = tv.id();
 
     // 2. Hosts: a backend each, the template registered as multiattach.
@@ -235,7 +337,7 @@ async fn run(args: Args) -> Result<bool, String> {
         let hv = Arc::new(
             QemuHypervisor::open(&root)
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| chain(&e))?
                 .with_durable_writes(!args.relaxed_writes),
         );
         let disk = if args.preload {
@@ -251,16 +353,13 @@ async fn run(args: Args) -> Result<bool, String> {
                 ControlFlow::Continue(())
             })
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| chain(&e))?
             .disk()
             .clone()
         } else {
-            MultiattachManager::new(hv.as_ref())
-                .register_template(&template_path)
-                .await
-                .map_err(|e| e.to_string())?
+            host_template(&hv, &template_path).await?
         };
-        let space = hv.host_disk_space(&root).await.map_err(|e| e.to_string())?;
+        let space = hv.host_disk_space(&root).await.map_err(|e| chain(&e))?;
         let per_host = args.vms.div_ceil(args.hosts) as u32;
         let mut host = Host::new(
             name.as_str(),
@@ -286,9 +385,40 @@ async fn run(args: Args) -> Result<bool, String> {
                 .with_disk(1 << 20, tv.size_bytes)
         })
         .collect();
-    let placement =
-        place(&hosts, &requests, Algorithm::DiskAware, None).map_err(|e| e.to_string())?;
-    let plan = DeploymentPlan::from_placement(&placement, &requests).map_err(|e| e.to_string())?;
+    // The plan is kept in `<out>/plan.json` before anything is deployed, so a run that
+    // finishes an earlier one puts every VM on the host it was first placed on.
+    let plan_path = args.out.join("plan.json");
+    let plan = match std::fs::read(&plan_path) {
+        Ok(bytes) => {
+            let plan: DeploymentPlan = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{}: {e}", plan_path.display()))?;
+            if plan.len() != args.vms || plan.hosts.iter().any(|h| !targets.contains_key(&h.host)) {
+                return Err(format!(
+                    "the earlier run in {} planned {} VMs on other hosts; run it with the same --vms and --hosts, or choose a new --out folder",
+                    args.out.display(),
+                    plan.len()
+                ));
+            }
+            plan
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let placement =
+                place(&hosts, &requests, Algorithm::DiskAware, None).map_err(|e| chain(&e))?;
+            let plan =
+                DeploymentPlan::from_placement(&placement, &requests).map_err(|e| chain(&e))?;
+            let bytes = serde_json::to_vec_pretty(&plan).map_err(|e| e.to_string())?;
+            let tmp = args.out.join(".plan.json.tmp");
+            let written = std::fs::File::create(&tmp)
+                .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
+                .and_then(|()| std::fs::rename(&tmp, &plan_path));
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(format!("{}: {e}", plan_path.display()));
+            }
+            plan
+        }
+        Err(e) => return Err(format!("{}: {e}", plan_path.display())),
+    };
     let done = Arc::new(Mutex::new(0usize));
     let total = plan.len();
     let cancel = CancellationToken::new();
@@ -296,7 +426,10 @@ async fn run(args: Args) -> Result<bool, String> {
         let cancel = cancel.clone();
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("\ncancelling: no new VMs; VMs in progress are rolled back");
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\ncancelling: no new VMs; VMs in progress are rolled back"
+                );
                 cancel.cancel();
             }
         });
@@ -313,11 +446,13 @@ async fn run(args: Args) -> Result<bool, String> {
     };
     let options = DeployOptions {
         max_parallel_hosts: args.parallel_hosts.max(1),
+        resume,
         ..DeployOptions::default()
     };
     let report = deploy(&plan, &targets, &options, Some(cancel), Some(callback)).await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
-    report.record_in(&mut catalog).map_err(|e| e.to_string())?;
+    // A failed catalog write is reported (after the report), never skipped.
+    let recorded = report.record_in(&mut catalog);
 
     // 4. Measure what is on disk.
     let mut vm_disk_bytes = Vec::new();
@@ -331,14 +466,14 @@ async fn run(args: Args) -> Result<bool, String> {
         let set = hv
             .vm_files(&o.vm.as_str().into())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| chain(&e))?;
         let mut bytes = 0;
         for f in set
             .files
             .iter()
             .filter(|f| f.role == unacloud::core::files::FileRole::Disk)
         {
-            bytes += allocated_bytes(&f.path).map_err(|e| e.to_string())?;
+            bytes += allocated_bytes(&f.path).map_err(|e| chain(&e))?;
         }
         vm_disk_bytes.push(bytes);
         per_vm_ms.push(o.elapsed.as_millis() as u64);
@@ -355,38 +490,38 @@ async fn run(args: Args) -> Result<bool, String> {
             "elapsed_ms": elapsed_ms,
             "per_vm_ms": per_vm_ms,
         });
-        println!("{v}");
+        outln!("{v}");
     } else {
         let mut d = vm_disk_bytes.clone();
         d.sort_unstable();
         let mut t = per_vm_ms.clone();
         t.sort_unstable();
         let sum: u64 = vm_disk_bytes.iter().sum();
-        println!(
+        outln!(
             "template        {} ({}), {} on disk",
             tv.id(),
             tv.checksum,
             human(template_bytes)
         );
-        println!(
+        outln!(
             "placement       disk-aware, {} VMs on {} hosts",
-            placement.assignments.len(),
+            plan.len(),
             args.hosts
         );
-        println!(
+        outln!(
             "created         {} of {} ({} failed{})",
             report.created(),
             args.vms,
             report.failed(),
             if report.cancelled { ", cancelled" } else { "" }
         );
-        println!(
+        outln!(
             "VM disks        {} in total; per VM median {}, max {}",
             human(sum),
             human(percentile(&d, 0.5)),
             human(d.last().copied().unwrap_or(0))
         );
-        println!(
+        outln!(
             "full copies     would take {} ({}x more)",
             human(full_copy_bytes),
             if sum == 0 {
@@ -395,7 +530,7 @@ async fn run(args: Args) -> Result<bool, String> {
                 full_copy_bytes / sum.max(1)
             }
         );
-        println!(
+        outln!(
             "time            {elapsed_ms} ms in total; per VM median {} ms, p95 {} ms, max {} ms",
             percentile(&t, 0.5),
             percentile(&t, 0.95),
@@ -406,7 +541,7 @@ async fn run(args: Args) -> Result<bool, String> {
             .iter()
             .filter(|o| matches!(o.result, VmResult::Failed | VmResult::Cancelled))
         {
-            println!(
+            outln!(
                 "  {} on {}: {:?} ({}): {}",
                 o.vm,
                 o.host,
@@ -415,6 +550,13 @@ async fn run(args: Args) -> Result<bool, String> {
                 o.error.as_deref().unwrap_or("")
             );
         }
+    }
+    if let Err(e) = recorded {
+        return Err(format!(
+            "the VMs were made but the template catalog {} could not record them: {}",
+            catalog.path().display(),
+            chain(&e)
+        ));
     }
     Ok(report.failed() == 0 && !report.cancelled)
 }
@@ -426,7 +568,7 @@ async fn main() {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
         Err(e) => {
-            eprintln!("error: {e}");
+            let _ = writeln!(std::io::stderr(), "error: {e}");
             std::process::exit(2);
         }
     }

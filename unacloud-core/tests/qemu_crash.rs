@@ -586,3 +586,83 @@ async fn a_full_disk_leaves_no_vm_without_disk_and_no_temporary_file() {
         assert_eq!(vm.disks.len(), 1, "{} was left without a disk", vm.name);
     }
 }
+
+/// A deployment killed half-way (the backend "dies" at one side effect) is finished by
+/// deploying the same plan again with `resume`: complete VMs are kept, the half-made
+/// one is made again, nothing is orphaned. Without `resume` the VMs of the earlier run
+/// fail the new one (they are never touched).
+#[tokio::test]
+async fn a_deployment_killed_half_way_is_finished_by_resuming_the_same_plan() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use unacloud_core::model::HostId;
+    use unacloud_core::provision::deploy::{
+        deploy, DeployOptions, DeploymentPlan, HostPlan, HostTarget, PlannedVm,
+    };
+    require_qemu_img();
+    let (case, hv) = setup(Op::CreateVm).await;
+    let host = HostId::from("pc-1");
+    let plan = DeploymentPlan {
+        hosts: vec![HostPlan {
+            host: host.clone(),
+            vms: (0..4)
+                .map(|i| PlannedVm {
+                    spec: spec(&format!("vm-{i}")),
+                    template: "base@1".into(),
+                })
+                .collect(),
+        }],
+    };
+    let targets = |hv: Arc<QemuHypervisor>| {
+        let mut t = HostTarget::new(hv as Arc<dyn Hypervisor>);
+        t.templates
+            .insert("base@1".into(), DiskRef::Uuid(case.template.uuid));
+        HashMap::from([(host.clone(), t)])
+    };
+    // Dies in the middle of the third VM (each VM takes 9 side effects: 5 for the VM,
+    // 4 for its disk), after its settings and before its overlay.
+    let hv = Arc::new(hv);
+    hv.__fault_at(2 * 9 + 6, true);
+    let first = deploy(
+        &plan,
+        &targets(hv.clone()),
+        &DeployOptions::default(),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(first.created(), 2, "{first:?}");
+    drop(first);
+    drop(hv);
+
+    let hv = Arc::new(QemuHypervisor::open(&case.root).await.unwrap());
+    check_root(&hv).await.unwrap();
+    let half = hv.vm_info(&"vm-2".into()).await.unwrap();
+    assert!(
+        half.disks.is_empty(),
+        "the crash left vm-2 without its disk"
+    );
+    let again = deploy(
+        &plan,
+        &targets(hv.clone()),
+        &DeployOptions::default(),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (again.created(), again.failed()),
+        (1, 3),
+        "without resume the earlier run's VMs fail (vm-3 is new)"
+    );
+    let resume = DeployOptions {
+        resume: true,
+        ..DeployOptions::default()
+    };
+    let done = deploy(&plan, &targets(hv.clone()), &resume, None, None).await;
+    assert_eq!(done.created(), 4, "{done:?}");
+    check_root(&hv).await.unwrap();
+    for vm in hv.list_vms().await.unwrap() {
+        assert_eq!(vm.disks.len(), 1, "{}", vm.name);
+    }
+}
