@@ -1257,8 +1257,10 @@ class SimHost:
 # ---------------------------------------------------------------------------------------
 # I/O
 
-class Terminate(Exception):
-    pass
+class Terminate(BaseException):
+    """Raised by the SIGTERM/SIGINT handler. A BaseException, like KeyboardInterrupt, so
+    that no `except Exception` on the way (the logging module's own error handling
+    included) can swallow it when the signal lands inside a call."""
 
 
 def emit_event(event):

@@ -106,9 +106,10 @@ impl Proc {
                 return st;
             }
             assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "{} ignored SIGTERM",
-                self.name
+                t0.elapsed() < Duration::from_secs(20),
+                "{} did not exit within 20 s of SIGTERM; its log:\n{}",
+                self.name,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
