@@ -22,7 +22,7 @@ use unacloud_core::Error;
 /// The invariant: no intent left, every registered VM complete (settings readable,
 /// each disk's backing chain valid down to a registered multiattach template, every
 /// file of its set present), and every file under the root is the registry, the lock,
-/// or a file of a registered VM or disk.
+/// the space reserve, or a file of a registered VM or disk.
 async fn check_root(hv: &QemuHypervisor) -> Result<(), String> {
     let root = hv.root().to_path_buf();
     let intents: Vec<PathBuf> = files_below(&root.join("intents"));
@@ -34,7 +34,12 @@ async fn check_root(hv: &QemuHypervisor) -> Result<(), String> {
         .iter()
         .filter(|d| d.disk_type == DiskType::MultiAttach)
         .collect();
-    let mut allowed: BTreeSet<PathBuf> = [root.join("registry.json"), root.join(".lock")].into();
+    let mut allowed: BTreeSet<PathBuf> = [
+        root.join("registry.json"),
+        root.join(".lock"),
+        root.join(".reserve"),
+    ]
+    .into();
     allowed.extend(disks.iter().map(|d| d.location.clone()));
     for vm in hv.list_vms().await.map_err(|e| e.to_string())? {
         let id = VmId::from(vm.name.as_str());
@@ -665,4 +670,60 @@ async fn a_deployment_killed_half_way_is_finished_by_resuming_the_same_plan() {
     for vm in hv.list_vms().await.unwrap() {
         assert_eq!(vm.disks.len(), 1, "{}", vm.name);
     }
+}
+
+/// The disk fills (another process) between a VM's creation and its disk: the attach
+/// fails with a typed no-space error, and the roll-back (deleting the VM) still works
+/// on the full disk, so no registered VM is left without its disk.
+#[tokio::test]
+async fn a_vm_whose_disk_cannot_be_made_on_a_full_disk_can_still_be_deleted() {
+    require_qemu_img();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: mounting a small file system needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = make_template(dir.path(), "t", 4 << 20, 64 << 10).await;
+    let small = dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    if !st.success() {
+        eprintln!("skipped: tmpfs cannot be mounted here");
+        return;
+    }
+    let _mount = Tmpfs(small.clone());
+    let root = small.join("host");
+    let hv = QemuHypervisor::open(&root).await.unwrap();
+    let t = MultiattachManager::new(&hv)
+        .register_template(&image)
+        .await
+        .unwrap();
+    let v = VmId::from("v");
+    hv.create_vm(&spec("v")).await.unwrap();
+    let filler = fill(&small);
+    let e = hv
+        .attach_disk(&v, &AttachSpec::sata(DiskRef::Uuid(t.uuid)))
+        .await
+        .unwrap_err();
+    assert!(
+        unacloud_core::error::chain(&e).contains("No space left"),
+        "{}",
+        unacloud_core::error::chain(&e)
+    );
+    hv.unregister_vm(&v, true).await.unwrap();
+    assert!(hv.list_vms().await.unwrap().is_empty());
+    let temps: Vec<PathBuf> = files_below(&root)
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(temps.is_empty(), "{temps:?}");
+    std::fs::remove_file(&filler).unwrap();
+    drop(hv);
+    let hv = QemuHypervisor::open(&root).await.unwrap();
+    check_root(&hv).await.unwrap();
+    assert!(hv.list_vms().await.unwrap().is_empty());
 }

@@ -313,17 +313,23 @@ impl QemuHypervisor {
             });
         }
         let files = own_files(&name, &folder, &settings);
-        let intent = self.begin(
-            &name,
-            &settings_file,
-            IntentOp::DeleteVm {
-                folder: rel(&self.root, &folder),
-                files: files.iter().map(|f| rel(&self.root, f)).collect(),
-            },
-        )?;
+        // On a disk another process filled, the reserve makes room for the two small
+        // writes a deletion needs (then the VM's files free far more).
+        let intent = self.with_room(|| {
+            self.begin(
+                &name,
+                &settings_file,
+                IntentOp::DeleteVm {
+                    folder: rel(&self.root, &folder),
+                    files: files.iter().map(|f| rel(&self.root, f)).collect(),
+                },
+            )
+        })?;
         // The registry no longer naming the VM is the commit point; the files go after.
-        if let Err(e) = self.update_registry(&mut st, |reg| reg.vms.retain(|p| *p != settings_file))
-        {
+        let committed = self.with_room(|| {
+            self.update_registry(&mut st, |reg| reg.vms.retain(|p| *p != settings_file))
+        });
+        if let Err(e) = committed {
             self.abandon(&mut st, intent);
             return Err(e);
         }
@@ -334,6 +340,7 @@ impl QemuHypervisor {
         match finished {
             Ok(()) => {
                 self.end(intent);
+                self.ensure_reserve();
                 Ok(())
             }
             // The VM is unregistered; the rest of its files go when the root is next

@@ -33,6 +33,10 @@ use super::{own_image_file, sanitize, QemuHypervisor, State};
 
 /// The folder of intents under the root.
 pub(crate) const INTENT_DIR: &str = "intents";
+/// Room kept under the root so that a VM can still be deleted (its registry entry and
+/// intent rewritten) when another process has filled the disk.
+pub(crate) const RESERVE_FILE: &str = ".reserve";
+const RESERVE_BYTES: usize = 256 << 10;
 const INTENT_FORMAT: &str = "unacloud-qemu-intent/1";
 
 /// One operation under way. Paths are relative to the root when inside it.
@@ -118,7 +122,48 @@ pub(crate) fn is_temp_name(name: &str) -> bool {
     name.starts_with('.') && (name.contains(".tmp-") || name.contains(".part-"))
 }
 
+/// Whether an error is the file system being full.
+pub(crate) fn is_no_space(e: &Error) -> bool {
+    match e {
+        Error::Io { source, .. } => {
+            matches!(source.raw_os_error(), Some(c) if c == nix::errno::Errno::ENOSPC as i32 || c == nix::errno::Errno::EDQUOT as i32)
+        }
+        Error::QemuImg { kind, .. } => *kind == crate::error::ImageFailure::NoSpace,
+        _ => false,
+    }
+}
+
 impl QemuHypervisor {
+    /// Makes sure the reserve file is there (best effort: on a full disk it is made
+    /// later).
+    pub(crate) fn ensure_reserve(&self) {
+        let path = self.root.join(RESERVE_FILE);
+        if path.exists() {
+            return;
+        }
+        let zeros = vec![0u8; RESERVE_BYTES];
+        if let Err(e) = crate::provision::fsutil::write_atomic_with(&path, &zeros, self.durable) {
+            tracing::debug!("no room for the reserve file yet: {e}");
+        }
+    }
+
+    /// Runs `f`; when it fails because the disk is full and the reserve file could be
+    /// given up, runs it once more with that room.
+    pub(crate) fn with_room<T>(&self, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+        match f() {
+            Err(e) if is_no_space(&e) => {
+                let path = self.root.join(RESERVE_FILE);
+                if std::fs::remove_file(&path).is_ok() {
+                    tracing::warn!("the disk is full; using the reserve to finish a deletion");
+                    f()
+                } else {
+                    Err(e)
+                }
+            }
+            r => r,
+        }
+    }
+
     /// Counts one side effect; fails when the fault hook says so.
     pub(crate) fn fx(&self, what: &str) -> Result<()> {
         let f = &self.fault;
@@ -416,6 +461,31 @@ impl QemuHypervisor {
                 {
                     strays.push(f.path());
                 }
+            }
+            if e.settings.pending.is_some() {
+                // Its own roll-back (when the VM is reattached) decides about its files.
+                continue;
+            }
+            if !strays.is_empty() {
+                // An image below a used one in its backing chain is used too (an
+                // interrupted snapshot's roll-back can leave the VM on a new overlay
+                // whose backing file the settings do not name).
+                let mut below = HashSet::new();
+                for p in &used {
+                    match self.img.info_chain(p).await {
+                        Ok(chain) => below.extend(chain.into_iter().map(|i| {
+                            let f = PathBuf::from(i.filename);
+                            std::fs::canonicalize(&f).unwrap_or(f)
+                        })),
+                        Err(_) => {
+                            // A chain that cannot be read: nothing is removed beside it.
+                            below.extend(strays.iter().cloned());
+                        }
+                    }
+                }
+                strays.retain(|p| {
+                    !below.contains(&std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+                });
             }
             for stray in strays {
                 let adopted = self.adopt_overlay(&mut st, &name, &stray).await;

@@ -249,6 +249,7 @@ impl QemuHypervisor {
                 .collect();
         }
         hv.sweep_orphans().await?;
+        hv.ensure_reserve();
         hv.reattach_all().await?;
         Ok(hv)
     }
