@@ -28,7 +28,15 @@
 //!   re-links the chain to that host's copy of the template by uuid (or file name).
 //! * A VM's **settings** are a small JSON file `<folder>/<name>/<name>.vm.json`, written
 //!   atomically; an operation in progress is recorded there first and rolled back (or
-//!   finished) when the backend next opens the root. The root holds `registry.json`.
+//!   finished) when the backend next opens the root. The root holds `registry.json`
+//!   (paths under the root stored relative to it, so a copied root is independent;
+//!   files a copied registry names outside the root are never deleted,
+//!   [`Error::OutsideRoot`]).
+//! * **Crash safety**: creating, provisioning, cloning, registering and deleting a VM
+//!   write an intent to `<root>/intents/` before their first side effect; the next open
+//!   replays or rolls back each one (the registry says which committed) and adopts or
+//!   removes files no record explains, so a killed caller never leaves a registered VM
+//!   without its disk or an untracked overlay.
 //!
 //! ```no_run
 //! # async fn demo() -> unacloud_core::Result<()> {
