@@ -6,6 +6,7 @@ use unacloud_core::cost::{files_per_system, files_per_vm, VmStorage};
 use unacloud_core::model::{HardwareProfile, Host};
 use unacloud_core::placement::{place as rs_place, Algorithm, VmRequest};
 
+use crate::args;
 use crate::convert::{from_py, to_py};
 use crate::errors::core_err;
 
@@ -52,7 +53,7 @@ pub fn place(
     hosts: &Bound<'_, PyAny>,
     vms: &Bound<'_, PyAny>,
     algorithm: &str,
-    seed: Option<u64>,
+    #[pyo3(from_py_with = args::opt_seed)] seed: Option<u64>,
 ) -> PyResult<PyObject> {
     let hosts: Vec<Host> = from_py(hosts, "hosts")?;
     let vms: Vec<VmRequest> = from_py(vms, "vms")?;
@@ -67,7 +68,11 @@ pub fn place(
 /// (thesis Eq. 5.4 and 5.5).
 #[pyfunction]
 #[pyo3(signature = (disks, snapshots, vms=1))]
-pub fn file_count(disks: u32, snapshots: u32, vms: u32) -> u128 {
+pub fn file_count(
+    #[pyo3(from_py_with = args::disks)] disks: u32,
+    #[pyo3(from_py_with = args::snapshots)] snapshots: u32,
+    #[pyo3(from_py_with = args::vms)] vms: u32,
+) -> u128 {
     if vms == 1 {
         files_per_vm(disks, snapshots)
     } else {
@@ -83,13 +88,13 @@ pub fn file_count(disks: u32, snapshots: u32, vms: u32) -> u128 {
 #[allow(clippy::too_many_arguments)]
 pub fn transfer_estimate(
     py: Python<'_>,
-    base_bytes: u64,
-    differencing_bytes: u64,
-    saved_state_bytes: u64,
-    snapshots: u32,
-    snapshot: Option<u32>,
-    disks: u32,
-    settings_bytes: u64,
+    #[pyo3(from_py_with = args::base_bytes)] base_bytes: u64,
+    #[pyo3(from_py_with = args::differencing_bytes)] differencing_bytes: u64,
+    #[pyo3(from_py_with = args::saved_state_bytes)] saved_state_bytes: u64,
+    #[pyo3(from_py_with = args::snapshots)] snapshots: u32,
+    #[pyo3(from_py_with = args::snapshot)] snapshot: Option<u32>,
+    #[pyo3(from_py_with = args::disks)] disks: u32,
+    #[pyo3(from_py_with = args::settings_bytes)] settings_bytes: u64,
 ) -> PyResult<PyObject> {
     let vm = VmStorage {
         disks,

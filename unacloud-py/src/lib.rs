@@ -8,6 +8,7 @@
 
 use pyo3::prelude::*;
 
+mod args;
 mod convert;
 mod core;
 mod errors;

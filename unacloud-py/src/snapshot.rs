@@ -11,11 +11,19 @@ use unacloud_snapshot::protocol::{
 };
 use unacloud_snapshot::sim::{simulate_ring as rs_simulate_ring, RestoreFrom, RingConfig};
 
+use crate::args;
 use crate::convert::{from_py, to_py};
 use crate::errors::{chain, invalid, raise};
 
-fn snap_err(e: unacloud_snapshot::Error) -> PyErr {
+/// Maps a snapshot-crate error; file failures carry `errno` and `filename`.
+pub(crate) fn snap_err(e: unacloud_snapshot::Error) -> PyErr {
     use unacloud_snapshot::Error as E;
+    match &e {
+        E::CatalogIo { path, source, .. } | E::ResultsIo { path, source } => {
+            return crate::errors::io_err(path, source, chain(&e))
+        }
+        _ => {}
+    }
     let class = match &e {
         E::InvalidConfig { .. } => "InvalidInput",
         E::Livelock { .. } => "SimulationError",
@@ -42,12 +50,12 @@ fn snap_err(e: unacloud_snapshot::Error) -> PyErr {
 #[allow(clippy::too_many_arguments)]
 pub fn simulate_ring(
     py: Python<'_>,
-    nodes: usize,
-    tokens: u64,
-    snapshot_every: u64,
-    crash_at: Option<u64>,
+    #[pyo3(from_py_with = args::nodes)] nodes: usize,
+    #[pyo3(from_py_with = args::tokens)] tokens: u64,
+    #[pyo3(from_py_with = args::snapshot_every)] snapshot_every: u64,
+    #[pyo3(from_py_with = args::crash_at)] crash_at: Option<u64>,
     transport: &str,
-    seed: u64,
+    #[pyo3(from_py_with = args::seed)] seed: u64,
     filter: bool,
     restore_from: &str,
     latency_ms: Option<f64>,
@@ -282,7 +290,7 @@ macro_rules! sans_io_class {
             fn handle_action_complete(
                 &mut self,
                 now: f64,
-                action_id: u64,
+                #[pyo3(from_py_with = crate::args::action_id)] action_id: u64,
                 outcome: &str,
                 running: Option<bool>,
                 local_time: Option<f64>,
@@ -328,7 +336,11 @@ sans_io_class!(Coordinator {
     /// the coordinator's own host.
     #[new]
     #[pyo3(signature = (cluster, participants, vms=Vec::new()))]
-    fn new(cluster: u64, participants: Vec<u32>, vms: Vec<String>) -> PyResult<Self> {
+    fn new(
+        #[pyo3(from_py_with = args::cluster)] cluster: u64,
+        #[pyo3(from_py_with = args::participants)] participants: Vec<u32>,
+        vms: Vec<String>,
+    ) -> PyResult<Self> {
         let config = CoordinatorConfig::new(
             ClusterId(cluster),
             participants.into_iter().map(ParticipantId).collect(),
@@ -351,7 +363,11 @@ sans_io_class!(Coordinator {
     }
     /// Starts the resume protocol from global snapshot `gs` (default: latest complete).
     #[pyo3(signature = (now, gs=None))]
-    fn start_resume(&mut self, now: f64, gs: Option<u64>) -> PyResult<()> {
+    fn start_resume(
+        &mut self,
+        now: f64,
+        #[pyo3(from_py_with = args::gs)] gs: Option<u64>,
+    ) -> PyResult<()> {
         let t = self.clock.at(now)?;
         self.inner
             .start_resume(t, gs.map(GlobalSnapshotId))
@@ -384,7 +400,11 @@ sans_io_class!(Participant {
     /// `id`: this participant's id (from the metadata server); `vms`: its host's VMs.
     #[new]
     #[pyo3(signature = (cluster, id, vms=Vec::new()))]
-    fn new(cluster: u64, id: u32, vms: Vec<String>) -> PyResult<Self> {
+    fn new(
+        #[pyo3(from_py_with = args::cluster)] cluster: u64,
+        #[pyo3(from_py_with = args::participant_id)] id: u32,
+        vms: Vec<String>,
+    ) -> PyResult<Self> {
         let inner = RsParticipant::new(ParticipantConfig::new(
             ClusterId(cluster),
             ParticipantId(id),

@@ -1,8 +1,11 @@
 """The exception hierarchy of unacloud.
 
 Every error raised by the library is an :class:`UnacloudError`. Errors caused by bad
-input also subclass :class:`ValueError`, failed look-ups :class:`LookupError` and file
-problems :class:`OSError`, so ordinary ``except`` clauses keep working.
+input also subclass :class:`ValueError` (a negative count is an :class:`InvalidInput`),
+failed look-ups :class:`LookupError` and file problems :class:`OSError` (a missing file
+is a :class:`FileNotFound`, also a :class:`FileNotFoundError`, with ``errno`` and
+``filename``), so ordinary ``except`` clauses keep working. An argument of the wrong
+type is a plain :class:`TypeError`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ __all__ = [
     "BrokenChain",
     "CopyError",
     "IoError",
+    "FileNotFound",
     "InvalidState",
     "InUse",
     "AccessDenied",
@@ -68,7 +72,14 @@ class CopyError(UnacloudError):
 
 
 class IoError(UnacloudError, OSError):
-    """A file could not be read or written."""
+    """A file could not be read or written.
+
+    When the operating system said why, ``errno``, ``strerror`` and ``filename`` are
+    set as on any :class:`OSError`."""
+
+
+class FileNotFound(IoError, FileNotFoundError):
+    """A file does not exist (``errno`` is ``ENOENT``, ``filename`` names it)."""
 
 
 class InvalidState(UnacloudError):
@@ -80,7 +91,8 @@ class InUse(UnacloudError):
 
 
 class AccessDenied(UnacloudError, PermissionError):
-    """The hypervisor or the operating system refused access."""
+    """The hypervisor or the operating system refused access (also: an experiment that
+    needs root run without it). For a file, ``errno`` and ``filename`` are set."""
 
 
 class Timeout(UnacloudError, TimeoutError):
