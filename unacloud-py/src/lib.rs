@@ -2,8 +2,10 @@
 //!
 //! This crate only converts types and maps errors; every behaviour lives in the Rust
 //! crates. The public Python package `unacloud` (in `python/unacloud/`) re-exports
-//! these classes and functions under `unacloud.vbox`, `unacloud.core` and
-//! `unacloud.snapshot`, and defines the exception hierarchy in `unacloud.errors`.
+//! these classes and functions under `unacloud.vbox`, `unacloud.core`,
+//! `unacloud.snapshot`, `unacloud.hv` (hypervisors over unacloud-core's trait) and
+//! `unacloud.experiment` (the real-VM ring experiment), and defines the exception
+//! hierarchy in `unacloud.errors`.
 #![deny(missing_docs)]
 
 use pyo3::prelude::*;
@@ -12,6 +14,9 @@ mod args;
 mod convert;
 mod core;
 mod errors;
+mod experiment;
+mod hv;
+mod runtime;
 mod snapshot;
 mod vbox;
 
@@ -34,5 +39,14 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(snapshot::decode, m)?)?;
     m.add_class::<snapshot::Coordinator>()?;
     m.add_class::<snapshot::Participant>()?;
+    m.add_function(wrap_pyfunction!(hv::open, m)?)?;
+    m.add_class::<hv::Hypervisor>()?;
+    m.add_class::<hv::Disk>()?;
+    m.add_class::<hv::VmInfo>()?;
+    m.add_class::<hv::SnapshotTree>()?;
+    m.add_class::<hv::SnapshotNode>()?;
+    m.add_function(wrap_pyfunction!(experiment::ring_vms, m)?)?;
+    m.add_class::<experiment::RingVmsResult>()?;
+    m.add_function(wrap_pyfunction!(experiment::_gs_main, m)?)?;
     Ok(())
 }

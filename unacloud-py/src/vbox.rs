@@ -131,8 +131,8 @@ impl Snapshot {
 #[derive(Debug)]
 #[pyclass(module = "unacloud.vbox", frozen)]
 pub struct MigrationSet {
-    inner: unacloud_core::files::MigrationSet,
-    state: String,
+    pub(crate) inner: unacloud_core::files::MigrationSet,
+    pub(crate) state: String,
 }
 
 #[pymethods]

@@ -4,16 +4,19 @@
   needed to resume a VM from a snapshot on another host;
 * :mod:`unacloud.core` -- hardware profiles, placement algorithms and the cost model;
 * :mod:`unacloud.snapshot` -- the global-snapshot protocol: a deterministic simulator
-  and the sans-IO coordinator and participant state machines.
+  and the sans-IO coordinator and participant state machines;
+* :mod:`unacloud.hv` -- hypervisors (QEMU running real VMs, an in-memory double for
+  tests, VirtualBox) over one interface;
+* :mod:`unacloud.experiment` -- the real-VM ring experiment with global snapshots.
 
 Results are plain dicts and lists, so ``pandas.DataFrame(result)`` works directly.
 """
 
 from __future__ import annotations
 
-from . import core, snapshot, vbox
+from . import core, experiment, hv, snapshot, vbox
 from ._native import __version__
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
 
-__all__ = ["core", "snapshot", "vbox", "__version__", *_errors_all]
+__all__ = ["core", "experiment", "hv", "snapshot", "vbox", "__version__", *_errors_all]
