@@ -41,3 +41,13 @@ def test_the_real_vm_plot_script_reads_the_measurements_and_writes_a_plot(tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert "4 VMs / 4 PCs" in proc.stdout and "exact True" in proc.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_hypervisor_tour_runs_on_the_in_memory_double() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "python" / "hv_tour.py")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "1 template(s) expected at the destination" in proc.stdout
+    assert proc.stdout.rstrip().endswith("tour done")
