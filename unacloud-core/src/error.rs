@@ -174,6 +174,17 @@ pub enum Error {
         /// What it was.
         at: String,
     },
+    /// A backend's own error that has no core equivalent, kept whole: its variant and its
+    /// sources stay reachable through [`std::error::Error::source`] (downcast it to the
+    /// backend's error type).
+    #[error("{backend}: {source}")]
+    Generic {
+        /// The backend's name.
+        backend: &'static str,
+        /// The backend's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     /// Any other backend failure, with the backend's raw message.
     #[error("{backend}: {message}")]
     Backend {

@@ -554,3 +554,36 @@ fn a_fifo_disk_does_not_block_verification() {
     assert!(text.contains("not a regular file"), "{text}");
     assert!(tree(&dst).is_empty());
 }
+
+/// A vbox error without a core equivalent keeps its variant and its causes when it
+/// becomes a core error (`Hypervisor` callers see `Generic` with it as the source).
+#[test]
+fn errors_keep_their_variant_and_source_across_the_core_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.vbox");
+    std::fs::write(&bad, "<VirtualBox>\n<Machine name='x'>\n&nope;\n").unwrap();
+    let e = Machine::load(&bad, None).unwrap_err();
+    let shown = e.to_string();
+    let core: unacloud_core::Error = e.into();
+    match &core {
+        unacloud_core::Error::Generic { backend, source } => {
+            assert_eq!(backend, &"virtualbox");
+            let inner = source
+                .downcast_ref::<unacloud_vbox::Error>()
+                .expect("the vbox error itself");
+            assert_eq!(inner.to_string(), shown);
+            assert!(
+                std::error::Error::source(inner).is_some(),
+                "its cause is kept"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut depth = 0;
+    let mut cur: Option<&dyn std::error::Error> = Some(&core);
+    while let Some(c) = cur {
+        depth += 1;
+        cur = c.source();
+    }
+    assert!(depth >= 3, "core → vbox → cause: {depth} levels");
+}

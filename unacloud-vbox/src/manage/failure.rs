@@ -378,7 +378,7 @@ impl From<Error> for unacloud_core::Error {
     /// Maps this crate's errors onto the core's: VBoxManage failures by their
     /// classification, time-outs to [`unacloud_core::Error::Timeout`], file errors to
     /// [`unacloud_core::Error::Io`], and everything else to
-    /// [`unacloud_core::Error::Backend`] with the full message.
+    /// [`unacloud_core::Error::Generic`], which keeps this error whole as its source.
     fn from(e: Error) -> Self {
         match e {
             Error::Core(c) => c,
@@ -387,19 +387,10 @@ impl From<Error> for unacloud_core::Error {
             Error::VBoxManageTimeout {
                 operation, after, ..
             } => unacloud_core::Error::Timeout { operation, after },
-            other => {
-                let mut message = other.to_string();
-                let mut src = std::error::Error::source(&other);
-                while let Some(s) = src {
-                    message.push_str(": ");
-                    message.push_str(&s.to_string());
-                    src = s.source();
-                }
-                unacloud_core::Error::Backend {
-                    backend: "virtualbox".to_owned(),
-                    message,
-                }
-            }
+            other => unacloud_core::Error::Generic {
+                backend: "virtualbox",
+                source: Box::new(other),
+            },
         }
     }
 }
