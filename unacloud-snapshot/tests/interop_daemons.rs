@@ -127,6 +127,16 @@ fn gs(args: &[&str]) -> std::process::Output {
     Command::new(BIN).args(args).output().unwrap()
 }
 
+/// An operator's `unacloud-gs trigger` or `resume`, which must succeed.
+fn operator(command: &str, key: &str, ms: &str) {
+    let out = gs(&[command, "--cluster", "42", "--key-file", key, "--ms", ms]);
+    assert!(
+        out.status.success(),
+        "{command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn the_python_participant_works_with_the_shipped_daemons() {
     if let Err(e) = netns::probe() {
@@ -175,20 +185,7 @@ fn the_python_participant_works_with_the_shipped_daemons() {
     coord.wait("ready", |_| true);
 
     // A global snapshot through the metadata server, as an operator triggers it.
-    let out = gs(&[
-        "trigger",
-        "--cluster",
-        "42",
-        "--key-file",
-        &key,
-        "--ms",
-        &ms_addr,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    operator("trigger", &key, &ms_addr);
     let done = coord.wait("gs_completed", |_| true);
     assert_eq!(done["gs"], 1);
     let local: Vec<u64> = done["local_us"]
@@ -214,20 +211,7 @@ fn the_python_participant_works_with_the_shipped_daemons() {
 
     // A resume: a lab host cannot restore, so it fails at RESTORE, and RESUME_ABORT tells
     // the Python participant; nobody gets START.
-    let out = gs(&[
-        "resume",
-        "--cluster",
-        "42",
-        "--key-file",
-        &key,
-        "--ms",
-        &ms_addr,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    operator("resume", &key, &ms_addr);
     coord.wait("resume_failed", |_| true);
     py.wait("resume_aborted", |v| v["gs"] == 1);
     assert!(!py.seen.iter().any(|v| v["event"] == "started"));

@@ -214,6 +214,33 @@ impl Lab {
         .unwrap()
     }
 
+    /// Stops the coordinator and starts a new one on the same address, with the catalog
+    /// file of the first one (`keep_catalog`) or none; waits for the participants.
+    async fn restart_coordinator(self, keep_catalog: bool) -> Self {
+        let Lab {
+            ms,
+            coord,
+            parts,
+            addr,
+            key,
+            _dir,
+        } = self;
+        coord.stop().await;
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let catalog = keep_catalog.then(|| _dir.path().join("catalog.json"));
+        let coord = Self::coordinator(listener, &ms, key.clone(), catalog).await;
+        let lab = Lab {
+            ms,
+            coord,
+            parts,
+            addr,
+            key,
+            _dir,
+        };
+        lab.wait_connected().await;
+        lab
+    }
+
     async fn wait_connected(&self) {
         for _ in 0..500 {
             if self.coord.connected() == [ParticipantId(1), ParticipantId(2)] {
@@ -698,26 +725,7 @@ async fn lost_catalog(before: u64) {
         lab.complete_one().await;
     }
     // The coordinator restarts without a catalog: it would start at gs-1 again.
-    let Lab {
-        ms,
-        coord,
-        parts,
-        addr,
-        key,
-        _dir,
-    } = lab;
-    coord.stop().await;
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let coord = Lab::coordinator(listener, &ms, key.clone(), None).await;
-    let mut lab = Lab {
-        ms,
-        coord,
-        parts,
-        addr,
-        key,
-        _dir,
-    };
-    lab.wait_connected().await;
+    let mut lab = lab.restart_coordinator(false).await;
     let gs = lab.coord.start_global_snapshot().await.unwrap();
     assert_eq!(gs, GlobalSnapshotId(1));
     match lab.outcome().await {
@@ -750,32 +758,7 @@ async fn a_persisted_catalog_keeps_the_epoch_across_a_restart() {
     let mut lab = Lab::new(None, Duration::from_millis(2), true).await;
     lab.complete_one().await;
     lab.complete_one().await;
-    let Lab {
-        ms,
-        coord,
-        parts,
-        addr,
-        key,
-        _dir,
-    } = lab;
-    coord.stop().await;
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let coord = Lab::coordinator(
-        listener,
-        &ms,
-        key.clone(),
-        Some(_dir.path().join("catalog.json")),
-    )
-    .await;
-    let mut lab = Lab {
-        ms,
-        coord,
-        parts,
-        addr,
-        key,
-        _dir,
-    };
-    lab.wait_connected().await;
+    let mut lab = lab.restart_coordinator(true).await;
     assert_eq!(lab.complete_one().await, GlobalSnapshotId(3));
     lab.stop().await;
 }

@@ -448,6 +448,17 @@ fn check_first(frame: &RawFrame, kind: FrameKind, seq: u64) -> Result<()> {
     Ok(())
 }
 
+/// Checks that `frame` is the handshake frame `kind` with sequence number `seq`, and
+/// decodes its JSON body.
+fn handshake_body<T: serde::de::DeserializeOwned>(
+    frame: &RawFrame,
+    kind: FrameKind,
+    seq: u64,
+) -> Result<T> {
+    check_first(frame, kind, seq)?;
+    serde_json::from_slice(&frame.body).map_err(|e| bad(format!("malformed {}: {e}", kind.name())))
+}
+
 /// The text of a REJECT body (invalid UTF-8 replaced).
 pub fn reject_reason(body: &[u8]) -> String {
     String::from_utf8_lossy(body).into_owned()
@@ -511,9 +522,7 @@ impl ClientHandshake {
     /// Checks the server's WELCOME (its id, and with a key its proof) and returns the AUTH
     /// frame to send and the established session.
     pub fn on_welcome(self, frame: &RawFrame) -> Result<(Vec<u8>, Session)> {
-        check_first(frame, FrameKind::Welcome, 0)?;
-        let w: WelcomeBody = serde_json::from_slice(&frame.body)
-            .map_err(|e| bad(format!("malformed WELCOME: {e}")))?;
+        let w: WelcomeBody = handshake_body(frame, FrameKind::Welcome, 0)?;
         if w.version != TRANSPORT_VERSION {
             return Err(bad(format!(
                 "the server chose transport version {}, which this client does not speak (it speaks {TRANSPORT_VERSION})",
@@ -606,9 +615,7 @@ impl ServerHandshake {
         frame: &RawFrame,
         admit: impl FnOnce(ParticipantId) -> std::result::Result<(), String>,
     ) -> Result<(PendingServer, Vec<u8>)> {
-        check_first(frame, FrameKind::Hello, 0)?;
-        let h: HelloBody = serde_json::from_slice(&frame.body)
-            .map_err(|e| bad(format!("malformed HELLO: {e}")))?;
+        let h: HelloBody = handshake_body(frame, FrameKind::Hello, 0)?;
         if h.protocol != PROTOCOL_NAME {
             return Err(bad(format!(
                 "HELLO of protocol {:?}, not {PROTOCOL_NAME:?}",
@@ -672,9 +679,7 @@ impl PendingServer {
     /// Checks AUTH; the session is established (the client proved the key, if there is
     /// one).
     pub fn on_auth(self, frame: &RawFrame) -> Result<Session> {
-        check_first(frame, FrameKind::Auth, 1)?;
-        let a: AuthBody =
-            serde_json::from_slice(&frame.body).map_err(|e| bad(format!("malformed AUTH: {e}")))?;
+        let a: AuthBody = handshake_body(frame, FrameKind::Auth, 1)?;
         let auth_err = |reason: &str| Error::Authentication {
             peer: format!("node {}", self.hello.id),
             reason: reason.to_string(),
