@@ -444,18 +444,16 @@ impl Hypervisor {
     /// dict (`pid`, `accel`, `boot_ms`, `running_ms`, `resumed_state`, …;
     /// `QemuHypervisor::start_vm_with`). Other backends return None and have no guest
     /// to wait for.
-    #[pyo3(signature = (vm, wait_guest=None))]
+    #[pyo3(signature = (vm, wait_guest=Some(DEFAULT_BOOT_WAIT)))]
+    #[pyo3(text_signature = "($self, vm, wait_guest=True)")]
     fn start_vm(
         &self,
         py: Python<'_>,
         vm: &Bound<'_, PyAny>,
-        wait_guest: Option<&Bound<'_, PyAny>>,
+        #[pyo3(from_py_with = wait_limit)] wait_guest: Option<Duration>,
     ) -> PyResult<Option<PyObject>> {
         let id = vm_id(vm)?;
-        let wait = match wait_guest {
-            None => Some(DEFAULT_BOOT_WAIT),
-            Some(w) => wait_limit(w)?,
-        };
+        let wait = wait_guest;
         if let Some(q) = self.qemu.clone() {
             let report = block_on(py, &self.rt, async move {
                 q.start_vm_with(&id, StartOptions { wait_guest: wait })
