@@ -548,5 +548,15 @@ async fn exhausted_replay_script_is_an_error_not_a_panic() {
         .start_vm(&vm("TM"), StartMode::Headless)
         .await
         .unwrap_err();
-    assert!(matches!(e, unacloud_core::Error::Backend { .. }), "{e:?}");
+    // The vbox error crosses into the core whole: its variant stays reachable.
+    match &e {
+        unacloud_core::Error::Generic { source, .. } => assert!(
+            matches!(
+                source.downcast_ref::<unacloud_vbox::Error>(),
+                Some(unacloud_vbox::Error::UnexpectedOutput { .. })
+            ),
+            "{e:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
 }
