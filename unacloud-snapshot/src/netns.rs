@@ -12,9 +12,11 @@
 //! of one process apart. The lab deletes its namespaces when dropped, on failure half-way
 //! through creation, and on [`NetnsLab::teardown`].
 //!
-//! A lab killed with SIGKILL cannot clean up: the programs it started die with it
-//! ([`die_with_parent_if_asked`]), and the next lab deletes what it left — namespaces
-//! (with their rules and taps) and its private run directory ([`RunDir`]).
+//! A lab killed with SIGKILL cannot clean up itself: the programs it started die with it
+//! ([`die_with_parent_if_asked`]), its reaper (`unacloud-gs reap`, told by the kernel)
+//! kills its VMs and deletes its namespaces and run directory ([`remove_lab`]), and if the
+//! reaper was killed too, the next lab deletes what is left — namespaces (with their
+//! rules and taps) and the private run directory ([`RunDir`]).
 
 use std::time::Duration;
 
@@ -90,7 +92,12 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
         };
         if !pid_alive(pid) {
             tracing::warn!(namespace = %name, "deleting a namespace left by a crashed run");
-            ip(&["netns", "del", &name])?;
+            if let Err(e) = ip(&["netns", "del", &name]) {
+                // Another clean-up (a parallel run, a reaper) may have deleted it first.
+                if list_namespaces()?.contains(&name) {
+                    return Err(e);
+                }
+            }
             deleted.push(name);
         }
     }
@@ -107,19 +114,39 @@ pub const DIE_WITH_PARENT_ENV: &str = "UNACLOUD_DIE_WITH_PARENT";
 /// or test manager behind; launchers handle SIGTERM by removing their rules. If the parent
 /// is already gone (it died before this call), the process exits at once.
 pub fn die_with_parent_if_asked() {
-    let Some(parent) = std::env::var(DIE_WITH_PARENT_ENV)
+    if arm_parent_death_signal() == Some(false) {
+        eprintln!("the process that started this one is gone; exiting");
+        std::process::exit(1);
+    }
+}
+
+/// Asks the kernel for SIGTERM when the parent dies, if [`DIE_WITH_PARENT_ENV`] is set:
+/// `None` when it is not set, else whether the parent named there is still the parent
+/// (it may have died before this call).
+pub fn arm_parent_death_signal() -> Option<bool> {
+    let parent = std::env::var(DIE_WITH_PARENT_ENV)
         .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-    else {
-        return;
-    };
+        .and_then(|v| v.parse::<i32>().ok())?;
     if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM) {
         tracing::warn!(error = %e, "cannot ask to die with the parent process");
     }
-    if nix::unistd::getppid().as_raw() != parent {
-        eprintln!("the process that started this one ({parent}) is gone; exiting");
-        std::process::exit(1);
+    Some(nix::unistd::getppid().as_raw() == parent)
+}
+
+/// Deletes every namespace whose name starts with `prefix` (a lab's namespaces) and then
+/// the run directory `dir`; returns the namespaces deleted. Used by a lab's reaper when
+/// the lab was killed, and harmless when there is nothing left.
+pub fn remove_lab(prefix: &str, dir: &std::path::Path) -> Vec<String> {
+    let mut deleted = Vec::new();
+    if prefix.starts_with(FAMILY_PREFIX) && prefix.len() > FAMILY_PREFIX.len() {
+        for name in list_namespaces().unwrap_or_default() {
+            if name.starts_with(prefix) && ip(&["netns", "del", &name]).is_ok() {
+                deleted.push(name);
+            }
+        }
     }
+    let _ = std::fs::remove_dir_all(dir);
+    deleted
 }
 
 /// A private directory of one lab run: `<tmp>/ucn-<pid>-run-<random>`, created with

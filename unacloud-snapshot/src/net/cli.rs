@@ -127,6 +127,20 @@ enum Command {
     /// The RCPBT ring across network namespaces with global snapshots (root).
     #[command(hide = true)]
     RingNetns(RingNetnsArgs),
+    /// A lab's reaper: when the lab that started it dies (even by SIGKILL), kills the VMs
+    /// under its run directory, deletes its namespaces and the directory.
+    #[command(hide = true)]
+    Reap(ReapArgs),
+}
+
+#[derive(Args, Debug)]
+struct ReapArgs {
+    /// The lab's run directory (its VMs live below it).
+    #[arg(long)]
+    dir: PathBuf,
+    /// The lab's namespace prefix (`ucn-<pid>-<rand>-`).
+    #[arg(long)]
+    prefix: String,
 }
 
 /// `--config` and `--cluster`, taken by every daemon command.
@@ -439,13 +453,17 @@ pub fn init_tracing() {
 /// error as one line. Installs the tracing subscriber ([`init_tracing`]) unless the
 /// program has one.
 pub fn main(args: &[String]) -> ExitCode {
-    crate::netns::die_with_parent_if_asked();
     let cli = match Cli::try_parse_from(
         std::iter::once("unacloud-gs".to_string()).chain(args.iter().cloned()),
     ) {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e, args),
     };
+    // A reaper must act when its lab is already gone; everything else a lab starts dies
+    // with it.
+    if !matches!(cli.command, Command::Reap(_)) {
+        crate::netns::die_with_parent_if_asked();
+    }
     init_tracing();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -589,7 +607,42 @@ fn run(cli: Cli) -> Result<()> {
             runtime(1)?.block_on(run_peer(cfg)).map(|_| ())
         }
         Command::RingNetns(a) => ring_netns(a),
+        Command::Reap(a) => reap(a),
     }
+}
+
+/// Waits for the lab's death (SIGTERM from the kernel, [`crate::netns::DIE_WITH_PARENT_ENV`])
+/// and removes what it left. A lab that ends normally kills its reaper with SIGKILL first,
+/// so nothing is done twice.
+fn reap(a: ReapArgs) -> Result<()> {
+    let alive = crate::netns::arm_parent_death_signal().ok_or_else(|| Error::InvalidConfig {
+        reason: format!(
+            "reap is started by a lab, with {} set",
+            crate::netns::DIE_WITH_PARENT_ENV
+        ),
+    })?;
+    if alive {
+        runtime(1)?.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).map_err(|source| Error::Network {
+                peer: "SIGTERM".to_string(),
+                action: "install handler for",
+                source,
+            })?;
+            term.recv().await;
+            Ok::<(), Error>(())
+        })?;
+    }
+    #[cfg(feature = "hypervisor")]
+    {
+        let killed = unacloud_core::qemu::kill_all_under(&a.dir);
+        if killed > 0 {
+            tracing::warn!(vms = killed, dir = %a.dir.display(), "killed the VMs of a lab that died");
+        }
+    }
+    let deleted = crate::netns::remove_lab(&a.prefix, &a.dir);
+    tracing::warn!(namespaces = deleted.len(), prefix = %a.prefix, "removed what a lab that died left");
+    Ok(())
 }
 
 fn metadata(a: MetadataArgs) -> Result<()> {

@@ -247,6 +247,33 @@ fn spawn_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
+/// Starts the lab's reaper (`reap`, re-executing `program`): if this process dies, even
+/// by SIGKILL, the kernel tells the reaper (PR_SET_PDEATHSIG), which kills the VMs under
+/// `dir`, deletes the namespaces named `prefix…` and `dir`. Dropping the returned child
+/// SIGKILLs the reaper, which then does nothing: a normal end cleans up by itself.
+///
+/// It is spawned from async code (a runtime thread that lives as long as the lab), never
+/// from a blocking-pool thread: the parent-death signal follows the spawning thread.
+pub(crate) fn spawn_reaper(
+    program: &Path,
+    program_args: &[String],
+    dir: &Path,
+    prefix: &str,
+) -> Result<tokio::process::Child> {
+    let mut c = Command::new(program);
+    c.args(program_args)
+        .arg("reap")
+        .arg("--dir")
+        .arg(dir)
+        .args(["--prefix", prefix])
+        .env(DIE_WITH_PARENT_ENV, std::process::id().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    c.spawn().map_err(spawn_err("reaper"))
+}
+
 fn command(cfg: &RingNetnsConfig, netns: Option<&str>, sub: &str, args: &[String]) -> Command {
     let mut c = match netns {
         Some(ns) => {
@@ -354,6 +381,7 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
     let mut lab = scopeguard(lab);
     // Private (0700, unpredictable name); a later run removes it if this one is killed.
     let dir = RunDir::create()?;
+    let _reaper = spawn_reaper(&cfg.program, &cfg.program_args, dir.path(), lab.0.prefix())?;
 
     // A fresh cluster key for this run: every protocol frame is authenticated.
     let key_bytes: [u8; 32] = rand::random();

@@ -909,6 +909,9 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
     // removes its directory.
     let dir = RunDir::create()?;
     let reaper = Reaper(dir.path().to_path_buf());
+    // If this process is killed, its reaper kills the VMs and removes the lab.
+    let _lab_reaper =
+        super::ring::spawn_reaper(&cfg.program, &cfg.program_args, dir.path(), lab.0.prefix())?;
     {
         let hub = hub.clone();
         let pcs: Vec<String> = lab.0.peers().iter().map(|p| p.name.clone()).collect();
@@ -1022,6 +1025,10 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
             "--deadline-s",
             &deadline_s,
         ])
+        .env(
+            crate::netns::DIE_WITH_PARENT_ENV,
+            std::process::id().to_string(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(
