@@ -103,6 +103,19 @@ impl Raw {
         reason
     }
 
+    /// Connects to `addr` and completes the handshake as `me` towards `server` (which
+    /// must succeed).
+    async fn open(
+        addr: SocketAddr,
+        key: Option<ClusterKey>,
+        me: ParticipantId,
+        server: ParticipantId,
+    ) -> (Self, Session) {
+        let mut raw = Self::connect(addr).await;
+        let session = raw.handshake(key, me, server).await.unwrap();
+        (raw, session)
+    }
+
     /// A full handshake as `me` towards `server`; the session on success.
     async fn handshake(
         &mut self,
@@ -308,11 +321,8 @@ async fn spoofed_done_is_refused_and_never_completes_a_global_snapshot() {
 
     // 2. Participant 1's identity cannot speak for participant 2: the DONE is refused
     //    and that connection closed.
-    let mut p1 = Raw::connect(lab.addr).await;
-    let mut s = p1
-        .handshake(None, ParticipantId(1), ParticipantId::COORDINATOR)
-        .await
-        .unwrap();
+    let (mut p1, mut s) =
+        Raw::open(lab.addr, None, ParticipantId(1), ParticipantId::COORDINATOR).await;
     let done = Message::Done {
         gs,
         local_time: Duration::from_millis(1),
@@ -403,16 +413,13 @@ async fn a_replayed_handshake_cannot_take_a_live_participant_away() {
     let mut lab = Lab::new(Some(key()), Duration::from_millis(2), false).await;
     lab.complete_one().await;
     // A legitimate-looking handshake as participant 2 is recorded…
-    let mut first = Raw::connect(lab.addr).await;
-    let mut s = first
-        .handshake(
-            lab.key.clone(),
-            ParticipantId(2),
-            ParticipantId::COORDINATOR,
-        )
-        .await
-        .unwrap();
-    let _ = &mut s;
+    let (first, _session) = Raw::open(
+        lab.addr,
+        lab.key.clone(),
+        ParticipantId(2),
+        ParticipantId::COORDINATOR,
+    )
+    .await;
     let recorded = first.sent.clone();
     drop(first);
     // …and replayed byte for byte on fresh connections, which are then closed.
@@ -452,15 +459,13 @@ async fn anonymous_reports_and_direct_triggers_are_refused() {
     let mut lab = Lab::new(Some(key()), Duration::from_millis(2), false).await;
     let ms = lab.ms.local_addr();
     // An unregistered client cannot write snapshot times.
-    let mut anon = Raw::connect(ms).await;
-    let mut s = anon
-        .handshake(
-            lab.key.clone(),
-            ParticipantId::UNREGISTERED,
-            ParticipantId::METADATA_SERVER,
-        )
-        .await
-        .unwrap();
+    let (mut anon, mut s) = Raw::open(
+        ms,
+        lab.key.clone(),
+        ParticipantId::UNREGISTERED,
+        ParticipantId::METADATA_SERVER,
+    )
+    .await;
     anon.envelope(
         &mut s,
         ParticipantId::UNREGISTERED.0,
@@ -475,15 +480,13 @@ async fn anonymous_reports_and_direct_triggers_are_refused() {
     let reason = anon.rejection().await.unwrap();
     assert!(reason.contains("may not send SNAPSHOT_REPORT"), "{reason}");
     // A participant cannot trigger the coordinator directly.
-    let mut p1 = Raw::connect(lab.addr).await;
-    let mut s = p1
-        .handshake(
-            lab.key.clone(),
-            ParticipantId(1),
-            ParticipantId::COORDINATOR,
-        )
-        .await
-        .unwrap();
+    let (mut p1, mut s) = Raw::open(
+        lab.addr,
+        lab.key.clone(),
+        ParticipantId(1),
+        ParticipantId::COORDINATOR,
+    )
+    .await;
     p1.envelope(
         &mut s,
         1,
@@ -528,15 +531,13 @@ async fn a_captured_trigger_exchange_does_not_replay_on_a_keyed_cluster() {
     .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // A real operator's trigger, recorded on the wire.
-    let mut op = Raw::connect(ms).await;
-    let mut s = op
-        .handshake(
-            lab.key.clone(),
-            ParticipantId::UNREGISTERED,
-            ParticipantId::METADATA_SERVER,
-        )
-        .await
-        .unwrap();
+    let (mut op, mut s) = Raw::open(
+        ms,
+        lab.key.clone(),
+        ParticipantId::UNREGISTERED,
+        ParticipantId::METADATA_SERVER,
+    )
+    .await;
     op.envelope(
         &mut s,
         ParticipantId::UNREGISTERED.0,
@@ -576,15 +577,13 @@ async fn oversize_registrations_are_refused_before_they_are_buffered() {
     let lab = Lab::new(None, Duration::from_millis(2), false).await;
     let ms = lab.ms.local_addr();
     // Megabytes of VM names: the frame's length alone is above the limit.
-    let mut big = Raw::connect(ms).await;
-    let mut s = big
-        .handshake(
-            None,
-            ParticipantId::UNREGISTERED,
-            ParticipantId::METADATA_SERVER,
-        )
-        .await
-        .unwrap();
+    let (mut big, mut s) = Raw::open(
+        ms,
+        None,
+        ParticipantId::UNREGISTERED,
+        ParticipantId::METADATA_SERVER,
+    )
+    .await;
     let insert = Message::Insert {
         addr: "127.0.0.1".into(),
         vms: (0..40_000)
@@ -888,15 +887,13 @@ async fn silent_connections_are_closed_and_established_ones_kept_alive() {
     let reason = mute.rejection().await.unwrap();
     assert!(reason.contains("handshake"), "{reason}");
 
-    let mut quiet = Raw::connect(ms.local_addr()).await;
-    let mut s = quiet
-        .handshake(
-            None,
-            ParticipantId::UNREGISTERED,
-            ParticipantId::METADATA_SERVER,
-        )
-        .await
-        .unwrap();
+    let (mut quiet, mut s) = Raw::open(
+        ms.local_addr(),
+        None,
+        ParticipantId::UNREGISTERED,
+        ParticipantId::METADATA_SERVER,
+    )
+    .await;
     let (mut pings, mut reason) = (0, None);
     while let Some(f) = quiet.frame().await {
         match s.open(f) {

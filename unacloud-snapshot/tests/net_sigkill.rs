@@ -59,10 +59,7 @@ struct Cleanup(u32);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for p in std::iter::once(self.0).chain(children_of_lab(self.0)) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            sigkill(p);
         }
         std::thread::sleep(Duration::from_millis(200));
         let _ = netns::cleanup_stale();
@@ -70,29 +67,43 @@ impl Drop for Cleanup {
     }
 }
 
-#[test]
-fn a_sigkilled_lab_leaves_nothing_that_the_next_run_does_not_remove() {
-    if !privileged() {
-        return;
-    }
-    let mut lab = std::process::Command::new(env!("CARGO_BIN_EXE_unacloud-gs"))
-        .args(["ring-netns", "--peers", "3", "--tokens", "100000000"])
+fn sigkill(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// Starts `unacloud-gs ring-netns` with `peers` peers (a run far longer than the test)
+/// and waits (bounded) until it has started `programs` programs.
+fn start_lab(peers: &str, programs: usize) -> (std::process::Child, Cleanup) {
+    let lab = std::process::Command::new(env!("CARGO_BIN_EXE_unacloud-gs"))
+        .args(["ring-netns", "--peers", peers, "--tokens", "100000000"])
         .args(["--snapshots", "1000", "--snapshot-delay-ms", "20"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let pid = lab.id();
-    let _cleanup = Cleanup(pid);
-    // Wait until its launchers run (bounded).
+    let cleanup = Cleanup(lab.id());
     let started = Instant::now();
-    while children_of_lab(pid).len() < 6 {
+    while children_of_lab(lab.id()).len() < programs {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "the lab did not start its programs"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    (lab, cleanup)
+}
+
+#[test]
+fn a_sigkilled_lab_leaves_nothing_that_the_next_run_does_not_remove() {
+    if !privileged() {
+        return;
+    }
+    // Wait until its launchers run.
+    let (mut lab, _cleanup) = start_lab("3", 6);
+    let pid = lab.id();
     let dirs = run_dirs_of(pid);
     assert_eq!(dirs.len(), 1, "{dirs:?}");
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -100,11 +111,7 @@ fn a_sigkilled_lab_leaves_nothing_that_the_next_run_does_not_remove() {
     assert_eq!(mode(&dirs[0].join("cluster.key")), 0o600, "cluster key");
     assert!(namespaces_of(pid).len() >= 4);
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    sigkill(pid);
     lab.wait().unwrap();
     // Everything it started dies with it.
     let killed = Instant::now();
@@ -134,29 +141,11 @@ fn the_next_run_removes_what_a_lab_killed_with_its_reaper_left() {
     if !privileged() {
         return;
     }
-    let mut lab = std::process::Command::new(env!("CARGO_BIN_EXE_unacloud-gs"))
-        .args(["ring-netns", "--peers", "2", "--tokens", "100000000"])
-        .args(["--snapshots", "1000", "--snapshot-delay-ms", "20"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut lab, _cleanup) = start_lab("2", 4);
     let pid = lab.id();
-    let _cleanup = Cleanup(pid);
-    let started = Instant::now();
-    while children_of_lab(pid).len() < 4 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the lab did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
     // SIGKILL everything it started, its reaper first, then the lab itself.
     for p in children_of_lab(pid).into_iter().chain(std::iter::once(pid)) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(p as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        sigkill(p);
     }
     lab.wait().unwrap();
     std::thread::sleep(Duration::from_millis(300));

@@ -385,7 +385,7 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
 
     // A fresh cluster key for this run: every protocol frame is authenticated.
     let key_bytes: [u8; 32] = rand::random();
-    let key_hex: String = key_bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let key_hex = super::frame::hex_encode(&key_bytes);
     let key_file = dir.write_secret("cluster.key", key_hex.as_bytes())?;
     let cluster = ClusterId(u64::from(rand::random::<u32>()));
     let transport = TransportConfig::new(cluster, Some(ClusterKey::from_hex(&key_hex)?));

@@ -989,7 +989,7 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
 
     // 4. The protocol's nodes, on the management network (loopback).
     let key_bytes: [u8; 32] = rand::random();
-    let key_hex: String = key_bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let key_hex = super::frame::hex_encode(&key_bytes);
     let cluster = ClusterId(u64::from(rand::random::<u32>()));
     let transport = TransportConfig::new(cluster, Some(ClusterKey::from_hex(&key_hex)?));
     let catalog = dir.path().join("catalog.json");
