@@ -2,10 +2,19 @@
 """A desktop-cloud snapshot study, the way a researcher would run it in a notebook.
 
 1. Loads real VirtualBox machines and prints, for each, what resuming it on another
-   host would copy (the migration table).
-2. Runs simulated global snapshots of the RCPBT token ring for 4 to 64 nodes.
-3. Saves a figure: global vs slowest local snapshot time, and the coordination overhead
-   per number of nodes.
+   host would copy (the migration table; missing files are counted, not hidden).
+2. Runs simulated global snapshots of the RCPBT token ring for 4 to 64 nodes, several
+   seeds each.
+3. When run as root with the reference guest image (``scripts/guest-image``;
+   ``$UNACLOUD_GUEST_DIR``) and QEMU, also runs the ring in real VMs
+   (:func:`unacloud.experiment.ring_vms`) for a few node counts; otherwise it says the
+   figure is simulated only.
+4. Saves a figure: global vs slowest local snapshot time and the coordination overhead
+   per number of nodes, as means with error bars (one standard deviation) and the
+   number of global snapshots behind each point; every y axis starts at zero, so a
+   small drift looks small. Real-VM series, when measured, are drawn in their own
+   panel beside the simulated ones (real snapshots take seconds, the simulator's are
+   scaled to milliseconds).
 
 Run headless:  python examples/python/snapshot_study.py --out study.png
 """
@@ -13,21 +22,26 @@ Run headless:  python examples/python/snapshot_study.py --out study.png
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
 from pathlib import Path
+from typing import Any, Optional
 
 import unacloud
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_FIXTURES = REPO.parent / "shared" / "fixtures" / "vbox"
 
+Row = dict[str, Any]
 
-def migration_table(folder: Path, limit: int) -> list[dict]:
+
+def migration_table(folder: Path, limit: int) -> list[Row]:
+    """One row per machine: what resuming its current state elsewhere copies."""
     rows = []
     for path in sorted(folder.glob("*.vbox"))[:limit]:
         m = unacloud.vbox.Machine.load(str(path))
-        state = m.current_snapshot.uuid if m.current_snapshot else "current"
-        ms = m.migration_set(state)
+        ms = m.migration_set("current")
         rows.append(
             {
                 "machine": m.name,
@@ -35,59 +49,100 @@ def migration_table(folder: Path, limit: int) -> list[dict]:
                 "files_total": len(m.all_files()),
                 "eq_5_4": m.expected_file_count,
                 "files_to_copy": len(ms.files),
-                "missing": sum(1 for f in ms.files if f["bytes"] is None),
+                "bytes_present": ms.total_bytes,
+                "missing": ms.missing_count,
             }
         )
     return rows
 
 
-def study(node_counts: list[int], tokens: int, seeds: int) -> list[dict]:
+def summarise(nodes: int, records: list[Row], source: str) -> Row:
+    """Mean, standard deviation and count of the completed global snapshots' times."""
+    done = [r for r in records if r["global_ms"] is not None and r["local_ms"] is not None]
+    row: Row = {"source": source, "nodes": nodes, "n": len(done)}
+    for key in ("local_ms", "global_ms", "overhead_ms"):
+        values = [float(r[key]) for r in done]
+        row[key] = statistics.fmean(values) if values else float("nan")
+        row[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return row
+
+
+def study(node_counts: list[int], tokens: int, seeds: int) -> list[Row]:
+    """Simulated global snapshots: one summary row per node count."""
     rows = []
     for n in node_counts:
-        local, glob, over = [], [], []
+        records: list[Row] = []
         for seed in range(seeds):
-            r = unacloud.snapshot.simulate_ring(nodes=n, tokens=tokens, snapshot_every=max(1, tokens // 4), seed=seed)
-            assert r["violations"] == 0 and r["tokens_final"] == tokens, r
-            for s in r["snapshots"]:
-                if s["global_ms"] is None:
-                    continue
-                local.append(max(s["local_ms"]))
-                glob.append(s["global_ms"])
-                over.append(s["global_ms"] - max(s["local_ms"]))
-        rows.append(
-            {
-                "nodes": n,
-                "local_ms": statistics.median(local),
-                "global_ms": statistics.median(glob),
-                "overhead_ms": statistics.median(over),
-                "snapshots": len(glob),
-            }
-        )
+            r = unacloud.snapshot.simulate_ring(
+                nodes=n, tokens=tokens, snapshot_every=max(1, tokens // 4), seed=seed
+            )
+            assert r.exact, r.to_dict()
+            records.extend(r.snapshots())
+        rows.append(summarise(n, records, "simulated"))
     return rows
 
 
-def plot(rows: list[dict], out: Path) -> None:
+def real_vms_available() -> Optional[str]:
+    """None when the real-VM ring can run here, else why not."""
+    if os.geteuid() != 0:
+        return "not root"
+    guest = Path(os.environ.get("UNACLOUD_GUEST_DIR", REPO / "target" / "guest"))
+    if not all((guest / f).is_file() for f in ("vmlinuz", "initrd.img", "rootfs.qcow2")):
+        return f"no guest image in {guest} (scripts/guest-image builds it)"
+    if shutil.which("qemu-system-x86_64") is None:
+        return "no qemu-system-x86_64"
+    return None
+
+
+def real_study(node_counts: list[int], tokens: int, snapshots: int) -> list[Row]:
+    """The ring in real QEMU VMs, one VM per emulated PC: one summary row per count."""
+    guest = Path(os.environ.get("UNACLOUD_GUEST_DIR", REPO / "target" / "guest"))
+    rows = []
+    for n in node_counts:
+        r = unacloud.experiment.ring_vms(vms=n, hosts=n, tokens=tokens, snapshots=snapshots, guest_dir=guest)
+        if not r.exact:
+            print(f"real VMs, {n} nodes: the ring was not exact: {r.failures}")
+        records = r.to_pandas().to_dict("records")
+        rows.append(summarise(n, records, "real VMs"))
+    return rows
+
+
+def plot(sim: list[Row], real: list[Row], out: Optional[Path] = None) -> Any:
+    """The figure (returned; written to ``out`` when given)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    nodes = [r["nodes"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(nodes, [r["global_ms"] for r in rows], "o-", label="global snapshot")
-    a.plot(nodes, [r["local_ms"] for r in rows], "s--", label="slowest local snapshot")
-    a.set_xscale("log", base=2)
-    a.set_xlabel("nodes")
-    a.set_ylabel("time (ms, simulated)")
-    a.set_title("Global vs local snapshot time")
-    a.legend()
-    b.plot(nodes, [r["overhead_ms"] for r in rows], "o-", color="tab:red")
-    b.set_xscale("log", base=2)
-    b.set_xlabel("nodes")
-    b.set_ylabel("coordination overhead (ms)")
-    b.set_title("Overhead = global - slowest local")
+    series = [("simulated", sim)] + ([("real VMs", real)] if real else [])
+    fig, axes = plt.subplots(len(series), 2, figsize=(11, 4 * len(series)), squeeze=False)
+    for (title, rows), (a, b) in zip(series, axes):
+        nodes = [r["nodes"] for r in rows]
+        for key, label, fmt in (("global_ms", "global snapshot", "o-"), ("local_ms", "slowest local snapshot", "s--")):
+            a.errorbar(nodes, [r[key] for r in rows], yerr=[r[key + "_sd"] for r in rows], fmt=fmt,
+                       capsize=4, label=label)
+        b.errorbar(nodes, [r["overhead_ms"] for r in rows], yerr=[r["overhead_ms_sd"] for r in rows],
+                   fmt="o-", color="tab:red", capsize=4)
+        for r in rows:  # how many global snapshots each point stands for
+            b.annotate(f"n={r['n']}", (r["nodes"], r["overhead_ms"]), textcoords="offset points",
+                       xytext=(0, 8), ha="center", fontsize=8)
+        unit = "ms, simulated" if title == "simulated" else "ms, measured"
+        for ax in (a, b):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(nodes, [str(n) for n in nodes])
+            ax.set_xlabel("nodes")
+            ax.set_ylim(bottom=0)  # never exaggerate a small drift
+        a.set_ylabel(f"time ({unit})")
+        a.set_title(f"{title}: global vs local snapshot time (mean ± sd)")
+        a.legend()
+        b.set_ylabel(f"coordination overhead ({unit})")
+        b.set_title(f"{title}: overhead = global − slowest local")
+    if not real:
+        fig.suptitle("simulated only (no real-VM series measured)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    if out is not None:
+        fig.savefig(out, dpi=120)
+    return fig
 
 
 def main() -> None:
@@ -97,6 +152,10 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     ap.add_argument("--tokens", type=int, default=400)
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--real-nodes", type=int, nargs="*", default=[2],
+                    help="node counts for the real-VM series (root and the guest image only)")
+    ap.add_argument("--real-tokens", type=int, default=5000)
+    ap.add_argument("--real-snapshots", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("snapshot_study.png"))
     args = ap.parse_args()
 
@@ -109,11 +168,20 @@ def main() -> None:
                 f"{r['files_to_copy']:5} {r['missing']:7}"
             )
     rows = study(args.nodes, args.tokens, args.seeds)
-    print(f"\n{'nodes':>5} {'local ms':>9} {'global ms':>9} {'overhead ms':>11}")
-    for r in rows:
-        print(f"{r['nodes']:5} {r['local_ms']:9.2f} {r['global_ms']:9.2f} {r['overhead_ms']:11.2f}")
-    plot(rows, args.out)
-    print(f"\nfigure written to {args.out}")
+    why_not = real_vms_available() if args.real_nodes else "no --real-nodes given"
+    real = [] if why_not else real_study(args.real_nodes, args.real_tokens, args.real_snapshots)
+    print(f"\n{'source':>9} {'nodes':>5} {'n':>4} {'local ms':>14} {'global ms':>14} {'overhead ms':>14}")
+    for r in rows + real:
+        print(
+            f"{r['source']:>9} {r['nodes']:5} {r['n']:4} "
+            + " ".join(f"{r[k]:8.2f} ±{r[k + '_sd']:5.2f}" for k in ("local_ms", "global_ms", "overhead_ms"))
+        )
+    if why_not:
+        print(f"\nsimulated only: no real-VM series ({why_not})")
+    else:
+        print(f"\nreal VMs: {len(real)} series point(s) beside the simulated ones")
+    plot(rows, real, args.out)
+    print(f"figure written to {args.out}")
 
 
 if __name__ == "__main__":

@@ -170,9 +170,14 @@ extractors! {
     uint nodes: usize = "nodes";
     uint snapshot_every: u64 = "snapshot_every";
     opt crash_at: u64 = "crash_at";
+    opt crash_host: usize = "crash_host";
+    opt max_steps: u64 = "max_steps";
     uint cluster: u64 = "cluster";
     list participants: u32 = "participants";
     uint participant_id: u32 = "id";
     uint action_id: u64 = "action_id";
     opt gs: u64 = "gs";
+    uint max_parallel_hosts: usize = "max_parallel_hosts";
+    uint max_attempts: u32 = "max_attempts";
+    secs backoff_s: f64 = "backoff_s";
 }

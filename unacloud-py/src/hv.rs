@@ -189,14 +189,14 @@ fn wait_limit(obj: &Bound<'_, PyAny>) -> PyResult<Option<Duration>> {
 }
 
 impl Hypervisor {
-    fn hv(&self) -> PyResult<Arc<dyn RsHypervisor>> {
+    pub(crate) fn hv(&self) -> PyResult<Arc<dyn RsHypervisor>> {
         self.hv
             .clone()
             .ok_or_else(|| raise("InvalidState", "the hypervisor is closed".to_owned()))
     }
 
     /// Runs `f(backend)` to completion, GIL released; maps the core error.
-    fn call<T, F, Fut>(&self, py: Python<'_>, f: F) -> PyResult<T>
+    pub(crate) fn call<T, F, Fut>(&self, py: Python<'_>, f: F) -> PyResult<T>
     where
         F: FnOnce(Arc<dyn RsHypervisor>) -> Fut,
         Fut: std::future::Future<Output = unacloud_core::Result<T>> + Send,
@@ -622,7 +622,7 @@ impl Hypervisor {
 #[pyclass(module = "unacloud.hv", frozen)]
 #[derive(Debug)]
 pub struct Disk {
-    inner: DiskInfo,
+    pub(crate) inner: DiskInfo,
 }
 
 #[pymethods]

@@ -1,15 +1,15 @@
-//! `unacloud.snapshot`: the ring simulator and the sans-IO protocol state machines.
+//! `unacloud.snapshot`: the sans-IO protocol state machines and the wire format (the
+//! ring simulator is in `sim`).
 
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use unacloud_snapshot::protocol::{
-    decode_frame, encode_frame, ActionId, ActionOutcome, Catalog, ClearColourPolicy, ClusterId,
+    decode_frame, encode_frame, ActionId, ActionOutcome, Catalog, ClusterId,
     Coordinator as RsCoordinator, CoordinatorConfig, Envelope, GlobalSnapshotId, Output,
     Participant as RsParticipant, ParticipantConfig, ParticipantId, ProtocolEvent,
 };
-use unacloud_snapshot::sim::{simulate_ring as rs_simulate_ring, RestoreFrom, RingConfig};
 
 use crate::args;
 use crate::convert::{from_py, to_py};
@@ -39,56 +39,6 @@ pub(crate) fn snap_err(e: unacloud_snapshot::Error) -> PyErr {
         _ => "ProtocolError",
     };
     raise(class, chain(&e))
-}
-
-/// Runs the RCPBT token ring with periodic global snapshots in the deterministic
-/// simulator and returns the checker's report as a dict (the keys of the `ring_sim`
-/// example's JSON, plus `snapshots` with per-snapshot `local_ms` and `global_ms`).
-/// `thesis_order=True` runs the thesis's literal step order as a negative control.
-#[pyfunction]
-#[pyo3(signature = (nodes=4, tokens=1000, snapshot_every=100, crash_at=None, transport="tcp", seed=0, filter=true, restore_from="latest", latency_ms=None, thesis_order=false))]
-#[allow(clippy::too_many_arguments)]
-pub fn simulate_ring(
-    py: Python<'_>,
-    #[pyo3(from_py_with = args::nodes)] nodes: usize,
-    #[pyo3(from_py_with = args::tokens)] tokens: u64,
-    #[pyo3(from_py_with = args::snapshot_every)] snapshot_every: u64,
-    #[pyo3(from_py_with = args::crash_at)] crash_at: Option<u64>,
-    transport: &str,
-    #[pyo3(from_py_with = args::seed)] seed: u64,
-    filter: bool,
-    restore_from: &str,
-    latency_ms: Option<f64>,
-    thesis_order: bool,
-) -> PyResult<PyObject> {
-    let mut config = RingConfig {
-        nodes,
-        tokens,
-        snapshot_every,
-        crash_at,
-        seed,
-        filter,
-        ..RingConfig::default()
-    };
-    config.transport = transport.parse().map_err(invalid)?;
-    if thesis_order {
-        // Negative control: the thesis's literal order (colour cleared right after the
-        // host's own snapshot), which the simulator shows to be inconsistent.
-        config.clear_colour = ClearColourPolicy::AfterOwnSnapshot;
-    }
-    config.restore_from = restore_from.parse::<RestoreFrom>().map_err(snap_err)?;
-    if let Some(ms) = latency_ms {
-        if !(ms.is_finite() && ms >= 0.0) {
-            return Err(invalid(format!(
-                "latency_ms must be a non-negative number, got {ms}"
-            )));
-        }
-        config.link.latency = Duration::from_secs_f64(ms / 1000.0);
-    }
-    let report = py
-        .allow_threads(move || rs_simulate_ring(config))
-        .map_err(snap_err)?;
-    to_py(py, &report)
 }
 
 /// Encodes an envelope dict as one wire frame (bytes).

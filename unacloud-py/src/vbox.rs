@@ -143,10 +143,68 @@ impl MigrationSet {
     fn files(&self, py: Python<'_>) -> PyResult<PyObject> {
         files_list(py, &self.inner.files)
     }
-    /// Sum of the known file lengths, in bytes.
+    /// Sum of the lengths of the files that are present, in bytes. Missing files
+    /// (`bytes` None) count nothing here: check `missing_count` (or `missing`) before
+    /// using this as the size to transfer.
     #[getter]
     fn total_bytes(&self) -> u64 {
         self.inner.total_bytes()
+    }
+    /// How many files of the set are missing (their length is unknown, so
+    /// `total_bytes` leaves them out).
+    #[getter]
+    fn missing_count(&self) -> usize {
+        self.inner.missing().count()
+    }
+    /// The paths of the missing files.
+    #[getter]
+    fn missing(&self) -> Vec<String> {
+        self.inner
+            .missing()
+            .map(|f| f.path.display().to_string())
+            .collect()
+    }
+    /// One dict per file (`path`, `role`, `uuid`, `bytes`); iterating the set yields
+    /// the same, so `pandas.DataFrame(migration_set)` has a row per file.
+    fn records(&self, py: Python<'_>) -> PyResult<PyObject> {
+        files_list(py, &self.inner.files)
+    }
+    /// `records()` as a `pandas.DataFrame` (pandas is imported only here).
+    fn to_pandas(&self, py: Python<'_>) -> PyResult<PyObject> {
+        crate::results::dataframe(
+            py,
+            files_list(py, &self.inner.files)?,
+            "MigrationSet.to_pandas()",
+        )
+    }
+    fn __iter__(&self, py: Python<'_>) -> PyResult<PyObject> {
+        Ok(files_list(py, &self.inner.files)?
+            .bind(py)
+            .try_iter()?
+            .into_any()
+            .unbind())
+    }
+    fn __reduce__(slf: &Bound<'_, Self>) -> PyResult<(PyObject, (PyObject, String))> {
+        let py = slf.py();
+        let data = to_py(py, &slf.get().inner)?;
+        Ok((
+            slf.get_type().into_any().unbind(),
+            (data, slf.get().state.clone()),
+        ))
+    }
+    /// A set from its serialised form (what pickling uses).
+    #[new]
+    #[pyo3(signature = (data, state="restored".to_owned()))]
+    fn new(data: &Bound<'_, PyAny>, state: String) -> PyResult<Self> {
+        Ok(MigrationSet {
+            inner: crate::convert::from_py(data, "migration set")?,
+            state,
+        })
+    }
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other
+            .downcast::<MigrationSet>()
+            .is_ok_and(|o| o.get().inner == self.inner)
     }
     /// Images the destination must already have (preloaded templates): dicts with
     /// `uuid` and `path`.
@@ -165,11 +223,13 @@ impl MigrationSet {
         self.inner.warnings.clone()
     }
     /// Everything as one plain dict (the same shape as the `file_tracker --json` output
-    /// without the machine and snapshot headers).
+    /// without the machine and snapshot headers, plus `missing_count`). For a table of
+    /// the files use `pandas.DataFrame(migration_set)` or `to_pandas()`.
     fn to_dict(&self, py: Python<'_>) -> PyResult<PyObject> {
         let d = pyo3::types::PyDict::new(py);
         d.set_item("files", files_list(py, &self.inner.files)?)?;
         d.set_item("total_bytes", self.inner.total_bytes())?;
+        d.set_item("missing_count", self.inner.missing().count())?;
         d.set_item(
             "expected_at_destination",
             to_py(py, &self.inner.expected_at_destination)?,
@@ -182,11 +242,17 @@ impl MigrationSet {
         self.inner.files.len()
     }
     fn __repr__(&self) -> String {
+        let missing = self.inner.missing().count();
         format!(
-            "<MigrationSet for {}: {} files, {} bytes>",
+            "<MigrationSet for {}: {} files, {} bytes{}>",
             self.state,
             self.inner.files.len(),
-            self.inner.total_bytes()
+            self.inner.total_bytes(),
+            if missing > 0 {
+                format!(" ({missing} missing, not counted)")
+            } else {
+                String::new()
+            }
         )
     }
 }
@@ -249,7 +315,8 @@ impl Machine {
         self.inner.render_snapshot_tree(f).map_err(vbox_err)
     }
     /// The files needed to resume `snapshot` (a uuid, a unique name, a `Snapshot`, or
-    /// `"current"`) on another host. Images whose uuids are in `preloaded` are expected
+    /// `"current"` for the machine's current state, which every machine has, with or
+    /// without snapshots) on another host. Images whose uuids are in `preloaded` are expected
     /// at the destination and not copied.
     #[pyo3(signature = (snapshot, preloaded=Vec::new(), include_removable=false))]
     fn migration_set(
@@ -291,6 +358,30 @@ impl Machine {
         let inner = self.inner.clone();
         let all = py.allow_threads(move || inner.all_files());
         files_list(py, &all.files)
+    }
+    /// The machine as a plain dict: `name`, `uuid`, `settings_path`, `snapshots` (each
+    /// `Snapshot.to_dict()`, in file order), `current_snapshot` (its uuid or None) and
+    /// `expected_file_count`.
+    fn to_dict(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let d = pyo3::types::PyDict::new(py);
+        d.set_item("name", self.inner.name())?;
+        d.set_item("uuid", self.inner.uuid().to_string())?;
+        d.set_item(
+            "settings_path",
+            self.inner.settings_path().display().to_string(),
+        )?;
+        let snaps = self
+            .snapshots()
+            .iter()
+            .map(|s| s.to_dict(py))
+            .collect::<PyResult<Vec<_>>>()?;
+        d.set_item("snapshots", PyList::new(py, snaps)?)?;
+        d.set_item(
+            "current_snapshot",
+            self.inner.current_snapshot().map(|s| s.uuid.to_string()),
+        )?;
+        d.set_item("expected_file_count", self.expected_file_count())?;
+        Ok(d.into_any().unbind())
     }
     /// The file count the thesis's Eq. 5.4 predicts for this machine.
     #[getter]

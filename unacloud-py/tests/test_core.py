@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 import unacloud
@@ -29,15 +31,56 @@ def test_profiles_are_the_thesis_table() -> None:
 @pytest.mark.parametrize("algorithm", core.placement_algorithms())
 def test_every_algorithm_places_without_overcommit(algorithm: str) -> None:
     plan = core.place(hosts(5), vms(5, "medium"), algorithm=algorithm, seed=7)
-    assert sorted(a["vm"] for a in plan["assignments"]) == sorted(f"vm{i}" for i in range(5))
-    for h in plan["remaining"]:
+    assert isinstance(plan, core.Placement) and plan.algorithm == algorithm
+    assert sorted(a["vm"] for a in plan.assignments) == sorted(f"vm{i}" for i in range(5))
+    for h in plan.remaining:
         assert h["free_cores"] >= 0 and h["free_memory_mb"] >= 0
+    used = {h["id"]: 4 - h["free_cores"] for h in plan.remaining}
+    for h in used:
+        assert used[h] == 2 * len(plan.vms_on(h))  # medium: 2 cores each
+    assert all(plan.host_of(r["vm"]) == r["host"] for r in plan)
+    assert (plan.seed is not None) == (algorithm == "random")
 
 
 def test_random_is_deterministic_per_seed() -> None:
     a = core.place(hosts(10), vms(10), algorithm="random", seed=1)
     b = core.place(hosts(10), vms(10), algorithm="random", seed=1)
-    assert a["assignments"] == b["assignments"]
+    assert a.assignments == b.assignments and a.seed == b.seed == 1
+    drawn = core.place(hosts(10), vms(10), algorithm="random")
+    assert drawn.seed is not None
+    assert core.place(hosts(10), vms(10), algorithm="random", seed=drawn.seed) == drawn
+
+
+def test_a_placement_is_a_table_and_pickles() -> None:
+    pd = pytest.importorskip("pandas")
+    plan = core.place(hosts(3), vms(4, "medium"), algorithm="round-robin")
+    df = pd.DataFrame(plan)
+    assert list(df.columns) == ["vm", "host", "template", "profile", "cores", "memory_mb", "disk_bytes"]
+    assert list(df["vm"]) == ["vm0", "vm1", "vm2", "vm3"]
+    assert list(df["host"]) == ["pc0", "pc1", "pc2", "pc0"]
+    assert set(df["cores"]) == {2}
+    assert df.equals(plan.to_pandas()) and len(plan) == 4
+    back = pickle.loads(pickle.dumps(plan))
+    assert back == plan and back.to_dict() == plan.to_dict()
+    assert core.Placement(plan.to_dict()) == plan
+    d = plan.to_dict()
+    assert set(d) == {"algorithm", "seed", "assignments", "remaining", "template_copies", "unplaced", "vms"}
+
+
+def test_best_effort_keeps_the_partial_plan() -> None:
+    plan = core.place(hosts(2), vms(3), algorithm="singleton", best_effort=True)
+    assert len(plan.assignments) == 2
+    assert [u["vm"] for u in plan.unplaced] == ["vm2"] and plan.unplaced[0]["reason"]
+    assert plan.host_of("vm2") is None
+
+
+def test_disk_aware_counts_template_copies() -> None:
+    hs = hosts(2)
+    hs[1]["preloaded_templates"] = ["ubuntu"]
+    reqs = [dict(r, disk_bytes=10**9, template_bytes=5 * 10**9) for r in vms(2)]
+    plan = core.place(hs, reqs, algorithm="disk-aware")
+    # the host that already holds the template is preferred: nothing to copy
+    assert {a["host"] for a in plan.assignments} == {"pc1"} and plan.template_copies == []
 
 
 def test_impossible_placement_names_the_vms() -> None:

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
 import pytest
 
 import unacloud
@@ -16,23 +25,148 @@ KEYS = {
 
 def test_ring_without_crash_is_exact_and_consistent() -> None:
     r = snapshot.simulate_ring(nodes=4, tokens=300, snapshot_every=60, seed=3)
-    assert KEYS <= set(r)
-    assert r["tokens_final"] == r["tokens_expected"] == 300
-    assert (r["lost"], r["duplicated"], r["orphan_messages"], r["violations"]) == (0, 0, 0, 0)
-    assert r["global_snapshots_completed"] == r["global_snapshots_started"] >= 1
-    s = r["snapshots"][0]
-    assert len(s["local_ms"]) == 4 and s["global_ms"] >= max(s["local_ms"])
+    t = r.to_dict()
+    assert KEYS <= set(t) and "snapshots" not in t
+    assert r.tokens_final == r.tokens_expected == t["tokens_final"] == 300
+    assert (r.lost, r.duplicated, r.orphan_messages, r.violations) == (0, 0, 0, 0) and r.exact
+    assert r.global_snapshots_completed == r.global_snapshots_started >= 1
+    s = r.snapshots()[0]
+    assert len(s["host_local_ms"]) == 4 and s["local_ms"] == max(s["host_local_ms"])
+    assert s["global_ms"] >= s["local_ms"]
+    assert s["overhead_ms"] == pytest.approx(s["global_ms"] - s["local_ms"])
+    assert len(r) == len(r.snapshots()) == r.global_snapshots_started
+    assert r.report()["snapshots"][0]["id"] == s["global_snapshot"]
 
 
 def test_crash_and_restore_loses_and_duplicates_nothing() -> None:
     r = snapshot.simulate_ring(nodes=4, tokens=400, snapshot_every=50, crash_at=250, seed=5)
-    assert r["restored_from"] is not None
-    assert r["tokens_final"] == 400 and r["lost"] == 0 and r["duplicated"] == 0
+    assert r.restored_from is not None
+    assert r.tokens_final == 400 and r.lost == 0 and r.duplicated == 0
+    assert snapshot.simulate_ring(nodes=4, tokens=400, snapshot_every=50, crash_at=250, seed=5,
+                                  restore_from=r.restored_from).restored_from == r.restored_from
+
+
+def test_the_result_is_a_table_and_pickles() -> None:
+    pd = pytest.importorskip("pandas")
+    r = snapshot.simulate_ring(nodes=4, tokens=300, snapshot_every=60, seed=3)
+    df = pd.DataFrame(r)
+    assert len(df) == r.global_snapshots_started
+    assert {"global_snapshot", "local_ms", "global_ms", "overhead_ms", "status"} <= set(df.columns)
+    assert list(df["global_ms"]) == [s["global_ms"] for s in r.snapshots()]
+    assert df.equals(r.to_pandas())
+    back = pickle.loads(pickle.dumps(r))
+    assert back == r and back.to_dict() == r.to_dict() and back.snapshots() == r.snapshots()
+    assert snapshot.SimulationResult(r.report()) == r
+    assert r != snapshot.simulate_ring(nodes=4, tokens=300, snapshot_every=60, seed=4)
+
+
+def test_the_study_knobs_reach_the_simulator() -> None:
+    fixed = snapshot.simulate_ring(nodes=3, tokens=200, snapshot_every=50, local_snapshot_ms=5.0)
+    for s in fixed.snapshots():
+        assert s["host_local_ms"] == pytest.approx([5.0, 5.0, 5.0])
+    ranged = snapshot.simulate_ring(nodes=3, tokens=200, snapshot_every=50, local_snapshot_ms=(10, 20))
+    lt = [t for s in ranged.snapshots() for t in s["host_local_ms"]]
+    assert lt and all(10 <= t <= 20 for t in lt) and len(set(lt)) > 1
+    cfg = ranged.config()
+    assert cfg is not None and (cfg["local_snapshot_min_us"], cfg["local_snapshot_max_us"]) == (10_000, 20_000)
+    slow = snapshot.simulate_ring(nodes=3, tokens=200, snapshot_every=0, latency_ms=2.0, jitter_ms=0.0)
+    fast = snapshot.simulate_ring(nodes=3, tokens=200, snapshot_every=0, latency_ms=0.2, jitter_ms=0.0)
+    assert slow.sim_time_ms > 5 * fast.sim_time_ms
+    lossy = snapshot.simulate_ring(nodes=3, tokens=200, snapshot_every=50, loss=0.05, seed=2)
+    assert lossy.to_dict()["overhead"]["lost_by_link"] > 0 and lossy.exact  # TCP retransmits
+    crash = snapshot.simulate_ring(nodes=4, tokens=400, snapshot_every=50, crash_at_ms=60.0, crash_host=2,
+                                   reboot_after_ms=5, restore_time_ms=7, seed=1)
+    c = crash.config()
+    assert c is not None and (c["crash_host"], c["crash_at_time_us"], c["restore_time_us"]) == (2, 60_000, 7_000)
+    assert crash.restored_from is not None and crash.exact
+    tight = snapshot.simulate_ring(nodes=4, tokens=300, snapshot_every=60, local_snapshot_ms=30,
+                                   snapshot_timeout_ms=5)
+    assert tight.global_snapshots_completed == 0 < tight.global_snapshots_started
+    assert all(s["status"] == "failed" and s["failure"] for s in tight.snapshots())
+
+
+def test_bad_knobs_are_typed_errors() -> None:
+    with pytest.raises(unacloud.InvalidInput):
+        snapshot.simulate_ring(loss=1.5)
+    with pytest.raises(unacloud.InvalidInput):
+        snapshot.simulate_ring(local_snapshot_ms=(5, 1))
+    with pytest.raises(unacloud.InvalidInput):
+        snapshot.simulate_ring(latency_ms=-1)
+    with pytest.raises(TypeError):
+        snapshot.simulate_ring(local_snapshot_ms="slow")  # type: ignore[arg-type]
+    with pytest.raises(unacloud.InvalidInput):
+        snapshot.simulate_ring(nodes=4, crash_host=9, crash_at=10)
+    with pytest.raises(unacloud.InvalidInput):
+        snapshot.simulate_ring(crash_at=10, crash_at_ms=3.0)
+    with pytest.raises(TypeError):
+        snapshot.simulate_ring(progress="yes")  # type: ignore[arg-type]
+    with pytest.raises(unacloud.SimulationError):
+        snapshot.simulate_ring(tokens=5000, max_steps=100)
+
+
+def test_progress_reports_during_a_long_run_and_an_exception_stops_it() -> None:
+    events: list[dict[str, Any]] = []
+    r = snapshot.simulate_ring(nodes=8, tokens=300_000, snapshot_every=20_000, progress=events.append)
+    ticks = [e for e in events if e["event"] == "progress"]
+    assert events[-1]["event"] == "finish" and events[-1]["result"] == r
+    assert ticks, "a run of this size takes longer than one progress period"
+    steps = [e["steps"] for e in ticks]
+    assert steps == sorted(steps) and all(0 < s < e["step_budget"] for s, e in zip(steps, ticks))
+
+    class Stop(Exception):
+        pass
+
+    def stop(event: dict[str, Any]) -> None:
+        raise Stop(event["steps"])
+
+    with pytest.raises(Stop):
+        snapshot.simulate_ring(nodes=8, tokens=300_000, snapshot_every=20_000, progress=stop)
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    import unacloud
+    last = {"steps": 0}
+    def progress(e):
+        if e["event"] == "progress":
+            last["steps"] = e["steps"]
+            print("running", flush=True)
+    try:
+        r = unacloud.snapshot.simulate_ring(nodes=8, tokens=int(sys.argv[1]), snapshot_every=5000,
+                                            progress=progress)
+    except KeyboardInterrupt:
+        print("interrupted after", last["steps"], "steps", flush=True)
+        sys.exit(3)
+    print("finished after", last["steps"], "steps", flush=True)
+""")
+
+
+def test_ctrl_c_interrupts_a_long_simulation() -> None:
+    # The uninterrupted run first: how long the whole run takes and how far it gets.
+    tokens = "500000"
+    t0 = time.monotonic()
+    full = subprocess.run([sys.executable, "-c", CHILD, tokens], capture_output=True, text=True, timeout=300)
+    full_s = time.monotonic() - t0
+    assert full.returncode == 0, full.stderr
+    full_steps = int(full.stdout.split("finished after")[1].split()[0])
+    # The same run, sent SIGINT as soon as it reports progress.
+    t0 = time.monotonic()
+    child = subprocess.Popen([sys.executable, "-c", CHILD, tokens], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "running"
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=300)
+    interrupted_s = time.monotonic() - t0
+    assert child.returncode == 3, (out, err)
+    steps = int(out.split("interrupted after")[1].split()[0])
+    assert 0 < steps < full_steps / 2
+    assert interrupted_s < full_s / 2
 
 
 def test_negative_control_without_filter_finds_orphans() -> None:
     found = sum(
-        snapshot.simulate_ring(nodes=4, tokens=300, snapshot_every=30, seed=s, filter=False)["orphan_messages"]
+        snapshot.simulate_ring(nodes=4, tokens=300, snapshot_every=30, seed=s, filter=False).orphan_messages
         for s in range(10)
     )
     assert found > 0
@@ -43,9 +177,9 @@ def test_thesis_order_is_a_failing_control_and_the_default_is_not() -> None:
         snapshot.simulate_ring(nodes=4, tokens=300, snapshot_every=60, seed=s, thesis_order=True)
         for s in range(10)
     ]
-    assert sum(r["violations"] for r in runs) > 0
+    assert sum(r.violations for r in runs) > 0
     for s in range(10):
-        assert snapshot.simulate_ring(nodes=4, tokens=300, snapshot_every=60, seed=s)["violations"] == 0
+        assert snapshot.simulate_ring(nodes=4, tokens=300, snapshot_every=60, seed=s).violations == 0
 
 
 def test_bad_configuration_is_a_typed_error() -> None:

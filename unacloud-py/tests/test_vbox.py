@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import uuid
 from pathlib import Path
@@ -33,8 +34,50 @@ def test_every_real_fixture_loads(vbox_fixtures: list[Path]) -> None:
 
 def test_acceptance_one_liner(kali: Path) -> None:
     m = unacloud.vbox.Machine.load(str(kali))
-    total = m.migration_set(m.current_snapshot.uuid).total_bytes
+    total = m.migration_set("current").total_bytes
     assert isinstance(total, int) and total > 0  # the .vbox itself exists
+
+
+def test_the_readme_one_liner_works_on_every_fixture(vbox_fixtures: list[Path]) -> None:
+    without_snapshots = 0
+    for path in vbox_fixtures:
+        m = Machine.load(str(path))
+        if m.current_snapshot is None:
+            without_snapshots += 1
+        ms = m.migration_set("current")  # what the READMEs show
+        assert ms.files[0]["role"] == "settings"
+        # total_bytes counts the files that are present; the others are counted apart
+        present = [f for f in ms.files if f["bytes"] is not None]
+        assert ms.total_bytes == sum(f["bytes"] for f in present)
+        assert ms.missing_count == len(ms.files) - len(present) == len(ms.missing)
+        assert ms.to_dict()["missing_count"] == ms.missing_count
+    assert without_snapshots > 0, "the fixtures include machines without snapshots"
+
+
+def test_missing_files_are_counted_not_hidden(kali: Path) -> None:
+    m = Machine.load(str(kali))  # the fixture's disks are not there, only the .vbox
+    ms = m.migration_set("current")
+    assert ms.missing_count > 0 and len(ms.missing) == ms.missing_count
+    assert ms.total_bytes == Path(ms.files[0]["path"]).stat().st_size
+    assert "missing, not counted" in repr(ms)
+
+
+def test_machine_and_migration_set_as_plain_data_tables_and_pickles(kali: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    m = Machine.load(str(kali))
+    d = m.to_dict()
+    assert (d["name"], d["uuid"], d["expected_file_count"]) == (m.name, m.uuid, m.expected_file_count)
+    assert [s["uuid"] for s in d["snapshots"]] == [s.uuid for s in m.snapshots]
+    assert d["current_snapshot"] == m.current_snapshot.uuid
+    json.dumps(d)
+    ms = m.migration_set("current")
+    df = pd.DataFrame(ms)
+    assert list(df.columns) == ["path", "role", "uuid", "bytes"] and len(df) == len(ms)
+    assert list(df["path"]) == [f["path"] for f in ms.files]
+    assert df.equals(ms.to_pandas())
+    assert pd.DataFrame(ms.to_dict()["files"]).equals(df)
+    back = pickle.loads(pickle.dumps(ms))
+    assert back == ms and back.to_dict() == ms.to_dict() and back.total_bytes == ms.total_bytes
 
 
 def test_snapshot_nodes_form_the_tree(kali: Path) -> None:
