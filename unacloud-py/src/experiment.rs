@@ -206,6 +206,17 @@ impl RingVmsResult {
         report_fields(py)
     }
 
+    /// The same as `from_dict` (which pickling uses).
+    #[new]
+    fn new(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<RingVmsResult> {
+        Self::from_dict(py, data)
+    }
+
+    fn __reduce__(slf: &Bound<'_, Self>) -> PyResult<(PyObject, (PyObject,))> {
+        let d = slf.get().to_dict(slf.py())?;
+        Ok((slf.get_type().into_any().unbind(), (d,)))
+    }
+
     /// A result from a `ring_vms --json` object (e.g. one entry of
     /// `benches/ring_vms/results.json`); it must have exactly the fields of `FIELDS`.
     #[staticmethod]

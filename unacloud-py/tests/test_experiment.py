@@ -50,6 +50,15 @@ def test_to_pandas_has_one_row_per_global_snapshot() -> None:
     assert list(df["downtime_ms"]) == pytest.approx(want)
 
 
+def test_a_result_pickles() -> None:
+    import pickle
+
+    for r in measured():
+        res = RingVmsResult.from_dict(r)
+        back = pickle.loads(pickle.dumps(res))
+        assert back.to_dict() == r and RingVmsResult(r).to_dict() == r
+
+
 def test_to_pandas_without_pandas_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pandas", None)  # makes `import pandas` fail
     res = RingVmsResult.from_dict(measured()[0])
