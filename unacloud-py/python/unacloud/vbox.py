@@ -2,7 +2,8 @@
 
 >>> import unacloud
 >>> m = unacloud.vbox.Machine.load("TM.vbox")                      # doctest: +SKIP
->>> m.migration_set(m.current_snapshot.uuid).total_bytes           # doctest: +SKIP
+>>> ms = m.migration_set("current")  # or a snapshot's uuid or name  # doctest: +SKIP
+>>> ms.total_bytes, ms.missing_count  # bytes of the present files, missing files  # doctest: +SKIP
 """
 
 from __future__ import annotations
