@@ -561,15 +561,25 @@ async fn run(args: Args) -> Result<bool, String> {
     Ok(report.failed() == 0 && !report.cancelled)
 }
 
-#[tokio::main]
-async fn main() {
-    let args = Args::parse();
-    match run(args).await {
-        Ok(true) => {}
-        Ok(false) => std::process::exit(1),
+/// Runs the command with `argv` (the program name first, as `std::env::args_os`
+/// gives it) and returns its exit code: 0 when every VM was made, 1 when some failed
+/// or the run was cancelled, 2 on an error (printed with its whole cause chain).
+pub async fn cli<I, T>(argv: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    match run(Args::parse_from(argv)).await {
+        Ok(true) => 0,
+        Ok(false) => 1,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "error: {e}");
-            std::process::exit(2);
+            2
         }
     }
+}
+
+#[tokio::main]
+async fn main() {
+    std::process::exit(cli(std::env::args_os()).await)
 }
