@@ -568,6 +568,18 @@ pub struct VmOutcome {
 
 #[pymethods]
 impl VmOutcome {
+    /// An outcome from its `to_dict()` (what pickling uses).
+    #[new]
+    fn new(data: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let d: OutcomeData = from_py(data, "VM outcome")?;
+        Ok(VmOutcome {
+            inner: d.into_rs()?,
+        })
+    }
+    fn __reduce__(slf: &Bound<'_, Self>) -> PyResult<(PyObject, (PyObject,))> {
+        let d = slf.get().to_dict(slf.py())?;
+        Ok((slf.get_type().into_any().unbind(), (d,)))
+    }
     /// The VM's name.
     #[getter]
     fn vm(&self) -> &str {

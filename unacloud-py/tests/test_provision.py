@@ -110,6 +110,8 @@ def test_deployment_report_is_a_table_and_pickles(tmp_path: Path) -> None:
     assert df.equals(report.to_pandas()) and len(report) == 2
     back = pickle.loads(pickle.dumps(report))
     assert back.to_dict() == report.to_dict() and back.created == 2
+    o = report.outcomes[0]
+    assert pickle.loads(pickle.dumps(o)).to_dict() == o.to_dict() == report.to_dict()["outcomes"][0]
     # created VMs are recorded as users of the version, which then cannot go
     assert sorted(cat.users("base", tv.version)) == [("pc-0", "vm0"), ("pc-0", "vm1")]
     assert cat.version_of("pc-0", "vm1") == tv

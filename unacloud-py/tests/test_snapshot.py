@@ -104,12 +104,22 @@ def test_bad_knobs_are_typed_errors() -> None:
         snapshot.simulate_ring(tokens=5000, max_steps=100)
 
 
+def tokens_for(seconds: float) -> int:
+    """Tokens of an 8-node ring that take about `seconds` with this build on this machine
+    (a release build is ten times faster than a debug one)."""
+    t0 = time.monotonic()
+    snapshot.simulate_ring(nodes=8, tokens=50_000, snapshot_every=5000)
+    per_token = max(time.monotonic() - t0, 1e-3) / 50_000
+    return min(50_000_000, max(100_000, int(seconds / per_token)))
+
+
 def test_progress_reports_during_a_long_run_and_an_exception_stops_it() -> None:
     events: list[dict[str, Any]] = []
-    r = snapshot.simulate_ring(nodes=8, tokens=300_000, snapshot_every=20_000, progress=events.append)
+    tokens = tokens_for(0.8)
+    r = snapshot.simulate_ring(nodes=8, tokens=tokens, snapshot_every=20_000, progress=events.append)
     ticks = [e for e in events if e["event"] == "progress"]
     assert events[-1]["event"] == "finish" and events[-1]["result"] == r
-    assert ticks, "a run of this size takes longer than one progress period"
+    assert len(ticks) >= 2, "a run of this size takes several progress periods"
     steps = [e["steps"] for e in ticks]
     assert steps == sorted(steps) and all(0 < s < e["step_budget"] for s, e in zip(steps, ticks))
 
@@ -120,7 +130,7 @@ def test_progress_reports_during_a_long_run_and_an_exception_stops_it() -> None:
         raise Stop(event["steps"])
 
     with pytest.raises(Stop):
-        snapshot.simulate_ring(nodes=8, tokens=300_000, snapshot_every=20_000, progress=stop)
+        snapshot.simulate_ring(nodes=8, tokens=tokens, snapshot_every=20_000, progress=stop)
 
 
 CHILD = textwrap.dedent("""
@@ -142,8 +152,9 @@ CHILD = textwrap.dedent("""
 
 
 def test_ctrl_c_interrupts_a_long_simulation() -> None:
+    # Long enough that an interrupt a progress period or two in leaves most of it undone.
+    tokens = str(tokens_for(2.0))
     # The uninterrupted run first: how long the whole run takes and how far it gets.
-    tokens = "500000"
     t0 = time.monotonic()
     full = subprocess.run([sys.executable, "-c", CHILD, tokens], capture_output=True, text=True, timeout=300)
     full_s = time.monotonic() - t0
