@@ -170,19 +170,51 @@ pub(crate) fn is_vm_process(pid: i32, uuid: &str) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // A zombie has released its memory and files: it is gone.
-        if let Some(state) = stat
-            .rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().next())
-        {
-            if state == "Z" || state == "X" {
-                return false;
-            }
-        }
+    // A zombie has released its memory and files: it is gone.
+    if is_zombie(pid) {
+        return false;
     }
     cmdline.split(|&b| b == 0).any(|arg| arg == uuid.as_bytes())
+}
+
+/// Live processes whose program name ends with `program` (`qemu-img`,
+/// `qemu-system-x86_64`) and one of whose arguments names a path under `folder` (QEMU
+/// takes paths as `file=/…`, so an argument that merely contains the folder's path
+/// counts). Zombies are not counted: they hold nothing any more.
+pub(crate) fn processes_under(program: &[u8], folder: &Path) -> Vec<i32> {
+    // `/srv/vms/` so that `/srv/vms2/…` does not count.
+    let mut needle = folder.as_os_str().as_encoded_bytes().to_vec();
+    while needle.last() == Some(&b'/') {
+        needle.pop();
+    }
+    if needle.is_empty() {
+        return Vec::new();
+    }
+    needle.push(b'/');
+    let needle = needle.as_slice();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let mut args = cmd.split(|&b| b == 0);
+            let named = args.next().is_some_and(|a| a.ends_with(program));
+            named && args.any(|a| a.windows(needle.len()).any(|w| w == needle)) && !is_zombie(*pid)
+        })
+        .collect()
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X")
+    })
 }
 
 /// Waits (at most `within`) until no `qemu-img` process works on a file under
@@ -190,23 +222,7 @@ pub(crate) fn is_vm_process(pid: i32, uuid: &str) -> bool {
 /// cleaning up under it would race with the file it is about to write.
 pub(crate) async fn wait_for_qemu_img(folder: &Path, within: Duration) {
     let until = Instant::now() + within;
-    let needle = folder.as_os_str().as_encoded_bytes().to_vec();
-    loop {
-        let busy = std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| {
-                let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-                    return false;
-                };
-                let mut args = cmd.split(|&b| b == 0);
-                let is_img = args.next().is_some_and(|a| a.ends_with(b"qemu-img"));
-                is_img && args.any(|a| a.starts_with(&needle))
-            });
-        if !busy || Instant::now() >= until {
-            return;
-        }
+    while !processes_under(b"qemu-img", folder).is_empty() && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -226,9 +242,15 @@ pub(crate) fn kill_and_wait(pid: i32, uuid: &str, within: Duration) -> bool {
     !is_vm_process(pid, uuid)
 }
 
-/// SIGKILLs every VM process recorded under `root` (`<root>/**/run.json`, two levels of
-/// folders deep as the backend lays them out) — a pulled plug for every VM of a host.
+/// SIGKILLs every VM process under `root` — a pulled plug for every VM of a host.
 /// Synchronous, for clean-up guards; returns how many processes were killed.
+///
+/// The VMs are found two ways: by their run records (`<root>/**/run.json`, up to
+/// three levels of folders deep as the backend lays them out), and by their command
+/// line, for a VM whose starter was killed after QEMU started and before it wrote the
+/// record: every `qemu-system-*` process with an argument under `root` is killed, and
+/// the scan is repeated until two in a row, 50 ms apart, find none (at most 40 scans),
+/// so that a process forked during a scan is not missed.
 pub fn kill_all_under(root: &Path) -> usize {
     let mut killed = 0;
     let mut stack = vec![(root.to_path_buf(), 0)];
@@ -253,7 +275,49 @@ pub fn kill_all_under(root: &Path) -> usize {
             }
         }
     }
+    let mut forms = vec![root.to_path_buf()];
+    if let Ok(canonical) = std::fs::canonicalize(root) {
+        if canonical != root {
+            forms.push(canonical);
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut quiet_scans = 0;
+    for _ in 0..40 {
+        let pids: Vec<i32> = forms
+            .iter()
+            .flat_map(|f| processes_under(b"", f))
+            .filter(|pid| is_qemu_system(*pid))
+            .collect();
+        if pids.is_empty() {
+            quiet_scans += 1;
+            if quiet_scans == 2 {
+                break;
+            }
+        } else {
+            quiet_scans = 0;
+            for pid in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                if seen.insert(pid) {
+                    killed += 1;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     killed
+}
+
+/// Whether `pid` runs a `qemu-system-*` program.
+fn is_qemu_system(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
+        let argv0 = cmd.split(|&b| b == 0).next().unwrap_or_default();
+        let name = argv0.rsplit(|&b| b == b'/').next().unwrap_or_default();
+        name.starts_with(b"qemu-system")
+    })
 }
 
 /// The uuid of the VM whose settings are in `folder` (for guards that have no backend).
