@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import signal
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +232,41 @@ def test_qemu_hosts_get_one_overlay_per_vm(tmp_path: Path) -> None:
     # Running the same plan again with resume keeps the complete VMs.
     again = provision.deploy(plan, targets, resume=True)
     assert again.created == 4
+
+
+DEPLOY_CHILD = textwrap.dedent("""
+    import subprocess, sys
+    from pathlib import Path
+    from unacloud import core, hv, provision
+    root = Path(sys.argv[1])
+    base = root / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    pc = hv.open("qemu", root / "pc-0")
+    disk = pc.register_disk(base)
+    lab = [{"id": "pc-0", "free_cores": 400, "free_memory_mb": 10**7, "free_disk_bytes": 10**12}]
+    plan = core.place(lab, [{"name": f"vm{i}", "template": "base@1", "profile": "small"} for i in range(60)])
+    try:
+        provision.deploy(plan, {"pc-0": provision.HostTarget(pc, {"base@1": disk})},
+                         progress=lambda e: print("vm", e["done"], flush=True))
+    except KeyboardInterrupt:
+        vms = pc.list_vms()
+        print("interrupted with", len(vms), "VMs, disks per VM:", sorted({len(v.disks) for v in vms}), flush=True)
+        sys.exit(3)
+    print("finished", flush=True)
+""")
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+def test_ctrl_c_cancels_a_deployment_and_rolls_back_what_was_in_progress(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", DEPLOY_CHILD, str(tmp_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    first = child.stdout.readline()
+    assert first.startswith("vm 1"), first + (child.stderr.read() if child.stderr else "")
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 3, (out, err)
+    line = out.strip().splitlines()[-1]
+    count = int(line.split("interrupted with")[1].split()[0])
+    assert 1 <= count < 60
+    assert line.endswith("disks per VM: [1]")  # every VM left is complete; none half-made
