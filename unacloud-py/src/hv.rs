@@ -132,7 +132,7 @@ fn canonical(p: &Path) -> PathBuf {
 }
 
 /// A VM argument: its name (or uuid) as a string, or a `VmInfo`.
-fn vm_id(obj: &Bound<'_, PyAny>) -> PyResult<VmId> {
+pub(crate) fn vm_id(obj: &Bound<'_, PyAny>) -> PyResult<VmId> {
     if let Ok(v) = obj.downcast::<VmInfo>() {
         return Ok(VmId::from(v.get().inner.name.as_str()));
     }
@@ -160,7 +160,7 @@ fn snapshot_sel(obj: &Bound<'_, PyAny>) -> PyResult<String> {
 }
 
 /// A disk argument: a `Disk`, a uuid string, or a path (str or `os.PathLike`).
-fn disk_ref(obj: &Bound<'_, PyAny>) -> PyResult<DiskRef> {
+pub(crate) fn disk_ref(obj: &Bound<'_, PyAny>) -> PyResult<DiskRef> {
     if let Ok(d) = obj.downcast::<Disk>() {
         return Ok(DiskRef::Uuid(d.get().inner.uuid));
     }
@@ -682,7 +682,7 @@ impl Disk {
 #[pyclass(module = "unacloud.hv", frozen)]
 #[derive(Debug)]
 pub struct VmInfo {
-    inner: RsVmInfo,
+    pub(crate) inner: RsVmInfo,
 }
 
 fn state_str(s: &unacloud_core::model::PowerState) -> String {

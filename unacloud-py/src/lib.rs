@@ -54,6 +54,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<provision::Catalog>()?;
     m.add_class::<provision::TemplateVersion>()?;
     m.add_class::<provision::HostTarget>()?;
+    m.add_class::<provision::MultiattachManager>()?;
     m.add_class::<provision::VmOutcome>()?;
     m.add_class::<provision::DeploymentReport>()?;
     m.add_function(wrap_pyfunction!(provision::preload, m)?)?;

@@ -23,12 +23,13 @@ use unacloud_core::provision::deploy::{
     DeploymentReport as RsReport, HostTarget as RsHostTarget, RetryPolicy, VmOutcome as RsOutcome,
     VmResult,
 };
+use unacloud_core::provision::multiattach::{LocalTransfer, MultiattachManager as RsManager};
 use unacloud_core::provision::preload::{preload as rs_preload, PreloadOutcome};
 
 use crate::convert::{from_py, to_py};
 use crate::core::Placement;
 use crate::errors::{core_err, invalid};
-use crate::hv::{Disk, Hypervisor};
+use crate::hv::{disk_ref, vm_id, Disk, Hypervisor, VmInfo};
 use crate::results::{dataframe, SIGNAL_CHECK};
 use crate::runtime::new_runtime;
 
@@ -308,6 +309,152 @@ impl Catalog {
             self.inner.path().display(),
             self.inner.templates().len()
         )
+    }
+}
+
+// ---- the Multiattach Manager ----------------------------------------------------------
+
+/// The thesis's Multiattach Manager over one hypervisor: its seven all-or-nothing
+/// operations on multiattach templates and the VMs built from them (a failed operation
+/// leaves nothing behind). VMs are names, uuids or `VmInfo`s; templates are `Disk`s,
+/// disk uuids or image paths.
+#[pyclass(module = "unacloud.provision", frozen)]
+#[derive(Debug)]
+pub struct MultiattachManager {
+    hypervisor: Py<Hypervisor>,
+}
+
+#[pymethods]
+impl MultiattachManager {
+    /// A manager over `hypervisor` (the source host of `replicate` and `migrate`).
+    #[new]
+    fn new(hypervisor: Py<Hypervisor>) -> Self {
+        MultiattachManager { hypervisor }
+    }
+    /// The hypervisor it manages.
+    #[getter]
+    fn hypervisor(&self, py: Python<'_>) -> Py<Hypervisor> {
+        self.hypervisor.clone_ref(py)
+    }
+    /// Operation 1: registers the image at `path` as a multiattach template.
+    fn register_template(&self, py: Python<'_>, path: PathBuf) -> PyResult<Disk> {
+        let inner = self.hypervisor.get().call(py, |hv| async move {
+            MultiattachManager::rs(&hv).register_template(&path).await
+        })?;
+        Ok(Disk { inner })
+    }
+    /// Operation 2: a VM named `name` with the hardware `profile` whose one disk is its
+    /// own differencing child of `template`.
+    #[pyo3(signature = (name, template, profile="small"))]
+    fn create_vm(
+        &self,
+        py: Python<'_>,
+        name: String,
+        template: &Bound<'_, PyAny>,
+        profile: &str,
+    ) -> PyResult<VmInfo> {
+        let template = disk_ref(template)?;
+        let profile: unacloud_core::model::HardwareProfile = profile.parse().map_err(core_err)?;
+        let spec = unacloud_core::model::VmSpec::new(name, profile);
+        let inner = self.hypervisor.get().call(py, |hv| async move {
+            MultiattachManager::rs(&hv)
+                .create_vm(&spec, &template)
+                .await
+        })?;
+        Ok(VmInfo { inner })
+    }
+    /// Operation 3: clones `source` into a new VM `name` whose disks are new
+    /// differencing images (never a copy of the template).
+    fn clone_vm(
+        &self,
+        py: Python<'_>,
+        source: &Bound<'_, PyAny>,
+        name: String,
+    ) -> PyResult<VmInfo> {
+        let source = vm_id(source)?;
+        let inner = self.hypervisor.get().call(py, |hv| async move {
+            MultiattachManager::rs(&hv).clone_vm(&source, &name).await
+        })?;
+        Ok(VmInfo { inner })
+    }
+    /// Operation 4: copies `vm`'s own files (never the template) into `dest_folder` and
+    /// registers the copy with `dest`, which must have the template preloaded. The VM
+    /// must not be running.
+    fn replicate(
+        &self,
+        py: Python<'_>,
+        vm: &Bound<'_, PyAny>,
+        dest: &Bound<'_, Hypervisor>,
+        dest_folder: PathBuf,
+    ) -> PyResult<VmInfo> {
+        let vm = vm_id(vm)?;
+        let dest = dest.get().hv()?;
+        let inner = self.hypervisor.get().call(py, |hv| async move {
+            MultiattachManager::rs(&hv)
+                .replicate(&vm, dest.as_ref(), &dest_folder, &LocalTransfer)
+                .await
+        })?;
+        Ok(VmInfo { inner })
+    }
+    /// Operation 5: replicates `vm` to `dest`, optionally starts it there, then removes
+    /// the source VM and its own files (or, on failure, the copy).
+    #[pyo3(signature = (vm, dest, dest_folder, start=false))]
+    fn migrate(
+        &self,
+        py: Python<'_>,
+        vm: &Bound<'_, PyAny>,
+        dest: &Bound<'_, Hypervisor>,
+        dest_folder: PathBuf,
+        start: bool,
+    ) -> PyResult<VmInfo> {
+        let vm = vm_id(vm)?;
+        let dest = dest.get().hv()?;
+        let inner = self.hypervisor.get().call(py, |hv| async move {
+            MultiattachManager::rs(&hv)
+                .migrate(&vm, dest.as_ref(), &dest_folder, &LocalTransfer, start)
+                .await
+        })?;
+        Ok(VmInfo { inner })
+    }
+    /// Operation 6: deletes a VM and its own files, powering it off first; the template
+    /// is never touched.
+    fn delete_vm(&self, py: Python<'_>, vm: &Bound<'_, PyAny>) -> PyResult<()> {
+        let vm = vm_id(vm)?;
+        self.hypervisor.get().call(py, |hv| async move {
+            MultiattachManager::rs(&hv).delete_vm(&vm).await
+        })
+    }
+    /// Operation 7: unregisters a template (with `delete_file`, deletes its image);
+    /// `InUse` listing the VMs built from it.
+    #[pyo3(signature = (template, delete_file=false))]
+    fn unregister_template(
+        &self,
+        py: Python<'_>,
+        template: &Bound<'_, PyAny>,
+        delete_file: bool,
+    ) -> PyResult<()> {
+        let template = disk_ref(template)?;
+        self.hypervisor.get().call(py, |hv| async move {
+            MultiattachManager::rs(&hv)
+                .unregister_template(&template, delete_file)
+                .await
+        })
+    }
+    /// The names of the VMs whose disks descend from `template`.
+    fn template_users(&self, py: Python<'_>, template: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+        let template = disk_ref(template)?;
+        self.hypervisor.get().call(py, |hv| async move {
+            MultiattachManager::rs(&hv).template_users(&template).await
+        })
+    }
+    fn __repr__(&self) -> String {
+        "<MultiattachManager>".to_owned()
+    }
+}
+
+impl MultiattachManager {
+    fn rs(hv: &Arc<dyn unacloud_core::hypervisor::Hypervisor>) -> RsManager<'_> {
+        RsManager::new(hv.as_ref())
     }
 }
 

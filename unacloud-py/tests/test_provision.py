@@ -270,3 +270,46 @@ def test_ctrl_c_cancels_a_deployment_and_rolls_back_what_was_in_progress(tmp_pat
     count = int(line.split("interrupted with")[1].split()[0])
     assert 1 <= count < 60
     assert line.endswith("disks per VM: [1]")  # every VM left is complete; none half-made
+
+
+def test_the_multiattach_manager_on_the_in_memory_double() -> None:
+    pc = hv.open("memory")
+    mm = provision.MultiattachManager(pc)
+    t = mm.register_template("/t/base-1.qcow2")
+    assert t.disk_type == "multiattach"
+    vm = mm.create_vm("tm", t, profile="medium")
+    assert (vm.cpus, vm.memory_mb) == (2, 2048) and vm.disks[0]["disk"] != t.uuid
+    # The double refuses the manager's clone (a linked clone without a snapshot).
+    with pytest.raises(unacloud.InvalidInput, match="snapshot"):
+        mm.clone_vm("tm", "tm2")
+    mm.create_vm("tm2", t)
+    assert sorted(mm.template_users(t)) == ["tm", "tm2"]
+    with pytest.raises(unacloud.InUse):
+        mm.unregister_template(t)
+    mm.delete_vm("tm")
+    mm.delete_vm(pc.vm_info("tm2"))
+    assert mm.template_users(t) == [] and pc.list_vms() == []
+    mm.unregister_template(t.uuid)
+    assert pc.list_disks() == []
+    with pytest.raises(unacloud.NotFound):
+        mm.delete_vm("tm")
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+def test_the_multiattach_manager_migrates_between_qemu_hosts(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    src, dst = hv.open("qemu", tmp_path / "pc-0"), hv.open("qemu", tmp_path / "pc-1")
+    mm = provision.MultiattachManager(src)
+    t = mm.register_template(base)
+    provision.MultiattachManager(dst).register_template(base)  # preloaded at the destination
+    vm = mm.create_vm("tm", t)
+    clone = mm.clone_vm(vm, "tm2")
+    assert clone.disks[0]["disk"] not in {t.uuid, vm.disks[0]["disk"]}
+    assert sorted(mm.template_users(t)) == ["tm", "tm2"]
+    mm.delete_vm("tm2")
+    moved = mm.migrate("tm", dst, tmp_path / "pc-1" / "vms" / "tm")
+    assert moved.name == "tm" and [v.name for v in dst.list_vms()] == ["tm"]
+    assert src.list_vms() == []  # the source VM and its own files are gone
+    files = dst.vm_files("tm")
+    assert files.missing_count == 0 and files.expected_at_destination  # the template is not copied

@@ -4,6 +4,9 @@
   an image, publish, deprecate, and track which VMs use which version;
 * :func:`preload` -- copy a template's image onto a host ahead of time, verify it and
   register it there as a multiattach disk (resumable after an interruption);
+* :class:`MultiattachManager` -- the Multiattach Manager's seven all-or-nothing
+  operations on one host: register a template, create, clone, replicate, migrate and
+  delete VMs built from it, unregister it (refused while VMs use it);
 * :func:`deploy` -- execute a :class:`~unacloud.core.Placement` on hosts
   (:class:`HostTarget`: a hypervisor from :func:`unacloud.hv.open` plus its preloaded
   templates) and get a :class:`DeploymentReport` with one :class:`VmOutcome` per VM.
@@ -32,6 +35,7 @@ from ._native import (
     Catalog,
     DeploymentReport,
     HostTarget,
+    MultiattachManager,
     TemplateVersion,
     VmOutcome,
     deploy,
@@ -42,6 +46,7 @@ __all__ = [
     "Catalog",
     "DeploymentReport",
     "HostTarget",
+    "MultiattachManager",
     "TemplateVersion",
     "VmOutcome",
     "deploy",
