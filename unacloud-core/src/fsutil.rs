@@ -55,14 +55,17 @@ pub(crate) fn write_atomic_with(path: &Path, bytes: &[u8], durable: bool) -> Res
 }
 
 /// Bytes a file really occupies on disk (`st_blocks × 512`), not its apparent length.
-///
-/// ```
-/// let dir = tempfile::tempdir().unwrap();
-/// let p = dir.path().join("sparse");
-/// let f = std::fs::File::create(&p).unwrap();
-/// f.set_len(1 << 30).unwrap(); // 1 GiB hole
-/// assert!(unacloud_core::provision::allocated_bytes(&p).unwrap() < 1 << 20);
-/// ```
+#[cfg_attr(
+    feature = "provision",
+    doc = r#"
+```
+let dir = tempfile::tempdir().unwrap();
+let p = dir.path().join("sparse");
+let f = std::fs::File::create(&p).unwrap();
+f.set_len(1 << 30).unwrap(); // 1 GiB hole
+assert!(unacloud_core::provision::allocated_bytes(&p).unwrap() < 1 << 20);
+```"#
+)]
 pub fn allocated_bytes(path: &Path) -> Result<u64> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;

@@ -113,7 +113,10 @@ pub struct GuestCommand {
     pub args: Vec<String>,
     /// Guest user name.
     pub username: String,
-    /// Guest password; never logged, never printed by `Debug`.
+    /// Guest password; never logged, never printed by `Debug` and never serialized
+    /// (it is read when deserializing, so a configuration file can carry it, but a
+    /// JSON dump of a command never does).
+    #[serde(default, skip_serializing)]
     pub password: Option<String>,
     /// Time limit inside the guest.
     pub timeout: Option<Duration>,
@@ -639,5 +642,33 @@ impl<H: Hypervisor + ?Sized> Hypervisor for Arc<H> {
     }
     async fn snapshot_files(&self, vm: &VmId, snapshot: &str) -> Result<MigrationSet> {
         (**self).snapshot_files(vm, snapshot).await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_password_never_leaves_through_debug_or_serialize() {
+        let cmd = GuestCommand {
+            program: "/sbin/ip".into(),
+            args: vec!["link".into()],
+            username: "root".into(),
+            password: Some("hunter2-secret".into()),
+            timeout: None,
+        };
+        let json = serde_json::to_string(&cmd).unwrap();
+        assert!(!json.contains("hunter2"), "{json}");
+        assert!(!format!("{cmd:?}").contains("hunter2"));
+        // A configuration may still carry it in.
+        let read: GuestCommand = serde_json::from_str(
+            r#"{"program":"/sbin/ip","args":[],"username":"root","password":"p","timeout":null}"#,
+        )
+        .unwrap();
+        assert_eq!(read.password.as_deref(), Some("p"));
+        let without: GuestCommand = serde_json::from_str(&json).unwrap();
+        assert_eq!(without.password, None);
     }
 }

@@ -156,7 +156,7 @@ impl FromStr for Checksum {
 pub fn checksum_file(path: &Path, algorithm: ChecksumAlgorithm) -> Result<Checksum> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut h = ContentHasher::new(algorithm);
-    super::fsutil::stream(path, f, |b| h.update(b))?;
+    crate::fsutil::stream(path, f, |b| h.update(b))?;
     Ok(h.finish())
 }
 
@@ -503,7 +503,7 @@ impl Catalog {
                 .is_none()
             {
                 let corrupt = path.with_extension("json.corrupt");
-                super::fsutil::write_atomic(&corrupt, &bytes)?;
+                crate::fsutil::write_atomic(&corrupt, &bytes)?;
             }
         }
         Ok(Catalog { path, data })
@@ -577,13 +577,13 @@ impl Catalog {
                     .and_then(|t| parse(&self.path, t).ok())
                     .is_some()
                 {
-                    super::fsutil::write_atomic(&backup_path(&self.path), &old)?;
+                    crate::fsutil::write_atomic(&backup_path(&self.path), &old)?;
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(&self.path, e)),
         }
-        super::fsutil::write_atomic(&self.path, &bytes)?;
+        crate::fsutil::write_atomic(&self.path, &bytes)?;
         self.data = data;
         Ok(())
     }

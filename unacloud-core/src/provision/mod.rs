@@ -28,8 +28,7 @@
 
 pub mod catalog;
 pub mod deploy;
-pub(crate) mod fsutil;
 pub mod multiattach;
 pub mod preload;
 
-pub use fsutil::allocated_bytes;
+pub use crate::fsutil::allocated_bytes;

@@ -45,7 +45,7 @@ impl FileTransfer for LocalTransfer {
                 .await
                 .map_err(|e| Error::io(dir, e))?;
         }
-        let tmp = super::fsutil::temp_sibling(to, "part");
+        let tmp = crate::fsutil::temp_sibling(to, "part");
         let n = tokio::fs::copy(from, &tmp)
             .await
             .map_err(|e| Error::io(from, e));

@@ -255,7 +255,7 @@ pub async fn preload(
     tokio::fs::rename(&partial, &dest)
         .await
         .map_err(|e| Error::io(&dest, e))?;
-    super::fsutil::sync_dir(&store)?;
+    crate::fsutil::sync_dir(&store)?;
     let disk = MultiattachManager::new(hv).register_template(&dest).await?;
     Ok(PreloadOutcome::Copied {
         disk,

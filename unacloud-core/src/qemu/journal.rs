@@ -142,7 +142,7 @@ impl QemuHypervisor {
             return;
         }
         let zeros = vec![0u8; RESERVE_BYTES];
-        if let Err(e) = crate::provision::fsutil::write_atomic_with(&path, &zeros, self.durable) {
+        if let Err(e) = crate::fsutil::write_atomic_with(&path, &zeros, self.durable) {
             tracing::debug!("no room for the reserve file yet: {e}");
         }
     }
@@ -231,11 +231,7 @@ impl QemuHypervisor {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let bytes =
             serde_json::to_vec_pretty(&intent).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        crate::provision::fsutil::write_atomic_with(
-            &self.intent_path(intent.id),
-            &bytes,
-            self.durable,
-        )?;
+        crate::fsutil::write_atomic_with(&self.intent_path(intent.id), &bytes, self.durable)?;
         self.live_intents
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -250,7 +246,7 @@ impl QemuHypervisor {
         let res = self.fx("remove intent").and_then(|()| {
             std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
             if self.durable {
-                crate::provision::fsutil::sync_dir(&self.intent_dir())?;
+                crate::fsutil::sync_dir(&self.intent_dir())?;
             }
             Ok(())
         });

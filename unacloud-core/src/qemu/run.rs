@@ -153,7 +153,7 @@ impl RunRecord {
     pub(crate) fn save(&self, folder: &Path) -> Result<()> {
         let bytes =
             serde_json::to_vec_pretty(self).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        crate::provision::fsutil::write_atomic_with(&folder.join(RUN_FILE), &bytes, true)
+        crate::fsutil::write_atomic_with(&folder.join(RUN_FILE), &bytes, true)
     }
 
     pub(crate) fn remove(folder: &Path) {

@@ -378,7 +378,7 @@ impl VmSettings {
     pub(crate) fn save(&self, path: &Path, durable: bool) -> Result<()> {
         let bytes =
             serde_json::to_vec_pretty(self).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        crate::provision::fsutil::write_atomic_with(path, &bytes, durable)
+        crate::fsutil::write_atomic_with(path, &bytes, durable)
     }
 
     /// The absolute path of a slot's image.
@@ -512,7 +512,7 @@ impl Registry {
     pub(crate) fn save(&self, path: &Path, durable: bool) -> Result<()> {
         let bytes =
             serde_json::to_vec_pretty(self).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        crate::provision::fsutil::write_atomic_with(path, &bytes, durable)
+        crate::fsutil::write_atomic_with(path, &bytes, durable)
     }
 }
 

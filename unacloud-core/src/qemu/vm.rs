@@ -207,7 +207,7 @@ impl QemuHypervisor {
             detail,
         };
         if let Ok(bytes) = serde_json::to_vec_pretty(&rec) {
-            let _ = crate::provision::fsutil::write_atomic_with(&record_path, &bytes, true);
+            let _ = crate::fsutil::write_atomic_with(&record_path, &bytes, true);
         }
         *cached = Some(accel);
         Ok(accel)
