@@ -121,8 +121,11 @@
 //!   atomically (temporary file + rename) so a restarted coordinator never reuses an epoch
 //!   and only offers completed global snapshots for restore.
 //! * [`error`] — the crate's one error type, [`Error`].
-//! * [`sim`] — a deterministic simulator (virtual clock, seeded network, crash injection,
-//!   TCP-like and UDP-like transports, the RCPBT ring workload) with a consistency checker.
+//! * Without default features (no `sim`, no `tokio`) the crate is the sans-IO protocol
+//!   alone: no tokio, no rand.
+//! * [`sim`] (feature `sim`, on by default) — a deterministic simulator (virtual
+//!   clock, seeded network, crash injection, TCP-like and UDP-like transports, the
+//!   RCPBT ring workload) with a consistency checker.
 //! * With the `tokio` feature: the TCP transport, host drivers and packet-colouring
 //!   backends (iptables / nftables).
 //! * With the `hypervisor` feature (which depends on `unacloud-core`):
@@ -142,6 +145,7 @@
 pub mod catalog_store;
 pub mod error;
 pub mod protocol;
+#[cfg(feature = "sim")]
 pub mod sim;
 
 #[cfg(feature = "tokio")]

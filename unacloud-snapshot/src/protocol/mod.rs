@@ -24,6 +24,7 @@ pub use coordinator::Coordinator;
 pub use ids::{
     ActionId, ClusterId, Colour, DscpConfig, GlobalSnapshotId, ParticipantId, ResumeAttempt,
 };
+#[cfg(feature = "sim")]
 pub(crate) use message::micros;
 pub use message::{Envelope, LocalTime, Message, Registration};
 pub use metadata::{MetadataServer, MetadataServerConfig, SnapshotTimes};
