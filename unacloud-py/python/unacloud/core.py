@@ -6,7 +6,7 @@ row per VM, ``to_dict()`` for plain data; :func:`unacloud.provision.deploy` exec
 
 >>> import unacloud
 >>> unacloud.core.hardware_profile("medium")
-{'name': 'medium', 'cores': 2, 'memory_mb': 2048}
+{'cores': 2, 'memory_mb': 2048, 'name': 'medium'}
 >>> unacloud.core.file_count(disks=1, snapshots=4, vms=8)
 80
 """

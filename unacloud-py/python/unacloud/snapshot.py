@@ -17,7 +17,7 @@
 >>> (r.tokens_final, r.lost, r.duplicated, r.violations)
 (200, 0, 0, 0)
 >>> [s["status"] for s in r.snapshots()]
-['completed', 'completed', 'completed', 'completed']
+['completed', 'completed', 'completed']
 """
 
 from __future__ import annotations
