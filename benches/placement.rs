@@ -6,8 +6,8 @@
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use unacloud::core::model::{HardwareProfile, Host};
-use unacloud::core::placement::{place_best_effort, Algorithm, VmRequest};
+use unacloud::cloud::model::{HardwareProfile, Host};
+use unacloud::cloud::placement::{place_best_effort, Algorithm, VmRequest};
 
 const HOSTS: usize = 1_000;
 const VMS: usize = 10_000;

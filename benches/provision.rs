@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use unacloud::core::hypervisor::{DiskRef, Hypervisor};
-use unacloud::core::model::{HardwareProfile, Host, VmId, VmSpec};
-use unacloud::core::placement::{place, Algorithm, VmRequest};
-use unacloud::core::provision::catalog::{ChecksumAlgorithm, ContentHasher};
-use unacloud::core::provision::deploy::DeploymentPlan;
-use unacloud::core::provision::multiattach::MultiattachManager;
-use unacloud::core::qemu::{QemuHypervisor, QemuImg};
+use unacloud::cloud::hypervisor::{DiskRef, Hypervisor};
+use unacloud::cloud::model::{HardwareProfile, Host, VmId, VmSpec};
+use unacloud::cloud::placement::{place, Algorithm, VmRequest};
+use unacloud::cloud::provision::catalog::{ChecksumAlgorithm, ContentHasher};
+use unacloud::cloud::provision::deploy::DeploymentPlan;
+use unacloud::cloud::provision::multiattach::MultiattachManager;
+use unacloud::cloud::qemu::{QemuHypervisor, QemuImg};
 
 fn checksum(c: &mut Criterion) {
     let mut data = vec![0u8; 64 << 20];

@@ -78,10 +78,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
-use unacloud::core::files::MigrationSet;
-use unacloud::core::hypervisor::{AttachSpec, DiskRef, Hypervisor, StartMode};
-use unacloud::core::model::{DiskType, HardwareProfile, Uuid, VmId, VmInfo, VmSpec};
-use unacloud::core::qemu::{
+use unacloud::cloud::files::MigrationSet;
+use unacloud::cloud::hypervisor::{AttachSpec, DiskRef, Hypervisor, StartMode};
+use unacloud::cloud::model::{DiskType, HardwareProfile, Uuid, VmId, VmInfo, VmSpec};
+use unacloud::cloud::qemu::{
     last_heartbeat, mac_for, Accel, BootFiles, NetConfig, QemuHypervisor, QemuImg, QemuSystem,
     StartOptions,
 };
@@ -542,7 +542,7 @@ async fn template_add(
         if let Some(b) = boot.clone() {
             hv.set_boot_files(&dref, b).await?;
         }
-        Ok::<_, unacloud::core::Error>(())
+        Ok::<_, unacloud::cloud::Error>(())
     }
     .await;
     if let Err(e) = configured {
@@ -625,7 +625,7 @@ async fn vm_create(
             hv.set_vm_network(&vm, NetConfig::parse(net, &mac_for(&uuid))?)
                 .await?;
         }
-        Ok::<_, unacloud::core::Error>(())
+        Ok::<_, unacloud::cloud::Error>(())
     }
     .await;
     if let Err(e) = configured {

@@ -32,21 +32,21 @@ use std::time::Instant;
 
 use clap::Parser;
 use rand::{RngCore, SeedableRng};
-use unacloud::core::hypervisor::{DiskRef, Hypervisor};
-use unacloud::core::model::{DiskFormat, DiskInfo, DiskType, HardwareProfile, Host};
-use unacloud::core::placement::{place, Algorithm, VmRequest};
-use unacloud::core::provision::allocated_bytes;
-use unacloud::core::provision::catalog::{Catalog, ImageSettings, NewTemplate};
-use unacloud::core::provision::deploy::{
+use unacloud::cloud::hypervisor::{DiskRef, Hypervisor};
+use unacloud::cloud::model::{DiskFormat, DiskInfo, DiskType, HardwareProfile, Host};
+use unacloud::cloud::placement::{place, Algorithm, VmRequest};
+use unacloud::cloud::provision::allocated_bytes;
+use unacloud::cloud::provision::catalog::{Catalog, ImageSettings, NewTemplate};
+use unacloud::cloud::provision::deploy::{
     deploy, CancellationToken, DeployOptions, DeploymentPlan, HostTarget, VmResult,
 };
-use unacloud::core::provision::multiattach::MultiattachManager;
-use unacloud::core::provision::preload::preload;
-use unacloud::core::qemu::{QemuHypervisor, QemuImg};
+use unacloud::cloud::provision::multiattach::MultiattachManager;
+use unacloud::cloud::provision::preload::preload;
+use unacloud::cloud::qemu::{QemuHypervisor, QemuImg};
 
 /// An error with every cause below it (`I/O error on <file>: <why>`).
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    unacloud::core::error::chain(e)
+    unacloud::cloud::error::chain(e)
 }
 
 /// Writes one line of the report; a closed pipe (`provision | head`) ends the program
@@ -218,7 +218,7 @@ async fn create_template(dir: &Path, size: u64, fill: u64, quiet: bool) -> Resul
 fn earlier_template(
     catalog: &Catalog,
     templates: &Path,
-) -> Option<unacloud::core::provision::catalog::TemplateVersion> {
+) -> Option<unacloud::cloud::provision::catalog::TemplateVersion> {
     let tv = catalog.latest_published("base").ok()?;
     let meta = std::fs::metadata(templates.join(&tv.file_name)).ok()?;
     (meta.len() == tv.size_bytes).then(|| tv.clone())
@@ -436,7 +436,7 @@ async fn run(args: Args) -> Result<bool, String> {
     }
     let callback = {
         let done = done.clone();
-        Arc::new(move |_: &unacloud::core::provision::deploy::VmOutcome| {
+        Arc::new(move |_: &unacloud::cloud::provision::deploy::VmOutcome| {
             let mut d = done.lock().unwrap_or_else(|e| e.into_inner());
             *d += 1;
             if !quiet {
@@ -471,7 +471,7 @@ async fn run(args: Args) -> Result<bool, String> {
         for f in set
             .files
             .iter()
-            .filter(|f| f.role == unacloud::core::files::FileRole::Disk)
+            .filter(|f| f.role == unacloud::cloud::files::FileRole::Disk)
         {
             bytes += allocated_bytes(&f.path).map_err(|e| chain(&e))?;
         }

@@ -90,7 +90,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let accel = match args.accel.parse::<unacloud::core::qemu::Accel>() {
+    let accel = match args.accel.parse::<unacloud::cloud::qemu::Accel>() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("error: --accel: {e}");
@@ -146,7 +146,7 @@ fn guest_image(args: &Args) -> Result<GuestImage, String> {
     })
 }
 
-fn real(args: &Args, backend: BackendKind, accel: unacloud::core::qemu::Accel) -> ExitCode {
+fn real(args: &Args, backend: BackendKind, accel: unacloud::cloud::qemu::Accel) -> ExitCode {
     let guest = match guest_image(args) {
         Ok(g) => g,
         Err(e) => {

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use unacloud::core::model::{HardwareProfile, Uuid};
+use unacloud::cloud::model::{HardwareProfile, Uuid};
 use unacloud::vbox::manage::cli::{execute, CliCommand, EXIT_FAILURE};
 use unacloud::vbox::manage::{locate_vboxmanage, CommandRunner, TokioRunner};
 

@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde::Serialize;
-use unacloud::core::files::FileRole;
-use unacloud::core::hypervisor::{AttachSpec, DiskRef, Hypervisor};
-use unacloud::core::model::{DiskType, HardwareProfile, Uuid, VmId, VmSpec};
-use unacloud::core::qemu::{
+use unacloud::cloud::files::FileRole;
+use unacloud::cloud::hypervisor::{AttachSpec, DiskRef, Hypervisor};
+use unacloud::cloud::model::{DiskType, HardwareProfile, Uuid, VmId, VmSpec};
+use unacloud::cloud::qemu::{
     kill_all_under, Accel, BootFiles, QemuHypervisor, QemuImg, QemuSystem, StartOptions,
 };
 

@@ -177,7 +177,7 @@ async fn template_add_finds_boot_files_beside_the_image() {
     assert_eq!(Path::new(s(&t["kernel"])), canon(guest.join("vmlinuz")));
     assert_eq!(Path::new(s(&t["initrd"])), canon(guest.join("initrd.img")));
     assert_eq!(t["disk_type"], "multiattach");
-    assert!(unacloud::core::model::Uuid::try_parse(s(&t["uuid"])).is_ok());
+    assert!(unacloud::cloud::model::Uuid::try_parse(s(&t["uuid"])).is_ok());
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&image).unwrap().permissions().mode();
@@ -304,11 +304,11 @@ async fn provision_and_inspect_a_powered_off_vm() {
         ],
     )
     .await;
-    let uuid2 = unacloud::core::model::Uuid::try_parse(s(&v2["uuid"])).unwrap();
+    let uuid2 = unacloud::cloud::model::Uuid::try_parse(s(&v2["uuid"])).unwrap();
     assert_eq!(v2["net"]["mode"], "tap");
     assert_eq!(v2["net"]["netns"], "lab");
     assert_eq!(v2["net"]["ip"], "10.77.0.2/24");
-    assert_eq!(s(&v2["net"]["mac"]), unacloud::core::qemu::mac_for(&uuid2));
+    assert_eq!(s(&v2["net"]["mac"]), unacloud::cloud::qemu::mac_for(&uuid2));
     let r = root.to_str().unwrap();
     one_line_failure(
         hv(&[

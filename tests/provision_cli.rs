@@ -17,8 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use unacloud::core::hypervisor::Hypervisor;
-use unacloud::core::qemu::QemuHypervisor;
+use unacloud::cloud::hypervisor::Hypervisor;
+use unacloud::cloud::qemu::QemuHypervisor;
 
 const ARGS: &str = "PROVISION_CHILD_ARGS";
 const BROKEN_STDOUT: &str = "PROVISION_CHILD_BROKEN_STDOUT";
