@@ -9,6 +9,10 @@ use std::path::PathBuf;
 use uuid::Uuid;
 
 /// Everything that can go wrong in `unacloud-vbox`.
+///
+/// The `VBoxManage` variants ([`Error::ToolMissing`], [`Error::VBoxManage`],
+/// [`Error::VBoxManageTimeout`], [`Error::UnexpectedOutput`]) exist with the `manage`
+/// feature.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -309,6 +313,7 @@ pub enum Error {
     #[error(transparent)]
     Core(#[from] unacloud_core::Error),
     /// `VBoxManage` could not be started (not installed, not on `PATH`, not executable).
+    #[cfg(feature = "manage")]
     #[error("cannot start {}: install VirtualBox or give the full path of VBoxManage", program.display())]
     ToolMissing {
         /// The program that was looked for.
@@ -319,6 +324,7 @@ pub enum Error {
     },
     /// A `VBoxManage` command exited with an error; the failure holds what it printed
     /// and how it was classified.
+    #[cfg(feature = "manage")]
     #[error("`{command}` failed: {failure}")]
     VBoxManage {
         /// The command line, quoted for a POSIX shell (never contains a password).
@@ -327,6 +333,7 @@ pub enum Error {
         failure: Box<crate::manage::Failure>,
     },
     /// A `VBoxManage` command did not finish within its time limit and was killed.
+    #[cfg(feature = "manage")]
     #[error("`{command}` did not finish within {after:?} and was killed")]
     VBoxManageTimeout {
         /// The command line, quoted for a POSIX shell.
@@ -337,6 +344,7 @@ pub enum Error {
         after: std::time::Duration,
     },
     /// `VBoxManage` printed something this library cannot interpret.
+    #[cfg(feature = "manage")]
     #[error("unexpected output from `{command}`: {message}")]
     UnexpectedOutput {
         /// The command line, quoted for a POSIX shell.
@@ -392,6 +400,29 @@ impl Error {
         Error::InFile {
             path: path.into(),
             source: Box::new(source),
+        }
+    }
+}
+
+impl From<Error> for unacloud_core::Error {
+    /// Maps this crate's errors onto the core's: VBoxManage failures by their
+    /// classification, time-outs to [`unacloud_core::Error::Timeout`], file errors to
+    /// [`unacloud_core::Error::Io`], and everything else to
+    /// [`unacloud_core::Error::Generic`], which keeps this error whole as its source.
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Core(c) => c,
+            Error::Io { path, source } => unacloud_core::Error::Io { path, source },
+            #[cfg(feature = "manage")]
+            Error::VBoxManage { command, failure } => failure.to_core(&command),
+            #[cfg(feature = "manage")]
+            Error::VBoxManageTimeout {
+                operation, after, ..
+            } => unacloud_core::Error::Timeout { operation, after },
+            other => unacloud_core::Error::Generic {
+                backend: "virtualbox",
+                source: Box::new(other),
+            },
         }
     }
 }

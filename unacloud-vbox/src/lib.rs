@@ -77,8 +77,10 @@
 //! * [`display`] — the escaping every human-readable output uses, so that names and
 //!   locations from a hostile settings file cannot forge lines or send terminal
 //!   escape sequences.
-//! * [`manage`] — driving a real VirtualBox through `VBoxManage`, implementing
-//!   [`unacloud_core::hypervisor::Hypervisor`].
+//! * [`manage`] (feature `manage`, on by default) — driving a real VirtualBox through
+//!   `VBoxManage`, implementing [`unacloud_core::hypervisor::Hypervisor`]. It is the
+//!   only async part of the crate and the only one that needs tokio; without it the
+//!   crate reads and copies files and nothing more.
 //!
 //! Snapshot trees convert to the shared [`unacloud_core::tree::SnapshotTree`] (ids are
 //! uuids without braces) and file sets are [`unacloud_core::files::MigrationSet`]s, so
@@ -89,6 +91,7 @@ pub mod copy;
 pub mod display;
 pub mod error;
 pub mod location;
+#[cfg(feature = "manage")]
 pub mod manage;
 pub mod settings;
 pub mod synth;

@@ -373,24 +373,3 @@ pub fn check(
         failure: Box::new(Failure::from_output(command, &output, limit)),
     })
 }
-
-impl From<Error> for unacloud_core::Error {
-    /// Maps this crate's errors onto the core's: VBoxManage failures by their
-    /// classification, time-outs to [`unacloud_core::Error::Timeout`], file errors to
-    /// [`unacloud_core::Error::Io`], and everything else to
-    /// [`unacloud_core::Error::Generic`], which keeps this error whole as its source.
-    fn from(e: Error) -> Self {
-        match e {
-            Error::Core(c) => c,
-            Error::Io { path, source } => unacloud_core::Error::Io { path, source },
-            Error::VBoxManage { command, failure } => failure.to_core(&command),
-            Error::VBoxManageTimeout {
-                operation, after, ..
-            } => unacloud_core::Error::Timeout { operation, after },
-            other => unacloud_core::Error::Generic {
-                backend: "virtualbox",
-                source: Box::new(other),
-            },
-        }
-    }
-}
