@@ -24,6 +24,7 @@
 //!
 //! Needs, at run time: `nftables` (or `iptables`) and, for namespaces, `iproute2`.
 
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod conn;
 pub mod daemon;

@@ -62,7 +62,7 @@ pub struct RingNetnsConfig {
     /// Colouring backend of the participants.
     pub backend: BackendKind,
     /// The program to re-execute for the launcher and RCPBT processes, and the arguments
-    /// that make it run [`super::cli::main`] with the arguments that follow.
+    /// that make it run `net::cli::main` (feature `cli`) with the arguments that follow.
     pub program: PathBuf,
     /// See `program`.
     pub program_args: Vec<String>,

@@ -136,7 +136,7 @@ pub struct RingVmsConfig {
     /// Colouring backend (`nft-netlink`, `nft`, `nft-command` or `iptables`).
     pub backend: BackendKind,
     /// The program to re-execute for the test manager, and the arguments that make it
-    /// run [`super::cli::main`] with the arguments that follow.
+    /// run `net::cli::main` (feature `cli`) with the arguments that follow.
     pub program: PathBuf,
     /// See `program`.
     pub program_args: Vec<String>,
