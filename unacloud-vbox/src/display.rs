@@ -74,6 +74,12 @@ pub fn escape_path(path: &Path) -> String {
 /// assert_eq!(error_chain(&e), "I/O error on /vms/TM.vbox: disk on fire");
 /// ```
 pub fn error_chain(e: &dyn std::error::Error) -> String {
+    escape_control(&join_sources(e)).into_owned()
+}
+
+/// An error and its causes joined by `: ` as they are, unescaped (a cause whose text the
+/// message already holds is not repeated).
+pub(crate) fn join_sources(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {
@@ -84,7 +90,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         }
         src = c.source();
     }
-    escape_control(&s).into_owned()
+    s
 }
 
 /// [`SnapshotTree::render_text`] with every snapshot's name and id passed through

@@ -72,8 +72,7 @@
 //!   chain is reported before anything is written, and nothing is written outside the
 //!   destination.
 //! * [`vdi`] — VDI header reader and chain verification; [`copy`] — verified,
-//!   atomic, sparse-aware copies confined to a destination root; [`synth`] — a
-//!   deterministic generator of realistic machines for benchmarks and fuzzing.
+//!   atomic, sparse-aware copies confined to a destination root.
 //! * [`display`] — the escaping every human-readable output uses, so that names and
 //!   locations from a hostile settings file cannot forge lines or send terminal
 //!   escape sequences.
@@ -81,6 +80,15 @@
 //!   `VBoxManage`, implementing [`unacloud_core::hypervisor::Hypervisor`]. It is the
 //!   only async part of the crate and the only one that needs tokio; without it the
 //!   crate reads and copies files and nothing more.
+//!
+//! ## Features
+//!
+//! * `manage` (default) — the [`manage`] module and its tokio, async-trait and tracing
+//!   dependencies.
+//! * `__synth`, `__cli`, `__testing` — **unstable**, for this project's own tests,
+//!   benchmarks and examples: the synthetic machine generator (`synth`), the logic of
+//!   the `vbox` example (`manage::cli`) and `manage::parse::render_machine_readable`.
+//!   They are not part of the public API and may change or go in any release.
 //!
 //! Snapshot trees convert to the shared [`unacloud_core::tree::SnapshotTree`] (ids are
 //! uuids without braces) and file sets are [`unacloud_core::files::MigrationSet`]s, so
@@ -94,6 +102,7 @@ pub mod location;
 #[cfg(feature = "manage")]
 pub mod manage;
 pub mod settings;
+#[cfg(feature = "__synth")]
 pub mod synth;
 pub mod tracker;
 pub mod vdi;

@@ -1,6 +1,9 @@
 //! Deterministic generator of realistic VirtualBox machines, for benchmarks, fuzz seeds
 //! and end-to-end tests.
 //!
+//! Unstable (feature `__synth`): a helper of this project's tests and benchmarks, not
+//! public API; it may change or go in any release.
+//!
 //! [`generate`] writes a `.vbox` document the way VirtualBox 6.1/7.x does (namespace
 //! `http://www.virtualbox.org/`, two-space indentation, `DO NOT EDIT` banner, element
 //! and attribute order as in real files) for a machine with `N` snapshots and `D` hard

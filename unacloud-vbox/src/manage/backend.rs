@@ -86,7 +86,7 @@ impl VBoxManageHypervisor {
         let out = self.exec(&cmd).await?;
         parse::parse_vm_info(&out.stdout).map_err(|e| Error::UnexpectedOutput {
             command: cmd.shell_line(),
-            message: e.to_string(),
+            message: crate::display::join_sources(&e),
         })
     }
 

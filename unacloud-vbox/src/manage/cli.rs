@@ -2,6 +2,9 @@
 //! Remote Control"), kept here so that it is tested like the rest of the library; the
 //! example only parses arguments.
 //!
+//! Unstable (feature `__cli`): the example's logic, not public API; it may change or go
+//! in any release.
+//!
 //! With `dry_run` every sub-command prints the exact `VBoxManage` command lines it would
 //! run, one per line, quoted for a POSIX shell, and nothing else on standard output —
 //! the mode for users without VirtualBox. Without `dry_run` the commands run through a

@@ -11,7 +11,8 @@
 //!   `snapshot list --machinereadable`, `list hdds`/`showmediuminfo`, …);
 //! * [`VBoxManageHypervisor`] implements [`unacloud_core::hypervisor::Hypervisor`] on top;
 //! * [`resume`] resumes a VM from a snapshot on the same host or on another one;
-//! * [`cli`] is the logic of the `vbox` remote-control example.
+//! * `cli` (unstable feature `__cli`) is the logic of the `vbox` remote-control
+//!   example.
 //!
 //! Guest passwords never appear on a command line or in `Debug` output (see
 //! [`Secret`], [`PasswordSource`]): `guestcontrol … run` gets `--passwordfile <file>`
@@ -48,6 +49,7 @@
 //! ```
 
 mod backend;
+#[cfg(feature = "__cli")]
 pub mod cli;
 pub mod command;
 pub mod failure;

@@ -15,9 +15,9 @@ pub use misc::{
     parse_cloned, parse_createvm, parse_snapshot_taken, parse_trailing_uuid, parse_version,
     CreatedVm, VBoxVersion,
 };
-pub use snapshots::{
-    render_machine_readable, tree_from_human_list, tree_from_machine_readable, SnapshotListError,
-};
+#[cfg(feature = "__testing")]
+pub use snapshots::render_machine_readable;
+pub use snapshots::{tree_from_human_list, tree_from_machine_readable, SnapshotListError};
 pub use vminfo::{
     parse_vm_info, power_state, Nic, SlotMedium, StorageController, StorageSlot, VmDetails,
     VmInfoError,

@@ -16,7 +16,8 @@ use unacloud_core::tree::{NodeId, Snapshot, SnapshotTree};
 use crate::manage::parse::machinereadable::MachineReadable;
 
 /// Why a snapshot listing could not be turned into a tree.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", line_prefix(*line))]
 pub struct SnapshotListError {
     /// 1-based line of the offending entry (0 when not tied to a line).
     pub line: usize,
@@ -24,13 +25,12 @@ pub struct SnapshotListError {
     pub message: String,
 }
 
-impl std::fmt::Display for SnapshotListError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.line > 0 {
-            write!(f, "line {}: {}", self.line, self.message)
-        } else {
-            f.write_str(&self.message)
-        }
+/// `line <n>: `, or nothing when the error is not tied to a line.
+fn line_prefix(line: usize) -> String {
+    if line > 0 {
+        format!("line {line}: ")
+    } else {
+        String::new()
     }
 }
 
@@ -206,6 +206,9 @@ pub fn tree_from_human_list(text: &str) -> Result<SnapshotTree, SnapshotListErro
 /// Renders a tree as the `Snapshot*` lines of `--machinereadable` output (the numbering
 /// above), for comparing trees and for tools that expect that format. Names and
 /// descriptions are written raw, as VirtualBox does.
+///
+/// Unstable (feature `__testing`): a helper of this project's tests, not public API.
+#[cfg(feature = "__testing")]
 pub fn render_machine_readable(tree: &SnapshotTree) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();

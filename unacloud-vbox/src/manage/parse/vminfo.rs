@@ -144,30 +144,21 @@ fn port_device(s: &str) -> Option<(u32, u32)> {
 }
 
 /// Why `showvminfo` output was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmInfoError(pub String);
-
-impl std::fmt::Display for VmInfoError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<SnapshotListError> for VmInfoError {
-    fn from(e: SnapshotListError) -> Self {
-        VmInfoError(format!("snapshot keys: {e}"))
-    }
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VmInfoError {
+    /// The text has no `name=` line: it is not `showvminfo --machinereadable` output.
+    #[error("no name= line; is this showvminfo --machinereadable output?")]
+    NotVmInfo,
+    /// The `Snapshot*` keys do not describe a tree; the source says why.
+    #[error("snapshot keys")]
+    Snapshots(#[from] SnapshotListError),
 }
 
 /// Parses `showvminfo --machinereadable` output.
 pub fn parse_vm_info(text: &str) -> Result<VmDetails, VmInfoError> {
     let doc = machinereadable::parse(text);
-    let name = doc
-        .get("name")
-        .ok_or_else(|| {
-            VmInfoError("no name= line; is this showvminfo --machinereadable output?".to_owned())
-        })?
-        .to_owned();
+    let name = doc.get("name").ok_or(VmInfoError::NotVmInfo)?.to_owned();
     let uuid = doc.get("UUID").and_then(parse_uuid);
     let state_name = doc.get("VMState").map(str::to_owned);
     // An inaccessible VM prints only name and UUID.
