@@ -25,7 +25,8 @@
 //! * **The domain.** [`model`] (ids, hardware profiles, hosts, disks), [`tree`]
 //!   (snapshot trees with text, DOT and JSON renderers), [`files`] (a VM's files and
 //!   the [`files::MigrationSet`] needed to resume it elsewhere) and [`cost`] (file
-//!   counts, Eq. 5.4/5.5, and bytes to move).
+//!   counts, Eq. 5.4/5.5, and bytes to move); [`time`] turns Unix time into calendar
+//!   dates for settings and result files.
 //!
 //! In a picture: `model` ← `Hypervisor` ← { `memory`, `qemu`, `unacloud-vbox` } — all
 //! checked by `conformance` — and `placement` → `provision::deploy` → `Arc<dyn Hypervisor>`.
@@ -88,6 +89,7 @@ pub mod placement;
 pub mod provision;
 #[cfg(feature = "qemu")]
 pub mod qemu;
+pub mod time;
 pub mod tree;
 
 pub use error::{Error, Result};
