@@ -136,6 +136,10 @@ pub enum Error {
         /// The completed global snapshots, oldest first.
         completed: Vec<GlobalSnapshotId>,
     },
+    /// The node (its driver task) has stopped: it was shut down or its connections
+    /// ended, so it takes no more requests.
+    #[error("the node has stopped and takes no more requests")]
+    NodeStopped,
     /// The configuration of a state machine is invalid.
     #[error("invalid configuration: {reason}")]
     InvalidConfig {

@@ -82,8 +82,10 @@ trait Machine: Send + 'static {
             reason: "only the coordinator starts a resume".to_string(),
         })
     }
-    fn persist(&self, _store: &CatalogStore) -> Result<()> {
-        Ok(())
+    /// The catalog to persist (a copy, written off the driver task); `None` for
+    /// machines that keep none.
+    fn catalog_to_persist(&self) -> Option<crate::protocol::Catalog> {
+        None
     }
 }
 
@@ -118,8 +120,8 @@ impl Machine for Coordinator {
     ) -> Result<GlobalSnapshotId> {
         Coordinator::start_resume(self, now, gs)
     }
-    fn persist(&self, store: &CatalogStore) -> Result<()> {
-        store.save(self.catalog())
+    fn catalog_to_persist(&self) -> Option<crate::protocol::Catalog> {
+        Some(self.catalog().clone())
     }
 }
 
@@ -206,9 +208,24 @@ async fn drive<M: Machine>(mut m: M, mut a: DriveArgs) -> HostSummary {
                             | ProtocolEvent::ResumeStarted { .. }
                             | ProtocolEvent::EpochAdvanced { .. }
                     ) {
-                        if let Some(store) = &a.store {
-                            if let Err(err) = m.persist(store) {
-                                tracing::error!(error = %err, "could not persist the catalog");
+                        if let (Some(store), Some(catalog)) = (&a.store, m.catalog_to_persist()) {
+                            // The write and its fsync run on the blocking pool; the driver
+                            // waits for them (the catalog is on disk before the event is
+                            // reported and before any later output), without holding up
+                            // the runtime's other tasks.
+                            let store = store.clone();
+                            let saved =
+                                tokio::task::spawn_blocking(move || store.save(&catalog)).await;
+                            let failure = match saved {
+                                Ok(Ok(())) => None,
+                                Ok(Err(err)) => Some(err.to_string()),
+                                Err(join) => Some(format!("the catalog writer failed: {join}")),
+                            };
+                            if let Some(why) = failure {
+                                tracing::error!(error = %why, "could not persist the catalog");
+                                let _ = a.events.send(NodeEvent::Error(format!(
+                                    "could not persist the catalog: {why}"
+                                )));
                             }
                         }
                     }
@@ -278,9 +295,7 @@ impl NodeHandle {
     /// trigger would). Fails with [`Error::Busy`] while one runs.
     pub async fn start_global_snapshot(&self) -> Result<GlobalSnapshotId> {
         let (tx, rx) = oneshot::channel();
-        let stopped = || Error::InvalidConfig {
-            reason: "the node has stopped".to_string(),
-        };
+        let stopped = || Error::NodeStopped;
         self.control
             .send(Control::StartGlobalSnapshot(tx))
             .await
@@ -294,9 +309,7 @@ impl NodeHandle {
     /// [`Error::Busy`] while something runs and when nothing is restorable.
     pub async fn start_resume(&self, gs: Option<GlobalSnapshotId>) -> Result<GlobalSnapshotId> {
         let (tx, rx) = oneshot::channel();
-        let stopped = || Error::InvalidConfig {
-            reason: "the node has stopped".to_string(),
-        };
+        let stopped = || Error::NodeStopped;
         self.control
             .send(Control::StartResume(gs, tx))
             .await
