@@ -107,6 +107,35 @@ async fn the_ring_resumes_exactly_after_every_pc_is_powered_off_one_vm_on_a_spar
     assert!(r.failures.is_empty(), "{:?}", r.failures);
 }
 
+/// A ring that ends before the last global snapshot is a reported failure with an exact
+/// count, not a panic (its result, seen early, was once awaited a second time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_that_finishes_before_its_snapshots_is_reported_not_a_panic() {
+    let Some(guest) = prerequisites() else { return };
+    let _one = ONE_LAB.lock().await;
+    let mut cfg = RingVmsConfig::new(
+        2,
+        2,
+        200,
+        3,
+        guest,
+        PathBuf::from(env!("CARGO_BIN_EXE_unacloud-gs")),
+        Vec::new(),
+    );
+    cfg.gap = std::time::Duration::from_secs(3);
+    let r = run_ring_vms(cfg).await.unwrap();
+    assert_eq!(r.tokens_counted, 200, "{r:?}");
+    assert!(r.global_snapshots_completed < 3, "{r:?}");
+    assert!(
+        r.failures
+            .iter()
+            .any(|f| f.contains("finished before every global snapshot")),
+        "{:?}",
+        r.failures
+    );
+    assert_eq!((r.rules_left, r.namespaces_left, r.vms_left), (0, 0, 0));
+}
+
 /// QEMU processes whose command line names a run directory of process `pid`.
 fn qemu_of(pid: u32) -> Vec<u32> {
     let needle = format!("{FAMILY_PREFIX}{pid}-run-");

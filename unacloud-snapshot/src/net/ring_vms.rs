@@ -1077,16 +1077,30 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
     }
 
     // 6. Global snapshots while the ring runs.
-    let ring_running = |rx: &mut tokio::sync::oneshot::Receiver<String>| {
-        matches!(
-            rx.try_recv(),
-            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
-        )
+    // Whether the ring still runs. A result that has arrived is kept for step 8 (a
+    // oneshot receiver must not be awaited again once it has given its value).
+    let mut tm_finished: Option<String> = None;
+    let ring_running = |rx: &mut tokio::sync::oneshot::Receiver<String>,
+                        finished: &mut Option<String>| {
+        if finished.is_some() {
+            return false;
+        }
+        match rx.try_recv() {
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => true,
+            Ok(line) => {
+                *finished = Some(line);
+                false
+            }
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                *finished = Some(String::new());
+                false
+            }
+        }
     };
     let mut last_completed: Option<GlobalSnapshotId> = None;
     for _ in 0..cfg.snapshots {
         tokio::time::sleep(cfg.gap).await;
-        if !ring_running(&mut tm_rx) {
+        if !ring_running(&mut tm_rx, &mut tm_finished) {
             report.failures.push(
                 "the ring finished before every global snapshot was taken; give it more tokens"
                     .to_string(),
@@ -1153,7 +1167,7 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
 
     // 7. Every PC powered off, then back on; the application resumes.
     if cfg.power_off {
-        if !ring_running(&mut tm_rx) {
+        if !ring_running(&mut tm_rx, &mut tm_finished) {
             return Err(Error::Rcpbt {
                 reason: "the ring finished before the power-off; give it more tokens".to_string(),
             });
@@ -1237,13 +1251,16 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
     }
 
     // 8. The ring's own result.
-    let line = tokio::time::timeout(left(), &mut tm_rx)
-        .await
-        .map_err(|_| Error::Timeout {
-            what: "the ring to finish".to_string(),
-            after: cfg.deadline,
-        })?
-        .unwrap_or_default();
+    let line = match tm_finished {
+        Some(line) => line,
+        None => tokio::time::timeout(left(), &mut tm_rx)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "the ring to finish".to_string(),
+                after: cfg.deadline,
+            })?
+            .unwrap_or_default(),
+    };
     match serde_json::from_str::<serde_json::Value>(&line) {
         Ok(outcome) => {
             report.tokens_counted = outcome["tokens_counted"].as_u64().unwrap_or(0);
