@@ -73,19 +73,6 @@ fn probability(p: f64, name: &str) -> PyResult<f64> {
     Ok(p)
 }
 
-/// The step budget the Rust `simulate_ring` gives a run (`RingConfig::step_budget`, which
-/// is crate-private): steps before the run is declared a livelock.
-fn step_budget(c: &RingConfig) -> u64 {
-    c.max_steps.unwrap_or_else(|| {
-        let snapshots = match c.snapshot_every {
-            0 => 2,
-            k => c.tokens / k + 2,
-        };
-        let per_snapshot = 200 * c.nodes as u64;
-        10_000 + 40 * c.tokens + 2 * snapshots * per_snapshot
-    })
-}
-
 fn progress_event<'py>(py: Python<'py>, c: &Cluster, budget: u64) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("event", "progress")?;
@@ -263,7 +250,7 @@ pub fn simulate_ring(
     };
     c.validate().map_err(snap_err)?;
     let config = c.clone();
-    let budget = step_budget(&c);
+    let budget = c.step_budget();
 
     // The run, without the GIL; every 0.1 s it takes the GIL back to run the signal
     // handlers (Ctrl-C) and the progress callback. An exception from either stops it.

@@ -262,8 +262,11 @@ impl RingConfig {
         Ok(())
     }
 
-    /// The step budget of this run.
-    pub(crate) fn step_budget(&self) -> u64 {
+    /// The step budget of this run: [`RingConfig::max_steps`], or by default enough
+    /// steps for every token and global snapshot with a wide margin. A run that uses it
+    /// up without finishing is declared a livelock. Drivers that run the simulation in
+    /// slices (to report progress or honour Ctrl-C) give it the same budget.
+    pub fn step_budget(&self) -> u64 {
         self.max_steps.unwrap_or_else(|| {
             let snapshots = match self.snapshot_every {
                 0 => 2,
