@@ -64,6 +64,15 @@ pub use uuid::Uuid;
 
 use crate::error::{Error, Result};
 
+/// A uuid as VirtualBox and users write it, trimmed and without one pair of braces
+/// around it (`{9e02…}` → `9e02…`), ready for [`Uuid::try_parse`].
+pub(crate) fn unbraced(s: &str) -> &str {
+    let t = s.trim();
+    t.strip_prefix('{')
+        .and_then(|s| s.strip_suffix('}'))
+        .unwrap_or(t)
+}
+
 /// Safety limits applied while parsing, so that hostile input cannot exhaust memory
 /// or time. The defaults accept any settings file VirtualBox writes, including
 /// generated machines with tens of thousands of snapshots.

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::{eq_5_4, AllFiles, Machine, MediumKind, MigrationOptions, RegistrySource, StateRef};
 use crate::error::{Error, Result};
 use crate::location::{Location, LocationKind};
-use crate::settings::{DeviceType, Hardware};
+use crate::settings::{unbraced, DeviceType, Hardware};
 
 impl Machine {
     // ----- selection ----------------------------------------------------------------
@@ -23,11 +23,7 @@ impl Machine {
         if sel.eq_ignore_ascii_case("current") {
             return Ok(StateRef::Current);
         }
-        let inner = sel
-            .strip_prefix('{')
-            .and_then(|s| s.strip_suffix('}'))
-            .unwrap_or(sel);
-        if let Ok(u) = Uuid::try_parse(inner) {
+        if let Ok(u) = Uuid::try_parse(unbraced(sel)) {
             if let Some(&i) = self.snapshot_by_uuid.get(&u) {
                 return Ok(StateRef::Snapshot(i));
             }

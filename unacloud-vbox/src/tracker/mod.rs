@@ -64,7 +64,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::settings::{
-    GlobalRegistry, MachineSettings, MediaRegistry, ParseLimits, SnapshotSettings,
+    unbraced, GlobalRegistry, MachineSettings, MediaRegistry, ParseLimits, SnapshotSettings,
 };
 
 mod files;
@@ -159,12 +159,7 @@ impl MigrationOptions {
 
     /// Adds a preloaded image given as text (with or without braces, any case).
     pub fn preload(&mut self, uuid: &str) -> Result<()> {
-        let t = uuid.trim();
-        let inner = t
-            .strip_prefix('{')
-            .and_then(|s| s.strip_suffix('}'))
-            .unwrap_or(t);
-        let u = Uuid::try_parse(inner).map_err(|e| {
+        let u = Uuid::try_parse(unbraced(uuid)).map_err(|e| {
             Error::Core(unacloud_core::Error::InvalidInput(format!(
                 "preloaded image {uuid:?} is not a uuid ({e})"
             )))

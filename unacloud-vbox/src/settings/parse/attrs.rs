@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use super::{shorten, Parser};
 use crate::error::{Error, Result};
+use crate::settings::unbraced;
 
 impl Parser<'_> {
     /// Calls `f(local_key, unescaped_value, self)` for every attribute except
@@ -164,11 +165,7 @@ impl Parser<'_> {
         attribute: &'static str,
         v: &str,
     ) -> Result<Uuid> {
-        let trimmed = v.trim();
-        let inner = trimmed
-            .strip_prefix('{')
-            .and_then(|s| s.strip_suffix('}'))
-            .unwrap_or(trimmed);
+        let inner = unbraced(v);
         if let Some(u) = parse_hyphenated_uuid(inner.as_bytes()) {
             return Ok(u);
         }
