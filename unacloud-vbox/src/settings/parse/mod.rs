@@ -4,6 +4,8 @@
 //! no DOM, no allocation for elements that are not kept. Every element is counted and
 //! its start tag measured against [`ParseLimits`].
 
+use std::borrow::Cow;
+
 use quick_xml::events::{BytesRef, BytesStart, Event};
 use quick_xml::Reader;
 
@@ -206,32 +208,10 @@ impl<'a> Parser<'a> {
                     }
                 }
                 Event::Text(t) => {
-                    if let Some(Frame {
-                        ctx: Ctx::Description(_),
-                        ..
-                    }) = self.stack.last()
-                    {
-                        let s = t
-                            .xml10_content()
-                            .map_err(|e| self.xml_error_in(&t, 0, e.into()))?;
-                        self.push_text(&s)?;
-                    } else if self.stack.is_empty() && !t.iter().all(u8::is_ascii_whitespace) {
-                        return Err(self.outside_root());
-                    }
+                    self.content(&t, true, || t.xml10_content().map_err(Into::into))?;
                 }
                 Event::CData(t) => {
-                    if let Some(Frame {
-                        ctx: Ctx::Description(_),
-                        ..
-                    }) = self.stack.last()
-                    {
-                        let s = t
-                            .xml10_content()
-                            .map_err(|e| self.xml_error_in(&t, 0, e.into()))?;
-                        self.push_text(&s)?;
-                    } else if self.stack.is_empty() {
-                        return Err(self.outside_root());
-                    }
+                    self.content(&t, false, || t.xml10_content().map_err(Into::into))?;
                 }
                 Event::GeneralRef(r) => {
                     if self.stack.is_empty() {
@@ -307,6 +287,31 @@ impl<'a> Parser<'a> {
             Some(s) => s.to_owned(),
             None => format!("&{name};"),
         })
+    }
+
+    /// Text or CDATA `raw`: inside a description it is decoded (only then) and kept;
+    /// outside the root element it is an error, unless it is white space and
+    /// `blank_allowed`; anywhere else it is ignored.
+    fn content<'t>(
+        &mut self,
+        raw: &'t [u8],
+        blank_allowed: bool,
+        decode: impl FnOnce() -> std::result::Result<Cow<'t, str>, quick_xml::Error>,
+    ) -> Result<()> {
+        if let Some(Frame {
+            ctx: Ctx::Description(_),
+            ..
+        }) = self.stack.last()
+        {
+            let s = decode().map_err(|e| self.xml_error_in(raw, 0, e))?;
+            self.push_text(&s)
+        } else if self.stack.is_empty()
+            && !(blank_allowed && raw.iter().all(u8::is_ascii_whitespace))
+        {
+            Err(self.outside_root())
+        } else {
+            Ok(())
+        }
     }
 
     fn push_text(&mut self, s: &str) -> Result<()> {
