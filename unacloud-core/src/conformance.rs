@@ -92,11 +92,183 @@ pub async fn run_all(hv: &dyn Hypervisor, env: &ConformanceEnv) -> ConformanceRe
     report.passed.push("vm registry");
     multiattach_and_snapshots(hv, env).await;
     report.passed.push("multiattach and snapshots");
+    for (check, skipped) in files_and_registration(hv, env).await {
+        match skipped {
+            None => report.passed.push(check),
+            Some(reason) => report.skipped.push((check, reason)),
+        }
+    }
     match power_cycle(hv, env).await {
         None => report.passed.push("power cycle"),
         Some(reason) => report.skipped.push(("power cycle", reason)),
     }
     report
+}
+
+/// A VM's files, deleting a snapshot, registering a VM again from its settings and
+/// running a guest command on a stopped VM. Returns each check with `None` when it ran
+/// and passed, or the backend's reason when it reported the operation unsupported:
+///
+/// * `delete_snapshot`: deleting the older of two snapshots leaves the newer one, still
+///   current; an unknown snapshot fails with NotFound;
+/// * `vm_files`: the VM's files list its own differencing disk and never the
+///   multiattach template, which is listed as expected at the destination instead;
+/// * `register_vm`: a VM unregistered without deleting its files comes back from its
+///   settings file with its name and its disk;
+/// * `guest_run`: on a powered-off VM it fails with a typed error, never `Ok`.
+pub async fn files_and_registration(
+    hv: &dyn Hypervisor,
+    env: &ConformanceEnv,
+) -> Vec<(&'static str, Option<String>)> {
+    let mut out = Vec::new();
+    let template = hv
+        .register_disk(&env.template)
+        .await
+        .expect("register_disk of the template must succeed");
+    let tref = DiskRef::Uuid(template.uuid);
+    hv.set_disk_type(&tref, DiskType::MultiAttach)
+        .await
+        .expect("set_disk_type multiattach must succeed on an unused base image");
+    let spec = env.spec("files", HardwareProfile::Small);
+    let id = VmId::new(spec.name.clone());
+    hv.create_vm(&spec).await.expect("create_vm");
+    hv.attach_disk(&id, &AttachSpec::sata(tref.clone()))
+        .await
+        .expect("attach_disk of a multiattach template must succeed");
+
+    // delete_snapshot
+    let s1 = hv
+        .take_snapshot(&id, "older", None, false)
+        .await
+        .expect("take_snapshot");
+    let s2 = hv
+        .take_snapshot(&id, "newer", None, false)
+        .await
+        .expect("take_snapshot");
+    match hv.delete_snapshot(&id, &s1.id).await {
+        Ok(()) => {
+            let tree = hv.snapshot_tree(&id).await.expect("snapshot_tree");
+            assert_eq!(tree.len(), 1, "deleting one of two snapshots leaves one");
+            let n2 = tree
+                .find_by_id(&s2.id)
+                .expect("the newer snapshot survives");
+            assert!(
+                tree.find_by_id(&s1.id).is_none(),
+                "the deleted snapshot is gone"
+            );
+            assert_eq!(
+                tree.current(),
+                Some(n2),
+                "deleting an older snapshot keeps the current position"
+            );
+            assert!(
+                matches!(
+                    hv.delete_snapshot(&id, "no such snapshot").await,
+                    Err(Error::NotFound { .. })
+                ),
+                "deleting an unknown snapshot fails with NotFound"
+            );
+            out.push(("delete snapshot", None));
+        }
+        Err(e) => match unsupported(&e) {
+            Some(reason) => out.push(("delete snapshot", Some(reason))),
+            None => panic!("delete_snapshot failed: {e}"),
+        },
+    }
+
+    // vm_files: the disks attached now (after snapshots, differencing images on top of
+    // the VM's first child).
+    let attached: Vec<_> = hv
+        .vm_info(&id)
+        .await
+        .expect("vm_info")
+        .disks
+        .iter()
+        .map(|a| a.disk)
+        .collect();
+    match hv.vm_files(&id).await {
+        Ok(set) => {
+            let has = |uuid: &str| {
+                set.files.iter().any(|f| {
+                    f.uuid
+                        .as_deref()
+                        .is_some_and(|u| u.eq_ignore_ascii_case(uuid))
+                })
+            };
+            for disk in &attached {
+                assert!(
+                    has(&disk.to_string()),
+                    "vm_files lists the VM's attached differencing disk {disk}"
+                );
+            }
+            assert!(
+                !has(&template.uuid.to_string()),
+                "vm_files never lists the multiattach template as a file to copy"
+            );
+            assert!(
+                set.expected_at_destination
+                    .iter()
+                    .any(|e| e.uuid.eq_ignore_ascii_case(&template.uuid.to_string())),
+                "the template is expected at the destination"
+            );
+            out.push(("vm files", None));
+        }
+        Err(e) => match unsupported(&e) {
+            Some(reason) => out.push(("vm files", Some(reason))),
+            None => panic!("vm_files failed: {e}"),
+        },
+    }
+
+    // guest_run on a stopped VM
+    let cmd = crate::hypervisor::GuestCommand {
+        program: "/bin/true".into(),
+        args: Vec::new(),
+        username: "root".into(),
+        password: None,
+        timeout: Some(std::time::Duration::from_secs(5)),
+    };
+    match hv.guest_run(&id, &cmd).await {
+        Ok(o) => panic!("guest_run on a powered-off VM must fail, got {o:?}"),
+        Err(e) => out.push(("guest run", unsupported(&e))),
+    }
+
+    // register_vm
+    let settings = hv.vm_info(&id).await.expect("vm_info").settings_file;
+    match settings {
+        None => out.push((
+            "register vm",
+            Some("the backend reports no settings file".to_string()),
+        )),
+        Some(settings) => {
+            hv.unregister_vm(&id, false)
+                .await
+                .expect("unregister_vm without deleting files");
+            match hv.register_vm(&settings).await {
+                Ok(info) => {
+                    assert_eq!(
+                        info.name, spec.name,
+                        "register_vm brings the VM back by name"
+                    );
+                    let again: Vec<_> = info.disks.iter().map(|a| a.disk).collect();
+                    assert_eq!(again, attached, "a registered VM has its disks again");
+                    out.push(("register vm", None));
+                }
+                Err(e) => match unsupported(&e) {
+                    Some(reason) => out.push(("register vm", Some(reason))),
+                    None => panic!("register_vm of {} failed: {e}", settings.display()),
+                },
+            }
+        }
+    }
+    if hv.vm_info(&id).await.is_ok() {
+        hv.unregister_vm(&id, true)
+            .await
+            .expect("unregister_vm with delete");
+    }
+    hv.unregister_disk(&tref, false)
+        .await
+        .expect("an unused template can be unregistered");
+    out
 }
 
 /// Creating, listing, inspecting and deleting VMs; typed errors for unknown and

@@ -630,12 +630,18 @@ async fn virtualbox_backend_passes_the_conformance_suite() {
         log: Mutex::new(Vec::new()),
     });
     let hv = VBoxManageHypervisor::new(sim.clone());
-    let report = conformance::run_all(&hv, &ConformanceEnv::new(&template)).await;
+    // The contracts this simulation of VBoxManage implements. It has no `snapshot …
+    // delete`, `registervm` or `guestcontrol`, so `conformance::files_and_registration`
+    // (part of `run_all`) is not run against it: that needs recorded runs of the real
+    // commands.
+    let env = ConformanceEnv::new(&template);
+    conformance::vm_registry(&hv, &env).await;
+    conformance::multiattach_and_snapshots(&hv, &env).await;
     assert_eq!(
-        report.passed,
-        ["vm registry", "multiattach and snapshots", "power cycle"]
+        conformance::power_cycle(&hv, &env).await,
+        None,
+        "power cycle ran"
     );
-    assert!(report.skipped.is_empty());
     // Every command the backend ran is one the simulation knows.
     let log = sim.log.lock().unwrap();
     let mut verbs: HashMap<String, usize> = HashMap::new();
