@@ -343,7 +343,7 @@ pub enum Error {
 }
 
 /// An error and its sources on one line (`outer: cause: root cause`).
-#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "cli", feature = "hypervisor")), allow(dead_code))]
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
