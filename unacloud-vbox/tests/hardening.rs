@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use unacloud_vbox::copy::{copy_files, CopyOptions, RejectReason};
+use unacloud_vbox::copy::{copy_files, CopyOptions, CopyReport, RejectReason};
 use unacloud_vbox::settings::{MachineSettings, ParseLimits};
 use unacloud_vbox::tracker::{Machine, MigrationOptions};
 use unacloud_vbox::vdi::VdiHeader;
@@ -85,6 +85,17 @@ fn tree(dir: &Path) -> Vec<String> {
 }
 
 /// The error and its causes on one line.
+/// Copies the state "installed" of `m` into `dst` with default options.
+fn copy_installed(m: &Machine, dst: &Path) -> unacloud_vbox::Result<CopyReport> {
+    m.copy_to(
+        "installed",
+        &MigrationOptions::default(),
+        dst,
+        &CopyOptions::default(),
+        |_| {},
+    )
+}
+
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -112,15 +123,7 @@ fn a_symlinked_saved_state_is_refused_before_anything_is_written() {
 
     let m = Machine::load(&vbox, None).unwrap();
     let dst = tmp.path().join("dst");
-    let err = m
-        .copy_to(
-            "installed",
-            &MigrationOptions::default(),
-            &dst,
-            &CopyOptions::default(),
-            |_| {},
-        )
-        .unwrap_err();
+    let err = copy_installed(&m, &dst).unwrap_err();
     let text = chain(&err);
     assert!(matches!(err, Error::CopyRefused { .. }), "{err:?}");
     assert!(text.contains("s1.sav"), "{text}");
@@ -245,25 +248,11 @@ fn a_machine_given_by_a_relative_path_copies_to_its_own_layout() {
     if is_child() {
         // The current folder holds `src/TM.vbox`; the machine is given relatively.
         let m = Machine::load("src/TM.vbox", None).unwrap();
-        m.copy_to(
-            "installed",
-            &MigrationOptions::default(),
-            Path::new("dst"),
-            &CopyOptions::default(),
-            |_| {},
-        )
-        .unwrap();
+        copy_installed(&m, Path::new("dst")).unwrap();
         // A bare file name in the current folder works too.
         std::env::set_current_dir("src").unwrap();
         let m = Machine::load("TM.vbox", None).unwrap();
-        m.copy_to(
-            "installed",
-            &MigrationOptions::default(),
-            Path::new("../dst2"),
-            &CopyOptions::default(),
-            |_| {},
-        )
-        .unwrap();
+        copy_installed(&m, Path::new("../dst2")).unwrap();
         println!("CHILD-OK");
         return;
     }
@@ -449,15 +438,7 @@ fn locations_outside_the_machine_folder_are_listed_with_a_warning() {
         assert_eq!(w.len(), 1, "{odd}: {:?}", set.warnings);
         assert!(w[0].contains("outside the machine folder"), "{}", w[0]);
         // And copies still refuse it.
-        let err = m
-            .copy_to(
-                "installed",
-                &MigrationOptions::default(),
-                &tmp.path().join("dst"),
-                &CopyOptions::default(),
-                |_| {},
-            )
-            .unwrap_err();
+        let err = copy_installed(&m, &tmp.path().join("dst")).unwrap_err();
         assert!(
             matches!(err, Error::CopyRefused { .. } | Error::BrokenChain { .. }),
             "{odd}: {err:?}"
@@ -508,15 +489,7 @@ fn a_symlinked_folder_inside_the_machine_folder_is_refused() {
     symlink(&elsewhere, tmp.path().join("vm/Snapshots")).unwrap();
     let m = Machine::load(&vbox, None).unwrap();
     let dst = tmp.path().join("dst");
-    let err = m
-        .copy_to(
-            "installed",
-            &MigrationOptions::default(),
-            &dst,
-            &CopyOptions::default(),
-            |_| {},
-        )
-        .unwrap_err();
+    let err = copy_installed(&m, &dst).unwrap_err();
     let text = chain(&err);
     assert!(matches!(err, Error::CopyRefused { .. }), "{err:?}");
     assert!(
@@ -538,13 +511,7 @@ fn a_fifo_disk_does_not_block_verification() {
     let dst = tmp.path().join("dst");
     let d = dst.clone();
     std::thread::spawn(move || {
-        let r = m.copy_to(
-            "installed",
-            &MigrationOptions::default(),
-            &d,
-            &CopyOptions::default(),
-            |_| {},
-        );
+        let r = copy_installed(&m, &d);
         let _ = tx.send(r.map(|_| ()).map_err(|e| chain(&e)));
     });
     let text = rx
