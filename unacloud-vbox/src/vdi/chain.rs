@@ -180,7 +180,7 @@ pub fn verify_chain(links: &[ChainLink]) -> ChainReport {
                     report.problems.push(ChainProblem::Unreadable {
                         path: link.path.clone(),
                         uuid: link.uuid,
-                        reason: error_chain_text(&e),
+                        reason: crate::display::join_sources(&e),
                     });
                     None
                 }
@@ -212,15 +212,4 @@ pub fn verify_chain(links: &[ChainLink]) -> ChainReport {
         report.headers.push(header);
     }
     report
-}
-
-fn error_chain_text(e: &Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
