@@ -194,7 +194,8 @@ pub enum Error {
         source: serde_json::Error,
     },
 
-    // ----- real network: transport, packet colouring, namespaces, RCPBT -------------
+    // ----- real network (feature `tokio`): transport, colouring, namespaces, RCPBT --
+    #[cfg(feature = "tokio")]
     /// An external command (`iptables`, `nft`, `ip`, …) could not be started.
     #[error("cannot run `{program}`; is it installed and on PATH? (packages: iptables, nftables, iproute2)")]
     CommandSpawn {
@@ -204,6 +205,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[cfg(feature = "tokio")]
     /// An external command exited unsuccessfully.
     #[error("`{command}` failed (exit code {code:?}): {stderr}")]
     CommandFailed {
@@ -214,6 +216,7 @@ pub enum Error {
         /// What it printed on standard error.
         stderr: String,
     },
+    #[cfg(feature = "tokio")]
     /// An external command did not finish in time and was killed.
     #[error("`{command}` did not finish within {timeout:?} and was killed")]
     CommandTimeout {
@@ -222,6 +225,7 @@ pub enum Error {
         /// The bound.
         timeout: std::time::Duration,
     },
+    #[cfg(feature = "tokio")]
     /// A long-lived `nft -i` session failed.
     #[error("nft session in {place}: {reason}")]
     NftSession {
@@ -230,6 +234,7 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    #[cfg(feature = "tokio")]
     /// An nf_tables request over netlink failed (or the netlink socket did).
     #[error("nftables netlink in {place}: {operation}: {reason}")]
     Netlink {
@@ -240,6 +245,7 @@ pub enum Error {
         /// What went wrong (the kernel's errno text, a timeout, a malformed answer).
         reason: String,
     },
+    #[cfg(feature = "tokio")]
     /// Taking a local snapshot failed.
     #[error("local snapshot of VM {vm} failed: {reason}")]
     LocalSnapshot {
@@ -248,12 +254,14 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    #[cfg(feature = "tokio")]
     /// This process lacks the privileges for namespaces or netfilter.
     #[error("not privileged: {reason}")]
     NotPrivileged {
         /// Why, and what to do.
         reason: String,
     },
+    #[cfg(feature = "tokio")]
     /// A network operation failed.
     #[error("{action} {peer} failed")]
     Network {
@@ -265,6 +273,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[cfg(feature = "tokio")]
     /// A bounded wait expired.
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout {
@@ -273,6 +282,7 @@ pub enum Error {
         /// The bound.
         after: std::time::Duration,
     },
+    #[cfg(feature = "tokio")]
     /// A transport frame was malformed or out of place; the connection was closed.
     #[error("bad frame from {peer}: {reason}")]
     TransportFrame {
@@ -281,6 +291,7 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    #[cfg(feature = "tokio")]
     /// A frame failed authentication with the cluster key; the connection was closed.
     #[error("authentication with {peer} failed: {reason}")]
     Authentication {
@@ -289,6 +300,7 @@ pub enum Error {
         /// Why (different keys, missing key on one side).
         reason: String,
     },
+    #[cfg(feature = "tokio")]
     /// A peer asked for something its role may not do (connect here under that id, speak
     /// for another node, send that message); it was refused and the connection closed.
     #[error("refused {peer}: {reason}")]
@@ -298,6 +310,7 @@ pub enum Error {
         /// What it tried.
         reason: String,
     },
+    #[cfg(feature = "tokio")]
     /// The other side closed the connection and said why.
     #[error("{peer} rejected this node: {reason}")]
     PeerRejected {
@@ -306,6 +319,7 @@ pub enum Error {
         /// Its reason.
         reason: String,
     },
+    #[cfg(feature = "tokio")]
     /// A configuration file could not be read or parsed.
     #[error("configuration file {path}: {reason}")]
     ConfigFile {
@@ -314,6 +328,7 @@ pub enum Error {
         /// What is wrong, and where.
         reason: String,
     },
+    #[cfg(feature = "tokio")]
     /// A results file (CSV) or key file could not be read or written.
     #[error("file {path} could not be read or written")]
     ResultsIo {
@@ -323,6 +338,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[cfg(feature = "tokio")]
     /// The RCPBT ring application failed.
     #[error("RCPBT ring: {reason}")]
     Rcpbt {
@@ -331,6 +347,7 @@ pub enum Error {
     },
 
     // ----- simulator ----------------------------------------------------------------
+    #[cfg(feature = "sim")]
     /// A simulated run did not settle within its step budget (a livelock, or a budget too
     /// small for the configured run).
     #[error("simulation did not settle after {steps} steps ({sim_time:?} of virtual time); a livelock, or raise max_steps")]

@@ -120,7 +120,8 @@
 //! * [`catalog_store`] — the coordinator's catalog of completed global snapshots, persisted
 //!   atomically (temporary file + rename) so a restarted coordinator never reuses an epoch
 //!   and only offers completed global snapshots for restore.
-//! * [`error`] — the crate's one error type, [`Error`].
+//! * [`error`] — the crate's error type, [`Error`]; its variants for the network,
+//!   packet colouring and the simulator exist only with the features that produce them.
 //! * Without default features (no `sim`, no `tokio`) the crate is the sans-IO protocol
 //!   alone: no tokio, no rand.
 //! * [`sim`] (feature `sim`, on by default) — a deterministic simulator (virtual
