@@ -23,7 +23,7 @@ use std::path::PathBuf;
 
 use crate::error::Error;
 use crate::hypervisor::{AttachSpec, CloneSpec, DiskRef, Hypervisor, StartMode};
-use crate::model::{DiskType, HardwareProfile, PowerState, VmId, VmSpec};
+use crate::model::{DiskInfo, DiskType, HardwareProfile, PowerState, VmId, VmSpec};
 
 /// What a backend needs to run the suite.
 #[derive(Debug, Clone)]
@@ -121,14 +121,7 @@ pub async fn files_and_registration(
     env: &ConformanceEnv,
 ) -> Vec<(&'static str, Option<String>)> {
     let mut out = Vec::new();
-    let template = hv
-        .register_disk(&env.template)
-        .await
-        .expect("register_disk of the template must succeed");
-    let tref = DiskRef::Uuid(template.uuid);
-    hv.set_disk_type(&tref, DiskType::MultiAttach)
-        .await
-        .expect("set_disk_type multiattach must succeed on an unused base image");
+    let (template, tref) = register_template(hv, env).await;
     let spec = env.spec("files", HardwareProfile::Small);
     let id = VmId::new(spec.name.clone());
     hv.create_vm(&spec).await.expect("create_vm");
@@ -321,14 +314,7 @@ pub async fn vm_registry(hv: &dyn Hypervisor, env: &ConformanceEnv) {
 /// differencing child; the template cannot be unregistered while used; snapshots of a
 /// stopped VM form a tree with a current position; deleting VMs keeps the template.
 pub async fn multiattach_and_snapshots(hv: &dyn Hypervisor, env: &ConformanceEnv) {
-    let template = hv
-        .register_disk(&env.template)
-        .await
-        .expect("register_disk of the template must succeed");
-    let tref = DiskRef::Uuid(template.uuid);
-    hv.set_disk_type(&tref, DiskType::MultiAttach)
-        .await
-        .expect("set_disk_type multiattach must succeed on an unused base image");
+    let (template, tref) = register_template(hv, env).await;
 
     let mut children = Vec::new();
     let mut vms = Vec::new();
@@ -447,6 +433,19 @@ pub async fn multiattach_and_snapshots(hv: &dyn Hypervisor, env: &ConformanceEnv
     hv.unregister_disk(&tref, false)
         .await
         .expect("an unused template can be unregistered");
+}
+
+/// Registers the environment's image and makes it a multiattach template.
+async fn register_template(hv: &dyn Hypervisor, env: &ConformanceEnv) -> (DiskInfo, DiskRef) {
+    let template = hv
+        .register_disk(&env.template)
+        .await
+        .expect("register_disk of the template must succeed");
+    let tref = DiskRef::Uuid(template.uuid);
+    hv.set_disk_type(&tref, DiskType::MultiAttach)
+        .await
+        .expect("set_disk_type multiattach must succeed on an unused base image");
+    (template, tref)
 }
 
 async fn vm_state(hv: &dyn Hypervisor, id: &VmId) -> PowerState {

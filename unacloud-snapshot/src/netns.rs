@@ -206,8 +206,9 @@ fn pid_alive(pid: i32) -> bool {
     pid as u32 == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Run directories ([`RunDir`]) whose creating process no longer exists.
-pub fn stale_run_dirs() -> Vec<std::path::PathBuf> {
+/// Every run directory ([`RunDir`]) in the temporary folder, with the process id of
+/// the run that created it.
+fn run_dirs() -> Vec<(i32, std::path::PathBuf)> {
     let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
         return Vec::new();
     };
@@ -217,10 +218,37 @@ pub fn stale_run_dirs() -> Vec<std::path::PathBuf> {
             let rest = name.strip_prefix(FAMILY_PREFIX)?;
             let (pid, tail) = rest.split_once('-')?;
             let pid: i32 = pid.parse().ok()?;
-            (tail.starts_with("run-") && !pid_alive(pid) && e.file_type().ok()?.is_dir())
-                .then(|| e.path())
+            (tail.starts_with("run-") && e.file_type().ok()?.is_dir()).then(|| (pid, e.path()))
         })
         .collect()
+}
+
+/// Run directories ([`RunDir`]) whose creating process no longer exists.
+pub fn stale_run_dirs() -> Vec<std::path::PathBuf> {
+    run_dirs()
+        .into_iter()
+        .filter(|(pid, _)| !pid_alive(*pid))
+        .map(|(_, dir)| dir)
+        .collect()
+}
+
+/// The run directories of the lab run by process `pid` (one while it runs; none once
+/// it, or the next run's clean-up, has removed them).
+pub fn run_dirs_of(pid: u32) -> Vec<std::path::PathBuf> {
+    run_dirs()
+        .into_iter()
+        .filter(|(p, _)| *p as u32 == pid)
+        .map(|(_, dir)| dir)
+        .collect()
+}
+
+/// The network namespaces of the lab run by process `pid` (`ucn-<pid>-…`).
+pub fn namespaces_of(pid: u32) -> Result<Vec<String>> {
+    let prefix = format!("{FAMILY_PREFIX}{pid}-");
+    Ok(list_namespaces()?
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect())
 }
 
 /// Removes the run directories of runs that were killed; returns them.

@@ -153,22 +153,11 @@ fn qemu_of(pid: u32) -> Vec<u32> {
 }
 
 fn namespaces_of(pid: u32) -> Vec<String> {
-    let prefix = format!("{FAMILY_PREFIX}{pid}-");
-    netns::list_namespaces()
-        .unwrap()
-        .into_iter()
-        .filter(|n| n.starts_with(&prefix))
-        .collect()
+    netns::namespaces_of(pid).unwrap()
 }
 
 fn run_dirs_of(pid: u32) -> Vec<PathBuf> {
-    let prefix = format!("{FAMILY_PREFIX}{pid}-run-");
-    std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .map(|e| e.path())
-        .collect()
+    netns::run_dirs_of(pid)
 }
 
 fn sigkill(pid: u32) {
