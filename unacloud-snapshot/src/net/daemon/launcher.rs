@@ -112,18 +112,7 @@ pub async fn query_registrations(
                     }
                 }
             }
-            Message::Refused { reason } => {
-                return Err(Error::PeerRejected {
-                    peer: format!("metadata server {ms}"),
-                    reason,
-                })
-            }
-            other => {
-                return Err(Error::TransportFrame {
-                    peer: ms.to_string(),
-                    reason: format!("answered {} to QUERY_LIST", other.kind()),
-                })
-            }
+            other => return Err(unexpected_answer(ms, "QUERY_LIST", other)),
         }
     }
 }
@@ -268,18 +257,7 @@ async fn start_launcher(
         };
         let (id, port) = match reply {
             Message::Inserted { id, port } => (id, port),
-            Message::Refused { reason } => {
-                return Err(Error::PeerRejected {
-                    peer: format!("metadata server {ms}"),
-                    reason,
-                })
-            }
-            other => {
-                return Err(Error::TransportFrame {
-                    peer: ms.to_string(),
-                    reason: format!("answered {} to INSERT", other.kind()),
-                })
-            }
+            other => return Err(unexpected_answer(ms, "INSERT", other)),
         };
         p.id = Some(id);
         p.port = port;
@@ -538,4 +516,19 @@ pub async fn run_launcher(
     }
     drop(locks);
     Ok(())
+}
+
+/// The error for a metadata server's answer other than the one `request` expects: its
+/// refusal (with its reason), or a message of the wrong kind.
+fn unexpected_answer(ms: SocketAddr, request: &str, reply: Message) -> Error {
+    match reply {
+        Message::Refused { reason } => Error::PeerRejected {
+            peer: format!("metadata server {ms}"),
+            reason,
+        },
+        other => Error::TransportFrame {
+            peer: ms.to_string(),
+            reason: format!("answered {} to {request}", other.kind()),
+        },
+    }
 }
