@@ -151,6 +151,8 @@ pub mod sim;
 
 #[cfg(feature = "tokio")]
 pub mod colour;
+#[cfg(feature = "etcd")]
+pub mod control;
 #[cfg(feature = "tokio")]
 pub mod net;
 #[cfg(feature = "tokio")]

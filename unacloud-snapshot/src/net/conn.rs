@@ -26,7 +26,7 @@ use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -672,6 +672,22 @@ impl Client {
         inbound: mpsc::Sender<Inbound>,
         shutdown: CancellationToken,
     ) -> Self {
+        let (_keep, rx) = watch::channel(Some(addr));
+        Self::spawn_following(rx, me, server, cfg, inbound, shutdown)
+    }
+
+    /// Like [`Client::spawn`], but the server's address may change (an elected
+    /// coordinator, announced in etcd): the client dials the address `addr` holds, waits
+    /// while it holds `None`, and when it changes drops the connection to the old address
+    /// and dials the new one at once.
+    pub fn spawn_following(
+        mut addr: watch::Receiver<Option<SocketAddr>>,
+        me: ParticipantId,
+        server: ParticipantId,
+        cfg: Arc<TransportConfig>,
+        inbound: mpsc::Sender<Inbound>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let (tx, mut rx) = mpsc::channel(cfg.queue);
         let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
@@ -680,20 +696,52 @@ impl Client {
                 if shutdown.is_cancelled() || rx.is_closed() {
                     break;
                 }
+                let Some(current) = *addr.borrow_and_update() else {
+                    // Nobody to dial yet: wait for an address (a sender that is gone
+                    // keeps the last value, which was `None`: stop).
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        changed = addr.changed() => if changed.is_err() { break },
+                    }
+                    continue;
+                };
+                let moved = {
+                    let mut a = addr.clone();
+                    async move {
+                        // Resolves when the address changes to something else.
+                        loop {
+                            if a.changed().await.is_err() {
+                                return std::future::pending::<()>().await;
+                            }
+                            if *a.borrow() != Some(current) {
+                                return;
+                            }
+                        }
+                    }
+                };
+                tokio::pin!(moved);
+                let mut relocated = false;
                 let dialled = tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    w = dial(addr, &cfg, me, server) => w,
+                    _ = &mut moved => { backoff = cfg.backoff_min; continue }
+                    w = dial(current, &cfg, me, server) => w,
                 };
                 match dialled {
                     Ok((wire, session)) => {
                         backoff = cfg.backoff_min;
                         let _ = inbound.send(Inbound::Connected { conn, peer: me }).await;
-                        let res =
-                            pump(wire, session, &cfg, conn, &mut rx, &inbound, &shutdown).await;
-                        let reason = res.err().map(|e| {
-                            tracing::warn!(server = %addr, reason = %e, "connection closed");
-                            e.to_string()
-                        });
+                        let reason = tokio::select! {
+                            r = pump(wire, session, &cfg, conn, &mut rx, &inbound, &shutdown) => {
+                                r.err().map(|e| {
+                                    tracing::warn!(server = %current, reason = %e, "connection closed");
+                                    e.to_string()
+                                })
+                            }
+                            _ = &mut moved => {
+                                relocated = true;
+                                Some(format!("the server moved away from {current}"))
+                            }
+                        };
                         let _ = inbound
                             .send(Inbound::Closed {
                                 conn,
@@ -703,14 +751,20 @@ impl Client {
                             .await;
                     }
                     Err(e) => {
-                        tracing::debug!(server = %addr, error = %e, "connect failed; retrying");
+                        tracing::debug!(server = %current, error = %e, "connect failed; retrying");
                     }
                 }
                 if shutdown.is_cancelled() {
                     break;
                 }
+                if relocated {
+                    // `moved` has completed: dial the new address at once.
+                    backoff = cfg.backoff_min;
+                    continue;
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
+                    _ = &mut moved => { backoff = cfg.backoff_min; continue }
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(cfg.backoff_max);

@@ -47,6 +47,53 @@ pub enum NodeEvent {
     Error(String),
     /// Metadata server: the times of a global snapshot were recorded.
     TimesRecorded(SnapshotTimes),
+    /// The node stopped by itself and sends nothing more: a coordinator whose catalog
+    /// lives in etcd could not write it there (it lost its role, or etcd is unreachable),
+    /// so it must not act on the id it was about to use.
+    Halted {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where a coordinator keeps its catalog.
+#[derive(Debug, Clone)]
+pub(crate) enum CatalogSink {
+    /// A file, replaced atomically; a failed write is reported and the node goes on.
+    File(CatalogStore),
+    /// etcd, under the leader's condition; a failed write halts the node before anything
+    /// it would send after it.
+    #[cfg(feature = "etcd")]
+    Etcd(Arc<crate::control::catalog::EtcdCatalog>),
+}
+
+impl CatalogSink {
+    /// Persists `catalog`; `Err(reason, halt)`.
+    async fn save(&self, catalog: Catalog) -> std::result::Result<(), (String, bool)> {
+        match self {
+            CatalogSink::File(store) => {
+                // The write and its fsync run on the blocking pool; the driver waits for
+                // them (the catalog is on disk before the event is reported and before
+                // any later output), without holding up the runtime's other tasks.
+                let store = store.clone();
+                match tokio::task::spawn_blocking(move || store.save(&catalog)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(err)) => Err((err.to_string(), false)),
+                    Err(join) => Err((format!("the catalog writer failed: {join}"), false)),
+                }
+            }
+            #[cfg(feature = "etcd")]
+            CatalogSink::Etcd(store) => store.save(&catalog).await.map_err(|e| {
+                let mut text = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    text.push_str(&format!(": {s}"));
+                    src = s.source();
+                }
+                (text, true)
+            }),
+        }
+    }
 }
 
 enum Control {
@@ -182,7 +229,7 @@ struct DriveArgs {
     control: mpsc::Receiver<Control>,
     events: mpsc::UnboundedSender<NodeEvent>,
     shutdown: CancellationToken,
-    store: Option<CatalogStore>,
+    store: Option<CatalogSink>,
 }
 
 async fn drive<M: Machine>(mut m: M, mut a: DriveArgs) -> HostSummary {
@@ -209,20 +256,16 @@ async fn drive<M: Machine>(mut m: M, mut a: DriveArgs) -> HostSummary {
                             | ProtocolEvent::EpochAdvanced { .. }
                     ) {
                         if let (Some(store), Some(catalog)) = (&a.store, m.catalog_to_persist()) {
-                            // The write and its fsync run on the blocking pool; the driver
-                            // waits for them (the catalog is on disk before the event is
-                            // reported and before any later output), without holding up
-                            // the runtime's other tasks.
-                            let store = store.clone();
-                            let saved =
-                                tokio::task::spawn_blocking(move || store.save(&catalog)).await;
-                            let failure = match saved {
-                                Ok(Ok(())) => None,
-                                Ok(Err(err)) => Some(err.to_string()),
-                                Err(join) => Some(format!("the catalog writer failed: {join}")),
-                            };
-                            if let Some(why) = failure {
+                            if let Err((why, halt)) = store.save(catalog).await {
                                 tracing::error!(error = %why, "could not persist the catalog");
+                                if halt {
+                                    // Nothing queued after this event may leave: the
+                                    // machine is dropped with its outputs.
+                                    let _ = a.events.send(NodeEvent::Halted {
+                                        reason: format!("could not persist the catalog: {why}"),
+                                    });
+                                    return a.host.shutdown().await;
+                                }
                                 let _ = a.events.send(NodeEvent::Error(format!(
                                     "could not persist the catalog: {why}"
                                 )));
@@ -362,6 +405,27 @@ pub async fn spawn_coordinator(
         Some(s) => s.load_or_new(config.cluster)?,
         None => Catalog::new(config.cluster),
     };
+    spawn_coordinator_with(
+        config,
+        cat,
+        store.map(CatalogSink::File),
+        listener,
+        metadata_server,
+        transport,
+        host,
+    )
+}
+
+/// Starts a coordinator whose catalog is `catalog`, persisted to `store`.
+pub(crate) fn spawn_coordinator_with(
+    config: CoordinatorConfig,
+    cat: Catalog,
+    store: Option<CatalogSink>,
+    listener: TcpListener,
+    metadata_server: Option<SocketAddr>,
+    transport: TransportConfig,
+    host: Arc<dyn HostActions>,
+) -> Result<NodeHandle> {
     let admission = Admission::Participants(config.participants.clone());
     let machine = Coordinator::new(config, cat)?;
     let local_addr = listener.local_addr().ok();
@@ -423,12 +487,26 @@ pub fn spawn_participant(
     transport: TransportConfig,
     host: Arc<dyn HostActions>,
 ) -> Result<NodeHandle> {
+    let (keep, rx) = tokio::sync::watch::channel(Some(coordinator));
+    // The fixed address outlives the client: the receiver keeps the last value.
+    drop(keep);
+    spawn_participant_following(config, rx, transport, host)
+}
+
+/// Starts a participant that follows the coordinator's address as `coordinator` changes
+/// (an elected coordinator, see [`crate::net::conn::Client::spawn_following`]).
+pub fn spawn_participant_following(
+    config: ParticipantConfig,
+    coordinator: tokio::sync::watch::Receiver<Option<SocketAddr>>,
+    transport: TransportConfig,
+    host: Arc<dyn HostActions>,
+) -> Result<NodeHandle> {
     let id = config.id;
     let machine = Participant::new(config)?;
     let transport = Arc::new(transport);
     let shutdown = CancellationToken::new();
     let (in_tx, in_rx) = mpsc::channel(1024);
-    let client = Client::spawn(
+    let client = Client::spawn_following(
         coordinator,
         id,
         ParticipantId::COORDINATOR,
