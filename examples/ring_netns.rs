@@ -6,7 +6,15 @@
 //! ```text
 //! cargo run --release --example ring_netns -- --peers 4 --tokens 20000 --snapshots 3 \
 //!     [--snapshot-delay-ms 50] [--backend nft|nft-netlink|nft-command|iptables] [--json]
+//!     [--control embedded|etcd [--etcd-nodes 3] [--kill-coordinator-after K]
+//!      [--kill-etcd-leader-after K] [--lease-ttl-ms 2000]]
 //! ```
+//!
+//! With `--control etcd` the lab starts its own etcd cluster on loopback; hosts register
+//! in it, one coordinator candidate per namespace campaigns for the role, and the catalog
+//! of completed global snapshots lives in etcd. The JSON output then adds `control`,
+//! `etcd_nodes`, `coordinator_failovers`, `etcd_leader_kills`, `completed_ids`,
+//! `catalog_in_etcd`, `failover_ms`, `etcd_processes_left` and `etcd_dirs_removed`.
 //!
 //! Needs root (network namespaces, netfilter). Run as an ordinary user it says why in one
 //! line and runs the same scenario in the deterministic simulator instead.
@@ -21,7 +29,9 @@ mod signals;
 
 use clap::Parser;
 use unacloud::snapshot::net::daemon::BackendKind;
-use unacloud::snapshot::net::ring::{median, percentile, run_ring_netns, RingNetnsConfig};
+use unacloud::snapshot::net::ring::{
+    median, percentile, run_ring_netns, EtcdLabConfig, RingNetnsConfig,
+};
 use unacloud::snapshot::netns;
 
 /// Hidden first argument that makes this program run one of the scenario's processes
@@ -51,6 +61,25 @@ struct Args {
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
+    /// Control plane: `embedded` (a metadata server; the host of VM 0 coordinates) or
+    /// `etcd` (registrations, coordinator election and catalog in an etcd cluster that the
+    /// lab starts on loopback).
+    #[arg(long, default_value = "embedded", value_parser = ["embedded", "etcd"])]
+    control: String,
+    /// Members of the lab's etcd cluster (with --control etcd).
+    #[arg(long, default_value_t = 3)]
+    etcd_nodes: usize,
+    /// SIGKILL the process holding the coordinator role after this many completed global
+    /// snapshots (with --control etcd).
+    #[arg(long)]
+    kill_coordinator_after: Option<u32>,
+    /// SIGKILL the etcd leader after this many completed global snapshots (with
+    /// --control etcd).
+    #[arg(long)]
+    kill_etcd_leader_after: Option<u32>,
+    /// Lease TTL of hosts and coordinator candidates, in ms (with --control etcd).
+    #[arg(long, default_value_t = 2000)]
+    lease_ttl_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -98,6 +127,18 @@ fn real(args: &Args, backend: BackendKind) -> ExitCode {
     cfg.backend = backend;
     cfg.snapshot_timeout = Duration::from_secs(5).max(cfg.snapshot_delay * 4);
     cfg.deadline = Duration::from_secs(600);
+    if args.control == "etcd" {
+        let mut e = EtcdLabConfig::new(args.etcd_nodes);
+        e.kill_coordinator_after = args.kill_coordinator_after;
+        e.kill_etcd_leader_after = args.kill_etcd_leader_after;
+        e.lease_ttl = Duration::from_millis(args.lease_ttl_ms);
+        cfg.etcd = Some(e);
+    } else if args.kill_coordinator_after.is_some() || args.kill_etcd_leader_after.is_some() {
+        eprintln!(
+            "error: --kill-coordinator-after and --kill-etcd-leader-after need --control etcd"
+        );
+        return ExitCode::from(2);
+    }
     let outcome = match signals::run_until_signal(run_ring_netns(cfg)) {
         Ok(o) => o,
         Err(e) => {
@@ -127,9 +168,14 @@ fn real(args: &Args, backend: BackendKind) -> ExitCode {
             println!("coordination overhead: median {m:.2} ms, p95 {p:.2} ms");
         }
     }
+    let etcd_clean = report
+        .etcd
+        .as_ref()
+        .map_or(true, |e| e.etcd_processes_left == 0 && e.etcd_dirs_removed);
     if report.tokens_counted == report.tokens_expected
         && report.rules_left == 0
         && report.namespaces_left == 0
+        && etcd_clean
     {
         ExitCode::SUCCESS
     } else {

@@ -284,6 +284,10 @@ async fn coordinate(
     let guard = lead.guard();
     let mut tick = tokio::time::interval(POLL);
     let mut busy = false;
+    // Triggers wait until every live host's participant has connected (a global
+    // snapshot started earlier would fail its pre-check), for one lease TTL at most.
+    let ready_by = tokio::time::Instant::now() + config.lease_ttl;
+    let mut ready = false;
     let result = loop {
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
@@ -311,6 +315,15 @@ async fn coordinate(
                 }
             },
             _ = tick.tick(), if !busy => {
+                if !ready {
+                    let alive = registry::alive(etcd).await.unwrap_or_default();
+                    let connected = node.connected();
+                    ready = alive.iter().all(|a| connected.contains(a))
+                        || tokio::time::Instant::now() >= ready_by;
+                    if !ready {
+                        continue;
+                    }
+                }
                 match catalog::take_trigger(etcd, &guard).await {
                     Ok(Some(t)) => {
                         let r = match &t {

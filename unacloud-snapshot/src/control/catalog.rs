@@ -118,8 +118,10 @@ impl EtcdCatalog {
         }
         let txn = Txn::new().when(when).and_then(ops);
         if self.etcd.txn("write the catalog", txn).await?.succeeded() {
-            let mut done = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
-            done.extend(fresh.iter().map(|c| c.gs));
+            self.recorded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(fresh.iter().map(|c| c.gs));
             return Ok(());
         }
         // Why not: the leadership, or an id already there.
@@ -128,13 +130,29 @@ impl EtcdCatalog {
                 what: "writing the catalog".to_string(),
             });
         }
+        // A record there already: ours, if a repeated request found its own earlier
+        // effect (same id, same leader, same content); anybody else's is refused.
+        let mut ours = 0;
         for c in &fresh {
             let rel = format!("catalog/gs/{}", gs_key(c.gs.0));
-            if self.etcd.get(&rel).await?.is_some() {
-                return Err(ControlError::AlreadyExists {
-                    key: self.etcd.key(&rel),
-                });
+            if let Some((bytes, _)) = self.etcd.get(&rel).await? {
+                let there: RecordedSnapshot = from_json(&self.etcd.key(&rel), &bytes)?;
+                if there.leader_revision == self.revision && there.snapshot == **c {
+                    ours += 1;
+                } else {
+                    return Err(ControlError::AlreadyExists {
+                        key: self.etcd.key(&rel),
+                    });
+                }
             }
+        }
+        if ours == fresh.len() && !fresh.is_empty() {
+            // Everything new is in etcd already; write the counters (and nothing else).
+            self.recorded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(fresh.iter().map(|c| c.gs));
+            return Box::pin(self.save(catalog)).await;
         }
         Err(ControlError::Contended {
             op: "write the catalog".to_string(),
@@ -143,12 +161,17 @@ impl EtcdCatalog {
     }
 
     async fn still_leader(&self) -> Result<bool> {
+        let key = self.guard_key.clone();
         let resp = self
             .etcd
-            .client()
-            .get(self.guard_key.clone(), None)
-            .await
-            .map_err(ControlError::etcd("read the leader key"))?;
+            .call(
+                || "read the leader key".to_string(),
+                |mut c| {
+                    let key = key.clone();
+                    async move { c.get(key, None).await }
+                },
+            )
+            .await?;
         Ok(resp
             .kvs()
             .first()
@@ -229,10 +252,7 @@ pub async fn put_trigger(etcd: &Etcd, trigger: &Trigger) -> Result<String> {
         .unwrap_or(0);
     let rel = format!("triggers/{nanos:032}-{:016x}", rand::random::<u64>());
     let key = etcd.key(&rel);
-    etcd.client()
-        .put(key.clone(), to_json(trigger), None)
-        .await
-        .map_err(ControlError::etcd(format!("write {key}")))?;
+    etcd.put(&key, &to_json(trigger), None).await?;
     Ok(key)
 }
 

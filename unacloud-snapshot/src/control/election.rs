@@ -96,7 +96,7 @@ pub async fn campaign(
     stop: &CancellationToken,
 ) -> Result<Option<Leadership>> {
     let lease = Lease::start(etcd, ttl, None, Vec::new(), false).await?;
-    let mut c = etcd.client();
+    let mut c = etcd.waiting_client();
     let won = tokio::select! {
         _ = stop.cancelled() => {
             lease.revoke(etcd).await;
@@ -108,6 +108,8 @@ pub async fn campaign(
         Ok(r) => r,
         Err(e) => {
             lease.revoke(etcd).await;
+            // Next time, another member.
+            etcd.rotate();
             return Err(ControlError::Etcd {
                 op: "campaign for the coordinator role".to_string(),
                 source: e,
@@ -135,11 +137,16 @@ pub async fn current_leader(etcd: &Etcd) -> Result<Option<CoordinatorInfo>> {
             etcd_client::SortOrder::Ascend,
         )
         .with_limit(1);
+    let prefix = format!("{name}/");
     let resp = etcd
-        .client()
-        .get(format!("{name}/"), Some(opts))
-        .await
-        .map_err(ControlError::etcd("read the election's leader"))?;
+        .call(
+            || "read the election's leader".to_string(),
+            |mut c| {
+                let (prefix, opts) = (prefix.clone(), opts.clone());
+                async move { c.get(prefix, Some(opts)).await }
+            },
+        )
+        .await?;
     match resp.kvs().first() {
         None => Ok(None),
         Some(kv) => from_json(&name, kv.value()).map(Some),

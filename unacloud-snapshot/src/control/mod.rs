@@ -47,6 +47,8 @@
 //! | `catalog/gs/<id, 20 digits>` | [`catalog::RecordedSnapshot`] (JSON): a completed global snapshot with its times | none |
 //! | `triggers/<uuid>` | [`catalog::Trigger`] (JSON) | none |
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocol::ClusterId;
@@ -195,10 +197,18 @@ impl EtcdConfig {
     }
 }
 
-/// A connection to etcd for one cluster: the client and the key prefix.
+/// A connection to etcd for one cluster: one client per endpoint, and the key prefix.
+///
+/// Requests go to one member at a time. When a member does not answer (it died, or it
+/// has no leader: requests ask for one), the request moves on to the next member and is
+/// retried, a bounded number of times, so that the loss of a minority of the cluster is
+/// invisible to callers. Every write of this module is safe to repeat: a repeated
+/// compare-and-swap finds its own earlier effect and says so.
 #[derive(Clone)]
 pub struct Etcd {
-    client: etcd_client::Client,
+    clients: Arc<Vec<etcd_client::Client>>,
+    waiting: Arc<Vec<etcd_client::Client>>,
+    current: Arc<AtomicUsize>,
     prefix: String,
     cluster: ClusterId,
 }
@@ -207,25 +217,63 @@ impl std::fmt::Debug for Etcd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Etcd")
             .field("prefix", &self.prefix)
+            .field("endpoints", &self.clients.len())
             .finish()
     }
 }
 
+/// Whether an error of the client means "this member cannot answer now".
+fn transient(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    match e {
+        E::TransportError(_) | E::IoError(_) | E::EndpointError(_) => true,
+        E::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+        ),
+        _ => false,
+    }
+}
+
 impl Etcd {
-    /// Connects to the cluster's endpoints.
+    /// Connects to the cluster's endpoints (lazily: an endpoint that is down is tried
+    /// when a request needs it).
     pub async fn connect(config: &EtcdConfig) -> Result<Self> {
-        let options = etcd_client::ConnectOptions::new()
-            .with_timeout(config.request_timeout)
+        if config.endpoints.is_empty() {
+            return Err(ControlError::InvalidConfig {
+                reason: "no etcd endpoint".to_string(),
+            });
+        }
+        let base = etcd_client::ConnectOptions::new()
             .with_connect_timeout(config.connect_timeout)
-            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
-        let client = etcd_client::Client::connect(&config.endpoints, Some(options))
-            .await
-            .map_err(ControlError::etcd(format!(
-                "connect to {}",
-                config.endpoints.join(",")
-            )))?;
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+            .with_require_leader(true);
+        let mut clients = Vec::new();
+        let mut waiting = Vec::new();
+        for ep in &config.endpoints {
+            let op = || format!("connect to {ep}");
+            clients.push(
+                etcd_client::Client::connect(
+                    [ep.as_str()],
+                    Some(base.clone().with_timeout(config.request_timeout)),
+                )
+                .await
+                .map_err(ControlError::etcd(op()))?,
+            );
+            // Campaigns wait as long as another candidate leads: no request timeout.
+            waiting.push(
+                etcd_client::Client::connect([ep.as_str()], Some(base.clone()))
+                    .await
+                    .map_err(ControlError::etcd(op()))?,
+            );
+        }
         Ok(Self {
-            client,
+            clients: Arc::new(clients),
+            waiting: Arc::new(waiting),
+            current: Arc::new(AtomicUsize::new(0)),
             prefix: format!("/unacloud/{}/", config.cluster.0),
             cluster: config.cluster,
         })
@@ -241,19 +289,58 @@ impl Etcd {
         format!("{}{rel}", self.prefix)
     }
 
-    /// The underlying client (cheap to clone).
+    /// The client of the member requests go to now (cheap to clone).
     pub fn client(&self) -> etcd_client::Client {
-        self.client.clone()
+        self.clients[self.current.load(Ordering::Relaxed) % self.clients.len()].clone()
+    }
+
+    /// The same member's client without a request timeout (for campaigns).
+    pub(crate) fn waiting_client(&self) -> etcd_client::Client {
+        self.waiting[self.current.load(Ordering::Relaxed) % self.waiting.len()].clone()
+    }
+
+    /// Moves requests on to the next member.
+    pub(crate) fn rotate(&self) {
+        self.current.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Runs `f` against the current member, moving on to the next one and retrying (three
+    /// rounds of the members at most) while the error is one of a member that cannot
+    /// answer now.
+    pub(crate) async fn call<T, F, Fut>(&self, op: impl Fn() -> String, f: F) -> Result<T>
+    where
+        F: Fn(etcd_client::Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let rounds = 3 * self.clients.len();
+        let mut attempt = 0;
+        loop {
+            match f(self.client()).await {
+                Ok(v) => return Ok(v),
+                Err(e) if transient(&e) && attempt + 1 < rounds => {
+                    attempt += 1;
+                    self.rotate();
+                    if attempt % self.clients.len() == 0 {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                Err(source) => return Err(ControlError::Etcd { op: op(), source }),
+            }
+        }
     }
 
     /// Reads one key: its value and mod revision, or `None`.
     pub(crate) async fn get(&self, rel: &str) -> Result<Option<(Vec<u8>, i64)>> {
         let key = self.key(rel);
         let resp = self
-            .client()
-            .get(key.clone(), None)
-            .await
-            .map_err(ControlError::etcd(format!("read {key}")))?;
+            .call(
+                || format!("read {key}"),
+                |mut c| {
+                    let key = key.clone();
+                    async move { c.get(key, None).await }
+                },
+            )
+            .await?;
         Ok(resp
             .kvs()
             .first()
@@ -263,14 +350,18 @@ impl Etcd {
     /// Reads every key under `rel` (a prefix), sorted by key.
     pub(crate) async fn list(&self, rel: &str) -> Result<Vec<(String, Vec<u8>)>> {
         let key = self.key(rel);
-        let opts = etcd_client::GetOptions::new()
-            .with_prefix()
-            .with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Ascend);
         let resp = self
-            .client()
-            .get(key.clone(), Some(opts))
-            .await
-            .map_err(ControlError::etcd(format!("list {key}")))?;
+            .call(
+                || format!("list {key}"),
+                |mut c| {
+                    let key = key.clone();
+                    let opts = etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Ascend);
+                    async move { c.get(key, Some(opts)).await }
+                },
+            )
+            .await?;
         Ok(resp
             .kvs()
             .iter()
@@ -282,16 +373,34 @@ impl Etcd {
             .collect())
     }
 
+    /// Writes one key (under `lease` when given).
+    pub(crate) async fn put(&self, key: &str, value: &[u8], lease: Option<i64>) -> Result<()> {
+        self.call(
+            || format!("write {key}"),
+            |mut c| {
+                let (key, value) = (key.to_string(), value.to_vec());
+                let opts = lease.map(|l| etcd_client::PutOptions::new().with_lease(l));
+                async move { c.put(key, value, opts).await }
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Runs a transaction.
     pub(crate) async fn txn(
         &self,
         op: &str,
         txn: etcd_client::Txn,
     ) -> Result<etcd_client::TxnResponse> {
-        self.client()
-            .txn(txn)
-            .await
-            .map_err(ControlError::etcd(op.to_string()))
+        self.call(
+            || op.to_string(),
+            |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            },
+        )
+        .await
     }
 }
 

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -205,7 +205,11 @@ impl Lease {
             LeaseState::Alive(id) | LeaseState::Renewed(id) => id,
             _ => self.id,
         };
-        let _ = tokio::time::timeout(Duration::from_secs(2), etcd.client().lease_revoke(id)).await;
+        let revoke = etcd.call(
+            || format!("revoke lease {id:#x}"),
+            |mut c| async move { c.lease_revoke(id).await },
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), revoke).await;
     }
 
     /// Stops renewing without revoking: the keys disappear when the TTL runs out, as if
@@ -222,20 +226,16 @@ impl Drop for Lease {
 }
 
 async fn grant_and_put(etcd: &Etcd, secs: i64, key: Option<&str>, value: &[u8]) -> Result<i64> {
-    let mut c = etcd.client();
-    let id = c
-        .lease_grant(secs, None)
-        .await
-        .map_err(ControlError::etcd("grant a lease"))?
+    let id = etcd
+        .call(
+            || "grant a lease".to_string(),
+            |mut c| async move { c.lease_grant(secs, None).await },
+        )
+        .await?
         .id();
-    let Some(key) = key else { return Ok(id) };
-    c.put(
-        key.to_string(),
-        value.to_vec(),
-        Some(PutOptions::new().with_lease(id)),
-    )
-    .await
-    .map_err(ControlError::etcd(format!("write {key}")))?;
+    if let Some(key) = key {
+        etcd.put(key, value, Some(id)).await?;
+    }
     Ok(id)
 }
 
@@ -262,6 +262,7 @@ async fn keep_alive(
             Ok(s) => s,
             Err(_) => {
                 let _ = tx.send(LeaseState::Retrying);
+                etcd.rotate();
                 tokio::select! {
                     _ = stop.cancelled() => break 'outer,
                     _ = tokio::time::sleep(period / 2) => continue 'outer,
@@ -302,6 +303,7 @@ async fn keep_alive(
                 }
                 _ => {
                     let _ = tx.send(LeaseState::Retrying);
+                    etcd.rotate();
                     tokio::select! {
                         _ = stop.cancelled() => break 'outer,
                         _ = tokio::time::sleep(period / 4) => {}

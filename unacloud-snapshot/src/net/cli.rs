@@ -119,6 +119,13 @@ enum Command {
     /// and every participant's local time. Only these can be resumed from.
     Catalog(CatalogArgs),
     /// RCPBT test manager (used by the ring scenarios).
+    /// Run a coordinator candidate, on every host (control plane on etcd)
+    ///
+    /// It campaigns for the coordinator role in etcd; while elected it coordinates the
+    /// global snapshots and resumes (triggered with `trigger --control etcd` / `resume
+    /// --control etcd` from any host) and records them in etcd. When it dies another
+    /// candidate takes over within its lease TTL. Stops on SIGINT/SIGTERM, resigning.
+    Candidate(CandidateArgs),
     #[command(hide = true)]
     RcpbtManager(RcpbtManagerArgs),
     /// RCPBT ring peer (used by the ring scenarios).
@@ -176,6 +183,28 @@ struct MsArgs {
     ms: Option<SocketAddr>,
 }
 
+/// The control plane: where hosts register and the catalog lives.
+#[derive(Args, Debug, Clone)]
+struct ControlArgs {
+    /// Control plane: embedded (a metadata server and a coordinator host) or etcd
+    /// (registrations, the coordinator election and the catalog in an etcd cluster)
+    #[arg(long, value_name = "KIND", default_value = "embedded", value_parser = ["embedded", "etcd"])]
+    control: String,
+    /// etcd client endpoints, comma-separated `host:port` or URLs (with --control etcd)
+    #[arg(long, value_name = "ENDPOINTS")]
+    etcd: Option<String>,
+    /// Lease TTL in ms (with --control etcd): how long after a host or a coordinator dies
+    /// it is reported unreachable or replaced [default: 5000]
+    #[arg(long, value_name = "MS")]
+    lease_ttl_ms: Option<u64>,
+}
+
+impl ControlArgs {
+    fn is_etcd(&self) -> bool {
+        self.control == "etcd"
+    }
+}
+
 #[derive(Args, Debug)]
 struct MetadataArgs {
     #[command(flatten)]
@@ -205,6 +234,8 @@ struct LauncherArgs {
     key: KeyArgs,
     #[command(flatten)]
     ms: MsArgs,
+    #[command(flatten)]
+    control: ControlArgs,
     /// The address other hosts reach this host's participants at (required without a
     /// [launcher] section).
     #[arg(long, value_name = "IP")]
@@ -307,6 +338,8 @@ struct TriggerArgs {
     key: KeyArgs,
     #[command(flatten)]
     ms: MsArgs,
+    #[command(flatten)]
+    control: ControlArgs,
 }
 
 #[derive(Args, Debug)]
@@ -317,9 +350,42 @@ struct ResumeArgs {
     key: KeyArgs,
     #[command(flatten)]
     ms: MsArgs,
+    #[command(flatten)]
+    control: ControlArgs,
     /// The global snapshot to restore, `7` or `gs-7` [default: the latest completed one].
     #[arg(long, value_name = "ID", value_parser = parse_gs)]
     gs: Option<GlobalSnapshotId>,
+}
+
+#[derive(Args, Debug)]
+struct CandidateArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(flatten)]
+    key: KeyArgs,
+    /// etcd client endpoints, comma-separated `host:port` or URLs
+    #[arg(long, value_name = "ENDPOINTS")]
+    etcd: String,
+    /// Lease TTL in ms: how long after this candidate dies another one takes over
+    /// [default: 5000]
+    #[arg(long, value_name = "MS")]
+    lease_ttl_ms: Option<u64>,
+    /// Where the coordinator listens when elected (participants dial it)
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// A name for people (the host) [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Phase-2 deadline of a global snapshot, in ms [default: 120000].
+    #[arg(long, value_name = "MS")]
+    snapshot_timeout_ms: Option<u64>,
+    /// Phase-1 (pre-check) deadline, in ms [default: 10000].
+    #[arg(long, value_name = "MS")]
+    precheck_timeout_ms: Option<u64>,
+    /// Print events as JSON lines on standard output: elected, lost, and the
+    /// coordinator's gs_started, gs_completed, gs_failed, trigger_refused, resume_* …
+    #[arg(long)]
+    events_json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -557,6 +623,21 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Metadata(a) => metadata(a),
         Command::Launcher(a) => launcher(*a),
+        Command::Trigger(a) if a.control.is_etcd() => {
+            let cfg = base_config(&a.config, Some(&a.key), None)?;
+            etcd_trigger(&cfg, &a.control, etcd_trigger_global_snapshot())?;
+            eprintln!("global snapshot requested (in etcd)");
+            eprintln!("the elected coordinator's candidate reports its progress or why it refused");
+            Ok(())
+        }
+        Command::Resume(a) if a.control.is_etcd() => {
+            let cfg = base_config(&a.config, Some(&a.key), None)?;
+            etcd_trigger(&cfg, &a.control, etcd_trigger_resume(a.gs))?;
+            eprintln!("resume requested (in etcd)");
+            eprintln!("the elected coordinator's candidate reports its progress or why it refused");
+            Ok(())
+        }
+        Command::Candidate(a) => candidate(a),
         Command::Trigger(a) => {
             let cfg = base_config(&a.config, Some(&a.key), Some(&a.ms))?;
             let ms = metadata_server_of(&cfg)?;
@@ -698,7 +779,8 @@ fn metadata(a: MetadataArgs) -> Result<()> {
 }
 
 fn launcher(a: LauncherArgs) -> Result<()> {
-    let mut cfg = base_config(&a.config, Some(&a.key), Some(&a.ms))?;
+    let ms = (!a.control.is_etcd()).then_some(&a.ms);
+    let mut cfg = base_config(&a.config, Some(&a.key), ms)?;
     if let Some(v) = a.snapshot_timeout_ms {
         cfg.snapshot_timeout_ms = Some(v);
     }
@@ -766,14 +848,159 @@ fn launcher(a: LauncherArgs) -> Result<()> {
     runtime(1)?.block_on(async {
         let token = CancellationToken::new();
         cancel_on_signals(token.clone())?;
-        run_launcher(&cfg, opts, token, |ev| {
+        let on_event = |ev: LauncherEvent| {
             stopped.note(&ev);
             print_event(&ev, json);
-        })
-        .await
+        };
+        if a.control.is_etcd() {
+            let control = etcd_control(&a.control)?;
+            launcher_etcd(&cfg, &control, opts, token, on_event).await
+        } else {
+            run_launcher(&cfg, opts, token, on_event).await
+        }
     })?;
     eprintln!("{}", stopped.line());
     Ok(())
+}
+
+#[cfg(not(feature = "etcd"))]
+fn no_etcd() -> Error {
+    Error::InvalidConfig {
+        reason: "--control etcd: this program was built without the `etcd` feature".to_string(),
+    }
+}
+
+#[cfg(feature = "etcd")]
+type EtcdControlArg = super::daemon::EtcdControl;
+#[cfg(not(feature = "etcd"))]
+type EtcdControlArg = ();
+
+#[cfg(feature = "etcd")]
+fn etcd_endpoints(list: &str) -> Result<Vec<String>> {
+    crate::control::EtcdConfig::parse_endpoints(list).map_err(|e| Error::InvalidConfig {
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(feature = "etcd")]
+fn etcd_control(c: &ControlArgs) -> Result<EtcdControlArg> {
+    let list = c.etcd.as_deref().ok_or_else(|| Error::InvalidConfig {
+        reason: "--control etcd needs --etcd ENDPOINTS".to_string(),
+    })?;
+    Ok(super::daemon::EtcdControl {
+        endpoints: etcd_endpoints(list)?,
+        lease_ttl: Duration::from_millis(c.lease_ttl_ms.unwrap_or(5000)),
+    })
+}
+
+#[cfg(not(feature = "etcd"))]
+fn etcd_control(_: &ControlArgs) -> Result<EtcdControlArg> {
+    Err(no_etcd())
+}
+
+#[cfg(feature = "etcd")]
+async fn launcher_etcd(
+    cfg: &DaemonConfig,
+    control: &EtcdControlArg,
+    opts: LauncherOptions,
+    token: CancellationToken,
+    on_event: impl FnMut(LauncherEvent) + Send,
+) -> Result<()> {
+    super::daemon::run_launcher_etcd(cfg, control, opts, token, on_event).await
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn launcher_etcd(
+    _: &DaemonConfig,
+    _: &EtcdControlArg,
+    _: LauncherOptions,
+    _: CancellationToken,
+    _: impl FnMut(LauncherEvent) + Send,
+) -> Result<()> {
+    Err(no_etcd())
+}
+
+#[cfg(feature = "etcd")]
+type EtcdTrigger = crate::control::catalog::Trigger;
+#[cfg(not(feature = "etcd"))]
+type EtcdTrigger = ();
+
+#[cfg(feature = "etcd")]
+fn etcd_trigger_global_snapshot() -> EtcdTrigger {
+    crate::control::catalog::Trigger::GlobalSnapshot
+}
+#[cfg(not(feature = "etcd"))]
+fn etcd_trigger_global_snapshot() -> EtcdTrigger {}
+
+#[cfg(feature = "etcd")]
+fn etcd_trigger_resume(gs: Option<GlobalSnapshotId>) -> EtcdTrigger {
+    crate::control::catalog::Trigger::Resume { gs }
+}
+#[cfg(not(feature = "etcd"))]
+fn etcd_trigger_resume(_: Option<GlobalSnapshotId>) -> EtcdTrigger {}
+
+/// Queues a trigger in etcd, for the elected coordinator (from any host).
+#[cfg(feature = "etcd")]
+fn etcd_trigger(cfg: &DaemonConfig, c: &ControlArgs, t: EtcdTrigger) -> Result<()> {
+    let control = etcd_control(c)?;
+    let ec = crate::control::EtcdConfig::new(control.endpoints, ClusterId(cfg.cluster));
+    runtime(1)?
+        .block_on(async move {
+            let etcd = crate::control::Etcd::connect(&ec).await?;
+            crate::control::catalog::put_trigger(&etcd, &t).await
+        })
+        .map(|_| ())
+        .map_err(|e| Error::InvalidConfig {
+            reason: e.to_string(),
+        })
+}
+
+#[cfg(not(feature = "etcd"))]
+fn etcd_trigger(_: &DaemonConfig, _: &ControlArgs, _: EtcdTrigger) -> Result<()> {
+    Err(no_etcd())
+}
+
+#[cfg(feature = "etcd")]
+fn candidate(a: CandidateArgs) -> Result<()> {
+    let mut cfg = base_config(&a.config, Some(&a.key), None)?;
+    if let Some(v) = a.snapshot_timeout_ms {
+        cfg.snapshot_timeout_ms = Some(v);
+    }
+    if let Some(v) = a.precheck_timeout_ms {
+        cfg.precheck_timeout_ms = Some(v);
+    }
+    let control = super::daemon::EtcdControl {
+        endpoints: etcd_endpoints(&a.etcd)?,
+        lease_ttl: Duration::from_millis(a.lease_ttl_ms.unwrap_or(5000)),
+    };
+    let name = a.name.unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "candidate".to_string())
+    });
+    let json = a.events_json;
+    runtime(1)?.block_on(async {
+        let token = CancellationToken::new();
+        cancel_on_signals(token.clone())?;
+        super::daemon::run_candidate_daemon(&cfg, &control, name, a.listen, token, |r| {
+            if json {
+                if let Ok(line) = serde_json::to_string(&r) {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                }
+            } else {
+                eprintln!("{r:?}");
+            }
+        })
+        .await
+    })
+}
+
+#[cfg(not(feature = "etcd"))]
+fn candidate(_: CandidateArgs) -> Result<()> {
+    Err(no_etcd())
 }
 
 /// What the launcher's last words say: how many VMs stopped, and whether any rule or

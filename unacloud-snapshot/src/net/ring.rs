@@ -34,6 +34,10 @@ use crate::error::{Error, Result};
 use crate::netns::{NetnsLab, RunDir, DIE_WITH_PARENT_ENV, HUB_ADDR};
 use crate::protocol::{ClusterId, DscpConfig, MetadataServerConfig};
 
+#[cfg(feature = "etcd")]
+#[path = "ring_etcd.rs"]
+mod etcd;
+
 /// Port of the RCPBT test manager on the hub's bridge address.
 const TM_PORT: u16 = 7000;
 /// Base port of the ring peers (each in its own namespace).
@@ -74,6 +78,60 @@ pub struct RingNetnsConfig {
     pub gap: Duration,
     /// Bound on the whole run.
     pub deadline: Duration,
+    /// Run the control plane on an etcd cluster of the lab's own (`--control etcd`)
+    /// instead of a metadata server and a coordinator host.
+    #[cfg(feature = "etcd")]
+    pub etcd: Option<EtcdLabConfig>,
+}
+
+/// The lab's etcd control plane (`--control etcd`).
+#[cfg(feature = "etcd")]
+#[derive(Debug, Clone)]
+pub struct EtcdLabConfig {
+    /// Members of the lab's etcd cluster (on loopback; removed at the end).
+    pub nodes: usize,
+    /// SIGKILL the process holding the coordinator role after this many completed
+    /// global snapshots.
+    pub kill_coordinator_after: Option<u32>,
+    /// SIGKILL the etcd leader after this many completed global snapshots.
+    pub kill_etcd_leader_after: Option<u32>,
+    /// Lease TTL of hosts and candidates.
+    pub lease_ttl: Duration,
+}
+
+#[cfg(feature = "etcd")]
+impl EtcdLabConfig {
+    /// `nodes` members, no kills, 2 s leases.
+    pub fn new(nodes: usize) -> Self {
+        Self {
+            nodes,
+            kill_coordinator_after: None,
+            kill_etcd_leader_after: None,
+            lease_ttl: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What the etcd control plane did during a run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EtcdLabReport {
+    /// Members of the etcd cluster.
+    pub etcd_nodes: usize,
+    /// Times the coordinator's process was killed and another candidate took over.
+    pub coordinator_failovers: u32,
+    /// Times the etcd leader was killed.
+    pub etcd_leader_kills: u32,
+    /// Ids of the completed global snapshots, in order of completion.
+    pub completed_ids: Vec<u64>,
+    /// Ids of the global snapshots recorded in etcd's catalog, read back at the end.
+    pub catalog_in_etcd: Vec<u64>,
+    /// Per failover: from the SIGKILL to the first global snapshot completed by the new
+    /// coordinator (ms).
+    pub failover_ms: Vec<f64>,
+    /// etcd processes still running after teardown.
+    pub etcd_processes_left: usize,
+    /// Whether the etcd data directories are gone after teardown.
+    pub etcd_dirs_removed: bool,
 }
 
 impl RingNetnsConfig {
@@ -98,6 +156,8 @@ impl RingNetnsConfig {
             snapshot_timeout: Duration::from_secs(3),
             gap: Duration::from_millis(20),
             deadline: Duration::from_secs(120),
+            #[cfg(feature = "etcd")]
+            etcd: None,
         }
     }
 }
@@ -135,11 +195,32 @@ pub struct RingNetnsReport {
     pub survivors_cleared_in_time: Option<bool>,
     /// Ring duration as measured by the test manager (s).
     pub ring_duration_s: f64,
+    /// With the control plane on etcd: what it did.
+    pub etcd: Option<EtcdLabReport>,
 }
 
 impl RingNetnsReport {
     /// The JSON object of the `--json` output (exactly the documented keys).
     pub fn json_summary(&self) -> serde_json::Value {
+        let mut v = self.embedded_json();
+        if let (Some(e), Some(map)) = (&self.etcd, v.as_object_mut()) {
+            map.insert("control".into(), "etcd".into());
+            map.insert("etcd_nodes".into(), e.etcd_nodes.into());
+            map.insert(
+                "coordinator_failovers".into(),
+                e.coordinator_failovers.into(),
+            );
+            map.insert("etcd_leader_kills".into(), e.etcd_leader_kills.into());
+            map.insert("completed_ids".into(), e.completed_ids.clone().into());
+            map.insert("catalog_in_etcd".into(), e.catalog_in_etcd.clone().into());
+            map.insert("failover_ms".into(), e.failover_ms.clone().into());
+            map.insert("etcd_processes_left".into(), e.etcd_processes_left.into());
+            map.insert("etcd_dirs_removed".into(), e.etcd_dirs_removed.into());
+        }
+        v
+    }
+
+    fn embedded_json(&self) -> serde_json::Value {
         serde_json::json!({
             "peers": self.peers,
             "tokens_expected": self.tokens_expected,
@@ -373,6 +454,15 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
             });
         }
     }
+    #[cfg(feature = "etcd")]
+    if let Some(e) = cfg.etcd.clone() {
+        if cfg.crash.is_some() {
+            return Err(Error::InvalidConfig {
+                reason: "crash injection runs with the embedded control plane only".to_string(),
+            });
+        }
+        return etcd::run(cfg, e).await;
+    }
     let started = Instant::now();
     let deadline = started + cfg.deadline;
     let left = || deadline.saturating_duration_since(Instant::now());
@@ -395,31 +485,7 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
     let deadline_s = (cfg.deadline.as_secs() + 5).to_string();
 
     // 1. Ring peers (they retry until the test manager appears).
-    let mut peer_pids = Vec::with_capacity(peers);
-    for (i, p) in lab.0.peers().iter().enumerate() {
-        let mut c = command(
-            &cfg,
-            Some(&p.name),
-            "rcpbt-peer",
-            &[
-                "--manager".into(),
-                tm_addr.to_string(),
-                "--ip".into(),
-                p.addr.to_string(),
-                "--deadline-s".into(),
-                deadline_s.clone(),
-            ],
-        );
-        c.stdout(Stdio::null())
-            .stderr(stderr_file(dir.path(), &format!("peer{i}"))?);
-        let child = c.spawn().map_err(spawn_err("ip netns exec (ring peer)"))?;
-        let pid = procs
-            .push(format!("peer{i}"), child)
-            .ok_or_else(|| Error::Rcpbt {
-                reason: "a ring peer exited at once".to_string(),
-            })?;
-        peer_pids.push(pid);
-    }
+    let peer_pids = start_ring_peers(&cfg, &lab.0, dir.path(), &mut procs, tm_addr, &deadline_s)?;
 
     // 2. Metadata server in this process.
     let base_port = free_base_port(cfg.peers)?;
@@ -488,17 +554,7 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
             .stderr(stderr_file(dir.path(), &format!("launcher{i}"))?);
         let mut child = c.spawn().map_err(spawn_err("launcher"))?;
         if let Some(out) = child.stdout.take() {
-            let tx = ev_tx.clone();
-            readers.push(tokio::spawn(async move {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
-                        if tx.send((i, v)).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }));
+            readers.push(read_events(out, i, ev_tx.clone()));
         }
         procs.push(format!("launcher{i}"), child);
         launcher_idx.push(procs.list.len() - 1);
@@ -518,44 +574,7 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
     .map_err(|e| with_log(e, dir.path(), "launcher0"))?;
 
     // 4. The test manager: the ring starts.
-    let mut tm = command(
-        &cfg,
-        Some(lab.0.hub()),
-        "rcpbt-manager",
-        &[
-            "--listen".into(),
-            tm_addr.to_string(),
-            "--tokens".into(),
-            cfg.tokens.to_string(),
-            "--base-port".into(),
-            PEER_BASE_PORT.to_string(),
-            "--participants".into(),
-            cfg.peers.to_string(),
-            "--label".into(),
-            format!("ring_netns-{}peers", cfg.peers),
-            "--csv".into(),
-            dir.path().join("rcpbt.csv").display().to_string(),
-            "--deadline-s".into(),
-            deadline_s.clone(),
-        ],
-    );
-    tm.stdout(Stdio::piped())
-        .stderr(stderr_file(dir.path(), "manager")?);
-    let mut tm_child = tm
-        .spawn()
-        .map_err(spawn_err("ip netns exec (test manager)"))?;
-    let tm_out = tm_child.stdout.take();
-    let tm_reader = tokio::spawn(async move {
-        let mut s = String::new();
-        if let Some(out) = tm_out {
-            let mut lines = BufReader::new(out).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                s = l;
-            }
-        }
-        s
-    });
-    procs.push("manager".to_string(), tm_child);
+    let tm_reader = start_manager(&cfg, &lab.0, dir.path(), &mut procs, tm_addr, &deadline_s)?;
 
     // 5. Global snapshots while the ring runs.
     let mut report = RingNetnsReport {
@@ -650,63 +669,17 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
     }
 
     // 6. The ring's own result.
-    let line = tokio::time::timeout(left(), tm_reader)
-        .await
-        .map_err(|_| Error::Timeout {
-            what: "the ring to finish".to_string(),
-            after: cfg.deadline,
-        })?
-        .unwrap_or_default();
-    let outcome: serde_json::Value = serde_json::from_str(&line).map_err(|_| Error::Rcpbt {
-        reason: format!(
-            "the test manager produced no result ({})",
-            log_tail(dir.path(), "manager")
-        ),
-    })?;
-    report.tokens_counted = outcome["tokens_counted"].as_u64().unwrap_or(0);
-    report.ring_duration_s = outcome["duration_s"].as_f64().unwrap_or(0.0);
+    let (counted, duration) = ring_outcome(tm_reader, left(), cfg.deadline, dir.path()).await?;
+    report.tokens_counted = counted;
+    report.ring_duration_s = duration;
 
     // 7. Stop the launchers (SIGTERM: they remove their rules and report).
-    for &idx in &launcher_idx {
-        let (_, child) = &mut procs.list[idx];
-        if let Some(pid) = child.id() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-    }
-    for &idx in &launcher_idx {
-        let (_, child) = &mut procs.list[idx];
-        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-    }
+    terminate(&mut procs, &launcher_idx).await;
     // Collect the summaries (each reader ends when its launcher's stdout closes).
     for r in readers {
         let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
     }
-    let mut summarized = vec![false; peers];
-    while let Ok((i, v)) = ev_rx.try_recv() {
-        if v["event"] == "summary" {
-            summarized[i] = true;
-            report.post_packets_dropped += v["post_packets_dropped"].as_u64().unwrap_or(0);
-        }
-    }
-    // Hosts that died without summary (crashed): the supervisor cleans up after them.
-    for (i, done) in summarized.iter().enumerate() {
-        if !done {
-            if let Some(pid) = peer_pids.get(i) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(*pid),
-                    nix::sys::signal::Signal::SIGCONT,
-                );
-            }
-            let ns = lab.0.peers()[i].name.clone();
-            let backend = cfg.backend;
-            report.post_packets_dropped += blocking(move || clean_crashed(&ns, backend)).await?;
-        }
-    }
-    let names: Vec<String> = lab.0.peers().iter().map(|p| p.name.clone()).collect();
-    report.rules_left = blocking(move || names.iter().map(|n| leftovers_in(n)).sum()).await?;
+    collect_summaries(&mut report, &mut ev_rx, &lab.0, &peer_pids, cfg.backend).await?;
 
     // 8. Teardown.
     drop(procs);
@@ -718,6 +691,190 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
     })
     .await?;
     Ok(report)
+}
+
+/// Forwards the JSON event lines a child prints, tagged with `i`.
+fn read_events(
+    out: tokio::process::ChildStdout,
+    i: usize,
+    tx: mpsc::UnboundedSender<(usize, serde_json::Value)>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(out).lines();
+        while let Ok(Some(l)) = lines.next_line().await {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
+                if tx.send((i, v)).is_err() {
+                    break;
+                }
+            }
+        }
+    })
+}
+
+/// Starts one ring peer per namespace; returns their process ids.
+fn start_ring_peers(
+    cfg: &RingNetnsConfig,
+    lab: &NetnsLab,
+    dir: &Path,
+    procs: &mut Procs,
+    tm_addr: SocketAddr,
+    deadline_s: &str,
+) -> Result<Vec<i32>> {
+    let mut peer_pids = Vec::with_capacity(lab.peers().len());
+    for (i, p) in lab.peers().iter().enumerate() {
+        let mut c = command(
+            cfg,
+            Some(&p.name),
+            "rcpbt-peer",
+            &[
+                "--manager".into(),
+                tm_addr.to_string(),
+                "--ip".into(),
+                p.addr.to_string(),
+                "--deadline-s".into(),
+                deadline_s.to_string(),
+            ],
+        );
+        c.stdout(Stdio::null())
+            .stderr(stderr_file(dir, &format!("peer{i}"))?);
+        let child = c.spawn().map_err(spawn_err("ip netns exec (ring peer)"))?;
+        let pid = procs
+            .push(format!("peer{i}"), child)
+            .ok_or_else(|| Error::Rcpbt {
+                reason: "a ring peer exited at once".to_string(),
+            })?;
+        peer_pids.push(pid);
+    }
+    Ok(peer_pids)
+}
+
+/// Starts the RCPBT test manager in the hub namespace (the ring starts); the task
+/// returns its last output line (the outcome, JSON).
+fn start_manager(
+    cfg: &RingNetnsConfig,
+    lab: &NetnsLab,
+    dir: &Path,
+    procs: &mut Procs,
+    tm_addr: SocketAddr,
+    deadline_s: &str,
+) -> Result<tokio::task::JoinHandle<String>> {
+    let mut tm = command(
+        cfg,
+        Some(lab.hub()),
+        "rcpbt-manager",
+        &[
+            "--listen".into(),
+            tm_addr.to_string(),
+            "--tokens".into(),
+            cfg.tokens.to_string(),
+            "--base-port".into(),
+            PEER_BASE_PORT.to_string(),
+            "--participants".into(),
+            cfg.peers.to_string(),
+            "--label".into(),
+            format!("ring_netns-{}peers", cfg.peers),
+            "--csv".into(),
+            dir.join("rcpbt.csv").display().to_string(),
+            "--deadline-s".into(),
+            deadline_s.to_string(),
+        ],
+    );
+    tm.stdout(Stdio::piped())
+        .stderr(stderr_file(dir, "manager")?);
+    let mut tm_child = tm
+        .spawn()
+        .map_err(spawn_err("ip netns exec (test manager)"))?;
+    let tm_out = tm_child.stdout.take();
+    let tm_reader = tokio::spawn(async move {
+        let mut s = String::new();
+        if let Some(out) = tm_out {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                s = l;
+            }
+        }
+        s
+    });
+    procs.push("manager".to_string(), tm_child);
+    Ok(tm_reader)
+}
+
+/// Reads the test manager's outcome: (tokens counted, ring duration in s).
+async fn ring_outcome(
+    tm_reader: tokio::task::JoinHandle<String>,
+    within: Duration,
+    bound: Duration,
+    dir: &Path,
+) -> Result<(u64, f64)> {
+    let line = tokio::time::timeout(within, tm_reader)
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "the ring to finish".to_string(),
+            after: bound,
+        })?
+        .unwrap_or_default();
+    let outcome: serde_json::Value = serde_json::from_str(&line).map_err(|_| Error::Rcpbt {
+        reason: format!(
+            "the test manager produced no result ({})",
+            log_tail(dir, "manager")
+        ),
+    })?;
+    Ok((
+        outcome["tokens_counted"].as_u64().unwrap_or(0),
+        outcome["duration_s"].as_f64().unwrap_or(0.0),
+    ))
+}
+
+/// Sends SIGTERM to the children at `idx` and waits (bounded) for them to exit.
+async fn terminate(procs: &mut Procs, idx: &[usize]) {
+    for &i in idx {
+        let (_, child) = &mut procs.list[i];
+        if let Some(pid) = child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    for &i in idx {
+        let (_, child) = &mut procs.list[i];
+        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    }
+}
+
+/// Adds up the launchers' summaries; cleans up after the hosts that left none (crashed
+/// or killed): thaws their ring peer, reads their drop counter, removes their rules.
+/// Then counts our rules left in every namespace.
+async fn collect_summaries(
+    report: &mut RingNetnsReport,
+    ev_rx: &mut mpsc::UnboundedReceiver<(usize, serde_json::Value)>,
+    lab: &NetnsLab,
+    peer_pids: &[i32],
+    backend: BackendKind,
+) -> Result<()> {
+    let peers = lab.peers().len();
+    let mut summarized = vec![false; peers];
+    while let Ok((i, v)) = ev_rx.try_recv() {
+        if v["event"] == "summary" && i < peers {
+            summarized[i] = true;
+            report.post_packets_dropped += v["post_packets_dropped"].as_u64().unwrap_or(0);
+        }
+    }
+    for (i, done) in summarized.iter().enumerate() {
+        if !done {
+            if let Some(pid) = peer_pids.get(i) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGCONT,
+                );
+            }
+            let ns = lab.peers()[i].name.clone();
+            report.post_packets_dropped += blocking(move || clean_crashed(&ns, backend)).await?;
+        }
+    }
+    let names: Vec<String> = lab.peers().iter().map(|p| p.name.clone()).collect();
+    report.rules_left = blocking(move || names.iter().map(|n| leftovers_in(n)).sum()).await?;
+    Ok(())
 }
 
 /// Holds the lab; dropping it deletes the namespaces.

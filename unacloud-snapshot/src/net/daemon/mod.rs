@@ -87,6 +87,8 @@ use crate::protocol::{
 
 mod backends;
 mod config;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod events;
 mod fault;
 mod launcher;
@@ -94,6 +96,8 @@ mod scope_lock;
 
 pub use backends::*;
 pub use config::*;
+#[cfg(feature = "etcd")]
+pub use etcd::*;
 pub use events::*;
 pub(crate) use fault::CrashAfterStep;
 pub use launcher::*;
