@@ -262,16 +262,26 @@ async fn a_coordinator_that_lost_its_role_is_fenced_and_ids_are_never_recorded_t
     assert!(store_a.save(&cat_a).await.unwrap_err().is_fenced());
     assert_eq!(catalog::load(&etcd).await.unwrap(), cat_b);
 
-    // B records gs 3; a second record of gs 3 (a store that forgot it wrote it) is refused.
+    // B records gs 3.
     let store_b = EtcdCatalog::new(etcd.clone(), &b, &cat_b);
     let mut cb = cat_b.clone();
     cb.last_started = Some(GlobalSnapshotId(3));
     cb.completed
         .insert(GlobalSnapshotId(3), completed(3, &[0, 1]));
     store_b.save(&cb).await.unwrap();
+    // A repeated write (a request retried after its answer was lost) finds its own
+    // record and succeeds without writing it again …
+    let forgetful = EtcdCatalog::new(etcd.clone(), &b, &cat_b);
+    forgetful.save(&cb).await.unwrap();
+    // … but a different record under that id is refused.
+    let mut other = cat_b.clone();
+    other.last_started = Some(GlobalSnapshotId(3));
+    other
+        .completed
+        .insert(GlobalSnapshotId(3), completed(3, &[0, 1, 2]));
     let forgetful = EtcdCatalog::new(etcd.clone(), &b, &cat_b);
     assert!(matches!(
-        forgetful.save(&cb).await,
+        forgetful.save(&other).await,
         Err(ControlError::AlreadyExists { .. })
     ));
     let ids: Vec<u64> = catalog::recorded(&etcd)

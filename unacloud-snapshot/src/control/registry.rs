@@ -254,13 +254,43 @@ async fn keep_alive(
     'outer: loop {
         // One keep-alive stream; reopened when it breaks (an etcd member died).
         let mut client = etcd.client();
+        // Bounded: over a connection that silently died the request would wait.
         let opened = tokio::select! {
             _ = stop.cancelled() => break 'outer,
-            r = client.lease_keep_alive(id) => r,
+            r = tokio::time::timeout(period, client.lease_keep_alive(id)) => r,
         };
         let (mut keeper, mut stream) = match opened {
-            Ok(s) => s,
-            Err(_) => {
+            Ok(Ok(s)) => s,
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(why))) => {
+                // The lease is gone (it expired while etcd could not be reached).
+                tracing::debug!(lease = id, %why, "the lease is gone");
+                if !renew_after_expiry {
+                    let _ = tx.send(LeaseState::Stopped);
+                    return;
+                }
+                match grant_and_put(&etcd, secs, key.as_deref(), &value).await {
+                    Ok(new) => {
+                        tracing::info!(old = id, new, "the lease had expired; took a new one");
+                        id = new;
+                        let _ = tx.send(LeaseState::Renewed(new));
+                    }
+                    Err(e) => {
+                        tracing::debug!(lease = id, error = %e, "no new lease could be granted yet");
+                        let _ = tx.send(LeaseState::Retrying);
+                        tokio::select! {
+                            _ = stop.cancelled() => break 'outer,
+                            _ = tokio::time::sleep(period / 2) => {}
+                        }
+                    }
+                }
+                continue 'outer;
+            }
+            other => {
+                tracing::debug!(
+                    lease = id,
+                    error = %other.map_or_else(|_| "timed out".to_string(), |r| r.err().map(|e| e.to_string()).unwrap_or_default()),
+                    "cannot open the lease keep-alive; retrying"
+                );
                 let _ = tx.send(LeaseState::Retrying);
                 etcd.rotate();
                 tokio::select! {
@@ -292,16 +322,19 @@ async fn keep_alive(
                     }
                     match grant_and_put(&etcd, secs, key.as_deref(), &value).await {
                         Ok(new) => {
+                            tracing::info!(old = id, new, "the lease had expired; took a new one");
                             id = new;
                             let _ = tx.send(LeaseState::Renewed(new));
                         }
-                        Err(_) => {
+                        Err(e) => {
+                            tracing::debug!(lease = id, error = %e, "the lease expired and no new one could be granted yet");
                             let _ = tx.send(LeaseState::Retrying);
                         }
                     }
                     continue 'outer;
                 }
-                _ => {
+                other => {
+                    tracing::debug!(lease = id, outcome = ?other.map(|r| r.map(|_| ())), "lease renewal failed; retrying");
                     let _ = tx.send(LeaseState::Retrying);
                     etcd.rotate();
                     tokio::select! {
