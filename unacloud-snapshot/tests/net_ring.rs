@@ -130,3 +130,48 @@ async fn nft_session_backend_runs_the_same_scenarios() {
     assert_eq!(r.rules_left, 0);
     assert_eq!(r.namespaces_left, 0);
 }
+
+/// The control plane on etcd: the lab's own 3-member etcd cluster; the coordinator's
+/// process is SIGKILLed after the first global snapshot and the etcd leader after the
+/// second. The ring's tokens stay exact, snapshots go on, the catalog in etcd holds
+/// exactly the completed ids, and nothing is left (etcd processes, data directories,
+/// namespaces, rules).
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_etcd_control_plane_survives_the_coordinator_and_the_etcd_leader() {
+    use unacloud_snapshot::net::ring::EtcdLabConfig;
+    if !privileged() {
+        return;
+    }
+    if !unacloud_snapshot::control::cluster::etcd_available() {
+        eprintln!("SKIPPED the_etcd_control_plane_survives_…: the etcd program is not installed");
+        return;
+    }
+    let mut cfg = config(4, 20_000, 4, 20);
+    let mut e = EtcdLabConfig::new(3);
+    e.kill_coordinator_after = Some(1);
+    e.kill_etcd_leader_after = Some(2);
+    cfg.etcd = Some(e);
+    let r = run_ring_netns(cfg).await.unwrap();
+    eprintln!("{}", r.json_summary());
+    let e = r.etcd.clone().unwrap();
+    assert_eq!(r.tokens_counted, 20_000, "{r:?}");
+    assert_eq!(r.global_snapshots_completed, 4, "{r:?}");
+    assert_eq!(e.coordinator_failovers, 1, "{e:?}");
+    assert_eq!(e.etcd_leader_kills, 1, "{e:?}");
+    assert_eq!(e.catalog_in_etcd, e.completed_ids, "{e:?}");
+    assert!(e.completed_ids.windows(2).all(|w| w[0] < w[1]), "{e:?}");
+    assert_eq!(e.etcd_processes_left, 0);
+    assert!(e.etcd_dirs_removed);
+    assert_eq!(r.rules_left, 0);
+    assert_eq!(r.namespaces_left, 0);
+    let json = r.json_summary();
+    for k in [
+        "coordinator_failovers",
+        "etcd_leader_kills",
+        "completed_ids",
+        "catalog_in_etcd",
+    ] {
+        assert!(json.get(k).is_some(), "{k} missing from {json}");
+    }
+}

@@ -31,7 +31,10 @@ pub struct HostRecord {
 }
 
 /// Attempts of the id-allocation transaction before giving up ([`ControlError::Contended`]).
-const MAX_ATTEMPTS: u32 = 64;
+/// A lost race backs off for a random time that grows with the attempts (up to 100 ms),
+/// so that a boot storm — a whole lab switched on at once — spreads out instead of
+/// retrying in lock step.
+const MAX_ATTEMPTS: u32 = 400;
 
 fn registration_hash(addr: &str, vms: &[String]) -> String {
     let mut h = Sha256::new();
@@ -51,7 +54,7 @@ pub async fn register(etcd: &Etcd, addr: &str, vms: &[String]) -> Result<Partici
     let reg_rel = format!("reg/{}", registration_hash(addr, vms));
     let reg_key = etcd.key(&reg_rel);
     let next_key = etcd.key("ids/next");
-    for _ in 0..MAX_ATTEMPTS {
+    for attempt in 0..MAX_ATTEMPTS {
         if let Some((v, _)) = etcd.get(&reg_rel).await? {
             return parse_id(&reg_key, &v).map(ParticipantId);
         }
@@ -86,6 +89,9 @@ pub async fn register(etcd: &Etcd, addr: &str, vms: &[String]) -> Result<Partici
         if etcd.txn("allocate a host id", txn).await?.succeeded() {
             return Ok(ParticipantId(next));
         }
+        let cap_ms = 1u64 << attempt.min(7);
+        let pause = rand::random::<u64>() % cap_ms.min(100) + 1;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     }
     Err(ControlError::Contended {
         op: "allocate a host id".to_string(),
