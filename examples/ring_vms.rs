@@ -7,7 +7,17 @@
 //! ```text
 //! cargo run --release --example ring_vms -- --vms 4 --hosts 4 --tokens 20000 \
 //!     --snapshots 3 --power-off [--spare-hosts 1 --relocate 1] [--json]
+//!     [--control embedded|etcd [--etcd-nodes 3] [--kill-coordinator-after K]
+//!      [--kill-etcd-leader-after K] [--lease-ttl-ms 2000]]
 //! ```
+//!
+//! With `--control etcd` the lab starts its own etcd cluster; the hosts register their
+//! VMs in it, one coordinator candidate per PC campaigns, the catalog lives in etcd and
+//! the resume after the power-off reads it from there. The protocol's nodes of this lab
+//! run in one process, so `--kill-coordinator-after` aborts the elected candidate's task
+//! (its lease then runs out as a dead PC's would; `ring_netns` kills a real process). The
+//! JSON then adds `etcd_nodes`, `coordinator_failovers`, `etcd_leader_kills`,
+//! `catalog_in_etcd`, `failover_ms`, `etcd_processes_left` and `etcd_dirs_removed`.
 //!
 //! Packet colouring happens at each PC on the VM's tap (nf_tables over netlink by
 //! default), so neither the guest, nor the ring, nor QEMU changes. Needs root (network
@@ -26,6 +36,7 @@ mod signals;
 
 use clap::Parser;
 use unacloud::snapshot::net::daemon::BackendKind;
+use unacloud::snapshot::net::ring::EtcdLabConfig;
 use unacloud::snapshot::net::ring_vms::{run_ring_vms, GuestImage, RingVmsConfig};
 use unacloud::snapshot::netns;
 
@@ -74,6 +85,22 @@ struct Args {
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
+    /// Control plane: `embedded` (the host of vm0 coordinates, catalog in a file) or
+    /// `etcd` (an etcd cluster the lab starts on loopback).
+    #[arg(long, default_value = "embedded", value_parser = ["embedded", "etcd"])]
+    control: String,
+    /// Members of the lab's etcd cluster (with --control etcd).
+    #[arg(long, default_value_t = 3)]
+    etcd_nodes: usize,
+    /// Kill the coordinator after this many completed global snapshots (--control etcd).
+    #[arg(long)]
+    kill_coordinator_after: Option<u32>,
+    /// SIGKILL the etcd leader after this many completed global snapshots (--control etcd).
+    #[arg(long)]
+    kill_etcd_leader_after: Option<u32>,
+    /// Lease TTL of hosts and coordinator candidates, in ms (--control etcd).
+    #[arg(long, default_value_t = 2000)]
+    lease_ttl_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -177,6 +204,18 @@ fn real(args: &Args, backend: BackendKind, accel: unacloud::cloud::qemu::Accel) 
     cfg.gap = Duration::from_millis(args.gap_ms);
     cfg.backend = backend;
     cfg.accel = accel;
+    if args.control == "etcd" {
+        let mut e = EtcdLabConfig::new(args.etcd_nodes);
+        e.kill_coordinator_after = args.kill_coordinator_after;
+        e.kill_etcd_leader_after = args.kill_etcd_leader_after;
+        e.lease_ttl = Duration::from_millis(args.lease_ttl_ms);
+        cfg.etcd = Some(e);
+    } else if args.kill_coordinator_after.is_some() || args.kill_etcd_leader_after.is_some() {
+        eprintln!(
+            "error: --kill-coordinator-after and --kill-etcd-leader-after need --control etcd"
+        );
+        return ExitCode::from(2);
+    }
     let outcome = match signals::run_until_signal(run_ring_vms(cfg)) {
         Ok(o) => o,
         Err(e) => {

@@ -121,7 +121,9 @@ pub struct EtcdLabReport {
     pub coordinator_failovers: u32,
     /// Times the etcd leader was killed.
     pub etcd_leader_kills: u32,
-    /// Ids of the completed global snapshots, in order of completion.
+    /// Ids of the completed global snapshots, in order of completion (`ring_vms` reports
+    /// them in its own field of that name).
+    #[serde(skip)]
     pub completed_ids: Vec<u64>,
     /// Ids of the global snapshots recorded in etcd's catalog, read back at the end.
     pub catalog_in_etcd: Vec<u64>,

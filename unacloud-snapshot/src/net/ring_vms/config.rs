@@ -70,6 +70,9 @@ pub struct RingVmsConfig {
     pub gap: Duration,
     /// Bound on the whole run.
     pub deadline: Duration,
+    /// Run the control plane on an etcd cluster of the lab's own (`--control etcd`).
+    #[cfg(feature = "etcd")]
+    pub etcd: Option<crate::net::ring::EtcdLabConfig>,
 }
 
 impl RingVmsConfig {
@@ -100,6 +103,8 @@ impl RingVmsConfig {
             program_args,
             gap: Duration::from_secs(1),
             deadline: Duration::from_secs(900),
+            #[cfg(feature = "etcd")]
+            etcd: None,
         }
     }
 
@@ -210,6 +215,9 @@ pub struct RingVmsReport {
     pub vms_left: usize,
     /// What went wrong, for the operator (empty on a clean run).
     pub failures: Vec<String>,
+    /// With the control plane on etcd: what it did (its fields join the JSON object).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<crate::net::ring::EtcdLabReport>,
 }
 
 impl RingVmsReport {

@@ -77,6 +77,8 @@ const TAP_MAC: &str = "02:00:00:00:00:fe";
 const IP_TIMEOUT: Duration = Duration::from_secs(10);
 
 mod config;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod network;
 mod nodes;
 mod pcs;
@@ -228,8 +230,33 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
         poll_give_up: Some(Duration::from_secs(120)),
         resume_phase: Duration::from_secs(300),
     };
+    // With the control plane on etcd: the lab's own cluster, in the run directory.
+    #[cfg(feature = "etcd")]
+    let etcd_lab = match &cfg.etcd {
+        Some(e) => Some(etcd_lab_start(e, dir.path(), cluster).await?),
+        None => None,
+    };
+    #[cfg(feature = "etcd")]
+    let mode = match (&cfg.etcd, &etcd_lab) {
+        (Some(e), Some((c, _))) => NodesMode::Etcd {
+            config: crate::control::EtcdConfig::new(c.endpoints(), cluster),
+            lease_ttl: e.lease_ttl,
+            candidates: n_hosts,
+        },
+        _ => NodesMode::Embedded,
+    };
+    #[cfg(not(feature = "etcd"))]
+    let mode = NodesMode::Embedded;
+    #[cfg(feature = "etcd")]
+    let mut etcd_report = cfg.etcd.as_ref().map(|e| super::ring::EtcdLabReport {
+        etcd_nodes: e.nodes,
+        ..Default::default()
+    });
+    #[cfg(feature = "etcd")]
+    let mut killed_at: Option<Instant> = None;
     let hosts = vm_hosts(&pcs, &host_of, cfg.backend)?;
-    let mut nodes = Some(Nodes::spawn(hosts, cluster, &transport, &catalog, timeouts).await?);
+    let mut nodes =
+        Some(Nodes::spawn_mode(&mode, hosts, cluster, &transport, &catalog, timeouts).await?);
 
     // 5. The test manager in the hub: the ring starts once every guest registered.
     let mut procs = Procs::default();
@@ -336,7 +363,7 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
             break;
         }
         let Some(n) = nodes.as_mut() else { break };
-        let gs = n.coordinator.start_global_snapshot().await?;
+        let gs = n.start_global_snapshot().await?;
         let ev = n
             .wait(Duration::from_secs(240).min(left()), |e| {
                 matches!(
@@ -355,6 +382,12 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
                 report.global_snapshots_completed += 1;
                 report.completed_ids.push(gs.0);
                 last_completed = Some(gs);
+                #[cfg(feature = "etcd")]
+                if let Some(t) = killed_at.take() {
+                    if let Some(r) = etcd_report.as_mut() {
+                        r.failover_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
                 // Each VM's local snapshot as its hypervisor recorded it: how long the
                 // guest was paused, and how long until the state was on disk.
                 let snap = local_snapshot_name(gs);
@@ -390,6 +423,28 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
                 ));
             }
             _ => {}
+        }
+        #[cfg(feature = "etcd")]
+        if let (Some(e), Some(r), Some(n)) = (&cfg.etcd, etcd_report.as_mut(), nodes.as_mut()) {
+            let done = report.global_snapshots_completed;
+            if e.kill_coordinator_after == Some(done) && done < cfg.snapshots {
+                if let Some(en) = n.etcd.as_mut() {
+                    let who = en.kill_coordinator().await?;
+                    tracing::info!(%who, "killed the coordinator");
+                    killed_at = Some(Instant::now());
+                    r.coordinator_failovers += 1;
+                }
+            }
+            if e.kill_etcd_leader_after == Some(done) && done < cfg.snapshots {
+                if let Some((c, pids)) = etcd_lab.as_ref() {
+                    if let Some(l) = c.leader().await {
+                        if let Some(pid) = c.kill(l) {
+                            pids.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+                            r.etcd_leader_kills += 1;
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -457,9 +512,10 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
             placed[v] = to;
         }
         let hosts = vm_hosts(&pcs, &placed, cfg.backend)?;
-        let mut n = Nodes::spawn(hosts, cluster, &transport, &catalog, timeouts).await?;
+        let mut n =
+            Nodes::spawn_mode(&mode, hosts, cluster, &transport, &catalog, timeouts).await?;
         let resume_started = Instant::now();
-        let restoring = n.coordinator.start_resume(None).await?;
+        let restoring = n.start_resume(None).await?;
         report.restored_from = Some(restoring.0);
         let ev = n
             .wait(Duration::from_secs(600).min(left()), |e| {
@@ -504,6 +560,13 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
     }
 
     // 9. Teardown: nodes (rules), VMs, namespaces.
+    #[cfg(feature = "etcd")]
+    if let (Some(r), Some(n)) = (etcd_report.as_mut(), nodes.as_ref()) {
+        if let Some(en) = n.etcd.as_ref() {
+            r.catalog_in_etcd = en.recorded().await?;
+        }
+        r.completed_ids = report.completed_ids.clone();
+    }
     if let Some(n) = nodes.take() {
         let (dropped, left_objs, errors) = n.stop().await;
         report.post_packets_dropped += dropped;
@@ -543,7 +606,50 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
         lab_inner.namespaces_left().unwrap_or(usize::MAX)
     })
     .await?;
+    #[cfg(feature = "etcd")]
+    if let Some((c, pids)) = etcd_lab {
+        let n = cfg.etcd.as_ref().map_or(0, |e| e.nodes);
+        let mut pids = pids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for i in 0..n {
+            if let Some(pid) = c.kill(i) {
+                pids.push(pid);
+            }
+        }
+        let data = c.dir().to_path_buf();
+        drop(c);
+        if let Some(r) = etcd_report.as_mut() {
+            r.etcd_processes_left = pids
+                .iter()
+                .filter(|p| {
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(**p as i32), None).is_ok()
+                })
+                .count();
+            r.etcd_dirs_removed = !data.exists();
+        }
+        report.etcd = etcd_report;
+    }
     drop(pcs);
     drop(dir);
     Ok(report)
+}
+
+/// Starts the lab's etcd cluster in the run directory; the list collects the process
+/// ids of the members killed during the run.
+#[cfg(feature = "etcd")]
+async fn etcd_lab_start(
+    e: &super::ring::EtcdLabConfig,
+    dir: &Path,
+    _cluster: ClusterId,
+) -> Result<(
+    crate::control::cluster::EtcdCluster,
+    std::sync::Mutex<Vec<u32>>,
+)> {
+    let mut ec = crate::control::cluster::EtcdClusterConfig::loopback(e.nodes);
+    ec.dir = Some(dir.join("etcd"));
+    let c = crate::control::cluster::EtcdCluster::start(ec)
+        .await
+        .map_err(|e| Error::Rcpbt {
+            reason: format!("etcd control plane: {e}"),
+        })?;
+    Ok((c, std::sync::Mutex::new(Vec::new())))
 }

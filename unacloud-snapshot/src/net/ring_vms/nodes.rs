@@ -2,15 +2,55 @@
 
 use super::*;
 
-/// The protocol's nodes of one run (coordinator first), with their events merged.
+/// The protocol's nodes of one run (coordinator first), with their events merged: the
+/// coordinator's as node 0, participant `i`'s as node `i`.
 pub(super) struct Nodes {
-    pub(super) coordinator: NodeHandle,
+    /// The coordinator (embedded control plane); `None` with the control plane on etcd.
+    pub(super) coordinator: Option<NodeHandle>,
     pub(super) participants: Vec<NodeHandle>,
+    /// The host agents and coordinator candidates (control plane on etcd).
+    #[cfg(feature = "etcd")]
+    pub(super) etcd: Option<super::etcd::EtcdNodes>,
     pub(super) events: mpsc::UnboundedReceiver<(usize, NodeEvent)>,
     pub(super) forwarders: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// Which control plane the nodes use.
+pub(super) enum NodesMode {
+    /// A coordinator for `vm0` with its catalog in a file.
+    Embedded,
+    /// Host agents and candidates on the lab's etcd cluster.
+    #[cfg(feature = "etcd")]
+    Etcd {
+        config: crate::control::EtcdConfig,
+        lease_ttl: Duration,
+        candidates: usize,
+    },
+}
+
 impl Nodes {
+    /// Spawns the nodes of `mode`.
+    pub(super) async fn spawn_mode(
+        mode: &NodesMode,
+        hosts: Vec<Arc<dyn HostActions>>,
+        cluster: ClusterId,
+        transport: &TransportConfig,
+        catalog: &Path,
+        timeouts: Timeouts,
+    ) -> Result<Self> {
+        match mode {
+            NodesMode::Embedded => Self::spawn(hosts, cluster, transport, catalog, timeouts).await,
+            #[cfg(feature = "etcd")]
+            NodesMode::Etcd {
+                config,
+                lease_ttl,
+                candidates,
+            } => {
+                Self::spawn_etcd(hosts, config, *lease_ttl, *candidates, transport, timeouts).await
+            }
+        }
+    }
+
     pub(super) async fn spawn(
         hosts: Vec<Arc<dyn HostActions>>,
         cluster: ClusterId,
@@ -70,14 +110,21 @@ impl Nodes {
             forward(i + 1, p);
         }
         let nodes = Self {
-            coordinator,
+            coordinator: Some(coordinator),
             participants,
+            #[cfg(feature = "etcd")]
+            etcd: None,
             events,
             forwarders,
         };
         // Every participant connects before anything starts.
         let until = Instant::now() + Duration::from_secs(30);
-        while nodes.coordinator.connected().len() < n - 1 {
+        while nodes
+            .coordinator
+            .as_ref()
+            .map_or(0, |c| c.connected().len())
+            < n - 1
+        {
             if Instant::now() > until {
                 return Err(Error::Timeout {
                     what: format!("{} participants to connect", n - 1),
@@ -87,6 +134,52 @@ impl Nodes {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(nodes)
+    }
+
+    /// Starts a global snapshot: at the coordinator, or through a trigger in etcd (then
+    /// the id is the one the elected coordinator announces).
+    pub(super) async fn start_global_snapshot(&mut self) -> Result<GlobalSnapshotId> {
+        if let Some(c) = &self.coordinator {
+            return c.start_global_snapshot().await;
+        }
+        #[cfg(feature = "etcd")]
+        if let Some(e) = &self.etcd {
+            e.trigger(crate::control::catalog::Trigger::GlobalSnapshot)
+                .await?;
+            let ev = self
+                .wait(Duration::from_secs(60), |e| {
+                    matches!(e, ProtocolEvent::GlobalSnapshotStarted { .. })
+                })
+                .await?;
+            if let ProtocolEvent::GlobalSnapshotStarted { gs } = ev {
+                return Ok(gs);
+            }
+        }
+        Err(Error::NodeStopped)
+    }
+
+    /// Starts a resume from `gs` (the latest completed one when `None`).
+    pub(super) async fn start_resume(
+        &mut self,
+        gs: Option<GlobalSnapshotId>,
+    ) -> Result<GlobalSnapshotId> {
+        if let Some(c) = &self.coordinator {
+            return c.start_resume(gs).await;
+        }
+        #[cfg(feature = "etcd")]
+        if let Some(e) = &self.etcd {
+            e.trigger(crate::control::catalog::Trigger::Resume { gs })
+                .await?;
+            let ev = self
+                .wait(Duration::from_secs(60), |e| {
+                    matches!(e, ProtocolEvent::ResumeStarted { .. })
+                })
+                .await?;
+            if let ProtocolEvent::ResumeStarted { gs, .. } = ev {
+                return Ok(gs);
+            }
+        }
+        Err(Error::NodeStopped)
     }
 
     /// Waits for a coordinator event that `want` accepts.
@@ -123,8 +216,17 @@ impl Nodes {
         let mut dropped = 0;
         let mut left = 0;
         let mut errors = Vec::new();
-        for node in std::iter::once(self.coordinator).chain(self.participants) {
-            let s = node.stop().await;
+        #[cfg(feature = "etcd")]
+        let mut summaries = match self.etcd {
+            Some(e) => e.stop().await,
+            None => Vec::new(),
+        };
+        #[cfg(not(feature = "etcd"))]
+        let mut summaries = Vec::new();
+        for node in self.coordinator.into_iter().chain(self.participants) {
+            summaries.push(node.stop().await);
+        }
+        for s in summaries {
             dropped += s.post_packets_dropped;
             left += s.leftovers;
             if let Some(e) = s.error {
