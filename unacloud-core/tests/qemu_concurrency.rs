@@ -253,3 +253,51 @@ async fn provision_other_vm(s: &Setup) -> bool {
     .await;
     matches!(made, Ok(Ok(_)))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_vms_provisioned_at_once_are_all_registered() {
+    let s = setup().await;
+    for round in 0..3 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..8 {
+            let (hv, t) = (Arc::clone(&s.hv), s.template.clone());
+            tasks.spawn(async move {
+                let spec = VmSpec::new(format!("r{round}-{i}"), HardwareProfile::Small);
+                MultiattachManager::new(&*hv)
+                    .create_vm_from(&spec, &t)
+                    .await
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            // Each operation reads the intents of the others while they come and go.
+            done.unwrap().unwrap();
+        }
+        if round < 2 {
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..8 {
+                let hv = Arc::clone(&s.hv);
+                tasks.spawn(async move {
+                    hv.unregister_vm(&VmId::new(format!("r{round}-{i}")), true)
+                        .await
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.unwrap().unwrap();
+            }
+        }
+    }
+    let Setup { _dir, root, hv, .. } = s;
+    drop(Arc::into_inner(hv).unwrap());
+    let again = QemuHypervisor::open(&root).await.unwrap();
+    let vms = again.list_vms().await.unwrap();
+    let mut names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+    names.sort_unstable();
+    let expected: Vec<String> = (0..8).map(|i| format!("r2-{i}")).collect();
+    assert_eq!(names, expected);
+    assert!(vms.iter().all(|v| v.disks.len() == 1), "{vms:?}");
+    // Nothing of the deleted rounds is left, and no operation's record either.
+    let folders = std::fs::read_dir(root.join("vms")).unwrap().count();
+    assert_eq!(folders, 8);
+    let intents = std::fs::read_dir(root.join("intents")).unwrap().count();
+    assert_eq!(intents, 0);
+}

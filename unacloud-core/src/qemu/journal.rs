@@ -225,20 +225,23 @@ impl QemuHypervisor {
             op,
         };
         self.fx("write intent")?;
+        // Live before it is on disk: a replay by an operation on another VM (which
+        // reads every intent) never takes it for an abandoned one.
+        self.live_intents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(intent.id);
+        let guard = IntentGuard { hv: self, intent };
         let dir = self.intent_dir();
-        let bytes =
-            serde_json::to_vec_pretty(&intent).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        let (path, durable) = (self.intent_path(intent.id), self.durable);
+        let bytes = serde_json::to_vec_pretty(&guard.intent)
+            .map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let (path, durable) = (self.intent_path(guard.intent.id), self.durable);
         crate::fsutil::unblock(move || {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
             crate::fsutil::write_atomic_with(&path, &bytes, durable)
         })
         .await?;
-        self.live_intents
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(intent.id);
-        Ok(IntentGuard { hv: self, intent })
+        Ok(guard)
     }
 
     /// Removes the intent of an operation that committed or was rolled back. A failure
@@ -370,8 +373,9 @@ impl QemuHypervisor {
         Ok(())
     }
 
-    /// Every intent left in the root, oldest first.
-    fn stored_intents(&self) -> Result<Vec<(PathBuf, Intent)>> {
+    /// Every intent in the root, oldest first. Half-written ones are removed when
+    /// `sweep` (the root is being opened: no operation is under way), else skipped.
+    fn stored_intents(&self, sweep: bool) -> Result<Vec<(PathBuf, Intent)>> {
         let dir = self.intent_dir();
         let mut out = Vec::new();
         let entries = match std::fs::read_dir(&dir) {
@@ -383,11 +387,19 @@ impl QemuHypervisor {
             let path = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
             if is_temp_name(&name) {
-                // A half-written intent: its operation had not started.
-                let _ = std::fs::remove_file(&path);
+                // A half-written intent: its operation had not started (or, while
+                // the backend is open, is starting).
+                if sweep {
+                    let _ = std::fs::remove_file(&path);
+                }
                 continue;
             }
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                // The operation on another VM that wrote it has ended meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(&path, e)),
+            };
             let intent: Intent = serde_json::from_str(&text).map_err(|e| Error::Corrupt {
                 what: "QEMU backend intent record",
                 path: path.clone(),
@@ -410,7 +422,7 @@ impl QemuHypervisor {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        for (path, intent) in self.stored_intents()? {
+        for (path, intent) in self.stored_intents(only.is_none())? {
             if live.contains(&intent.id) || only.is_some_and(|v| v != intent.vm) {
                 continue;
             }
