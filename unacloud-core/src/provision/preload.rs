@@ -255,7 +255,8 @@ pub async fn preload(
     tokio::fs::rename(&partial, &dest)
         .await
         .map_err(|e| Error::io(&dest, e))?;
-    crate::fsutil::sync_dir(&store)?;
+    let dir = store.clone();
+    crate::fsutil::unblock(move || crate::fsutil::sync_dir(&dir)).await?;
     let disk = MultiattachManager::new(hv).register_template(&dest).await?;
     Ok(PreloadOutcome::Copied {
         disk,

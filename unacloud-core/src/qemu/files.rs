@@ -21,21 +21,35 @@ impl QemuHypervisor {
     /// the template is re-linked to this host's copy (found by uuid, else by file name)
     /// without copying data, and the template's boot files here are used.
     pub(crate) async fn register_vm_files(&self, settings_path: &Path) -> Result<VmInfo> {
-        let settings_file =
-            std::fs::canonicalize(settings_path).map_err(|e| Error::io(settings_path, e))?;
-        let mut settings = VmSettings::load(&settings_file)?;
+        let path = settings_path.to_path_buf();
+        let (settings_file, mut settings) = crate::fsutil::unblock(move || {
+            let file = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
+            let settings = VmSettings::load(&file)?;
+            Ok((file, settings))
+        })
+        .await?;
         let folder = settings_file
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_default();
-        let mut st = self.state.lock().await;
-        if let Some(e) = st.vms.get(&settings.name) {
-            return Err(Error::AlreadyExists {
-                kind: "vm",
-                id: format!("{} ({})", settings.name, e.settings_file.display()),
-            });
-        }
-        let known = all_disks(&st);
+        let name = settings.name.clone();
+        let _name = self.lock_name(&name).await;
+        // What the state says now; the registration itself is checked again when it
+        // commits.
+        let (known, registered_disks, boot_files) = {
+            let st = self.state.lock().await;
+            if let Some(e) = st.vms.get(&settings.name) {
+                return Err(Error::AlreadyExists {
+                    kind: "vm",
+                    id: format!("{} ({})", settings.name, e.settings_file.display()),
+                });
+            }
+            (
+                all_disks(&st),
+                st.registry.disks.clone(),
+                st.registry.boot.clone(),
+            )
+        };
         // Snapshots usable here: their own images and their ancestors' images (the
         // qcow2 backing chain) are here, and so is their own memory. An ancestor whose
         // memory was not copied (the minimal set of a later snapshot leaves it out) is
@@ -170,7 +184,7 @@ impl QemuHypervisor {
                 }
                 continue;
             }
-            if !st.registry.disks.iter().any(|d| d.uuid == slot.uuid) {
+            if !registered_disks.iter().any(|d| d.uuid == slot.uuid) {
                 return Err(Error::NotFound {
                     kind: "shared disk",
                     id: format!(
@@ -186,8 +200,7 @@ impl QemuHypervisor {
         for slot in settings.disks.iter_mut().filter(|d| d.own) {
             let Some(base) = &mut slot.base else { continue };
             let multiattach = || {
-                st.registry
-                    .disks
+                registered_disks
                     .iter()
                     .filter(|d| d.disk_type == DiskType::MultiAttach)
             };
@@ -212,6 +225,22 @@ impl QemuHypervisor {
             base.format = local.format.to_string().to_ascii_lowercase();
             local_template = Some(local);
         }
+        // The template stays registered until the VM is (marked before it is checked).
+        let _in_use = local_template
+            .as_ref()
+            .map(|t| self.mark_in_use(t.uuid, &name));
+        if let Some(t) = &local_template {
+            let st = self.state.lock().await;
+            if !st.registry.disks.iter().any(|d| d.uuid == t.uuid) {
+                return Err(Error::NotFound {
+                    kind: "multiattach template",
+                    id: format!(
+                        "{} needed by VM {name} (it was unregistered meanwhile)",
+                        t.location.display()
+                    ),
+                });
+            }
+        }
         if let Some(t) = &local_template {
             // The images that sat directly on the template point at this host's copy.
             let fmt = t.format.to_string().to_ascii_lowercase();
@@ -227,7 +256,7 @@ impl QemuHypervisor {
                     self.img.rebase_unsafe(&path, &t.location, &fmt).await?;
                 }
             }
-            if let Some(boot) = st.registry.boot.get(&t.uuid) {
+            if let Some(boot) = boot_files.get(&t.uuid) {
                 let cmdline = settings.boot.as_ref().and_then(|b| b.cmdline.clone());
                 settings.boot = Some(super::settings::BootFiles {
                     cmdline,
@@ -239,17 +268,19 @@ impl QemuHypervisor {
             .iter()
             .map(|(i, _)| rel(&self.root, &folder.join(&settings.disks[*i].file)))
             .collect();
-        let intent = self.begin(
-            &settings.name,
-            &settings_file,
-            IntentOp::RegisterVm { new_files },
-        )?;
+        let intent = self
+            .begin(
+                &settings.name,
+                &settings_file,
+                IntentOp::RegisterVm { new_files },
+            )
+            .await?;
         let res = self
-            .register_rest(&mut st, &folder, &settings_file, settings, &fresh_overlays)
+            .register_rest(&folder, &settings_file, settings, &fresh_overlays)
             .await;
         match &res {
-            Ok(_) => self.end(intent),
-            Err(_) => self.abandon(&mut st, intent),
+            Ok(_) => self.end(intent).await,
+            Err(_) => self.abandon(intent).await,
         }
         res
     }
@@ -258,7 +289,6 @@ impl QemuHypervisor {
     /// written: fresh overlays, the settings, the registry entry (the commit point).
     async fn register_rest(
         &self,
-        st: &mut super::State,
         folder: &Path,
         settings_file: &Path,
         mut settings: VmSettings,
@@ -268,7 +298,11 @@ impl QemuHypervisor {
             let slot = &settings.disks[*i];
             let backing = PathBuf::from("..").join(frozen);
             self.fx("create overlay")?;
-            std::fs::create_dir_all(folder.join("Snapshots")).map_err(|e| Error::io(folder, e))?;
+            let (dir, f) = (folder.join("Snapshots"), folder.to_path_buf());
+            crate::fsutil::unblock(move || {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(&f, e))
+            })
+            .await?;
             self.img
                 .create_overlay_unopened(
                     &folder.join(&slot.file),
@@ -282,30 +316,70 @@ impl QemuHypervisor {
         settings.pending = None;
         run::RunRecord::remove(folder);
         self.fx("write VM settings")?;
-        settings.save(settings_file, self.durable)?;
-        self.update_registry(st, |reg| reg.vms.push(settings_file.to_path_buf()))?;
-        Ok(st.add_vm(settings_file.to_path_buf(), settings))
+        self.save_new_settings(&settings, settings_file).await?;
+        let st = self.lock_state().await;
+        // Own disks another registration brought meanwhile (under another name).
+        let known = all_disks(&st);
+        if let Some(slot) = settings
+            .disks
+            .iter()
+            .find(|d| d.own && known.iter().any(|k| k.uuid == d.uuid))
+        {
+            return Err(Error::AlreadyExists {
+                kind: "disk",
+                id: slot.uuid.to_string(),
+            });
+        }
+        let file = settings_file.to_path_buf();
+        let added = file.clone();
+        self.commit_registry(
+            st,
+            move |reg| reg.vms.push(added),
+            move |st| st.add_vm(file, settings),
+        )
+        .await
     }
 
     /// Unregisters a VM that is not running; with `delete_files`, removes exactly its
     /// own files: its overlays, every snapshot's images and state, its saved state,
     /// console log and settings (never a template).
     pub(crate) async fn unregister_vm_files(&self, vm: &VmId, delete_files: bool) -> Result<()> {
+        let name = find(&*self.state.lock().await, vm)?.settings.name.clone();
+        let _name = self.lock_name(&name).await;
         let (guard, name, folder, settings) = self.lock_vm(vm).await?;
         guard.refuse_running("unregister", &name, "running")?;
-        let mut st = self.state.lock().await;
-        // An operation on this VM abandoned in this process is settled first.
-        self.replay_intents(&mut st, Some(&name))?;
-        let settings_file = find(&st, vm)?.settings_file.clone();
+        let _settings_lock = self.lock_settings_of(settings.uuid).await;
+        let settings_file = {
+            let st = self.state.lock().await;
+            // An operation on this VM abandoned in this process is settled first.
+            self.replay_intents(&st.registry.vms, Some(&name))?;
+            find(&st, vm)?.settings_file.clone()
+        };
+        let forget = |file: PathBuf, foreign_too: bool| {
+            move |reg: &mut super::settings::Registry| {
+                reg.vms.retain(|p| *p != file);
+                if foreign_too {
+                    reg.foreign.retain(|p| *p != file);
+                }
+            }
+        };
         if !delete_files {
-            self.update_registry(&mut st, |reg| {
-                reg.vms.retain(|p| *p != settings_file);
-                reg.foreign.retain(|p| *p != settings_file);
-            })?;
-            st.vms.remove(&name);
-            return Ok(());
+            let st = self.lock_state().await;
+            let n = name.clone();
+            return self
+                .commit_registry(st, forget(settings_file, true), move |st| {
+                    st.vms.remove(&n);
+                })
+                .await;
         }
-        if st.registry.foreign.contains(&settings_file) {
+        if self
+            .state
+            .lock()
+            .await
+            .registry
+            .foreign
+            .contains(&settings_file)
+        {
             return Err(Error::OutsideRoot {
                 operation: "delete the files of VM",
                 path: settings_file,
@@ -315,31 +389,44 @@ impl QemuHypervisor {
         let files = own_files(&name, &folder, &settings);
         // On a disk another process filled, the reserve makes room for the two small
         // writes a deletion needs (then the VM's files free far more).
-        let intent = self.with_room(|| {
-            self.begin(
-                &name,
-                &settings_file,
-                IntentOp::DeleteVm {
-                    folder: rel(&self.root, &folder),
-                    files: files.iter().map(|f| rel(&self.root, f)).collect(),
+        let op = || IntentOp::DeleteVm {
+            folder: rel(&self.root, &folder),
+            files: files.iter().map(|f| rel(&self.root, f)).collect(),
+        };
+        let intent = match self.begin(&name, &settings_file, op()).await {
+            Err(e) if self.room_after(&e) => self.begin(&name, &settings_file, op()).await,
+            r => r,
+        }?;
+        // The registry no longer naming the VM is the commit point; the files go after.
+        let commit = || {
+            let n = name.clone();
+            (
+                forget(settings_file.clone(), false),
+                move |st: &mut super::State| {
+                    st.vms.remove(&n);
                 },
             )
-        })?;
-        // The registry no longer naming the VM is the commit point; the files go after.
-        let committed = self.with_room(|| {
-            self.update_registry(&mut st, |reg| reg.vms.retain(|p| *p != settings_file))
-        });
+        };
+        let (change, then) = commit();
+        let st = self.lock_state().await;
+        let committed = match self.commit_registry(st, change, then).await {
+            Err(e) if self.room_after(&e) => {
+                let (change, then) = commit();
+                let st = self.lock_state().await;
+                self.commit_registry(st, change, then).await
+            }
+            r => r,
+        };
         if let Err(e) = committed {
-            self.abandon(&mut st, intent);
+            self.abandon(intent).await;
             return Err(e);
         }
-        st.vms.remove(&name);
-        let finished = self.settle(&mut st, &intent.intent);
-        drop(st);
+        let registered = self.registered_vms().await;
+        let finished = self.settle(&registered, &intent.intent);
         drop(guard);
         match finished {
             Ok(()) => {
-                self.end(intent);
+                self.end(intent).await;
                 self.ensure_reserve();
                 Ok(())
             }
@@ -353,6 +440,7 @@ impl QemuHypervisor {
     /// `spec.snapshot`) is written into one new overlay on the same template.
     pub(crate) async fn clone_vm_files(&self, source: &VmId, spec: &CloneSpec) -> Result<VmInfo> {
         validate_name(&spec.name)?;
+        let _name = self.lock_name(&spec.name).await;
         let (guard, src_name, src_folder, src) = self.lock_vm(source).await?;
         guard.refuse_running("clone", &src_name, "running")?;
         if self.state.lock().await.vms.contains_key(&spec.name) {
@@ -393,16 +481,22 @@ impl QemuHypervisor {
             });
         }
         let settings_file = folder.join(format!("{}.vm.json", spec.name));
-        let intent = self.begin(
-            &spec.name,
-            &settings_file,
-            IntentOp::CloneVm {
-                folder: rel(&self.root, &folder),
-            },
-        )?;
+        let intent = self
+            .begin(
+                &spec.name,
+                &settings_file,
+                IntentOp::CloneVm {
+                    folder: rel(&self.root, &folder),
+                },
+            )
+            .await?;
         let result = async {
             self.fx("create VM folder")?;
-            std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
+            let f = folder.clone();
+            crate::fsutil::unblock(move || {
+                std::fs::create_dir_all(&f).map_err(|e| Error::io(&f, e))
+            })
+            .await?;
             let mut slots = Vec::new();
             for d in &src.disks {
                 let from = match &at {
@@ -451,24 +545,27 @@ impl QemuHypervisor {
                 ..src.clone()
             };
             self.fx("write VM settings")?;
-            settings.save(&settings_file, self.durable)?;
-            let mut st = self.state.lock().await;
+            self.save_new_settings(&settings, &settings_file).await?;
+            let st = self.lock_state().await;
             if st.vms.contains_key(&spec.name) {
                 return Err(Error::AlreadyExists {
                     kind: "vm",
                     id: spec.name.clone(),
                 });
             }
-            self.update_registry(&mut st, |reg| reg.vms.push(settings_file.clone()))?;
-            Ok(st.add_vm(settings_file.clone(), settings))
+            let (file, added) = (settings_file.clone(), settings_file.clone());
+            self.commit_registry(
+                st,
+                move |reg| reg.vms.push(added),
+                move |st| st.add_vm(file, settings),
+            )
+            .await
         }
         .await;
-        let mut st = self.state.lock().await;
         match &result {
-            Ok(_) => self.end(intent),
-            Err(_) => self.abandon(&mut st, intent),
+            Ok(_) => self.end(intent).await,
+            Err(_) => self.abandon(intent).await,
         }
-        drop(st);
         drop(guard);
         result
     }

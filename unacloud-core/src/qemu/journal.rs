@@ -147,20 +147,18 @@ impl QemuHypervisor {
         }
     }
 
-    /// Runs `f`; when it fails because the disk is full and the reserve file could be
-    /// given up, runs it once more with that room.
-    pub(crate) fn with_room<T>(&self, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-        match f() {
-            Err(e) if is_no_space(&e) => {
-                let path = self.root.join(RESERVE_FILE);
-                if std::fs::remove_file(&path).is_ok() {
-                    tracing::warn!("the disk is full; using the reserve to finish a deletion");
-                    f()
-                } else {
-                    Err(e)
-                }
-            }
-            r => r,
+    /// Whether `e` says the disk is full and the reserve file could be given up (the
+    /// failed step may then be tried once more with that room).
+    pub(crate) fn room_after(&self, e: &Error) -> bool {
+        if !is_no_space(e) {
+            return false;
+        }
+        let path = self.root.join(RESERVE_FILE);
+        if std::fs::remove_file(&path).is_ok() {
+            tracing::warn!("the disk is full; using the reserve to finish a deletion");
+            true
+        } else {
+            false
         }
     }
 
@@ -212,8 +210,8 @@ impl QemuHypervisor {
         self.intent_dir().join(format!("{id}.json"))
     }
 
-    /// Writes the intent of an operation about to start.
-    pub(crate) fn begin(
+    /// Writes the intent of an operation about to start (on a blocking thread).
+    pub(crate) async fn begin(
         &self,
         vm: &str,
         settings_file: &Path,
@@ -227,29 +225,43 @@ impl QemuHypervisor {
             op,
         };
         self.fx("write intent")?;
-        let dir = self.intent_dir();
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let bytes =
-            serde_json::to_vec_pretty(&intent).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        crate::fsutil::write_atomic_with(&self.intent_path(intent.id), &bytes, self.durable)?;
+        // Live before it is on disk: a replay by an operation on another VM (which
+        // reads every intent) never takes it for an abandoned one.
         self.live_intents
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(intent.id);
-        Ok(IntentGuard { hv: self, intent })
+        let guard = IntentGuard { hv: self, intent };
+        let dir = self.intent_dir();
+        let bytes = serde_json::to_vec_pretty(&guard.intent)
+            .map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let (path, durable) = (self.intent_path(guard.intent.id), self.durable);
+        crate::fsutil::unblock(move || {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            crate::fsutil::write_atomic_with(&path, &bytes, durable)
+        })
+        .await?;
+        Ok(guard)
     }
 
     /// Removes the intent of an operation that committed or was rolled back. A failure
     /// only leaves the record for the next open (which finds the operation settled).
-    pub(crate) fn end(&self, guard: IntentGuard<'_>) {
+    pub(crate) async fn end(&self, guard: IntentGuard<'_>) {
         let path = self.intent_path(guard.intent.id);
-        let res = self.fx("remove intent").and_then(|()| {
-            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-            if self.durable {
-                crate::fsutil::sync_dir(&self.intent_dir())?;
+        let (dir, durable) = (self.intent_dir(), self.durable);
+        let res = match self.fx("remove intent") {
+            Ok(()) => {
+                crate::fsutil::unblock(move || {
+                    std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                    if durable {
+                        crate::fsutil::sync_dir(&dir)?;
+                    }
+                    Ok(())
+                })
+                .await
             }
-            Ok(())
-        });
+            Err(e) => Err(e),
+        };
         if let Err(e) = res {
             tracing::warn!(
                 "the record of a finished operation on VM {} stays until the next open: {e}",
@@ -259,10 +271,12 @@ impl QemuHypervisor {
     }
 
     /// Rolls back (or finishes) a failed operation in this process and removes its
-    /// intent; if that fails too, the record stays for the next open.
-    pub(crate) fn abandon(&self, st: &mut State, guard: IntentGuard<'_>) {
-        match self.settle(st, &guard.intent) {
-            Ok(()) => self.end(guard),
+    /// intent; if that fails too, the record stays for the next open. The caller holds
+    /// the VM's name or settings lock and not the state.
+    pub(crate) async fn abandon(&self, guard: IntentGuard<'_>) {
+        let registered = self.registered_vms().await;
+        match self.settle(&registered, &guard.intent) {
+            Ok(()) => self.end(guard).await,
             Err(e) => tracing::warn!(
                 "VM {}: the failed operation is rolled back when the root is next opened: {e}",
                 guard.intent.vm
@@ -286,11 +300,12 @@ impl QemuHypervisor {
         }
     }
 
-    /// Brings the files and the registry to the state the intent's operation leaves
-    /// when it committed, or to the state before it when it did not.
-    pub(crate) fn settle(&self, st: &mut State, intent: &Intent) -> Result<()> {
+    /// Brings the files to the state the intent's operation leaves when it committed,
+    /// or to the state before it when it did not; `registered` are the settings files
+    /// the registry names (which say whether it committed).
+    pub(crate) fn settle(&self, registered: &[PathBuf], intent: &Intent) -> Result<()> {
         let settings_file = abs(&self.root, &intent.settings_file);
-        let registered = st.registry.vms.contains(&settings_file);
+        let registered = registered.contains(&settings_file);
         let temps = |dir: &Path| -> Result<()> {
             for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
                 if is_temp_name(&e.file_name().to_string_lossy()) {
@@ -358,8 +373,9 @@ impl QemuHypervisor {
         Ok(())
     }
 
-    /// Every intent left in the root, oldest first.
-    fn stored_intents(&self) -> Result<Vec<(PathBuf, Intent)>> {
+    /// Every intent in the root, oldest first. Half-written ones are removed when
+    /// `sweep` (the root is being opened: no operation is under way), else skipped.
+    fn stored_intents(&self, sweep: bool) -> Result<Vec<(PathBuf, Intent)>> {
         let dir = self.intent_dir();
         let mut out = Vec::new();
         let entries = match std::fs::read_dir(&dir) {
@@ -371,11 +387,19 @@ impl QemuHypervisor {
             let path = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
             if is_temp_name(&name) {
-                // A half-written intent: its operation had not started.
-                let _ = std::fs::remove_file(&path);
+                // A half-written intent: its operation had not started (or, while
+                // the backend is open, is starting).
+                if sweep {
+                    let _ = std::fs::remove_file(&path);
+                }
                 continue;
             }
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                // The operation on another VM that wrote it has ended meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(&path, e)),
+            };
             let intent: Intent = serde_json::from_str(&text).map_err(|e| Error::Corrupt {
                 what: "QEMU backend intent record",
                 path: path.clone(),
@@ -390,14 +414,15 @@ impl QemuHypervisor {
     }
 
     /// Replays every intent that no operation of this process is running (all of them
-    /// when the root is being opened), or only those of VM `only`.
-    pub(crate) fn replay_intents(&self, st: &mut State, only: Option<&str>) -> Result<()> {
+    /// when the root is being opened), or only those of VM `only`; `registered` as for
+    /// [`QemuHypervisor::settle`].
+    pub(crate) fn replay_intents(&self, registered: &[PathBuf], only: Option<&str>) -> Result<()> {
         let live: HashSet<Uuid> = self
             .live_intents
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        for (path, intent) in self.stored_intents()? {
+        for (path, intent) in self.stored_intents(only.is_none())? {
             if live.contains(&intent.id) || only.is_some_and(|v| v != intent.vm) {
                 continue;
             }
@@ -406,7 +431,7 @@ impl QemuHypervisor {
                 intent.vm,
                 intent.op
             );
-            self.settle(st, &intent)?;
+            self.settle(registered, &intent)?;
             self.fx("remove intent")?;
             super::remove_if_exists(&path)?;
         }

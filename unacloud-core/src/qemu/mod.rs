@@ -37,6 +37,10 @@
 //!   replays or rolls back each one (the registry says which committed) and adopts or
 //!   removes files no record explains, so a killed caller never leaves a registered VM
 //!   without its disk or an untracked overlay.
+//! * **Concurrency**: operations on different VMs run at the same time (their
+//!   `qemu-img` runs and `fsync`s overlap); operations on one VM run one after the
+//!   other. Only the registry writes are serialised backend-wide. File work runs on
+//!   tokio's blocking threads, never on the caller's worker thread.
 //!
 //! ```no_run
 //! # async fn demo() -> unacloud_core::Result<()> {
@@ -67,6 +71,7 @@
 mod files;
 mod img;
 mod journal;
+mod locks;
 mod qmp;
 mod run;
 mod settings;
@@ -158,7 +163,10 @@ pub struct QemuHypervisor {
     vm_folder: PathBuf,
     img: QemuImg,
     durable: bool,
-    state: Mutex<State>,
+    state: std::sync::Arc<Mutex<State>>,
+    names: locks::NameLocks,
+    settings_locks: locks::SettingsLocks,
+    in_flight: locks::InFlight,
     system: QemuSystem,
     runtimes: std::sync::Mutex<std::collections::HashMap<Uuid, std::sync::Arc<Mutex<vm::Runtime>>>>,
     accel: Mutex<Option<Accel>>,
@@ -235,7 +243,10 @@ impl QemuHypervisor {
             root,
             img,
             durable: true,
-            state: Mutex::new(State { registry, vms }),
+            state: std::sync::Arc::new(Mutex::new(State { registry, vms })),
+            names: std::sync::Mutex::new(std::collections::HashMap::new()),
+            settings_locks: std::sync::Mutex::new(std::collections::HashMap::new()),
+            in_flight: std::sync::Mutex::new(Vec::new()),
             system,
             runtimes: std::sync::Mutex::new(std::collections::HashMap::new()),
             accel: Mutex::new(None),
@@ -249,7 +260,7 @@ impl QemuHypervisor {
         // no record explains, then running VMs.
         {
             let mut st = hv.state.lock().await;
-            hv.replay_intents(&mut st, None)?;
+            hv.replay_intents(&st.registry.vms, None)?;
             let vms = std::mem::take(&mut st.vms);
             st.vms = vms
                 .into_iter()
@@ -309,7 +320,7 @@ impl QemuHypervisor {
                 });
             }
         }
-        let mut st = self.state.lock().await;
+        let st = self.lock_state().await;
         let d = find_disk(&st, template)?;
         let boot = BootFiles {
             kernel: std::fs::canonicalize(&boot.kernel).map_err(|e| Error::io(&boot.kernel, e))?,
@@ -319,9 +330,10 @@ impl QemuHypervisor {
             },
             cmdline: boot.cmdline,
         };
-        self.update_registry(&mut st, |reg| {
+        self.update_registry(st, move |reg| {
             reg.boot.insert(d.uuid, boot);
         })
+        .await
     }
 
     /// Sets how a VM's network adapter is connected (the VM must not be running).
@@ -398,19 +410,10 @@ impl QemuHypervisor {
 
     /// Records the template version a VM was built from in its settings file.
     pub async fn set_vm_template(&self, vm: &VmId, template: Option<String>) -> Result<()> {
-        let mut st = self.state.lock().await;
-        find_mut(&mut st, vm)?.update(self.durable, |s| s.template = template)
-    }
-
-    /// Applies `change` to a copy of the registry, saves it, and only then keeps it.
-    fn update_registry(&self, st: &mut State, change: impl FnOnce(&mut Registry)) -> Result<()> {
-        let mut reg = st.registry.clone();
-        change(&mut reg);
-        self.fx("write registry")?;
-        reg.stored(&self.root)
-            .save(&self.root.join("registry.json"), self.durable)?;
-        st.registry = reg;
-        Ok(())
+        let (_guard, name) = self.lock_settings(vm).await?;
+        self.write_settings(&name, |s| s.template = template)
+            .await
+            .map(drop)
     }
 }
 
@@ -430,14 +433,6 @@ fn find<'a>(st: &'a State, vm: &VmId) -> Result<&'a Entry> {
             kind: "vm",
             id: vm.to_string(),
         })
-}
-
-fn find_mut<'a>(st: &'a mut State, vm: &VmId) -> Result<&'a mut Entry> {
-    let name = find(st, vm)?.settings.name.clone();
-    st.vms.get_mut(&name).ok_or_else(|| Error::NotFound {
-        kind: "vm",
-        id: vm.to_string(),
-    })
 }
 
 /// Every disk: the registered ones and the VMs' own images.
@@ -599,14 +594,17 @@ impl Hypervisor for QemuHypervisor {
 
     async fn create_vm(&self, spec: &VmSpec) -> Result<VmInfo> {
         validate_name(&spec.name)?;
-        let mut st = self.state.lock().await;
-        // An earlier attempt at this name abandoned in this process is settled first.
-        self.replay_intents(&mut st, Some(&spec.name))?;
-        if st.vms.contains_key(&spec.name) {
-            return Err(Error::AlreadyExists {
-                kind: "vm",
-                id: spec.name.clone(),
-            });
+        let _name = self.lock_name(&spec.name).await;
+        {
+            let st = self.state.lock().await;
+            // An earlier attempt at this name abandoned in this process is settled first.
+            self.replay_intents(&st.registry.vms, Some(&spec.name))?;
+            if st.vms.contains_key(&spec.name) {
+                return Err(Error::AlreadyExists {
+                    kind: "vm",
+                    id: spec.name.clone(),
+                });
+            }
         }
         let base = spec
             .base_folder
@@ -639,28 +637,45 @@ impl Hypervisor for QemuHypervisor {
             aborted: false,
             pending: None,
         };
-        let intent = self.begin(
-            &spec.name,
-            &settings_file,
-            journal::IntentOp::CreateVm {
-                folder: journal::rel(&self.root, &folder),
-                created_folder,
-            },
-        )?;
-        let res = self
-            .fx("create VM folder")
-            .and_then(|()| std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e)))
-            .and_then(|()| self.fx("write VM settings"))
-            .and_then(|()| settings.save(&settings_file, self.durable))
-            .and_then(|()| {
-                self.update_registry(&mut st, |reg| reg.vms.push(settings_file.clone()))
-            });
-        if let Err(e) = res {
-            self.abandon(&mut st, intent);
-            return Err(e);
+        let intent = self
+            .begin(
+                &spec.name,
+                &settings_file,
+                journal::IntentOp::CreateVm {
+                    folder: journal::rel(&self.root, &folder),
+                    created_folder,
+                },
+            )
+            .await?;
+        let res = async {
+            self.fx("create VM folder")?;
+            let f = folder.clone();
+            crate::fsutil::unblock(move || {
+                std::fs::create_dir_all(&f).map_err(|e| Error::io(&f, e))
+            })
+            .await?;
+            self.fx("write VM settings")?;
+            self.save_new_settings(&settings, &settings_file).await?;
+            let st = self.lock_state().await;
+            let file = settings_file.clone();
+            self.commit_registry(
+                st,
+                move |reg| reg.vms.push(file),
+                move |st| st.add_vm(settings_file, settings),
+            )
+            .await
         }
-        self.end(intent);
-        Ok(st.add_vm(settings_file, settings))
+        .await;
+        match res {
+            Ok(info) => {
+                self.end(intent).await;
+                Ok(info)
+            }
+            Err(e) => {
+                self.abandon(intent).await;
+                Err(e)
+            }
+        }
     }
 
     async fn register_vm(&self, settings_path: &Path) -> Result<VmInfo> {
@@ -761,7 +776,7 @@ impl Hypervisor for QemuHypervisor {
             }
         })?;
         let info = self.img.info(&location).await?;
-        let mut st = self.state.lock().await;
+        let st = self.lock_state().await;
         if let Some(d) = all_disks(&st).iter().find(|d| d.location == location) {
             return Err(Error::AlreadyExists {
                 kind: "disk",
@@ -786,14 +801,16 @@ impl Hypervisor for QemuHypervisor {
             parent,
             logical_size: Some(info.virtual_size),
         };
-        self.update_registry(&mut st, |reg| reg.disks.push(disk.clone()))?;
+        let d = disk.clone();
+        self.update_registry(st, move |reg| reg.disks.push(d))
+            .await?;
         Ok(disk)
     }
 
     async fn unregister_disk(&self, disk: &DiskRef, delete_file: bool) -> Result<()> {
-        let mut st = self.state.lock().await;
+        let st = self.lock_state().await;
         let d = find_disk(&st, disk)?;
-        let users = users_of(&st, d.uuid);
+        let users = self.users_of(&st, d.uuid);
         if !users.is_empty() {
             return Err(Error::InUse {
                 id: d.location.display().to_string(),
@@ -820,10 +837,12 @@ impl Hypervisor for QemuHypervisor {
                 root: self.root.clone(),
             });
         }
-        self.update_registry(&mut st, |reg| {
-            reg.disks.retain(|x| x.uuid != d.uuid);
-            reg.foreign.retain(|f| *f != d.location);
-        })?;
+        let (uuid, location) = (d.uuid, d.location.clone());
+        self.update_registry(st, move |reg| {
+            reg.disks.retain(|x| x.uuid != uuid);
+            reg.foreign.retain(|f| *f != location);
+        })
+        .await?;
         if delete_file {
             self.fx("remove disk image")?;
             remove_if_exists(&d.location)?;
@@ -832,7 +851,7 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn set_disk_type(&self, disk: &DiskRef, disk_type: DiskType) -> Result<()> {
-        let mut st = self.state.lock().await;
+        let st = self.lock_state().await;
         let d = find_disk(&st, disk)?;
         if d.disk_type == disk_type {
             return Ok(());
@@ -848,7 +867,7 @@ impl Hypervisor for QemuHypervisor {
                 })
             }
         };
-        let users = users_of(&st, d.uuid);
+        let users = self.users_of(&st, d.uuid);
         if !users.is_empty() {
             return Err(Error::InUse {
                 id: d.location.display().to_string(),
@@ -862,13 +881,16 @@ impl Hypervisor for QemuHypervisor {
             )));
         }
         set_writable(&d.location, writable)?;
-        let recorded = self.update_registry(&mut st, |reg| {
-            for x in &mut reg.disks {
-                if x.uuid == d.uuid {
-                    x.disk_type = disk_type;
+        let uuid = d.uuid;
+        let recorded = self
+            .update_registry(st, move |reg| {
+                for x in &mut reg.disks {
+                    if x.uuid == uuid {
+                        x.disk_type = disk_type;
+                    }
                 }
-            }
-        });
+            })
+            .await;
         if let Err(e) = recorded {
             let _ = set_writable(&d.location, d.disk_type == DiskType::Normal);
             return Err(e);
@@ -877,38 +899,69 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn attach_disk(&self, vm: &VmId, spec: &AttachSpec) -> Result<DiskInfo> {
-        let mut st = self.state.lock().await;
-        if let Ok(e) = find(&st, vm) {
-            // An attach to this VM abandoned in this process (its future was dropped)
-            // is settled first, so its overlay does not block this one.
+        let uuid = {
+            let st = self.state.lock().await;
+            match find(&st, vm) {
+                Ok(e) => e.settings.uuid,
+                Err(e) => {
+                    find_disk(&st, &spec.disk)?;
+                    return Err(e);
+                }
+            }
+        };
+        // The whole attachment holds the VM's settings lock: it neither interleaves with
+        // another change of this VM's settings nor with its removal.
+        let _settings_lock = self.lock_settings_of(uuid).await;
+        let (disk, _in_use, name, folder, settings_file, mut settings, boot) = {
+            let st = self.state.lock().await;
+            if let Ok(e) = find(&st, vm) {
+                // An attach to this VM abandoned in this process (its future was
+                // dropped) is settled first, so its overlay does not block this one.
+                let name = e.settings.name.clone();
+                self.replay_intents(&st.registry.vms, Some(&name))?;
+            }
+            let disk = find_disk(&st, &spec.disk)?;
+            let users = self.users_of(&st, disk.uuid);
+            let e = find(&st, vm)?;
             let name = e.settings.name.clone();
-            self.replay_intents(&mut st, Some(&name))?;
-        }
-        let disk = find_disk(&st, &spec.disk)?;
-        let users = users_of(&st, disk.uuid);
-        let e = find(&st, vm)?;
-        let name = e.settings.name.clone();
-        if e.settings.disks.iter().any(|d| {
-            d.controller == spec.controller && d.port == spec.port && d.device == spec.device
-        }) {
-            return Err(Error::AlreadyExists {
-                kind: "disk attachment",
-                id: format!(
-                    "{}:{}:{} of {name}",
-                    spec.controller, spec.port, spec.device
-                ),
-            });
-        }
-        if !e.settings.snapshots.is_empty() {
-            return Err(Error::InvalidState {
-                operation: "attach a disk to",
-                id: name,
-                state: "a VM with snapshots".to_owned(),
-            });
-        }
-        let folder = e.folder();
-        let settings_file = e.settings_file.clone();
-        let mut settings = e.settings.clone();
+            if e.settings.disks.iter().any(|d| {
+                d.controller == spec.controller && d.port == spec.port && d.device == spec.device
+            }) {
+                return Err(Error::AlreadyExists {
+                    kind: "disk attachment",
+                    id: format!(
+                        "{}:{}:{} of {name}",
+                        spec.controller, spec.port, spec.device
+                    ),
+                });
+            }
+            if !e.settings.snapshots.is_empty() {
+                return Err(Error::InvalidState {
+                    operation: "attach a disk to",
+                    id: name,
+                    state: "a VM with snapshots".to_owned(),
+                });
+            }
+            if disk.disk_type == DiskType::Normal && !users.is_empty() {
+                return Err(Error::InUse {
+                    id: disk.location.display().to_string(),
+                    users,
+                });
+            }
+            // Marked under the state lock: the disk cannot be unregistered, retyped or
+            // attached elsewhere (when normal) until this attachment ends.
+            let in_use = self.mark_in_use(disk.uuid, &name);
+            let boot = st.registry.boot.get(&disk.uuid).cloned();
+            (
+                disk,
+                in_use,
+                name,
+                e.folder(),
+                e.settings_file.clone(),
+                e.settings.clone(),
+                boot,
+            )
+        };
         let mut attach_intent = None;
         let (slot, new_disk) = if disk.disk_type == DiskType::MultiAttach {
             let file = own_image_file(&name, &spec.controller, spec.port, spec.device);
@@ -920,13 +973,15 @@ impl Hypervisor for QemuHypervisor {
                 });
             }
             let fmt = disk.format.to_string().to_ascii_lowercase();
-            let intent = self.begin(
-                &name,
-                &settings_file,
-                journal::IntentOp::AttachDisk {
-                    overlay: journal::rel(&self.root, &overlay),
-                },
-            )?;
+            let intent = self
+                .begin(
+                    &name,
+                    &settings_file,
+                    journal::IntentOp::AttachDisk {
+                        overlay: journal::rel(&self.root, &overlay),
+                    },
+                )
+                .await?;
             let made = match self.fx("create overlay") {
                 Ok(()) => {
                     self.img
@@ -936,7 +991,7 @@ impl Hypervisor for QemuHypervisor {
                 Err(e) => Err(e),
             };
             if let Err(e) = made {
-                self.abandon(&mut st, intent);
+                self.abandon(intent).await;
                 return Err(e);
             }
             attach_intent = Some(intent);
@@ -970,12 +1025,6 @@ impl Hypervisor for QemuHypervisor {
             };
             (slot, Some(info))
         } else {
-            if disk.disk_type == DiskType::Normal && !users.is_empty() {
-                return Err(Error::InUse {
-                    id: disk.location.display().to_string(),
-                    users,
-                });
-            }
             // A registered image stays registered on its own: deleting the VM
             // detaches it but never deletes it.
             let slot = DiskSlot {
@@ -992,24 +1041,23 @@ impl Hypervisor for QemuHypervisor {
         };
         settings.disks.push(slot);
         if settings.boot.is_none() {
-            settings.boot = st.registry.boot.get(&disk.uuid).cloned();
+            settings.boot = boot;
         }
         // The overlay is recorded in the VM's settings only (one atomic write: the
         // commit point).
-        let saved = self
-            .fx("write VM settings")
-            .and_then(|()| settings.save(&settings_file, self.durable));
+        let saved = match self.fx("write VM settings") {
+            Ok(()) => self.store_settings(&name, &settings_file, settings).await,
+            Err(e) => Err(e),
+        };
         if let Err(err) = saved {
             if let Some(intent) = attach_intent {
-                self.abandon(&mut st, intent);
+                self.abandon(intent).await;
             }
             return Err(err);
         }
         if let Some(intent) = attach_intent {
-            self.end(intent);
+            self.end(intent).await;
         }
-        let e = find_mut(&mut st, vm)?;
-        e.settings = settings;
         Ok(new_disk.unwrap_or(disk))
     }
 

@@ -248,7 +248,7 @@ impl QemuHypervisor {
                     }
                 }
                 vm::wait_migration(&mut live_vm.qmp, &state, self.snapshot_timeout).await?;
-                vm::sync_file(&state)
+                vm::sync_file_async(&state).await
             }
             .await;
             // Whatever failed, a guest this call paused runs again.
@@ -269,9 +269,15 @@ impl QemuHypervisor {
             }
             if let (Some(rel), Some(saved)) = (&state_rel, &settings.saved_state) {
                 let to = folder.join(rel);
-                if let Err(e) = std::fs::hard_link(folder.join(&saved.file), &to)
-                    .or_else(|_| std::fs::copy(folder.join(&saved.file), &to).map(drop))
-                {
+                let (from, dest) = (folder.join(&saved.file), to.clone());
+                // A link when the file system allows, else a copy of the whole state.
+                let linked = tokio::task::spawn_blocking(move || {
+                    std::fs::hard_link(&from, &dest)
+                        .or_else(|_| std::fs::copy(&from, &dest).map(drop))
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                if let Err(e) = linked {
                     cleanup(&new_files);
                     self.clear_pending(&vm_name).await;
                     return Err(Error::io(to, e));

@@ -14,7 +14,7 @@ use crate::model::{PowerState, Uuid, VmId};
 use super::qmp::Qmp;
 use super::run::{self, Accel, ProbeRecord, RunPaths, RunRecord};
 use super::settings::{NetConfig, PendingOp, SavedState, VmSettings};
-use super::{find, find_mut, QemuHypervisor};
+use super::{find, QemuHypervisor};
 
 /// How to start a VM.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -142,10 +142,26 @@ impl QemuHypervisor {
         name: &str,
         change: impl FnOnce(&mut VmSettings),
     ) -> Result<VmSettings> {
-        let mut st = self.state.lock().await;
-        let e = find_mut(&mut st, &VmId::from(name))?;
-        e.update(self.durable, change)?;
-        Ok(e.settings.clone())
+        let (_guard, name) = self.lock_settings(&VmId::from(name)).await?;
+        self.write_settings(&name, change).await
+    }
+
+    /// [`QemuHypervisor::change_settings`] for a caller that holds the VM's settings
+    /// lock. The write runs on a blocking thread; the state is locked only to read the
+    /// settings and to keep the new ones.
+    pub(crate) async fn write_settings(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut VmSettings),
+    ) -> Result<VmSettings> {
+        let (file, mut settings) = {
+            let st = self.state.lock().await;
+            let e = find(&st, &VmId::from(name))?;
+            (e.settings_file.clone(), e.settings.clone())
+        };
+        change(&mut settings);
+        let name = settings.name.clone();
+        self.store_settings(&name, &file, settings).await
     }
 
     /// Clears the intent record of an operation that failed and was undone. If even that
@@ -282,7 +298,11 @@ impl QemuHypervisor {
             RunRecord::remove(&folder);
             why
         };
-        rec.save(&folder).map_err(kill)?;
+        let saved_rec = {
+            let (rec, folder) = (rec.clone(), folder.clone());
+            crate::fsutil::unblock(move || rec.save(&folder)).await
+        };
+        saved_rec.map_err(kill)?;
         let mut qmp = match connect_qmp(&paths.qmp, self.system.qmp_timeout, pid, &uuid).await {
             Ok(q) => q,
             Err(e) => {
@@ -462,7 +482,7 @@ impl QemuHypervisor {
             }
             set_background(live, false).await?;
             migrate_to_file(&mut live.qmp, &file, self.snapshot_timeout).await?;
-            sync_file(&file)?;
+            sync_file_async(&file).await?;
             Ok::<_, Error>(())
         }
         .await;
@@ -821,6 +841,12 @@ async fn migrate_to_file(qmp: &mut Qmp, file: &Path, limit: Duration) -> Result<
 }
 
 /// `fsync` of a file and of its folder: the state is durable once this returns.
+pub(crate) async fn sync_file_async(file: &Path) -> Result<()> {
+    let file = file.to_path_buf();
+    crate::fsutil::unblock(move || sync_file(&file)).await
+}
+
+/// Flushes a file and its folder to stable storage.
 pub(crate) fn sync_file(file: &Path) -> Result<()> {
     let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
     f.sync_all().map_err(|e| Error::io(file, e))?;
