@@ -390,6 +390,47 @@ async fn coordinators_die_and_pause_and_the_catalog_stays_consistent() {
     partial.retain(|(h, k, g)| !(h == "host-1" && *k == "snapshot" && *g == Some(recorded[0])));
     assert_eq!(incomplete(&recorded, &partial, &names), vec![recorded[0]]);
 
+    // The operator's view, read from etcd: the catalog and the timing results.
+    let out = Command::new(BIN)
+        .args([
+            "catalog",
+            "--control",
+            "etcd",
+            "--etcd",
+            &cluster.endpoints_arg(),
+        ])
+        .args(["--cluster", &CLUSTER.0.to_string(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed: Vec<u64> = v["completed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["gs"].as_u64().unwrap())
+        .collect();
+    assert_eq!(listed, recorded);
+    let out = Command::new(BIN)
+        .args([
+            "catalog",
+            "--control",
+            "etcd",
+            "--etcd",
+            &cluster.endpoints_arg(),
+        ])
+        .args(["--cluster", &CLUSTER.0.to_string(), "--times-csv"])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert!(csv.starts_with("global_snapshot,participant,local_time_s,global_time_s\n"));
+    // One row per participant (the coordinator, id 0, and the three hosts) and snapshot.
+    assert_eq!(csv.lines().count(), 1 + 4 * recorded.len(), "{csv}");
+
     // The latest recorded one restores, the resume started through etcd.
     catalog::put_trigger(&etcd, &Trigger::Resume { gs: None })
         .await

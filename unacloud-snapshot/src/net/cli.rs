@@ -399,6 +399,12 @@ struct CatalogArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    control: ControlArgs,
+    /// With --control etcd: print the timing results of every recorded global snapshot
+    /// as CSV (global_snapshot,participant,local_time_s,global_time_s) instead.
+    #[arg(long)]
+    times_csv: bool,
 }
 
 #[derive(Args, Debug)]
@@ -1003,6 +1009,42 @@ fn candidate(_: CandidateArgs) -> Result<()> {
     Err(no_etcd())
 }
 
+/// `catalog --control etcd`: the catalog as etcd holds it (the path shown is the key
+/// prefix), or its timing results as CSV.
+#[cfg(feature = "etcd")]
+fn etcd_catalog(cfg: &DaemonConfig, a: &CatalogArgs) -> Result<()> {
+    let control = etcd_control(&a.control)?;
+    let ec = crate::control::EtcdConfig::new(control.endpoints, ClusterId(cfg.cluster));
+    let times = a.times_csv;
+    let (catalog, csv, prefix) = runtime(1)?
+        .block_on(async move {
+            let etcd = crate::control::Etcd::connect(&ec).await?;
+            let cat = crate::control::catalog::load(&etcd).await?;
+            let csv = if times {
+                Some(crate::control::catalog::times_csv(&etcd).await?)
+            } else {
+                None
+            };
+            Ok::<_, crate::control::ControlError>((cat, csv, etcd.key("catalog/")))
+        })
+        .map_err(|e| Error::InvalidConfig {
+            reason: e.to_string(),
+        })?;
+    if let Some(csv) = csv {
+        print!("{csv}");
+    } else if a.json {
+        println!("{}", catalog_json(Path::new(&prefix), &catalog));
+    } else {
+        print!("{}", catalog_table(Path::new(&prefix), &catalog));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "etcd"))]
+fn etcd_catalog(_: &DaemonConfig, _: &CatalogArgs) -> Result<()> {
+    Err(no_etcd())
+}
+
 /// What the launcher's last words say: how many VMs stopped, and whether any rule or
 /// error was left.
 #[derive(Debug, Default)]
@@ -1082,6 +1124,17 @@ fn print_event(ev: &LauncherEvent, json: bool) {
 
 fn catalog(a: CatalogArgs) -> Result<()> {
     let cfg = base_config(&a.config, None, None)?;
+    if a.control.is_etcd() {
+        return etcd_catalog(&cfg, &a);
+    }
+    if a.times_csv {
+        return Err(Error::InvalidConfig {
+            reason: "--times-csv reads the catalog in etcd: add --control etcd --etcd ENDPOINTS \
+                     (with the embedded control plane the metadata server writes the CSV, \
+                     its --results-csv)"
+                .to_string(),
+        });
+    }
     let path = a
         .catalog
         .or_else(|| cfg.launcher.as_ref().and_then(|l| l.catalog.clone()))
