@@ -24,14 +24,14 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[path = "support/control.rs"]
+mod control;
 #[path = "support/signals.rs"]
 mod signals;
 
 use clap::Parser;
 use unacloud::snapshot::net::daemon::BackendKind;
-use unacloud::snapshot::net::ring::{
-    median, percentile, run_ring_netns, EtcdLabConfig, RingNetnsConfig,
-};
+use unacloud::snapshot::net::ring::{median, percentile, run_ring_netns, RingNetnsConfig};
 use unacloud::snapshot::netns;
 
 /// Hidden first argument that makes this program run one of the scenario's processes
@@ -61,25 +61,8 @@ struct Args {
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
-    /// Control plane: `embedded` (a metadata server; the host of VM 0 coordinates) or
-    /// `etcd` (registrations, coordinator election and catalog in an etcd cluster that the
-    /// lab starts on loopback).
-    #[arg(long, default_value = "embedded", value_parser = ["embedded", "etcd"])]
-    control: String,
-    /// Members of the lab's etcd cluster (with --control etcd).
-    #[arg(long, default_value_t = 3)]
-    etcd_nodes: usize,
-    /// SIGKILL the process holding the coordinator role after this many completed global
-    /// snapshots (with --control etcd).
-    #[arg(long)]
-    kill_coordinator_after: Option<u32>,
-    /// SIGKILL the etcd leader after this many completed global snapshots (with
-    /// --control etcd).
-    #[arg(long)]
-    kill_etcd_leader_after: Option<u32>,
-    /// Lease TTL of hosts and coordinator candidates, in ms (with --control etcd).
-    #[arg(long, default_value_t = 2000)]
-    lease_ttl_ms: u64,
+    #[command(flatten)]
+    control: control::ControlArgs,
 }
 
 fn main() -> ExitCode {
@@ -127,17 +110,12 @@ fn real(args: &Args, backend: BackendKind) -> ExitCode {
     cfg.backend = backend;
     cfg.snapshot_timeout = Duration::from_secs(5).max(cfg.snapshot_delay * 4);
     cfg.deadline = Duration::from_secs(600);
-    if args.control == "etcd" {
-        let mut e = EtcdLabConfig::new(args.etcd_nodes);
-        e.kill_coordinator_after = args.kill_coordinator_after;
-        e.kill_etcd_leader_after = args.kill_etcd_leader_after;
-        e.lease_ttl = Duration::from_millis(args.lease_ttl_ms);
-        cfg.etcd = Some(e);
-    } else if args.kill_coordinator_after.is_some() || args.kill_etcd_leader_after.is_some() {
-        eprintln!(
-            "error: --kill-coordinator-after and --kill-etcd-leader-after need --control etcd"
-        );
-        return ExitCode::from(2);
+    match args.control.etcd() {
+        Ok(e) => cfg.etcd = e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
     }
     let outcome = match signals::run_until_signal(run_ring_netns(cfg)) {
         Ok(o) => o,

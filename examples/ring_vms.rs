@@ -31,12 +31,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[path = "support/control.rs"]
+mod control;
 #[path = "support/signals.rs"]
 mod signals;
 
 use clap::Parser;
 use unacloud::snapshot::net::daemon::BackendKind;
-use unacloud::snapshot::net::ring::EtcdLabConfig;
 use unacloud::snapshot::net::ring_vms::{run_ring_vms, GuestImage, RingVmsConfig};
 use unacloud::snapshot::netns;
 
@@ -85,22 +86,8 @@ struct Args {
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
-    /// Control plane: `embedded` (the host of vm0 coordinates, catalog in a file) or
-    /// `etcd` (an etcd cluster the lab starts on loopback).
-    #[arg(long, default_value = "embedded", value_parser = ["embedded", "etcd"])]
-    control: String,
-    /// Members of the lab's etcd cluster (with --control etcd).
-    #[arg(long, default_value_t = 3)]
-    etcd_nodes: usize,
-    /// Kill the coordinator after this many completed global snapshots (--control etcd).
-    #[arg(long)]
-    kill_coordinator_after: Option<u32>,
-    /// SIGKILL the etcd leader after this many completed global snapshots (--control etcd).
-    #[arg(long)]
-    kill_etcd_leader_after: Option<u32>,
-    /// Lease TTL of hosts and coordinator candidates, in ms (--control etcd).
-    #[arg(long, default_value_t = 2000)]
-    lease_ttl_ms: u64,
+    #[command(flatten)]
+    control: control::ControlArgs,
 }
 
 fn main() -> ExitCode {
@@ -204,17 +191,12 @@ fn real(args: &Args, backend: BackendKind, accel: unacloud::cloud::qemu::Accel) 
     cfg.gap = Duration::from_millis(args.gap_ms);
     cfg.backend = backend;
     cfg.accel = accel;
-    if args.control == "etcd" {
-        let mut e = EtcdLabConfig::new(args.etcd_nodes);
-        e.kill_coordinator_after = args.kill_coordinator_after;
-        e.kill_etcd_leader_after = args.kill_etcd_leader_after;
-        e.lease_ttl = Duration::from_millis(args.lease_ttl_ms);
-        cfg.etcd = Some(e);
-    } else if args.kill_coordinator_after.is_some() || args.kill_etcd_leader_after.is_some() {
-        eprintln!(
-            "error: --kill-coordinator-after and --kill-etcd-leader-after need --control etcd"
-        );
-        return ExitCode::from(2);
+    match args.control.etcd() {
+        Ok(e) => cfg.etcd = e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
     }
     let outcome = match signals::run_until_signal(run_ring_vms(cfg)) {
         Ok(o) => o,

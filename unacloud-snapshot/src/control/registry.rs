@@ -245,6 +245,31 @@ async fn grant_and_put(etcd: &Etcd, secs: i64, key: Option<&str>, value: &[u8]) 
     Ok(id)
 }
 
+/// Grants a new lease in place of the expired `id` and writes the key under it again;
+/// whether that worked (the state says so either way).
+async fn replace_expired(
+    etcd: &Etcd,
+    secs: i64,
+    key: Option<&str>,
+    value: &[u8],
+    id: &mut i64,
+    tx: &watch::Sender<LeaseState>,
+) -> bool {
+    match grant_and_put(etcd, secs, key, value).await {
+        Ok(new) => {
+            tracing::info!(old = *id, new, "the lease had expired; took a new one");
+            *id = new;
+            let _ = tx.send(LeaseState::Renewed(new));
+            true
+        }
+        Err(e) => {
+            tracing::debug!(lease = *id, error = %e, "the lease expired and no new one could be granted yet");
+            let _ = tx.send(LeaseState::Retrying);
+            false
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn keep_alive(
     etcd: Etcd,
@@ -274,19 +299,10 @@ async fn keep_alive(
                     let _ = tx.send(LeaseState::Stopped);
                     return;
                 }
-                match grant_and_put(&etcd, secs, key.as_deref(), &value).await {
-                    Ok(new) => {
-                        tracing::info!(old = id, new, "the lease had expired; took a new one");
-                        id = new;
-                        let _ = tx.send(LeaseState::Renewed(new));
-                    }
-                    Err(e) => {
-                        tracing::debug!(lease = id, error = %e, "no new lease could be granted yet");
-                        let _ = tx.send(LeaseState::Retrying);
-                        tokio::select! {
-                            _ = stop.cancelled() => break 'outer,
-                            _ = tokio::time::sleep(period / 2) => {}
-                        }
+                if !replace_expired(&etcd, secs, key.as_deref(), &value, &mut id, &tx).await {
+                    tokio::select! {
+                        _ = stop.cancelled() => break 'outer,
+                        _ = tokio::time::sleep(period / 2) => {}
                     }
                 }
                 continue 'outer;
@@ -326,17 +342,7 @@ async fn keep_alive(
                         let _ = tx.send(LeaseState::Stopped);
                         return;
                     }
-                    match grant_and_put(&etcd, secs, key.as_deref(), &value).await {
-                        Ok(new) => {
-                            tracing::info!(old = id, new, "the lease had expired; took a new one");
-                            id = new;
-                            let _ = tx.send(LeaseState::Renewed(new));
-                        }
-                        Err(e) => {
-                            tracing::debug!(lease = id, error = %e, "the lease expired and no new one could be granted yet");
-                            let _ = tx.send(LeaseState::Retrying);
-                        }
-                    }
+                    replace_expired(&etcd, secs, key.as_deref(), &value, &mut id, &tx).await;
                     continue 'outer;
                 }
                 other => {

@@ -83,15 +83,10 @@ impl CatalogSink {
                 }
             }
             #[cfg(feature = "etcd")]
-            CatalogSink::Etcd(store) => store.save(&catalog).await.map_err(|e| {
-                let mut text = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    text.push_str(&format!(": {s}"));
-                    src = s.source();
-                }
-                (text, true)
-            }),
+            CatalogSink::Etcd(store) => store
+                .save(&catalog)
+                .await
+                .map_err(|e| (crate::control::with_causes(&e), true)),
         }
     }
 }

@@ -237,6 +237,32 @@ impl RingNetnsReport {
         })
     }
 
+    /// Counts a coordinator's `gs_completed` event (the launcher's JSON) and its times.
+    pub(crate) fn record_completed(&mut self, ev: &serde_json::Value) {
+        self.global_snapshots_completed += 1;
+        let global_us = ev["global_us"].as_u64().unwrap_or(0);
+        let local_us = ev["local_us"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).max().unwrap_or(0))
+            .unwrap_or(0);
+        let ms = |us: u64| us as f64 / 1000.0;
+        self.global_ms.push(ms(global_us));
+        self.local_ms.push(ms(local_us));
+        self.overhead_ms
+            .push(ms(global_us.saturating_sub(local_us)));
+    }
+
+    /// Counts a coordinator's `gs_failed` event and says why.
+    pub(crate) fn record_failed(&mut self, ev: &serde_json::Value) {
+        self.global_snapshots_failed += 1;
+        self.failures.push(format!(
+            "global snapshot {}: participants {} — {}",
+            ev["gs"],
+            ev["who"],
+            ev["why"].as_str().unwrap_or("")
+        ));
+    }
+
     /// A short human summary.
     pub fn human_summary(&self) -> String {
         let med = |v: &[f64]| median(v).map_or("-".to_string(), |m| format!("{m:.2} ms"));
@@ -613,27 +639,10 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
         .map_err(|e| with_log(e, dir.path(), "launcher0"))?;
         match ev["event"].as_str() {
             Some("gs_completed") => {
-                report.global_snapshots_completed += 1;
-                let global_us = ev["global_us"].as_u64().unwrap_or(0);
-                let local_us = ev["local_us"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(|x| x.as_u64()).max().unwrap_or(0))
-                    .unwrap_or(0);
-                let ms = |us: u64| us as f64 / 1000.0;
-                report.global_ms.push(ms(global_us));
-                report.local_ms.push(ms(local_us));
-                report
-                    .overhead_ms
-                    .push(ms(global_us.saturating_sub(local_us)));
+                report.record_completed(&ev);
             }
             Some("gs_failed") => {
-                report.global_snapshots_failed += 1;
-                report.failures.push(format!(
-                    "global snapshot {}: participants {} — {}",
-                    ev["gs"],
-                    ev["who"],
-                    ev["why"].as_str().unwrap_or("")
-                ));
+                report.record_failed(&ev);
                 // Every surviving host must stop colouring within the deadline.
                 let names: Vec<String> = lab
                     .0

@@ -14,11 +14,7 @@ use crate::control::cluster::{EtcdCluster, EtcdClusterConfig};
 use crate::control::election;
 use crate::control::{Etcd, EtcdConfig};
 
-fn control(e: crate::control::ControlError) -> Error {
-    Error::Rcpbt {
-        reason: format!("etcd control plane: {e}"),
-    }
-}
+use crate::control::lab_error as control;
 
 fn free_loopback_ports(n: usize) -> Result<Vec<u16>> {
     let mut held = Vec::new();
@@ -225,31 +221,14 @@ pub(super) async fn run(cfg: RingNetnsConfig, e: EtcdLabConfig) -> Result<RingNe
         };
         match ev["event"].as_str() {
             Some("gs_completed") => {
-                report.global_snapshots_completed += 1;
+                report.record_completed(&ev);
                 er.completed_ids.push(ev["gs"].as_u64().unwrap_or(0));
                 if let Some(t) = killed_at.take() {
                     er.failover_ms.push(t.elapsed().as_secs_f64() * 1000.0);
                 }
-                let global_us = ev["global_us"].as_u64().unwrap_or(0);
-                let local_us = ev["local_us"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(|x| x.as_u64()).max().unwrap_or(0))
-                    .unwrap_or(0);
-                let ms = |us: u64| us as f64 / 1000.0;
-                report.global_ms.push(ms(global_us));
-                report.local_ms.push(ms(local_us));
-                report
-                    .overhead_ms
-                    .push(ms(global_us.saturating_sub(local_us)));
             }
             Some("gs_failed") => {
-                report.global_snapshots_failed += 1;
-                report.failures.push(format!(
-                    "global snapshot {}: participants {} — {}",
-                    ev["gs"],
-                    ev["who"],
-                    ev["why"].as_str().unwrap_or("")
-                ));
+                report.record_failed(&ev);
                 tokio::time::sleep(cfg.gap).await;
                 continue;
             }

@@ -27,13 +27,9 @@ impl EtcdControl {
 }
 
 fn control_err(e: crate::control::ControlError) -> Error {
-    let mut text = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        text.push_str(&format!(": {s}"));
-        src = s.source();
+    Error::InvalidConfig {
+        reason: crate::control::with_causes(&e),
     }
-    Error::InvalidConfig { reason: text }
 }
 
 /// Runs a launcher whose VMs register in etcd, until `shutdown`; events as
@@ -46,14 +42,7 @@ pub async fn run_launcher_etcd(
     shutdown: CancellationToken,
     mut on_event: impl FnMut(LauncherEvent) + Send,
 ) -> Result<()> {
-    let section = cfg.launcher.as_ref().ok_or_else(|| Error::InvalidConfig {
-        reason: "no [launcher] section and no --vm flags: nothing to launch".to_string(),
-    })?;
-    if section.vms.is_empty() {
-        return Err(Error::InvalidConfig {
-            reason: "the launcher has no VMs; add [[launcher.vm]] entries or --vm".to_string(),
-        });
-    }
+    let section = launcher_section(cfg)?;
     let transport = cfg.transport()?;
     let dscp = cfg.dscp()?;
     let timeouts = cfg.timeouts();

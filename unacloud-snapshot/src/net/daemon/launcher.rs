@@ -406,14 +406,7 @@ pub async fn run_launcher(
     shutdown: CancellationToken,
     mut on_event: impl FnMut(LauncherEvent) + Send,
 ) -> Result<()> {
-    let section = cfg.launcher.as_ref().ok_or_else(|| Error::InvalidConfig {
-        reason: "no [launcher] section and no --vm flags: nothing to launch".to_string(),
-    })?;
-    if section.vms.is_empty() {
-        return Err(Error::InvalidConfig {
-            reason: "the launcher has no VMs; add [[launcher.vm]] entries or --vm".to_string(),
-        });
-    }
+    let section = launcher_section(cfg)?;
     let ms = cfg.metadata_server()?;
     let transport = cfg.transport()?;
     let dscp = cfg.dscp()?;
@@ -516,6 +509,19 @@ pub async fn run_launcher(
     }
     drop(locks);
     Ok(())
+}
+
+/// The configuration's launcher section, refused when it names no VM.
+pub(super) fn launcher_section(cfg: &DaemonConfig) -> Result<&LauncherSection> {
+    let section = cfg.launcher.as_ref().ok_or_else(|| Error::InvalidConfig {
+        reason: "no [launcher] section and no --vm flags: nothing to launch".to_string(),
+    })?;
+    if section.vms.is_empty() {
+        return Err(Error::InvalidConfig {
+            reason: "the launcher has no VMs; add [[launcher.vm]] entries or --vm".to_string(),
+        });
+    }
+    Ok(section)
 }
 
 /// The error for a metadata server's answer other than the one `request` expects: its

@@ -23,11 +23,7 @@ pub(super) struct EtcdNodes {
     candidates: Vec<(String, CandidateTask, CancellationToken)>,
 }
 
-fn control(e: crate::control::ControlError) -> Error {
-    Error::Rcpbt {
-        reason: format!("etcd control plane: {e}"),
-    }
-}
+use crate::control::lab_error as control;
 
 impl EtcdNodes {
     /// Queues a trigger (retrying while etcd elects a leader of its own).

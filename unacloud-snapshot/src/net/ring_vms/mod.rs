@@ -648,8 +648,6 @@ async fn etcd_lab_start(
     ec.dir = Some(dir.join("etcd"));
     let c = crate::control::cluster::EtcdCluster::start(ec)
         .await
-        .map_err(|e| Error::Rcpbt {
-            reason: format!("etcd control plane: {e}"),
-        })?;
+        .map_err(crate::control::lab_error)?;
     Ok((c, std::sync::Mutex::new(Vec::new())))
 }
