@@ -57,181 +57,12 @@ use crate::model::{
 };
 use crate::tree::{Snapshot, SnapshotTree};
 
+mod snapshots;
+mod state;
+
+use state::{push_chains, SnapshotState, State, VmRecord};
+
 const BACKEND: &str = "in-memory";
-
-/// What a snapshot remembers: the images attached when it was taken.
-#[derive(Debug, Clone)]
-struct SnapshotState {
-    attachments: Vec<DiskAttachment>,
-    had_state: bool,
-}
-
-#[derive(Debug, Clone)]
-struct VmRecord {
-    info: VmInfo,
-    folder: PathBuf,
-    tree: SnapshotTree,
-    snapshot_states: HashMap<String, SnapshotState>,
-    /// Sequence number of the next snapshot (used for its time stamp).
-    next_snapshot: u64,
-}
-
-impl VmRecord {
-    /// A VM with no snapshots yet.
-    fn new(info: VmInfo, folder: PathBuf) -> Self {
-        VmRecord {
-            info,
-            folder,
-            tree: SnapshotTree::new(),
-            snapshot_states: HashMap::new(),
-            next_snapshot: 1,
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct State {
-    vms: BTreeMap<String, VmRecord>,
-    /// VMs unregistered without deleting their files, by settings path.
-    unregistered: HashMap<PathBuf, VmRecord>,
-    disks: BTreeMap<Uuid, DiskInfo>,
-    failures: Vec<(String, usize)>,
-    guest_log: Vec<(String, GuestCommand)>,
-    disk_space: Option<DiskSpace>,
-    uuid_counter: u128,
-}
-
-impl State {
-    fn new_uuid(&mut self) -> Uuid {
-        self.uuid_counter += 1;
-        // Deterministic, readable and distinct from real (random) uuids.
-        Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0000 | self.uuid_counter)
-    }
-
-    fn check_failure(&mut self, operation: &str) -> Result<()> {
-        if let Some(pos) = self.failures.iter().position(|(op, _)| op == operation) {
-            let (_, remaining) = &mut self.failures[pos];
-            if *remaining == 0 {
-                self.failures.remove(pos);
-                return Err(Error::Backend {
-                    backend: BACKEND.to_owned(),
-                    message: format!("injected failure in {operation}"),
-                });
-            }
-            *remaining -= 1;
-        }
-        Ok(())
-    }
-
-    fn vm_key(&self, vm: &VmId) -> Result<String> {
-        if self.vms.contains_key(vm.as_str()) {
-            return Ok(vm.0.clone());
-        }
-        self.vms
-            .iter()
-            .find(|(_, r)| r.info.uuid.map(|u| u.to_string()) == Some(vm.0.to_ascii_lowercase()))
-            .map(|(k, _)| k.clone())
-            .ok_or_else(|| Error::NotFound {
-                kind: "vm",
-                id: vm.0.clone(),
-            })
-    }
-
-    /// The VM's registry key and a copy of its record, to mutate and store back.
-    fn vm_snapshot(&self, vm: &VmId) -> Result<(String, VmRecord)> {
-        let key = self.vm_key(vm)?;
-        let record = self.vms.get(&key).cloned().ok_or_else(|| Error::NotFound {
-            kind: "vm",
-            id: key.clone(),
-        })?;
-        Ok((key, record))
-    }
-
-    fn vm_mut(&mut self, vm: &VmId) -> Result<&mut VmRecord> {
-        let key = self.vm_key(vm)?;
-        self.vms.get_mut(&key).ok_or_else(|| Error::NotFound {
-            kind: "vm",
-            id: vm.0.clone(),
-        })
-    }
-
-    fn disk_uuid(&self, disk: &DiskRef) -> Result<Uuid> {
-        match disk {
-            DiskRef::Uuid(u) if self.disks.contains_key(u) => Ok(*u),
-            DiskRef::Path(p) => self
-                .disks
-                .values()
-                .find(|d| &d.location == p)
-                .map(|d| d.uuid)
-                .ok_or_else(|| Error::NotFound {
-                    kind: "disk",
-                    id: p.display().to_string(),
-                }),
-            DiskRef::Uuid(u) => Err(Error::NotFound {
-                kind: "disk",
-                id: u.to_string(),
-            }),
-        }
-    }
-
-    fn children_of(&self, disk: Uuid) -> Vec<Uuid> {
-        self.disks
-            .values()
-            .filter(|d| d.parent == Some(disk))
-            .map(|d| d.uuid)
-            .collect()
-    }
-
-    /// VMs whose current state or snapshots use `disk` directly.
-    fn users_of(&self, disk: Uuid) -> Vec<String> {
-        self.vms
-            .values()
-            .filter(|r| {
-                r.info.disks.iter().any(|a| a.disk == disk)
-                    || r.snapshot_states
-                        .values()
-                        .any(|s| s.attachments.iter().any(|a| a.disk == disk))
-            })
-            .map(|r| r.info.name.clone())
-            .collect()
-    }
-
-    fn new_child(&mut self, parent: Uuid, folder: &Path) -> Result<DiskInfo> {
-        let p = self
-            .disks
-            .get(&parent)
-            .cloned()
-            .ok_or_else(|| Error::NotFound {
-                kind: "disk",
-                id: parent.to_string(),
-            })?;
-        let uuid = self.new_uuid();
-        let ext = match p.format {
-            DiskFormat::Qcow2 => "qcow2",
-            DiskFormat::Vmdk => "vmdk",
-            DiskFormat::Vhd => "vhd",
-            _ => "vdi",
-        };
-        let child = DiskInfo {
-            uuid,
-            location: folder.join("Snapshots").join(format!("{{{uuid}}}.{ext}")),
-            format: p.format.clone(),
-            disk_type: DiskType::Normal,
-            parent: Some(parent),
-            logical_size: p.logical_size,
-        };
-        self.disks.insert(uuid, child.clone());
-        Ok(child)
-    }
-
-    /// Removes a differencing image nobody refers to any more.
-    fn drop_if_orphan(&mut self, disk: Uuid) {
-        let is_diff = self.disks.get(&disk).is_some_and(|d| d.parent.is_some());
-        if is_diff && self.users_of(disk).is_empty() && self.children_of(disk).is_empty() {
-            self.disks.remove(&disk);
-        }
-    }
-}
 
 /// The in-memory reference implementation of [`Hypervisor`]. See the module docs.
 #[derive(Debug, Default)]
@@ -566,166 +397,15 @@ impl Hypervisor for InMemoryHypervisor {
         description: Option<&str>,
         live: bool,
     ) -> Result<SnapshotRef> {
-        let mut s = self.lock();
-        s.check_failure("take_snapshot")?;
-        let (key, mut r) = s.vm_snapshot(vm)?;
-        let running = matches!(r.info.state, PowerState::Running | PowerState::Paused);
-        if !running && !r.info.state.is_startable() {
-            return Err(invalid("take a snapshot of", &r));
-        }
-        let uuid = s.new_uuid();
-        let id = uuid.to_string();
-        let had_state = running || r.info.state == PowerState::Saved;
-        let snapshot = Snapshot {
-            id: id.clone(),
-            name: name.to_owned(),
-            description: description.map(str::to_owned),
-            time_stamp: Some(format!("t{}", r.next_snapshot)),
-            state_file: had_state.then(|| {
-                r.folder
-                    .join("Snapshots")
-                    .join(format!("{{{uuid}}}.sav"))
-                    .display()
-                    .to_string()
-            }),
-        };
-        let node = match r.tree.current() {
-            Some(parent) => r.tree.add_child(parent, snapshot)?,
-            None => r.tree.add_root(snapshot)?,
-        };
-        r.tree.set_current(Some(node));
-        r.next_snapshot += 1;
-        // Freeze the attached images; the VM continues on fresh differencing children
-        // (write-through and shareable images are not part of snapshots).
-        let frozen = r.info.disks.clone();
-        let mut continued = Vec::new();
-        for a in &frozen {
-            let ty = s.disks.get(&a.disk).map(|d| d.disk_type);
-            let disk = match ty {
-                Some(DiskType::Writethrough | DiskType::Shareable | DiskType::Readonly) => a.disk,
-                _ => s.new_child(a.disk, &r.folder)?.uuid,
-            };
-            continued.push(DiskAttachment { disk, ..a.clone() });
-        }
-        r.info.disks = continued;
-        r.snapshot_states.insert(
-            id.clone(),
-            SnapshotState {
-                attachments: frozen,
-                had_state,
-            },
-        );
-        r.info.current_snapshot = Some(id.clone());
-        // A non-live snapshot of a running VM pauses it while the state is written; the
-        // VM is running again afterwards either way.
-        let _ = live;
-        s.vms.insert(key, r);
-        Ok(SnapshotRef {
-            id,
-            name: name.to_owned(),
-        })
+        self.snapshot_take(vm, name, description, live)
     }
 
     async fn restore_snapshot(&self, vm: &VmId, snapshot: &str) -> Result<()> {
-        let mut s = self.lock();
-        s.check_failure("restore_snapshot")?;
-        let (key, mut r) = s.vm_snapshot(vm)?;
-        if !r.info.state.is_startable() {
-            return Err(invalid("restore a snapshot of", &r));
-        }
-        let node = r.tree.resolve(snapshot)?;
-        let id = r.tree.get(node).map(|n| n.id.clone()).unwrap_or_default();
-        let st = r
-            .snapshot_states
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound {
-                kind: "snapshot",
-                id: id.clone(),
-            })?;
-        let old = std::mem::take(&mut r.info.disks);
-        let mut fresh = Vec::new();
-        for a in &st.attachments {
-            let ty = s.disks.get(&a.disk).map(|d| d.disk_type);
-            let disk = match ty {
-                Some(DiskType::Writethrough | DiskType::Shareable | DiskType::Readonly) => a.disk,
-                _ => s.new_child(a.disk, &r.folder)?.uuid,
-            };
-            fresh.push(DiskAttachment { disk, ..a.clone() });
-        }
-        r.info.disks = fresh;
-        r.tree.set_current(Some(node));
-        r.info.current_snapshot = Some(id);
-        r.info.state = if st.had_state {
-            PowerState::Saved
-        } else {
-            PowerState::PoweredOff
-        };
-        s.vms.insert(key, r);
-        for a in old {
-            s.drop_if_orphan(a.disk);
-        }
-        Ok(())
+        self.snapshot_restore(vm, snapshot)
     }
 
     async fn delete_snapshot(&self, vm: &VmId, snapshot: &str) -> Result<()> {
-        let mut s = self.lock();
-        s.check_failure("delete_snapshot")?;
-        let (key, r) = s.vm_snapshot(vm)?;
-        let node = r.tree.resolve(snapshot)?;
-        if r.tree.children(node).len() > 1 {
-            return Err(Error::InvalidState {
-                operation: "delete snapshot",
-                id: snapshot.to_owned(),
-                state: "it has more than one child snapshot".to_owned(),
-            });
-        }
-        let id = r.tree.get(node).map(|n| n.id.clone()).unwrap_or_default();
-        // Rebuild the tree without the node, its single child taking its place.
-        let mut tree = SnapshotTree::new();
-        let mut map = HashMap::new();
-        for (n, _) in r.tree.iter() {
-            if n == node {
-                continue;
-            }
-            let mut parent = r.tree.parent(n);
-            if parent == Some(node) {
-                parent = r.tree.parent(node);
-            }
-            let snap = r.tree.get(n).cloned().unwrap_or_default();
-            let new = match parent.and_then(|p| map.get(&p).copied()) {
-                Some(p) => tree.add_child(p, snap)?,
-                None => tree.add_root(snap)?,
-            };
-            map.insert(n, new);
-        }
-        let current = match r.tree.current() {
-            Some(c) if c == node => r.tree.parent(node).and_then(|p| map.get(&p).copied()),
-            Some(c) => map.get(&c).copied(),
-            None => None,
-        };
-        tree.set_current(current);
-        let mut r = r;
-        r.info.current_snapshot = current.and_then(|c| tree.get(c)).map(|n| n.id.clone());
-        r.tree = tree;
-        let removed = r.snapshot_states.remove(&id);
-        s.vms.insert(key, r);
-        // Merge: a frozen image used by no one else is folded into its single child.
-        if let Some(st) = removed {
-            for a in st.attachments {
-                let children = s.children_of(a.disk);
-                let parent = s.disks.get(&a.disk).and_then(|d| d.parent);
-                if children.len() == 1 && s.users_of(a.disk).is_empty() {
-                    if let Some(parent) = parent {
-                        if let Some(c) = s.disks.get_mut(&children[0]) {
-                            c.parent = Some(parent);
-                        }
-                        s.disks.remove(&a.disk);
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.snapshot_delete(vm, snapshot)
     }
 
     async fn snapshot_tree(&self, vm: &VmId) -> Result<SnapshotTree> {
@@ -887,38 +567,7 @@ impl Hypervisor for InMemoryHypervisor {
     }
 
     async fn snapshot_files(&self, vm: &VmId, snapshot: &str) -> Result<MigrationSet> {
-        let mut s = self.lock();
-        s.check_failure("snapshot_files")?;
-        let r = s.vm_mut(vm)?.clone();
-        let node = r.tree.resolve(snapshot)?;
-        let id = r.tree.get(node).map(|n| n.id.clone()).unwrap_or_default();
-        let st = r
-            .snapshot_states
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound {
-                kind: "snapshot",
-                id: id.clone(),
-            })?;
-        let mut set = MigrationSet::default();
-        if let Some(settings) = &r.info.settings_file {
-            set.push(VmFile::new(
-                settings.clone(),
-                FileRole::Settings,
-                None,
-                None,
-            ));
-        }
-        push_chains(&s, &mut set, &st.attachments);
-        if st.had_state {
-            set.push(VmFile::new(
-                r.folder.join("Snapshots").join(format!("{{{id}}}.sav")),
-                FileRole::SavedState,
-                None,
-                None,
-            ));
-        }
-        Ok(set)
+        self.snapshot_file_set(vm, snapshot)
     }
 
     async fn host_disk_space(&self, _path: &Path) -> Result<DiskSpace> {
@@ -928,31 +577,5 @@ impl Hypervisor for InMemoryHypervisor {
             available: 1 << 40,
             total: 1 << 40,
         }))
-    }
-}
-
-/// Adds the chain of every attached image, base first, stopping at a multiattach
-/// template, which the destination must already have.
-fn push_chains(s: &State, set: &mut MigrationSet, attachments: &[DiskAttachment]) {
-    for a in attachments {
-        let mut chain = Vec::new();
-        let mut cur = Some(a.disk);
-        while let Some(u) = cur {
-            let Some(d) = s.disks.get(&u) else { break };
-            if d.disk_type == DiskType::MultiAttach {
-                set.expect(u, Some(d.location.clone()));
-                break;
-            }
-            chain.push(d.clone());
-            cur = d.parent;
-        }
-        for d in chain.into_iter().rev() {
-            set.push(VmFile::new(
-                d.location,
-                FileRole::Disk,
-                Some(d.uuid.to_string()),
-                None,
-            ));
-        }
     }
 }
