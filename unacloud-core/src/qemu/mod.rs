@@ -202,18 +202,21 @@ impl QemuHypervisor {
         system: QemuSystem,
     ) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
-        std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
-        let root = std::fs::canonicalize(&root).map_err(|e| Error::io(&root, e))?;
-        // One backend per root: the registry is rewritten in place.
-        let lock_path = root.join(".lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io(&lock_path, e))?;
-        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, errno)| {
+        // Creating the root, taking its lock and reading every VM's settings is file
+        // work: it runs on the blocking pool, not on the caller's executor thread.
+        let (root, lock, registry, vms) = crate::fsutil::unblock(move || {
+            std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+            let root = std::fs::canonicalize(&root).map_err(|e| Error::io(&root, e))?;
+            // One backend per root: the registry is rewritten in place.
+            let lock_path = root.join(".lock");
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| Error::io(&lock_path, e))?;
+            let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, errno)| {
                 if errno == nix::errno::Errno::EWOULDBLOCK {
                     Error::InUse {
                         id: root.display().to_string(),
@@ -223,22 +226,25 @@ impl QemuHypervisor {
                     Error::io(&lock_path, std::io::Error::from_raw_os_error(errno as i32))
                 }
             })?;
-        let registry = Registry::load(&root.join("registry.json"))?.resolve(&root);
-        let mut vms = BTreeMap::new();
-        for file in &registry.vms {
-            match VmSettings::load(file) {
-                Ok(settings) => {
-                    vms.insert(
-                        settings.name.clone(),
-                        Entry {
-                            settings_file: file.clone(),
-                            settings,
-                        },
-                    );
+            let registry = Registry::load(&root.join("registry.json"))?.resolve(&root);
+            let mut vms = BTreeMap::new();
+            for file in &registry.vms {
+                match VmSettings::load(file) {
+                    Ok(settings) => {
+                        vms.insert(
+                            settings.name.clone(),
+                            Entry {
+                                settings_file: file.clone(),
+                                settings,
+                            },
+                        );
+                    }
+                    Err(e) => tracing::warn!("skipping registered VM {}: {e}", file.display()),
                 }
-                Err(e) => tracing::warn!("skipping registered VM {}: {e}", file.display()),
             }
-        }
+            Ok((root, lock, registry, vms))
+        })
+        .await?;
         let hv = QemuHypervisor {
             vm_folder: root.join("vms"),
             root,

@@ -289,7 +289,10 @@ impl Hypervisor for VBoxManageHypervisor {
                 settings.display()
             )));
         }
-        let machine = crate::settings::MachineSettings::load(settings)?;
+        let machine = {
+            let settings = settings.to_path_buf();
+            super::unblock(move || crate::settings::MachineSettings::load(&settings)).await?
+        };
         self.exec(&command::register_vm(settings)?).await?;
         Ok(self.details(&machine.uuid.to_string()).await?.to_vm_info())
     }
@@ -382,7 +385,10 @@ impl Hypervisor for VBoxManageHypervisor {
         }
         let details = self.details(vm.as_str()).await?;
         Ok(match details.settings_file.as_deref() {
-            Some(cfg) if cfg.is_file() => enrich_from_settings(&tree, cfg),
+            Some(cfg) if cfg.is_file() => {
+                let cfg = cfg.to_path_buf();
+                super::unblock(move || Ok::<_, Error>(enrich_from_settings(&tree, &cfg))).await?
+            }
             _ => tree,
         })
     }

@@ -213,7 +213,11 @@ pub async fn restore_elsewhere(
     dest_root: &Path,
     options: &ElsewhereOptions,
 ) -> Result<ResumeReport> {
-    let machine = Machine::load(settings, options.global_registry.as_deref())?;
+    let machine = {
+        let settings = settings.to_path_buf();
+        let global = options.global_registry.clone();
+        super::unblock(move || Machine::load(&settings, global.as_deref())).await?
+    };
     let snap = match selector.map(|s| machine.select(s)).transpose()? {
         Some(StateRef::Snapshot(i)) => machine.snapshots()[i].clone(),
         Some(StateRef::Current) => {
@@ -280,14 +284,9 @@ pub async fn restore_elsewhere(
 
     let copy_options = options.copy.clone().checksum(true);
     let dest = dest_root.to_path_buf();
-    let copied: CopyReport = tokio::task::spawn_blocking(move || {
-        crate::copy::copy_files(&pairs, &dest, &copy_options, |_| {})
-    })
-    .await
-    .map_err(|e| Error::Backend {
-        backend: "virtualbox".to_owned(),
-        message: format!("the copy task failed: {e}"),
-    })??;
+    let copied: CopyReport =
+        super::unblock(move || crate::copy::copy_files(&pairs, &dest, &copy_options, |_| {}))
+            .await?;
     report.copied_bytes = Some(copied.bytes);
     report.step(
         ResumeAction::Copy,
