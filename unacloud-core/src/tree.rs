@@ -343,6 +343,68 @@ impl SnapshotTree {
         }
     }
 
+    /// The tree as compact JSON text of the shape of [`TreeJson`], written without
+    /// recursion: trees of any depth are safe to render (serialising [`TreeJson`] with
+    /// serde recurses once per level).
+    ///
+    /// ```
+    /// use unacloud_core::tree::{Snapshot, SnapshotTree, TreeJson};
+    /// let mut t = SnapshotTree::new();
+    /// let root = t.add_root(Snapshot::new("a", "base")).unwrap();
+    /// let child = t.add_child(root, Snapshot::new("b", "patched")).unwrap();
+    /// t.set_current(Some(child));
+    /// let text = t.render_json().unwrap();
+    /// let back: TreeJson = serde_json::from_str(&text).unwrap();
+    /// assert_eq!(back, t.to_json());
+    /// ```
+    pub fn render_json(&self) -> Result<String> {
+        let mut out = String::from("{\"current\":");
+        match self.current {
+            Some(c) => out.push_str(&json_text(&self.nodes[c.0].snapshot.id)?),
+            None => out.push_str("null"),
+        }
+        out.push_str(",\"snapshots\":[");
+        // Explicit stack of (node, next child to visit).
+        let mut stack: Vec<(NodeId, usize)> = Vec::new();
+        for (k, &root) in self.roots.iter().enumerate() {
+            if k > 0 {
+                out.push(',');
+            }
+            self.open_json_node(&mut out, root)?;
+            stack.push((root, 0));
+            while let Some(top) = stack.last_mut() {
+                let (node, next) = *top;
+                let children = &self.nodes[node.0].children;
+                if let Some(&child) = children.get(next) {
+                    top.1 += 1;
+                    if next > 0 {
+                        out.push(',');
+                    }
+                    self.open_json_node(&mut out, child)?;
+                    stack.push((child, 0));
+                } else {
+                    out.push_str("]}");
+                    stack.pop();
+                }
+            }
+        }
+        out.push_str("]}");
+        Ok(out)
+    }
+
+    /// Writes `{"id":…,"name":…,…,"current":b,"children":[` for `node`.
+    fn open_json_node(&self, out: &mut String, node: NodeId) -> Result<()> {
+        let body = json_text(&self.nodes[node.0].snapshot)?;
+        // `body` is a JSON object; reopen it to append the tree fields.
+        out.push_str(body.strip_suffix('}').unwrap_or(&body));
+        out.push_str(if self.current == Some(node) {
+            ",\"current\":true,\"children\":["
+        } else {
+            ",\"current\":false,\"children\":["
+        });
+        Ok(())
+    }
+
     /// Rebuilds a tree from its JSON form.
     pub fn from_json(json: &TreeJson) -> Result<Self> {
         let mut tree = SnapshotTree::new();
@@ -413,6 +475,11 @@ impl<'de> Deserialize<'de> for SnapshotTree {
         let json = TreeJson::deserialize(d)?;
         SnapshotTree::from_json(&json).map_err(serde::de::Error::custom)
     }
+}
+
+fn json_text<T: Serialize + ?Sized>(value: &T) -> Result<String> {
+    serde_json::to_string(value)
+        .map_err(|e| Error::InvalidInput(format!("cannot write the snapshot tree as JSON: {e}")))
 }
 
 fn normalise_id(id: &str) -> String {

@@ -5,10 +5,11 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use unacloud_core::cost::files_per_vm;
 use unacloud_core::files::{ExpectedFile, FileRole, MigrationSet, VmFile};
 use uuid::Uuid;
 
-use super::{eq_5_4, AllFiles, Machine, MediumKind, MigrationOptions, RegistrySource, StateRef};
+use super::{AllFiles, Machine, MediumKind, MigrationOptions, RegistrySource, StateRef};
 use crate::error::{Error, Result};
 use crate::location::{Location, LocationKind};
 use crate::settings::{unbraced, DeviceType, Hardware};
@@ -193,7 +194,11 @@ impl Machine {
             files: set.files,
             disks,
             snapshots,
-            expected_count: eq_5_4(disks as u64, snapshots as u64),
+            // Thesis Eq. 5.4, as the cost model computes it.
+            expected_count: {
+                let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+                u64::try_from(files_per_vm(count(disks), count(snapshots))).unwrap_or(u64::MAX)
+            },
             warnings: set.warnings,
         }
     }

@@ -192,16 +192,6 @@ impl AllFiles {
     }
 }
 
-/// The thesis's Eq. 5.4: files of one VM with `d` disks and `s` snapshots taken while
-/// running.
-pub fn eq_5_4(d: u64, s: u64) -> u64 {
-    if s == 0 {
-        d + 1
-    } else {
-        (d + 1) * (s + 1)
-    }
-}
-
 /// How [`Machine::render_snapshot_tree`] writes the tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TreeFormat {

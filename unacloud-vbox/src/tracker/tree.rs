@@ -3,7 +3,7 @@
 use unacloud_core::tree::SnapshotTree;
 
 use super::{Machine, TreeFormat};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::settings::MachineSettings;
 
 impl Machine {
@@ -26,79 +26,8 @@ impl Machine {
         Ok(match format {
             TreeFormat::Text => crate::display::render_tree_text(&self.snapshot_tree()?)?,
             TreeFormat::Dot => self.snapshot_tree()?.render_dot(),
-            TreeFormat::Json => self.snapshot_tree_json()?,
+            TreeFormat::Json => self.snapshot_tree()?.render_json()?,
         })
-    }
-
-    fn snapshot_tree_json(&self) -> Result<String> {
-        let snaps = &self.settings.snapshots;
-        let cur = self.settings.current_snapshot_index();
-        let mut out = String::from("{\"current\":");
-        out.push_str(&match cur {
-            Some(c) => format!("\"{}\"", snaps[c].uuid),
-            None => "null".to_owned(),
-        });
-        out.push_str(",\"snapshots\":[");
-        // Explicit stack of (snapshot, next child to visit).
-        let roots: Vec<usize> = (0..snaps.len())
-            .filter(|&i| snaps[i].parent.is_none())
-            .collect();
-        let mut stack: Vec<(usize, usize)> = Vec::new();
-        let mut pending_roots = roots.into_iter();
-        let mut first_root = true;
-        loop {
-            let Some(&mut (node, ref mut next)) = stack.last_mut() else {
-                let Some(r) = pending_roots.next() else { break };
-                if !first_root {
-                    out.push(',');
-                }
-                first_root = false;
-                self.open_json_node(&mut out, r, cur)?;
-                stack.push((r, 0));
-                continue;
-            };
-            let children = &snaps[node].children;
-            if *next < children.len() {
-                let c = children[*next];
-                if *next > 0 {
-                    out.push(',');
-                }
-                *next += 1;
-                self.open_json_node(&mut out, c, cur)?;
-                stack.push((c, 0));
-            } else {
-                out.push_str("]}");
-                stack.pop();
-            }
-        }
-        out.push_str("]}");
-        Ok(out)
-    }
-
-    /// Writes `{"id":…,"name":…,…,"current":b,"children":[` for snapshot `i`.
-    fn open_json_node(&self, out: &mut String, i: usize, cur: Option<usize>) -> Result<()> {
-        let s = &self.settings.snapshots[i];
-        let node = unacloud_core::tree::Snapshot {
-            id: s.uuid.to_string(),
-            name: s.name.clone(),
-            description: s.description.clone(),
-            time_stamp: s.time_stamp.clone(),
-            state_file: s.state_file.clone(),
-        };
-        let body = serde_json::to_string(&node).map_err(|e| {
-            Error::Core(unacloud_core::Error::InvalidInput(format!(
-                "cannot serialise snapshot {}: {e}",
-                s.uuid
-            )))
-        })?;
-        // `body` is a JSON object; reopen it to append the tree fields.
-        out.push_str(body.strip_suffix('}').unwrap_or(&body));
-        out.push_str(if cur == Some(i) {
-            ",\"current\":true,\"children\":["
-        } else {
-            ",\"current\":false,\"children\":["
-        });
-        Ok(())
     }
 }
 
