@@ -115,9 +115,8 @@ fn run_args(
 ) -> Result<(), String> {
     let mut preloaded = Vec::new();
     for p in &args.preloaded {
-        let inner = p.trim().trim_start_matches('{').trim_end_matches('}');
         preloaded.push(
-            Uuid::try_parse(inner)
+            Uuid::try_parse(p.trim())
                 .map_err(|e| format!("--preloaded {:?} is not a uuid ({e})", escape_control(p)))?,
         );
     }

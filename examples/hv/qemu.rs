@@ -255,8 +255,7 @@ pub(super) fn canonical(p: &Path) -> PathBuf {
 }
 
 pub(super) fn template_ref(text: &str) -> DiskRef {
-    let inner = text.trim().trim_start_matches('{').trim_end_matches('}');
-    match Uuid::try_parse(inner) {
+    match Uuid::try_parse(text.trim()) {
         Ok(u) => DiskRef::Uuid(u),
         Err(_) => DiskRef::Path(PathBuf::from(text)),
     }

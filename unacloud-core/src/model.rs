@@ -8,6 +8,15 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+/// Disk, snapshot and VM identities. [`Uuid::try_parse`] reads every form users and
+/// VirtualBox write, braces included, so callers need no trimming of their own:
+///
+/// ```
+/// use unacloud_core::model::Uuid;
+/// let plain = Uuid::try_parse("9e02c1a4-8d56-4c4c-9c3a-6f0f5f3c2b1d").unwrap();
+/// assert_eq!(Uuid::try_parse("{9e02c1a4-8d56-4c4c-9c3a-6f0f5f3c2b1d}").unwrap(), plain);
+/// assert_eq!(Uuid::try_parse("{9E02C1A4-8D56-4C4C-9C3A-6F0F5F3C2B1D}").unwrap(), plain);
+/// ```
 pub use uuid::Uuid;
 
 use crate::error::Error;

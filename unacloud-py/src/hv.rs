@@ -166,8 +166,7 @@ pub(crate) fn disk_ref(obj: &Bound<'_, PyAny>) -> PyResult<DiskRef> {
     }
     if let Ok(s) = obj.downcast::<PyString>() {
         let s = s.to_cow()?;
-        let t = s.trim().trim_start_matches('{').trim_end_matches('}');
-        return Ok(match Uuid::try_parse(t) {
+        return Ok(match Uuid::try_parse(s.trim()) {
             Ok(u) => DiskRef::Uuid(u),
             Err(_) => DiskRef::Path(PathBuf::from(s.as_ref())),
         });

@@ -584,8 +584,7 @@ impl HostTarget {
                 d.get().inner.uuid
             } else if let Ok(s) = v.downcast::<PyString>() {
                 let s = s.to_cow()?;
-                let t = s.trim().trim_start_matches('{').trim_end_matches('}');
-                Uuid::try_parse(t)
+                Uuid::try_parse(s.trim())
                     .map_err(|_| invalid(format!("template {id}: {s:?} is not a disk uuid")))?
             } else {
                 return Err(PyTypeError::new_err(format!(

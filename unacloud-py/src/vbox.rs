@@ -335,9 +335,8 @@ impl Machine {
         };
         let mut uuids = Vec::new();
         for p in &preloaded {
-            let trimmed = p.trim().trim_start_matches('{').trim_end_matches('}');
             uuids.push(
-                uuid::Uuid::try_parse(trimmed)
+                uuid::Uuid::try_parse(p.trim())
                     .map_err(|_| invalid(format!("preloaded entry {p:?} is not a uuid")))?,
             );
         }
