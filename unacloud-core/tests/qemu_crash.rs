@@ -5,6 +5,9 @@
 //! and the same operation then succeeds.
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 mod provision_support;
 
 use std::collections::BTreeSet;
@@ -540,7 +543,7 @@ fn fill(dir: &Path) -> PathBuf {
 async fn a_full_disk_leaves_no_vm_without_disk_and_no_temporary_file() {
     require_qemu_img();
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: mounting a small file system needs root");
+        skip::skipped("mounting a small file system needs root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -553,7 +556,7 @@ async fn a_full_disk_leaves_no_vm_without_disk_and_no_temporary_file() {
         .status()
         .unwrap();
     if !st.success() {
-        eprintln!("skipped: tmpfs cannot be mounted here");
+        skip::skipped("tmpfs cannot be mounted here");
         return;
     }
     let _mount = Tmpfs(small.clone());
@@ -679,7 +682,7 @@ async fn a_deployment_killed_half_way_is_finished_by_resuming_the_same_plan() {
 async fn a_vm_whose_disk_cannot_be_made_on_a_full_disk_can_still_be_deleted() {
     require_qemu_img();
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: mounting a small file system needs root");
+        skip::skipped("mounting a small file system needs root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -692,7 +695,7 @@ async fn a_vm_whose_disk_cannot_be_made_on_a_full_disk_can_still_be_deleted() {
         .status()
         .unwrap();
     if !st.success() {
-        eprintln!("skipped: tmpfs cannot be mounted here");
+        skip::skipped("tmpfs cannot be mounted here");
         return;
     }
     let _mount = Tmpfs(small.clone());

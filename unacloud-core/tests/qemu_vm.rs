@@ -9,6 +9,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -53,7 +56,7 @@ fn guest() -> Option<Guest> {
         dir.display()
     );
     assert!(std::env::var_os("CI").is_none(), "{why}");
-    eprintln!("skipped: {why}");
+    skip::skipped(why);
     None
 }
 
@@ -436,7 +439,7 @@ async fn a_missing_qemu_system_names_its_package() {
 async fn a_tap_in_a_namespace_reaches_the_guest_at_its_address() {
     let Some(g) = guest() else { return };
     if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: creating a network namespace needs root");
+        skip::skipped("creating a network namespace needs root");
         return;
     }
     let _one = SERIAL.lock().await;
@@ -591,7 +594,7 @@ fn fill(dir: &Path) -> PathBuf {
 async fn a_disk_that_fills_during_a_snapshot_fails_it_and_keeps_the_vm() {
     let Some(g) = guest() else { return };
     if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root");
+        skip::skipped("mounting a small tmpfs needs root");
         return;
     }
     let _one = SERIAL.lock().await;

@@ -2,6 +2,9 @@
 //! Safe copy: escapes refused with nothing written, failures leave no partial files,
 //! sparse files stay sparse.
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
@@ -436,7 +439,7 @@ fn read_only_destination_gives_a_typed_error() {
         )
     };
     let Some(out) = out else {
-        eprintln!("note: cannot create a read-only mount here; skipping");
+        skip::skipped("a read-only mount cannot be made here (needs root)");
         return;
     };
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -2,6 +2,9 @@
 //! VDI header reader: real images written by `qemu-img`, crafted differencing headers,
 //! corrupt input, and the chain check.
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -31,7 +34,7 @@ fn qemu_img_create(path: &Path, size: &str, extra: &[&str]) -> Option<()> {
             Some(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("note: qemu-img is not installed; skipping the real-image test");
+            skip::skipped("qemu-img is not installed (scripts/setup installs qemu-utils)");
             None
         }
         Err(e) => panic!("cannot run qemu-img: {e}"),
