@@ -141,28 +141,21 @@ impl QemuImg {
     /// Runs qemu-img with `args` and returns its standard output.
     pub async fn run(&self, operation: &'static str, args: &[&OsStr]) -> Result<String> {
         let mut cmd = tokio::process::Command::new(&self.program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let child = cmd.spawn().map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::Unsupported {
+        cmd.args(args);
+        let out = match output_within(cmd, self.timeout).await {
+            Ok(out) => out,
+            Err(Ran::Spawn(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::Unsupported {
                     backend: BACKEND.to_owned(),
                     operation,
                     reason: format!(
                         "{} was not found; install qemu-utils (Debian/Ubuntu) or qemu-img",
                         self.program.display()
                     ),
-                }
-            } else {
-                Error::io(&self.program, e)
+                })
             }
-        })?;
-        let out = match tokio::time::timeout(self.timeout, child.wait_with_output()).await {
-            Ok(r) => r.map_err(|e| Error::io(&self.program, e))?,
-            Err(_) => {
+            Err(Ran::Spawn(e) | Ran::Wait(e)) => return Err(Error::io(&self.program, e)),
+            Err(Ran::TimedOut) => {
                 return Err(Error::Timeout {
                     operation,
                     after: self.timeout,
@@ -436,5 +429,34 @@ impl QemuImg {
         )
         .await
         .map(drop)
+    }
+}
+
+/// Why [`output_within`] gave no output.
+#[derive(Debug)]
+pub(crate) enum Ran {
+    /// The program could not be started (`NotFound`: it is not installed).
+    Spawn(std::io::Error),
+    /// Waiting for it or reading its output failed.
+    Wait(std::io::Error),
+    /// It ran longer than allowed and was killed.
+    TimedOut,
+}
+
+/// Runs `cmd` with no standard input and its output captured, and returns the output.
+/// The process is killed when it outlives `limit`, and when the returned future is
+/// dropped (the caller was cancelled), so no tool outlives the operation that ran it.
+pub(crate) async fn output_within(
+    mut cmd: tokio::process::Command,
+    limit: Duration,
+) -> std::result::Result<std::process::Output, Ran> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().map_err(Ran::Spawn)?;
+    match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(out) => out.map_err(Ran::Wait),
+        Err(_) => Err(Ran::TimedOut),
     }
 }

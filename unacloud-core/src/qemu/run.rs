@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-use super::img::BACKEND;
+use super::img::{output_within, Ran, BACKEND};
 use super::settings::{NetConfig, VmSettings};
 
 /// The Debian package that provides `qemu-system-x86_64`.
@@ -535,17 +535,14 @@ pub(crate) async fn launch(
         }
         None => tokio::process::Command::new(&sys.program),
     };
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    cmd.args(args);
     if netns.is_some() && !program_exists(&sys.program) {
         return Err(sys.missing("start VM"));
     }
-    let child = cmd.spawn().map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            if netns.is_some() {
+    let out = match output_within(cmd, sys.launch_timeout).await {
+        Ok(out) => out,
+        Err(Ran::Spawn(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(if netns.is_some() {
                 Error::Unsupported {
                     backend: BACKEND.to_owned(),
                     operation: "start VM",
@@ -553,18 +550,16 @@ pub(crate) async fn launch(
                 }
             } else {
                 sys.missing("start VM")
-            }
-        } else {
-            Error::io(&sys.program, e)
+            })
         }
-    })?;
-    let out = tokio::time::timeout(sys.launch_timeout, child.wait_with_output())
-        .await
-        .map_err(|_| Error::Timeout {
-            operation: "start VM",
-            after: sys.launch_timeout,
-        })?
-        .map_err(|e| Error::io(&sys.program, e))?;
+        Err(Ran::Spawn(e) | Ran::Wait(e)) => return Err(Error::io(&sys.program, e)),
+        Err(Ran::TimedOut) => {
+            return Err(Error::Timeout {
+                operation: "start VM",
+                after: sys.launch_timeout,
+            })
+        }
+    };
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
         return Err(classify_start_failure(&stderr, out.status));
