@@ -10,6 +10,15 @@
 //! this test, with the status codes VirtualBox defines for those situations. The
 //! simulation also writes a minimal `.vbox` per VM so the backend can read snapshot
 //! state files as it does on a real host.
+//!
+//! Why a simulation and not a replay of recorded VBoxManage runs: the suite needs one
+//! consistent session (the uuids `createvm` prints must come back in `showvminfo`, the
+//! snapshot taken must appear in `snapshot list`), and the real outputs available are
+//! single commands collected from unrelated machines and VirtualBox versions, not a
+//! session of one VM. Recording such a session needs a host with VirtualBox, which the
+//! project's build machines cannot install; until one is recorded, the simulation keeps
+//! the real outputs' layouts and the parsers are tested against the real outputs
+//! themselves (`manage_parse`).
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;

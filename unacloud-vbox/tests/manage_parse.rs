@@ -747,9 +747,19 @@ fn error_other_keeps_raw_text() {
         let (kind, core) = classify(name, "closemedium", "x");
         assert_eq!(kind, FailureKind::Other, "{name}");
         match core {
-            unacloud_core::Error::Backend { backend, message } => {
+            unacloud_core::Error::Generic { backend, source } => {
                 assert_eq!(backend, "virtualbox");
-                assert!(message.contains("Details: code VBOX_E_"), "{message}");
+                match source.downcast_ref::<unacloud_vbox::Error>() {
+                    Some(unacloud_vbox::Error::VBoxManage { failure, .. }) => {
+                        assert_eq!(failure.kind, FailureKind::Other);
+                        assert!(
+                            failure.stderr.contains("Details: code VBOX_E_"),
+                            "{}",
+                            failure.stderr
+                        );
+                    }
+                    other => panic!("{other:?}"),
+                }
             }
             other => panic!("{other:?}"),
         }

@@ -279,7 +279,9 @@ impl Failure {
     }
 
     /// The failure as the core error a [`Hypervisor`](unacloud_core::hypervisor::Hypervisor)
-    /// caller receives; `command` is the shell line, used in the raw-text variant.
+    /// caller receives; `command` is the shell line. A failure of no known kind becomes
+    /// [`unacloud_core::Error::Generic`] whose source is this crate's
+    /// [`Error::VBoxManage`](crate::Error::VBoxManage), with the verbatim output.
     pub fn to_core(&self, command: &str) -> unacloud_core::Error {
         let id = self.target.clone().unwrap_or_default();
         match &self.kind {
@@ -307,24 +309,17 @@ impl Failure {
                 operation: self.operation,
                 after: self.limit,
             },
-            FailureKind::Other => unacloud_core::Error::Backend {
-                backend: "virtualbox".to_owned(),
-                message: format!("{command}: {}", raw_text(self)),
+            // Nothing the core can name: the whole failure (command line, exit code,
+            // parsed report, verbatim output) stays reachable as the error's source.
+            FailureKind::Other => unacloud_core::Error::Generic {
+                backend: "virtualbox",
+                source: Box::new(crate::Error::VBoxManage {
+                    command: command.to_owned(),
+                    failure: Box::new(self.clone()),
+                }),
             },
         }
     }
-}
-
-fn raw_text(f: &Failure) -> String {
-    let err = f.stderr.trim();
-    if !err.is_empty() {
-        return err.to_owned();
-    }
-    let out = f.stdout.trim();
-    if !out.is_empty() {
-        return out.to_owned();
-    }
-    format!("exit code {} with no output", exit_text(f.exit_code))
 }
 
 fn not_found(operation: &str, target: Option<&str>, msg: &str) -> FailureKind {

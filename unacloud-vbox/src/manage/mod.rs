@@ -6,7 +6,8 @@
 //!   limit per call, [`ReplayRunner`] answers with canned outputs and records the
 //!   command lines;
 //! * [`failure`] reads VBoxManage's error lines and classifies them (not found, already
-//!   exists, invalid state, in use, access denied, timeout, other with the raw text);
+//!   exists, invalid state, in use, access denied, timeout; any other failure is kept
+//!   whole as the source of the core error);
 //! * [`parse`] reads the outputs (`list`, `showvminfo --machinereadable`,
 //!   `snapshot list --machinereadable`, `list hdds`/`showmediuminfo`, …);
 //! * [`VBoxManageHypervisor`] implements [`unacloud_core::hypervisor::Hypervisor`] on top;
