@@ -41,7 +41,7 @@ use nix::sys::socket::{
 use super::exec::DEFAULT_COMMAND_TIMEOUT;
 use super::nft::{check_table_name, DEFAULT_TABLE};
 use super::{Colour, ColourBackend, DscpConfig, Scope};
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 
 // <linux/netlink.h>
 const NLM_F_REQUEST: u16 = 0x1;
@@ -444,7 +444,7 @@ fn counter_packets(payload: &[u8]) -> Option<u64> {
 /// use unacloud_snapshot::colour::netlink::NftNetlink;
 /// use unacloud_snapshot::colour::{Colour, ColourBackend, ColourGuard, DscpConfig};
 ///
-/// # fn main() -> Result<(), unacloud_snapshot::Error> {
+/// # fn main() -> Result<(), unacloud_snapshot::net::Error> {
 /// // Needs CAP_NET_ADMIN in the namespace `lab-3` (which must exist).
 /// let nl = NftNetlink::open_in_netns("lab-3", DscpConfig::default())?;
 /// let mut guard = ColourGuard::install(nl)?; // table inet unacloud, empty

@@ -417,8 +417,8 @@ pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
 }
 
 /// The lab's error for a failure of its control plane.
-pub(crate) fn lab_error(e: ControlError) -> crate::Error {
-    crate::Error::Rcpbt {
+pub(crate) fn lab_error(e: ControlError) -> crate::net::Error {
+    crate::net::Error::Rcpbt {
         reason: format!("etcd control plane: {}", with_causes(&e)),
     }
 }

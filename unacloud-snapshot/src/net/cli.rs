@@ -60,7 +60,7 @@ use super::daemon::{
 };
 use super::node::spawn_metadata_server;
 use crate::catalog_store::CatalogStore;
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 use crate::protocol::{Catalog, ClusterId, GlobalSnapshotId, MetadataServerConfig};
 use crate::rcpbt::{run_peer, PeerConfig, TestManager, TestManagerConfig};
 
@@ -540,7 +540,7 @@ pub fn main(args: &[String]) -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", crate::error::error_chain(&e));
+            eprintln!("error: {}", crate::net::error::error_chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -681,7 +681,7 @@ fn run(cli: Cli) -> Result<()> {
                 tm.run().await
             })?;
             let line = serde_json::to_string(&outcome)
-                .map_err(|source| Error::MalformedPayload { source })?;
+                .map_err(|source| crate::protocol::Error::MalformedPayload { source })?;
             println!("{line}");
             Ok(())
         }

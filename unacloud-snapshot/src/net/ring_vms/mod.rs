@@ -54,7 +54,7 @@ use super::ring::{LabGuard, Procs};
 use crate::colour::exec::{check, run_argv};
 use crate::colour::netlink::NftNetlink;
 use crate::colour::{ColourBackend, Scope};
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 use crate::netns::RunDir;
 use crate::netns::{NetnsLab, HUB_ADDR};
 use crate::protocol::{
