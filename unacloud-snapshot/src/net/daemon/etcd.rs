@@ -211,8 +211,10 @@ pub async fn run_candidate_daemon(
     }
     match task.await {
         Ok(r) => r.map_err(control_err),
-        Err(e) => Err(Error::InvalidConfig {
-            reason: format!("the candidate task failed: {e}"),
-        }),
+        // The candidate task panicked or was cancelled: its coordinator node is gone.
+        Err(e) => {
+            tracing::error!(error = %e, "the candidate task failed");
+            Err(Error::NodeStopped)
+        }
     }
 }
