@@ -1,5 +1,5 @@
 //! Errors of the real network: the tokio transport, the daemons, packet colouring,
-//! network namespaces and the RCPBT ring.
+//! network namespaces, the RCPBT ring and (feature `etcd`) the control plane.
 //!
 //! Every fallible function of [`crate::net`], [`crate::colour`], [`crate::netns`] and
 //! [`crate::rcpbt`] returns [`Error`]. A state machine's refusal arrives unchanged as
@@ -24,6 +24,14 @@ pub enum Error {
     /// The coordinator's catalog file could not be read or written.
     #[error(transparent)]
     Catalog(#[from] crate::catalog_store::Error),
+    /// The control plane on etcd failed (unreachable, fenced, a corrupt key, …).
+    #[cfg(feature = "etcd")]
+    #[error("etcd control plane")]
+    Control {
+        /// What the control plane reported.
+        #[from]
+        source: crate::control::ControlError,
+    },
 
     // ----- nodes and configuration --------------------------------------------------
     /// The node (its driver task) has stopped: it was shut down or its connections
@@ -178,7 +186,10 @@ pub enum Error {
 }
 
 /// An error and its sources on one line (`outer: cause: root cause`).
-#[cfg_attr(not(any(feature = "cli", feature = "hypervisor")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "cli", feature = "hypervisor", feature = "etcd")),
+    allow(dead_code)
+)]
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();

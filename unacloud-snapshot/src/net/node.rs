@@ -86,7 +86,7 @@ impl CatalogSink {
             CatalogSink::Etcd(store) => store
                 .save(&catalog)
                 .await
-                .map_err(|e| (crate::control::with_causes(&e), true)),
+                .map_err(|e| (super::error::error_chain(&e), true)),
         }
     }
 }

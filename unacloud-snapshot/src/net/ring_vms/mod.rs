@@ -646,8 +646,6 @@ async fn etcd_lab_start(
 )> {
     let mut ec = crate::control::cluster::EtcdClusterConfig::loopback(e.nodes);
     ec.dir = Some(dir.join("etcd"));
-    let c = crate::control::cluster::EtcdCluster::start(ec)
-        .await
-        .map_err(crate::control::lab_error)?;
+    let c = crate::control::cluster::EtcdCluster::start(ec).await?;
     Ok((c, std::sync::Mutex::new(Vec::new())))
 }
