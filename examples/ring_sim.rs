@@ -35,8 +35,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use unacloud::snapshot::protocol::ClearColourPolicy;
+use unacloud::snapshot::protocol::Error as ProtocolError;
+use unacloud::snapshot::sim::Error;
 use unacloud::snapshot::sim::{simulate_ring, RestoreFrom, RingConfig, RingReport, TransportKind};
-use unacloud::snapshot::Error;
 
 #[derive(Parser, Debug)]
 #[command(about = "RCPBT ring with consistent global snapshots, in the deterministic simulator")]
@@ -131,7 +132,10 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e @ (Error::InvalidConfig { .. } | Error::SnapshotNotRestorable { .. })) => {
+        Err(
+            e @ (Error::InvalidConfig { .. }
+            | Error::Protocol(ProtocolError::SnapshotNotRestorable { .. })),
+        ) => {
             eprintln!("ring_sim: {e}");
             ExitCode::from(2)
         }

@@ -14,7 +14,7 @@ use crate::args;
 use crate::convert::{from_py, to_py};
 use crate::errors::{invalid, missing_file, raise};
 use crate::runtime::{block_on, new_runtime};
-use crate::snapshot::snap_err;
+use crate::snapshot::net_err;
 
 /// The keys of the `ring_vms --json` object, in its order (the report's field order,
 /// which pythonize keeps and a `serde_json::Value` map would sort).
@@ -106,7 +106,7 @@ pub fn ring_vms(
     }
     let progress = progress.filter(|p| !p.is_none());
     py.allow_threads(unacloud_snapshot::netns::probe)
-        .map_err(snap_err)?;
+        .map_err(net_err)?;
     let guest = guest_image(guest_dir)?;
     let python: PathBuf = py
         .import("sys")?
@@ -152,7 +152,7 @@ pub fn ring_vms(
     let report = match outcome {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            let err = snap_err(e);
+            let err = net_err(e);
             let ev = PyDict::new(py);
             ev.set_item("event", "error")?;
             ev.set_item("error", err.value(py).str()?.to_string())?;

@@ -13,7 +13,7 @@ use crate::args;
 use crate::convert::{from_py, to_py};
 use crate::errors::invalid;
 use crate::results::{dataframe, Ticker};
-use crate::snapshot::snap_err;
+use crate::snapshot::sim_err;
 
 /// A non-negative, finite number of milliseconds as a duration.
 fn ms(value: f64, name: &str) -> PyResult<Duration> {
@@ -59,7 +59,7 @@ fn ms_range(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<(Duration, Duration)
 /// `restore_from`: `"latest"`, a global snapshot id, or its decimal string.
 fn restore_arg(obj: &Bound<'_, PyAny>) -> PyResult<RestoreFrom> {
     if let Ok(s) = obj.downcast::<pyo3::types::PyString>() {
-        return s.to_cow()?.parse::<RestoreFrom>().map_err(snap_err);
+        return s.to_cow()?.parse::<RestoreFrom>().map_err(sim_err);
     }
     args::uint::<u64>(obj, "restore_from").map(RestoreFrom::Id)
 }
@@ -248,7 +248,7 @@ pub fn simulate_ring(
         }
         _ => None,
     };
-    c.validate().map_err(snap_err)?;
+    c.validate().map_err(sim_err)?;
     let config = c.clone();
     let budget = c.step_budget();
 
@@ -258,7 +258,7 @@ pub fn simulate_ring(
     let outcome = py.allow_threads(move || -> PyResult<Result<RingReport, PyErr>> {
         let mut cluster = match Cluster::new(c) {
             Ok(cl) => cl,
-            Err(e) => return Ok(Err(snap_err(e))),
+            Err(e) => return Ok(Err(sim_err(e))),
         };
         let mut ticker = Ticker::new();
         let mut stopped: Option<PyErr> = None;
@@ -289,7 +289,7 @@ pub fn simulate_ring(
         }
         Ok(match driven {
             Ok(_) => Ok(RingReport::from_cluster(&cluster)),
-            Err(e) => Err(snap_err(e)),
+            Err(e) => Err(sim_err(e)),
         })
     })?;
     let report = outcome?;

@@ -7,35 +7,62 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use unacloud_snapshot::protocol::{
     decode_frame, encode_frame, ActionId, ActionOutcome, Catalog, ClusterId,
-    Coordinator as RsCoordinator, CoordinatorConfig, Envelope, GlobalSnapshotId, Output,
-    Participant as RsParticipant, ParticipantConfig, ParticipantId, ProtocolEvent,
+    Coordinator as RsCoordinator, CoordinatorConfig, Envelope, Error as ProtocolError,
+    GlobalSnapshotId, Output, Participant as RsParticipant, ParticipantConfig, ParticipantId,
+    ProtocolEvent,
 };
 
 use crate::args;
 use crate::convert::{from_py, to_py};
 use crate::errors::{chain, invalid, raise};
 
-/// Maps a snapshot-crate error; file failures carry `errno` and `filename`.
-pub(crate) fn snap_err(e: unacloud_snapshot::Error) -> PyErr {
-    use unacloud_snapshot::Error as E;
-    match &e {
-        E::CatalogIo { path, source, .. } | E::ResultsIo { path, source } => {
-            return crate::errors::io_err(path, source, chain(&e))
-        }
-        _ => {}
-    }
-    let class = match &e {
+/// The exception class of a protocol error (wire format, state machines).
+fn protocol_class(e: &ProtocolError) -> &'static str {
+    use ProtocolError as E;
+    match e {
         E::InvalidConfig { .. } => "InvalidInput",
-        E::Livelock { .. } => "SimulationError",
-        E::CatalogIo { .. } | E::ResultsIo { .. } => "IoError",
-        E::Timeout { .. } => "Timeout",
-        E::NotPrivileged { .. } => "AccessDenied",
         E::UnsupportedVersion { .. }
         | E::FrameTooLarge { .. }
         | E::TruncatedFrame { .. }
         | E::TrailingBytes { .. }
         | E::EmptyFrame
         | E::MalformedPayload { .. } => "ParseError",
+        _ => "ProtocolError",
+    }
+}
+
+/// Maps an error of the sans-IO protocol.
+pub(crate) fn protocol_err(e: ProtocolError) -> PyErr {
+    raise(protocol_class(&e), chain(&e))
+}
+
+/// Maps an error of the simulator.
+pub(crate) fn sim_err(e: unacloud_snapshot::sim::Error) -> PyErr {
+    use unacloud_snapshot::sim::Error as E;
+    let class = match &e {
+        E::Protocol(p) => protocol_class(p),
+        E::InvalidConfig { .. } => "InvalidInput",
+        _ => "SimulationError",
+    };
+    raise(class, chain(&e))
+}
+
+/// Maps an error of the real network (labs, namespaces); file failures carry `errno`
+/// and `filename`.
+pub(crate) fn net_err(e: unacloud_snapshot::net::Error) -> PyErr {
+    use unacloud_snapshot::catalog_store::Error as C;
+    use unacloud_snapshot::net::Error as E;
+    match &e {
+        E::Catalog(C::Io { path, source, .. }) | E::ResultsIo { path, source } => {
+            return crate::errors::io_err(path, source, chain(&e))
+        }
+        _ => {}
+    }
+    let class = match &e {
+        E::Protocol(p) => protocol_class(p),
+        E::InvalidConfig { .. } | E::Catalog(C::ForeignCluster { .. }) => "InvalidInput",
+        E::Timeout { .. } => "Timeout",
+        E::NotPrivileged { .. } => "AccessDenied",
         _ => "ProtocolError",
     };
     raise(class, chain(&e))
@@ -45,13 +72,13 @@ pub(crate) fn snap_err(e: unacloud_snapshot::Error) -> PyErr {
 #[pyfunction]
 pub fn encode(envelope: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
     let env: Envelope = from_py(envelope, "envelope")?;
-    encode_frame(&env).map_err(snap_err)
+    encode_frame(&env).map_err(protocol_err)
 }
 
 /// Decodes one wire frame into an envelope dict; malformed frames raise `ParseError`.
 #[pyfunction]
 pub fn decode(py: Python<'_>, frame: &[u8]) -> PyResult<PyObject> {
-    let env = decode_frame(frame).map_err(snap_err)?;
+    let env = decode_frame(frame).map_err(protocol_err)?;
     to_py(py, &env)
 }
 
@@ -190,7 +217,7 @@ fn output_dict(py: Python<'_>, o: Output) -> PyResult<PyObject> {
             d.set_item("envelope", to_py(py, &env)?)?;
             d.set_item(
                 "frame",
-                pyo3::types::PyBytes::new(py, &encode_frame(&env).map_err(snap_err)?),
+                pyo3::types::PyBytes::new(py, &encode_frame(&env).map_err(protocol_err)?),
             )?;
         }
         Output::Action { id, action } => {
@@ -209,7 +236,7 @@ fn output_dict(py: Python<'_>, o: Output) -> PyResult<PyObject> {
 fn envelope_from(obj: &Bound<'_, PyAny>) -> PyResult<Envelope> {
     if let Ok(bytes) = obj.extract::<Vec<u8>>() {
         if !obj.is_instance_of::<pyo3::types::PyList>() {
-            return decode_frame(&bytes).map_err(snap_err);
+            return decode_frame(&bytes).map_err(protocol_err);
         }
     }
     from_py(obj, "envelope")
@@ -228,7 +255,7 @@ macro_rules! sans_io_class {
             fn handle_message(&mut self, now: f64, envelope: &Bound<'_, PyAny>) -> PyResult<()> {
                 let t = self.clock.at(now)?;
                 let env = envelope_from(envelope)?;
-                self.inner.handle_message(t, env).map_err(snap_err)
+                self.inner.handle_message(t, env).map_err(protocol_err)
             }
             /// Reports the outcome of host action `action_id`: `outcome` is `done`,
             /// `vms_running` (with `running`), `snapshot_taken` (a local snapshot whose
@@ -250,7 +277,7 @@ macro_rules! sans_io_class {
                 let o = self::outcome(outcome, running, local_time, error)?;
                 self.inner
                     .handle_action_complete(t, ActionId(action_id), o)
-                    .map_err(snap_err)
+                    .map_err(protocol_err)
             }
             /// Fires due timers.
             fn handle_timeout(&mut self, now: f64) -> PyResult<()> {
@@ -297,7 +324,7 @@ sans_io_class!(Coordinator {
             vms,
         );
         let inner =
-            RsCoordinator::new(config, Catalog::new(ClusterId(cluster))).map_err(snap_err)?;
+            RsCoordinator::new(config, Catalog::new(ClusterId(cluster))).map_err(protocol_err)?;
         Ok(Coordinator {
             inner,
             clock: Clock::new(),
@@ -309,7 +336,7 @@ sans_io_class!(Coordinator {
         self.inner
             .start_global_snapshot(t)
             .map(|g| g.0)
-            .map_err(snap_err)
+            .map_err(protocol_err)
     }
     /// Starts the resume protocol from global snapshot `gs` (default: latest complete).
     #[pyo3(signature = (now, gs=None))]
@@ -322,7 +349,7 @@ sans_io_class!(Coordinator {
         self.inner
             .start_resume(t, gs.map(GlobalSnapshotId))
             .map(|_| ())
-            .map_err(snap_err)
+            .map_err(protocol_err)
     }
     /// Ids of the completed (restorable) global snapshots.
     fn completed(&self) -> Vec<u64> {
@@ -360,7 +387,7 @@ sans_io_class!(Participant {
             ParticipantId(id),
             vms,
         ))
-        .map_err(snap_err)?;
+        .map_err(protocol_err)?;
         Ok(Participant {
             inner,
             clock: Clock::new(),

@@ -103,7 +103,7 @@
 //! // A second global snapshot while none runs is fine; while one runs it is refused.
 //! coordinator.start_global_snapshot(now)?;
 //! assert!(coordinator.start_global_snapshot(now).is_err());
-//! # Ok::<(), unacloud_snapshot::Error>(())
+//! # Ok::<(), unacloud_snapshot::protocol::Error>(())
 //! ```
 //!
 //! ## Design
@@ -120,8 +120,13 @@
 //! * [`catalog_store`] — the coordinator's catalog of completed global snapshots, persisted
 //!   atomically (temporary file + rename) so a restarted coordinator never reuses an epoch
 //!   and only offers completed global snapshots for restore.
-//! * [`error`] — the crate's error type, [`Error`]; its variants for the network,
-//!   packet colouring and the simulator exist only with the features that produce them.
+//! * Errors: one type per layer, each describing only what its layer did, the outer
+//!   ones wrapping the inner ones as their `source`. [`protocol::Error`] (wire format,
+//!   state machines, their configuration; no I/O), [`catalog_store::Error`] (the catalog
+//!   file), [`sim::Error`] (the simulator: its configuration, the step budget) and, with
+//!   the `tokio` feature, `net::Error` (transport, daemons, packet colouring, namespaces,
+//!   the RCPBT ring, the etcd control plane), which carries the protocol's and the
+//!   catalog file's errors unchanged in `net::Error::Protocol` and `net::Error::Catalog`.
 //! * Without default features (no `sim`, no `tokio`) the crate is the sans-IO protocol
 //!   alone: no tokio, no rand.
 //! * [`sim`] (feature `sim`, on by default) — a deterministic simulator (virtual
@@ -150,7 +155,6 @@
 #![deny(missing_docs)]
 
 pub mod catalog_store;
-pub mod error;
 pub mod protocol;
 #[cfg(feature = "sim")]
 pub mod sim;
@@ -165,5 +169,3 @@ pub mod net;
 pub mod netns;
 #[cfg(feature = "tokio")]
 pub mod rcpbt;
-
-pub use error::{Error, Operation, Result};

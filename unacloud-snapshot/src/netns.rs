@@ -21,7 +21,7 @@
 use std::time::Duration;
 
 use crate::colour::exec::{check, run_argv};
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 
 /// The family prefix of every namespace this module creates.
 pub const FAMILY_PREFIX: &str = "ucn-";

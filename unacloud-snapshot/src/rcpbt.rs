@@ -30,7 +30,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 
 fn rerr(reason: impl Into<String>) -> Error {
     Error::Rcpbt {

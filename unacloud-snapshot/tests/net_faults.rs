@@ -30,7 +30,7 @@ use unacloud_snapshot::protocol::{
     ActionOutcome, ClusterId, CoordinatorConfig, FailureReason, GlobalSnapshotId, HostAction,
     Message, ParticipantConfig, ParticipantId, ProtocolEvent, Timeouts,
 };
-use unacloud_snapshot::Error;
+use unacloud_snapshot::{net::Error, protocol};
 
 mod net_support;
 use net_support::{Log, Recorder};
@@ -273,7 +273,9 @@ impl Cluster {
         loop {
             match self.coord().start_global_snapshot().await {
                 Ok(gs) => return gs,
-                Err(Error::Busy { .. }) if t0.elapsed() < Duration::from_secs(3) => {
+                Err(Error::Protocol(protocol::Error::Busy { .. }))
+                    if t0.elapsed() < Duration::from_secs(3) =>
+                {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => panic!("global snapshot not started: {e}"),
@@ -286,11 +288,13 @@ impl Cluster {
     async fn start_resume(
         &mut self,
         gs: Option<GlobalSnapshotId>,
-    ) -> unacloud_snapshot::Result<GlobalSnapshotId> {
+    ) -> unacloud_snapshot::net::Result<GlobalSnapshotId> {
         let t0 = Instant::now();
         loop {
             match self.coord().start_resume(gs).await {
-                Err(Error::Busy { .. }) if t0.elapsed() < Duration::from_secs(3) => {
+                Err(Error::Protocol(protocol::Error::Busy { .. }))
+                    if t0.elapsed() < Duration::from_secs(3) =>
+                {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 other => return other,
@@ -451,7 +455,7 @@ async fn a_failed_local_snapshot(operation: &str) {
 
     // Never in the catalog, in memory or on disk; the previous one stays restorable.
     match c.start_resume(Some(bad)).await {
-        Err(Error::SnapshotNotRestorable { gs, completed }) => {
+        Err(Error::Protocol(protocol::Error::SnapshotNotRestorable { gs, completed })) => {
             assert_eq!(gs, bad);
             assert_eq!(completed, vec![good]);
         }
@@ -581,7 +585,9 @@ async fn a_host_that_is_not_ready_refuses_before_anything_is_coloured() {
         assert!(
             matches!(
                 c.start_resume(Some(gs)).await,
-                Err(Error::SnapshotNotRestorable { .. })
+                Err(Error::Protocol(
+                    protocol::Error::SnapshotNotRestorable { .. }
+                ))
             ),
             "{case}"
         );

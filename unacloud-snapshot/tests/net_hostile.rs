@@ -898,7 +898,7 @@ async fn silent_connections_are_closed_and_established_ones_kept_alive() {
     while let Some(f) = quiet.frame().await {
         match s.open(f) {
             Ok((FrameKind::Ping, _)) => pings += 1,
-            Err(unacloud_snapshot::Error::PeerRejected { reason: r, .. }) => reason = Some(r),
+            Err(unacloud_snapshot::net::Error::PeerRejected { reason: r, .. }) => reason = Some(r),
             other => panic!("{other:?}"),
         }
     }

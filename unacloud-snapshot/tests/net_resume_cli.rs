@@ -19,6 +19,7 @@ use unacloud_core::memory::InMemoryHypervisor;
 use unacloud_core::model::{HardwareProfile, PowerState, VmId, VmSpec};
 use unacloud_snapshot::net::conn::request;
 use unacloud_snapshot::net::daemon::{trigger_global_snapshot, trigger_resume};
+use unacloud_snapshot::net::Error;
 use unacloud_snapshot::net::{
     spawn_coordinator, spawn_metadata_server, spawn_participant, LocalSnapshot,
     MetadataServerHandle, NodeEvent, NodeHandle, TransportConfig, VmHost,
@@ -27,7 +28,6 @@ use unacloud_snapshot::protocol::{
     ClusterId, CoordinatorConfig, Envelope, GlobalSnapshotId, Message, MetadataServerConfig,
     ParticipantConfig, ParticipantId, ProtocolEvent,
 };
-use unacloud_snapshot::Error;
 
 const CLUSTER: u64 = 42;
 const WAIT: Duration = Duration::from_secs(20);

@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use unacloud_snapshot::colour::Colour;
 use unacloud_snapshot::net::conn::request;
 use unacloud_snapshot::net::daemon::trigger_global_snapshot;
+use unacloud_snapshot::net::Error;
 use unacloud_snapshot::net::{
     spawn_coordinator, spawn_metadata_server, spawn_participant, ClusterKey, LocalSnapshot,
     MetadataServerHandle, NodeEvent, TransportConfig, VmHost,
@@ -20,7 +21,6 @@ use unacloud_snapshot::protocol::{
     ClusterId, CoordinatorConfig, Envelope, Message, MetadataServerConfig, ParticipantConfig,
     ParticipantId, ProtocolEvent,
 };
-use unacloud_snapshot::Error;
 
 /// A colouring backend that records calls (the network test needs no netfilter).
 mod net_support;

@@ -224,7 +224,7 @@ fn a_participant_whose_snapshot_never_becomes_durable_fails_the_global_snapshot(
     }
     assert!(matches!(
         c.coord.start_resume(c.now, None),
-        Err(unacloud_snapshot::Error::NoRestorableSnapshot)
+        Err(unacloud_snapshot::protocol::Error::NoRestorableSnapshot)
     ));
 }
 

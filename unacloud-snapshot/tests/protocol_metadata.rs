@@ -4,7 +4,6 @@
 use std::time::{Duration, Instant};
 
 use unacloud_snapshot::protocol::*;
-use unacloud_snapshot::Error;
 
 const C: ClusterId = ClusterId(5);
 

@@ -6,9 +6,8 @@ mod protocol_support;
 use std::time::Duration;
 
 use protocol_support::*;
-use unacloud_snapshot::catalog_store::CatalogStore;
+use unacloud_snapshot::catalog_store::{self, CatalogStore};
 use unacloud_snapshot::protocol::*;
-use unacloud_snapshot::Error;
 
 fn p(id: u32) -> ParticipantId {
     ParticipantId(id)
@@ -275,15 +274,18 @@ fn the_catalog_file_is_replaced_atomically_and_corruption_is_reported() {
     // Another cluster's catalog is refused.
     assert!(matches!(
         store.load_or_new(ClusterId(1)),
-        Err(Error::InvalidConfig { .. })
+        Err(catalog_store::Error::ForeignCluster { .. })
     ));
     // A torn or foreign file is a typed error naming the path.
     std::fs::write(&path, b"{\"format\": 1, \"clus").unwrap();
     let err = store.load().unwrap_err();
-    assert!(matches!(&err, Error::CatalogCorrupt { path: p, .. } if p == &path));
+    assert!(matches!(&err, catalog_store::Error::Corrupt { path: p, .. } if p == &path));
     // Saving into a missing directory fails cleanly.
     let bad = CatalogStore::new(dir.path().join("missing/catalog.json"));
-    assert!(matches!(bad.save(&cat), Err(Error::CatalogIo { .. })));
+    assert!(matches!(
+        bad.save(&cat),
+        Err(catalog_store::Error::Io { .. })
+    ));
 }
 
 #[test]

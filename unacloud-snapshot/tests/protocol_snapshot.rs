@@ -8,7 +8,6 @@ use std::time::Duration;
 use proptest::prelude::*;
 use protocol_support::*;
 use unacloud_snapshot::protocol::*;
-use unacloud_snapshot::{Error, Operation};
 
 fn p(id: u32) -> ParticipantId {
     ParticipantId(id)

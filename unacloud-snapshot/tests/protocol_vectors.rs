@@ -343,7 +343,7 @@ fn the_published_vectors_decode_to_their_fields_and_fail_when_altered() {
     done[20] ^= 0x01;
     assert!(matches!(
         s.open(post.decode_one(&done).unwrap()),
-        Err(unacloud_snapshot::Error::Authentication { .. })
+        Err(unacloud_snapshot::net::Error::Authentication { .. })
     ));
 }
 

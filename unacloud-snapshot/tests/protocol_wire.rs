@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use unacloud_snapshot::protocol::*;
-use unacloud_snapshot::Error;
 
 fn arb_text() -> impl Strategy<Value = String> {
     prop_oneof![".{0,24}", "[a-z0-9.-]{0,16}"]

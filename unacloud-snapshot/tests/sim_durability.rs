@@ -348,7 +348,7 @@ fn done_before_durable_without_a_durability_delay_is_a_configuration_error() {
     })
     .unwrap_err();
     assert!(
-        matches!(err, unacloud_snapshot::Error::InvalidConfig { ref reason } if reason.contains("durability")),
+        matches!(err, unacloud_snapshot::sim::Error::InvalidConfig { ref reason } if reason.contains("durability")),
         "{err}"
     );
     let err = Cluster::new(RingConfig {
@@ -359,7 +359,7 @@ fn done_before_durable_without_a_durability_delay_is_a_configuration_error() {
     .unwrap_err();
     assert!(matches!(
         err,
-        unacloud_snapshot::Error::InvalidConfig { .. }
+        unacloud_snapshot::sim::Error::InvalidConfig { .. }
     ));
 }
 

@@ -326,7 +326,7 @@ fn the_report_has_exactly_the_documented_keys() {
 
 #[test]
 fn bad_configurations_are_typed_errors() {
-    use unacloud_snapshot::Error;
+    use unacloud_snapshot::sim::Error;
     for cfg in [
         RingConfig {
             nodes: 1,
@@ -368,7 +368,9 @@ fn restoring_a_snapshot_that_never_completed_is_refused() {
     };
     assert!(matches!(
         simulate_ring(cfg),
-        Err(unacloud_snapshot::Error::SnapshotNotRestorable { .. })
+        Err(unacloud_snapshot::sim::Error::Protocol(
+            unacloud_snapshot::protocol::Error::SnapshotNotRestorable { .. }
+        ))
     ));
 }
 

@@ -12,7 +12,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 
 /// Default bound on one command's run time.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);

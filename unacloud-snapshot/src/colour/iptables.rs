@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use super::exec::{check, CommandExecutor, CommandOutput, DEFAULT_COMMAND_TIMEOUT};
 use super::{Colour, ColourBackend, DscpConfig, Scope};
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 
 /// Rule generation and execution for `iptables`.
 #[derive(Debug)]

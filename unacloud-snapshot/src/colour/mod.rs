@@ -53,7 +53,7 @@ pub mod nft;
 
 use std::fmt;
 
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 pub use crate::protocol::{Colour, DscpConfig};
 
 /// Which datagrams a backend colours and filters.

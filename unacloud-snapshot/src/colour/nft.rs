@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use super::exec::{check, CommandExecutor, DEFAULT_COMMAND_TIMEOUT};
 use super::{Colour, ColourBackend, DscpConfig, Scope};
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 
 /// Runs nft command lines (one transaction each) and returns the JSON output of list
 /// commands.

@@ -332,7 +332,7 @@ async fn coordinate(
                         };
                         match r {
                             Ok(_) => busy = true,
-                            Err(crate::Error::Busy { .. }) => {
+                            Err(crate::net::Error::Protocol(crate::protocol::Error::Busy { .. })) => {
                                 // Still cleaning up: queue it again for the next tick.
                                 let _ = catalog::put_trigger(etcd, &t).await;
                             }

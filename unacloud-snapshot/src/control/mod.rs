@@ -404,25 +404,6 @@ impl Etcd {
     }
 }
 
-/// The error's message followed by its causes, `: `-separated (for the one-line reports
-/// of daemons and events).
-pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        text.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    text
-}
-
-/// The lab's error for a failure of its control plane.
-pub(crate) fn lab_error(e: ControlError) -> crate::Error {
-    crate::Error::Rcpbt {
-        reason: format!("etcd control plane: {}", with_causes(&e)),
-    }
-}
-
 /// Parses a JSON value read from `key`.
 pub(crate) fn from_json<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|source| ControlError::Corrupt {

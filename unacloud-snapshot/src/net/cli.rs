@@ -60,7 +60,7 @@ use super::daemon::{
 };
 use super::node::spawn_metadata_server;
 use crate::catalog_store::CatalogStore;
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 use crate::protocol::{Catalog, ClusterId, GlobalSnapshotId, MetadataServerConfig};
 use crate::rcpbt::{run_peer, PeerConfig, TestManager, TestManagerConfig};
 
@@ -540,7 +540,7 @@ pub fn main(args: &[String]) -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", crate::error::error_chain(&e));
+            eprintln!("error: {}", crate::net::error::error_chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -681,7 +681,7 @@ fn run(cli: Cli) -> Result<()> {
                 tm.run().await
             })?;
             let line = serde_json::to_string(&outcome)
-                .map_err(|source| Error::MalformedPayload { source })?;
+                .map_err(|source| crate::protocol::Error::MalformedPayload { source })?;
             println!("{line}");
             Ok(())
         }
@@ -883,8 +883,9 @@ type EtcdControlArg = ();
 
 #[cfg(feature = "etcd")]
 fn etcd_endpoints(list: &str) -> Result<Vec<String>> {
-    crate::control::EtcdConfig::parse_endpoints(list).map_err(|e| Error::InvalidConfig {
-        reason: e.to_string(),
+    crate::control::EtcdConfig::parse_endpoints(list).map_err(|e| match e {
+        crate::control::ControlError::InvalidConfig { reason } => Error::InvalidConfig { reason },
+        other => other.into(),
     })
 }
 
@@ -956,9 +957,7 @@ fn etcd_trigger(cfg: &DaemonConfig, c: &ControlArgs, t: EtcdTrigger) -> Result<(
             crate::control::catalog::put_trigger(&etcd, &t).await
         })
         .map(|_| ())
-        .map_err(|e| Error::InvalidConfig {
-            reason: e.to_string(),
-        })
+        .map_err(Error::from)
 }
 
 #[cfg(not(feature = "etcd"))]
@@ -1016,20 +1015,16 @@ fn etcd_catalog(cfg: &DaemonConfig, a: &CatalogArgs) -> Result<()> {
     let control = etcd_control(&a.control)?;
     let ec = crate::control::EtcdConfig::new(control.endpoints, ClusterId(cfg.cluster));
     let times = a.times_csv;
-    let (catalog, csv, prefix) = runtime(1)?
-        .block_on(async move {
-            let etcd = crate::control::Etcd::connect(&ec).await?;
-            let cat = crate::control::catalog::load(&etcd).await?;
-            let csv = if times {
-                Some(crate::control::catalog::times_csv(&etcd).await?)
-            } else {
-                None
-            };
-            Ok::<_, crate::control::ControlError>((cat, csv, etcd.key("catalog/")))
-        })
-        .map_err(|e| Error::InvalidConfig {
-            reason: e.to_string(),
-        })?;
+    let (catalog, csv, prefix) = runtime(1)?.block_on(async move {
+        let etcd = crate::control::Etcd::connect(&ec).await?;
+        let cat = crate::control::catalog::load(&etcd).await?;
+        let csv = if times {
+            Some(crate::control::catalog::times_csv(&etcd).await?)
+        } else {
+            None
+        };
+        Ok::<_, crate::control::ControlError>((cat, csv, etcd.key("catalog/")))
+    })?;
     if let Some(csv) = csv {
         print!("{csv}");
     } else if a.json {

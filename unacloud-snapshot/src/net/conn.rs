@@ -34,8 +34,8 @@ use super::frame::{
     encode_frame, reject_body, ClientHandshake, ClusterKey, FrameDecoder, FrameKind, RawFrame,
     ServerHandshake, Session, MAX_HANDSHAKE_LEN, NONCE_LEN,
 };
-use crate::error::{Error, Result};
-use crate::protocol::{ClusterId, Envelope, ParticipantId};
+use crate::net::{Error, Result};
+use crate::protocol::{self, ClusterId, Envelope, ParticipantId};
 
 /// Transport settings shared by every connection of a node.
 #[derive(Debug, Clone)]
@@ -389,7 +389,7 @@ async fn pump(
                     let _ = tokio::time::timeout(Duration::from_millis(200), wire.wr.shutdown()).await;
                     return Ok(());
                 };
-                let body = serde_json::to_vec(&envelope).map_err(|source| Error::MalformedPayload { source })?;
+                let body = serde_json::to_vec(&envelope).map_err(|source| protocol::Error::MalformedPayload { source })?;
                 let frame = session.seal(FrameKind::Data, &body);
                 wire.write(&frame).await?;
                 last_out = Instant::now();
@@ -802,8 +802,8 @@ pub async fn request(
 ) -> Result<Envelope> {
     let fut = async {
         let (mut wire, mut session) = dial(addr, cfg, envelope.from, envelope.to).await?;
-        let body =
-            serde_json::to_vec(&envelope).map_err(|source| Error::MalformedPayload { source })?;
+        let body = serde_json::to_vec(&envelope)
+            .map_err(|source| protocol::Error::MalformedPayload { source })?;
         wire.write(&session.seal(FrameKind::Data, &body)).await?;
         loop {
             let frame = wire.read().await?.ok_or_else(|| Error::TransportFrame {

@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 
 use crate::colour::exec::run_argv;
 use crate::colour::{Colour, ColourBackend};
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 use crate::protocol::{ActionOutcome, GlobalSnapshotId, HostAction};
 
 /// Performs host actions for a state machine. Object safe; drivers hold an
@@ -542,7 +542,7 @@ fn cannot_resume(inner: &Inner) -> Error {
 }
 
 #[cfg(feature = "hypervisor")]
-use crate::error::error_chain as chain;
+use crate::net::error::error_chain as chain;
 
 /// Whether `vm` runs and its host has room for a snapshot with memory; the reason
 /// when not (naming the VM, the bytes needed and the bytes free).

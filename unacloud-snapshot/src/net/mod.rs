@@ -28,6 +28,7 @@
 pub mod cli;
 pub mod conn;
 pub mod daemon;
+mod error;
 pub mod frame;
 pub mod host;
 pub mod node;
@@ -36,6 +37,7 @@ pub mod ring;
 pub mod ring_vms;
 
 pub use conn::TransportConfig;
+pub use error::{Error, Result};
 pub use frame::ClusterKey;
 pub use host::{HostActions, HostSummary, LocalSnapshot, VmHost};
 pub use node::{

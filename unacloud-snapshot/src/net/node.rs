@@ -19,11 +19,11 @@ use tokio_util::sync::CancellationToken;
 use super::conn::{serve, Admission, Client, ConnId, Inbound, Router, TransportConfig};
 use super::host::{HostActions, HostSummary};
 use crate::catalog_store::CatalogStore;
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 use crate::protocol::{
-    ActionId, ActionOutcome, Catalog, Coordinator, CoordinatorConfig, Envelope, GlobalSnapshotId,
-    Message, MetadataServer, MetadataServerConfig, Output, Participant, ParticipantConfig,
-    ParticipantId, ProtocolEvent, SnapshotTimes,
+    self, ActionId, ActionOutcome, Catalog, Coordinator, CoordinatorConfig, Envelope,
+    GlobalSnapshotId, Message, MetadataServer, MetadataServerConfig, Output, Participant,
+    ParticipantConfig, ParticipantId, ProtocolEvent, SnapshotTimes,
 };
 use crate::rcpbt::append_results;
 
@@ -86,32 +86,32 @@ impl CatalogSink {
             CatalogSink::Etcd(store) => store
                 .save(&catalog)
                 .await
-                .map_err(|e| (crate::control::with_causes(&e), true)),
+                .map_err(|e| (super::error::error_chain(&e), true)),
         }
     }
 }
 
 enum Control {
-    StartGlobalSnapshot(oneshot::Sender<Result<GlobalSnapshotId>>),
+    StartGlobalSnapshot(oneshot::Sender<protocol::Result<GlobalSnapshotId>>),
     StartResume(
         Option<GlobalSnapshotId>,
-        oneshot::Sender<Result<GlobalSnapshotId>>,
+        oneshot::Sender<protocol::Result<GlobalSnapshotId>>,
     ),
 }
 
 trait Machine: Send + 'static {
-    fn handle_message(&mut self, now: Instant, envelope: Envelope) -> Result<()>;
+    fn handle_message(&mut self, now: Instant, envelope: Envelope) -> protocol::Result<()>;
     fn handle_action_complete(
         &mut self,
         now: Instant,
         id: ActionId,
         o: ActionOutcome,
-    ) -> Result<()>;
+    ) -> protocol::Result<()>;
     fn handle_timeout(&mut self, now: Instant);
     fn poll_output(&mut self) -> Option<Output>;
     fn poll_timeout(&self) -> Option<Instant>;
-    fn start_global_snapshot(&mut self, _now: Instant) -> Result<GlobalSnapshotId> {
-        Err(Error::InvalidConfig {
+    fn start_global_snapshot(&mut self, _now: Instant) -> protocol::Result<GlobalSnapshotId> {
+        Err(protocol::Error::InvalidConfig {
             reason: "only the coordinator starts global snapshots".to_string(),
         })
     }
@@ -119,8 +119,8 @@ trait Machine: Send + 'static {
         &mut self,
         _now: Instant,
         _gs: Option<GlobalSnapshotId>,
-    ) -> Result<GlobalSnapshotId> {
-        Err(Error::InvalidConfig {
+    ) -> protocol::Result<GlobalSnapshotId> {
+        Err(protocol::Error::InvalidConfig {
             reason: "only the coordinator starts a resume".to_string(),
         })
     }
@@ -132,7 +132,7 @@ trait Machine: Send + 'static {
 }
 
 impl Machine for Coordinator {
-    fn handle_message(&mut self, now: Instant, envelope: Envelope) -> Result<()> {
+    fn handle_message(&mut self, now: Instant, envelope: Envelope) -> protocol::Result<()> {
         Coordinator::handle_message(self, now, envelope)
     }
     fn handle_action_complete(
@@ -140,7 +140,7 @@ impl Machine for Coordinator {
         now: Instant,
         id: ActionId,
         o: ActionOutcome,
-    ) -> Result<()> {
+    ) -> protocol::Result<()> {
         Coordinator::handle_action_complete(self, now, id, o)
     }
     fn handle_timeout(&mut self, now: Instant) {
@@ -152,14 +152,14 @@ impl Machine for Coordinator {
     fn poll_timeout(&self) -> Option<Instant> {
         Coordinator::poll_timeout(self)
     }
-    fn start_global_snapshot(&mut self, now: Instant) -> Result<GlobalSnapshotId> {
+    fn start_global_snapshot(&mut self, now: Instant) -> protocol::Result<GlobalSnapshotId> {
         Coordinator::start_global_snapshot(self, now)
     }
     fn start_resume(
         &mut self,
         now: Instant,
         gs: Option<GlobalSnapshotId>,
-    ) -> Result<GlobalSnapshotId> {
+    ) -> protocol::Result<GlobalSnapshotId> {
         Coordinator::start_resume(self, now, gs)
     }
     fn catalog_to_persist(&self) -> Option<crate::protocol::Catalog> {
@@ -168,7 +168,7 @@ impl Machine for Coordinator {
 }
 
 impl Machine for Participant {
-    fn handle_message(&mut self, now: Instant, envelope: Envelope) -> Result<()> {
+    fn handle_message(&mut self, now: Instant, envelope: Envelope) -> protocol::Result<()> {
         Participant::handle_message(self, now, envelope)
     }
     fn handle_action_complete(
@@ -176,7 +176,7 @@ impl Machine for Participant {
         now: Instant,
         id: ActionId,
         o: ActionOutcome,
-    ) -> Result<()> {
+    ) -> protocol::Result<()> {
         Participant::handle_action_complete(self, now, id, o)
     }
     fn handle_timeout(&mut self, now: Instant) {
@@ -330,7 +330,8 @@ pub struct NodeHandle {
 
 impl NodeHandle {
     /// Asks the coordinator to start a global snapshot now (as the metadata server's
-    /// trigger would). Fails with [`Error::Busy`] while one runs.
+    /// trigger would). Fails with [`protocol::Error::Busy`] (in [`Error::Protocol`]) while
+    /// one runs.
     pub async fn start_global_snapshot(&self) -> Result<GlobalSnapshotId> {
         let (tx, rx) = oneshot::channel();
         let stopped = || Error::NodeStopped;
@@ -338,13 +339,16 @@ impl NodeHandle {
             .send(Control::StartGlobalSnapshot(tx))
             .await
             .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        Ok(rx.await.map_err(|_| stopped())??)
     }
 
     /// Asks the coordinator to resume the application from `gs` (by default the latest
     /// completed global snapshot): POLL, RESTORE and START over the network. Returns the
     /// global snapshot being restored; the outcome arrives as a protocol event. Fails with
-    /// [`Error::Busy`] while something runs and when nothing is restorable.
+    /// [`protocol::Error::Busy`] while something runs, and with
+    /// [`protocol::Error::NoRestorableSnapshot`] or
+    /// [`protocol::Error::SnapshotNotRestorable`] when nothing is restorable (all in
+    /// [`Error::Protocol`]).
     pub async fn start_resume(&self, gs: Option<GlobalSnapshotId>) -> Result<GlobalSnapshotId> {
         let (tx, rx) = oneshot::channel();
         let stopped = || Error::NodeStopped;
@@ -352,7 +356,7 @@ impl NodeHandle {
             .send(Control::StartResume(gs, tx))
             .await
             .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        Ok(rx.await.map_err(|_| stopped())??)
     }
 
     /// The coordinator's listening address.

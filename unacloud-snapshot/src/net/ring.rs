@@ -30,7 +30,7 @@ use crate::colour::exec::NetnsExec;
 use crate::colour::iptables::Iptables;
 use crate::colour::nft::{Nft, NftOneShot};
 use crate::colour::ColourBackend;
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 use crate::netns::{NetnsLab, RunDir, DIE_WITH_PARENT_ENV, HUB_ADDR};
 use crate::protocol::{ClusterId, DscpConfig, MetadataServerConfig};
 

@@ -14,8 +14,6 @@ use crate::control::cluster::{EtcdCluster, EtcdClusterConfig};
 use crate::control::election;
 use crate::control::{Etcd, EtcdConfig};
 
-use crate::control::lab_error as control;
-
 fn free_loopback_ports(n: usize) -> Result<Vec<u16>> {
     let mut held = Vec::new();
     for _ in 0..n {
@@ -68,11 +66,9 @@ pub(super) async fn run(cfg: RingNetnsConfig, e: EtcdLabConfig) -> Result<RingNe
     let etcd_dir = dir.path().join("etcd");
     let mut ec = EtcdClusterConfig::loopback(e.nodes);
     ec.dir = Some(etcd_dir.clone());
-    let etcd_cluster = EtcdCluster::start(ec).await.map_err(control)?;
+    let etcd_cluster = EtcdCluster::start(ec).await?;
     let endpoints = etcd_cluster.endpoints_arg();
-    let etcd = Etcd::connect(&EtcdConfig::new(etcd_cluster.endpoints(), cluster))
-        .await
-        .map_err(control)?;
+    let etcd = Etcd::connect(&EtcdConfig::new(etcd_cluster.endpoints(), cluster)).await?;
     let mut etcd_pids: Vec<u32> = Vec::new();
 
     let mut procs = Procs::default();
@@ -204,7 +200,7 @@ pub(super) async fn run(cfg: RingNetnsConfig, e: EtcdLabConfig) -> Result<RingNe
             tokio::time::sleep(Duration::from_millis(100)).await;
             put = catalog::put_trigger(&etcd, &Trigger::GlobalSnapshot).await;
         }
-        put.map_err(control)?;
+        put?;
         let wait = (cfg.snapshot_timeout * 2 + Duration::from_secs(5) + e.lease_ttl).min(left());
         let got = wait_event(&mut ev_rx, wait, |i, v| {
             i >= peers
@@ -243,7 +239,7 @@ pub(super) async fn run(cfg: RingNetnsConfig, e: EtcdLabConfig) -> Result<RingNe
         }
         let done = report.global_snapshots_completed;
         if e.kill_coordinator_after == Some(done) && done < cfg.snapshots {
-            let leader = election::current_leader(&etcd).await.map_err(control)?;
+            let leader = election::current_leader(&etcd).await?;
             let idx =
                 leader.and_then(|l| candidate_pids.iter().position(|p| *p == Some(l.pid as i32)));
             if let Some(c) = idx {
@@ -281,8 +277,7 @@ pub(super) async fn run(cfg: RingNetnsConfig, e: EtcdLabConfig) -> Result<RingNe
     report.tokens_counted = counted;
     report.ring_duration_s = duration;
     er.catalog_in_etcd = catalog::recorded(&etcd)
-        .await
-        .map_err(control)?
+        .await?
         .iter()
         .map(|r| r.snapshot.gs.0)
         .collect();

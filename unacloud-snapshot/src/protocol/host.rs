@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::config::ClearColourPolicy;
 use super::ids::{ActionId, Colour, GlobalSnapshotId};
 use super::output::{ActionOutcome, HostAction, Output, ProtocolEvent};
-use crate::error::{Error, Result};
+use crate::protocol::error::{Error, Result};
 
 /// How many times a failing ClearAll is tried before it is reported.
 pub(crate) const CLEANUP_TRIES: u8 = 3;

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-use crate::error::{Error, Result};
+use crate::protocol::error::{Error, Result};
 
 /// A node of the snapshot group. Ids are handed out by the metadata server from 0;
 /// [`ParticipantId::COORDINATOR`] (0) coordinates.

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 use super::ids::{ClusterId, GlobalSnapshotId, ParticipantId, ResumeAttempt};
-use crate::error::{Error, Result};
+use crate::protocol::error::{Error, Result};
 
 /// Serialises a [`Duration`] as whole microseconds (`u64`), the unit of every time field on
 /// the wire.

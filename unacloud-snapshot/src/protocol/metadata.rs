@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use super::ids::{ClusterId, GlobalSnapshotId, ParticipantId};
 use super::message::{Envelope, LocalTime, Message, Registration};
 use super::output::{Output, ProtocolEvent};
-use crate::error::{Error, Result};
+use crate::protocol::error::{Error, Result};
 
 const ROLE: &str = "metadata server";
 

@@ -10,6 +10,7 @@
 mod catalog;
 mod config;
 mod coordinator;
+mod error;
 mod host;
 mod ids;
 mod message;
@@ -21,6 +22,7 @@ mod wire;
 pub use catalog::{Catalog, CompletedSnapshot};
 pub use config::{ClearColourPolicy, CoordinatorConfig, ParticipantConfig, Timeouts};
 pub use coordinator::Coordinator;
+pub use error::{Error, Operation, Result};
 pub use ids::{
     ActionId, ClusterId, Colour, DscpConfig, GlobalSnapshotId, ParticipantId, ResumeAttempt,
 };

@@ -30,7 +30,7 @@ use super::host::{
 use super::ids::{ActionId, GlobalSnapshotId, ParticipantId, ResumeAttempt};
 use super::message::{Envelope, Message};
 use super::output::{ActionOutcome, HostAction, Output, ProtocolEvent};
-use crate::error::{Error, Result};
+use crate::protocol::error::{Error, Result};
 
 const ROLE: &str = "participant";
 

@@ -12,7 +12,7 @@
 //! [`Error`].
 
 use super::message::Envelope;
-use crate::error::{Error, Result};
+use crate::protocol::error::{Error, Result};
 
 /// The wire-format version this implementation speaks.
 pub const WIRE_VERSION: u8 = 1;
@@ -35,7 +35,7 @@ pub const LENGTH_PREFIX_LEN: usize = 4;
 /// let frame = encode_frame(&env)?;
 /// assert_eq!(frame[4], WIRE_VERSION);
 /// assert_eq!(decode_frame(&frame)?, env);
-/// # Ok::<(), unacloud_snapshot::Error>(())
+/// # Ok::<(), unacloud_snapshot::protocol::Error>(())
 /// ```
 pub fn encode_frame(envelope: &Envelope) -> Result<Vec<u8>> {
     let mut frame = Vec::with_capacity(128);
@@ -143,7 +143,7 @@ pub fn decode_frame_prefix(bytes: &[u8]) -> Result<Option<(Envelope, usize)>> {
 /// assert_eq!(decoder.next_envelope()?, None);
 /// decoder.extend(&frame[3..]);
 /// assert_eq!(decoder.next_envelope()?, Some(env));
-/// # Ok::<(), unacloud_snapshot::Error>(())
+/// # Ok::<(), unacloud_snapshot::protocol::Error>(())
 /// ```
 #[derive(Debug, Default)]
 pub struct FrameDecoder {

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::net::LinkConfig;
 use super::transport::{TcpParams, TransportKind};
-use crate::error::{Error, Result};
 use crate::protocol::{ClearColourPolicy, Timeouts};
+use crate::sim::error::{Error, Result};
 
 /// Which completed global snapshot the resume protocol restores after a crash.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]

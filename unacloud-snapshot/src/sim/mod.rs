@@ -80,6 +80,7 @@
 
 mod checker;
 mod config;
+mod error;
 mod harness;
 mod idset;
 mod net;
@@ -93,6 +94,7 @@ pub use checker::{
     check_durability, check_global_snapshot, ChannelVerdict, DurabilityVerdict, SnapshotVerdict,
 };
 pub use config::{RestoreFrom, RingConfig};
+pub use error::{Error, Result};
 pub use harness::{vm_name, Cluster, GsRecord, Host, LocalSnapshot, Stats};
 pub use idset::IdSet;
 pub use net::LinkConfig;
@@ -101,14 +103,12 @@ pub use ring::{AppMsg, RingApp, RingMsg};
 pub use transport::{Segment, TcpParams, TcpReceiver, TcpSender, TransportKind};
 pub use vm::{Vm, VmOutput};
 
-use crate::error::Result;
-
 /// Runs the ring described by `config` to its end and reports what happened.
 ///
-/// Errors: [`crate::Error::InvalidConfig`] for a bad configuration,
-/// [`crate::Error::Livelock`] if the run does not settle within its step budget,
-/// [`crate::Error::SnapshotNotRestorable`] if `restore_from` names a global snapshot that
-/// had not completed when the crash happened.
+/// Errors: [`Error::InvalidConfig`] for a bad configuration, [`Error::Livelock`] if the
+/// run does not settle within its step budget, [`crate::protocol::Error::SnapshotNotRestorable`]
+/// (in [`Error::Protocol`]) if `restore_from` names a global snapshot that had not
+/// completed when the crash happened.
 pub fn simulate_ring(config: RingConfig) -> Result<RingReport> {
     let budget = config.step_budget();
     let mut cluster = Cluster::new(config)?;

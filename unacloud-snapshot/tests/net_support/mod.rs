@@ -38,11 +38,11 @@ impl Recorder {
 }
 
 impl ColourBackend for Recorder {
-    fn install(&mut self) -> unacloud_snapshot::Result<()> {
+    fn install(&mut self) -> unacloud_snapshot::net::Result<()> {
         self.push("install");
         Ok(())
     }
-    fn set_outgoing(&mut self, c: Option<Colour>) -> unacloud_snapshot::Result<()> {
+    fn set_outgoing(&mut self, c: Option<Colour>) -> unacloud_snapshot::net::Result<()> {
         if c == Some(Colour::Post) {
             if let Some(d) = self.hang_post {
                 // On the blocking thread the host runs backend calls on.
@@ -52,23 +52,23 @@ impl ColourBackend for Recorder {
         self.push(format!("colour {c:?}"));
         Ok(())
     }
-    fn set_drop_post(&mut self, d: bool) -> unacloud_snapshot::Result<()> {
+    fn set_drop_post(&mut self, d: bool) -> unacloud_snapshot::net::Result<()> {
         self.push(format!("drop {d}"));
         Ok(())
     }
-    fn post_packets_dropped(&mut self) -> unacloud_snapshot::Result<u64> {
+    fn post_packets_dropped(&mut self) -> unacloud_snapshot::net::Result<u64> {
         Ok(0)
     }
-    fn leftovers(&mut self) -> unacloud_snapshot::Result<usize> {
+    fn leftovers(&mut self) -> unacloud_snapshot::net::Result<usize> {
         Ok(0)
     }
-    fn active_rules(&mut self) -> unacloud_snapshot::Result<usize> {
+    fn active_rules(&mut self) -> unacloud_snapshot::net::Result<usize> {
         Ok(0)
     }
-    fn colouring_rules(&mut self) -> unacloud_snapshot::Result<usize> {
+    fn colouring_rules(&mut self) -> unacloud_snapshot::net::Result<usize> {
         Ok(0)
     }
-    fn remove(&mut self) -> unacloud_snapshot::Result<()> {
+    fn remove(&mut self) -> unacloud_snapshot::net::Result<()> {
         self.push("remove");
         Ok(())
     }

@@ -209,4 +209,4 @@ pub async fn open_hypervisor(section: &HypervisorSection) -> Result<LocalSnapsho
 }
 
 #[cfg(feature = "hypervisor")]
-use crate::error::error_chain;
+use crate::net::error::error_chain;

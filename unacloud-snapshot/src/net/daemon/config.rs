@@ -209,10 +209,10 @@ impl DaemonConfig {
 
     /// The DSCP values.
     pub fn dscp(&self) -> Result<DscpConfig> {
-        DscpConfig::new(
+        Ok(DscpConfig::new(
             self.dscp_pre.unwrap_or(DscpConfig::DEFAULT_PRE),
             self.dscp_post.unwrap_or(DscpConfig::DEFAULT_POST),
-        )
+        )?)
     }
 
     /// The protocol deadlines.

@@ -26,12 +26,6 @@ impl EtcdControl {
     }
 }
 
-fn control_err(e: crate::control::ControlError) -> Error {
-    Error::InvalidConfig {
-        reason: crate::control::with_causes(&e),
-    }
-}
-
 /// Runs a launcher whose VMs register in etcd, until `shutdown`; events as
 /// [`run_launcher`]'s (`Registered` carries port 0: participants dial out, nobody dials
 /// them).
@@ -88,7 +82,7 @@ pub async fn run_launcher_etcd(
                     id: None,
                     summary,
                 });
-                started = Err(control_err(e));
+                started = Err(e.into());
                 break;
             }
         }
@@ -210,9 +204,11 @@ pub async fn run_candidate_daemon(
         }
     }
     match task.await {
-        Ok(r) => r.map_err(control_err),
-        Err(e) => Err(Error::InvalidConfig {
-            reason: format!("the candidate task failed: {e}"),
-        }),
+        Ok(r) => Ok(r?),
+        // The candidate task panicked or was cancelled: its coordinator node is gone.
+        Err(e) => {
+            tracing::error!(error = %e, "the candidate task failed");
+            Err(Error::NodeStopped)
+        }
     }
 }

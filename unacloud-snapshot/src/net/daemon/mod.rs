@@ -79,7 +79,7 @@ use crate::colour::iptables::Iptables;
 use crate::colour::netlink::NftNetlink;
 use crate::colour::nft::{Nft, NftOneShot, NftSession};
 use crate::colour::{ColourBackend, Scope};
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 use crate::protocol::{
     ClusterId, CoordinatorConfig, DscpConfig, Envelope, GlobalSnapshotId, Message,
     ParticipantConfig, ParticipantId, ProtocolEvent, Registration, Timeouts,

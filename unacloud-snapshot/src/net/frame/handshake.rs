@@ -268,10 +268,11 @@ impl ServerHandshake {
             )));
         }
         if h.cluster != self.cluster {
-            return Err(Error::ForeignCluster {
+            return Err(crate::protocol::Error::ForeignCluster {
                 expected: self.cluster,
                 got: h.cluster,
-            });
+            }
+            .into());
         }
         let cn = nonce_of(&h.nonce, "client")?;
         admit(h.id).map_err(|reason| Error::Unauthorised {

@@ -43,13 +43,13 @@
 //! assert_eq!(s.open(keyed.decode_one(&frame)?)?, (FrameKind::Data, b"{}".to_vec()));
 //! // A replay of the same bytes is out of sequence: refused.
 //! assert!(s.open(keyed.decode_one(&frame)?).is_err());
-//! # Ok::<(), unacloud_snapshot::Error>(())
+//! # Ok::<(), unacloud_snapshot::net::Error>(())
 //! ```
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 use crate::protocol::{ClusterId, Envelope, Message, ParticipantId};
 
 type HmacSha256 = Hmac<Sha256>;

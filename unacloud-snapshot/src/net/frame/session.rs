@@ -96,10 +96,11 @@ impl Session {
         let envelope: Envelope =
             serde_json::from_slice(body).map_err(|e| bad(format!("malformed envelope: {e}")))?;
         if envelope.cluster != cluster {
-            return Err(Error::ForeignCluster {
+            return Err(crate::protocol::Error::ForeignCluster {
                 expected: cluster,
                 got: envelope.cluster,
-            });
+            }
+            .into());
         }
         let unauthorised = |reason: String| Error::Unauthorised {
             peer: format!("node {}", self.peer),

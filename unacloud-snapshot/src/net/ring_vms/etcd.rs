@@ -23,8 +23,6 @@ pub(super) struct EtcdNodes {
     candidates: Vec<(String, CandidateTask, CancellationToken)>,
 }
 
-use crate::control::lab_error as control;
-
 impl EtcdNodes {
     /// Queues a trigger (retrying while etcd elects a leader of its own).
     pub(super) async fn trigger(&self, t: Trigger) -> Result<()> {
@@ -35,7 +33,7 @@ impl EtcdNodes {
                 Err(_) if Instant::now() < until => {
                     tokio::time::sleep(Duration::from_millis(100)).await
                 }
-                Err(e) => return Err(control(e)),
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -44,8 +42,7 @@ impl EtcdNodes {
     /// resigning); returns its name.
     pub(super) async fn kill_coordinator(&mut self) -> Result<String> {
         let leader = election::current_leader(&self.etcd)
-            .await
-            .map_err(control)?
+            .await?
             .ok_or_else(|| Error::Rcpbt {
                 reason: "nobody holds the coordinator role".to_string(),
             })?;
@@ -63,8 +60,7 @@ impl EtcdNodes {
     /// The completed global snapshots recorded in etcd.
     pub(super) async fn recorded(&self) -> Result<Vec<u64>> {
         Ok(catalog::recorded(&self.etcd)
-            .await
-            .map_err(control)?
+            .await?
             .iter()
             .map(|r| r.snapshot.gs.0)
             .collect())
@@ -97,7 +93,7 @@ impl Nodes {
         transport: &TransportConfig,
         timeouts: Timeouts,
     ) -> Result<Self> {
-        let etcd = Etcd::connect(etcd_config).await.map_err(control)?;
+        let etcd = Etcd::connect(etcd_config).await?;
         let (tx, events) = mpsc::unbounded_channel();
         let mut forwarders = Vec::new();
         let mut agents = Vec::new();
@@ -109,9 +105,7 @@ impl Nodes {
                 lease_ttl,
                 timeouts,
             };
-            let mut a = HostAgent::start(hc, transport.clone(), host)
-                .await
-                .map_err(control)?;
+            let mut a = HostAgent::start(hc, transport.clone(), host).await?;
             let mut rx = std::mem::replace(&mut a.node.events, mpsc::unbounded_channel().1);
             let tx = tx.clone();
             let node = a.id.0 as usize;

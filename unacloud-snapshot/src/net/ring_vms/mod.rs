@@ -54,7 +54,7 @@ use super::ring::{LabGuard, Procs};
 use crate::colour::exec::{check, run_argv};
 use crate::colour::netlink::NftNetlink;
 use crate::colour::{ColourBackend, Scope};
-use crate::error::{Error, Result};
+use crate::net::{Error, Result};
 use crate::netns::RunDir;
 use crate::netns::{NetnsLab, HUB_ADDR};
 use crate::protocol::{
@@ -646,8 +646,6 @@ async fn etcd_lab_start(
 )> {
     let mut ec = crate::control::cluster::EtcdClusterConfig::loopback(e.nodes);
     ec.dir = Some(dir.join("etcd"));
-    let c = crate::control::cluster::EtcdCluster::start(ec)
-        .await
-        .map_err(crate::control::lab_error)?;
+    let c = crate::control::cluster::EtcdCluster::start(ec).await?;
     Ok((c, std::sync::Mutex::new(Vec::new())))
 }

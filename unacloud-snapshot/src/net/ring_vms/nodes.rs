@@ -197,11 +197,7 @@ impl Nodes {
                         after: timeout,
                     })
                 }
-                Ok(None) => {
-                    return Err(Error::Rcpbt {
-                        reason: "every protocol node stopped".to_string(),
-                    })
-                }
+                Ok(None) => return Err(Error::NodeStopped),
                 Ok(Some((0, NodeEvent::Protocol(e)))) if want(&e) => return Ok(e),
                 Ok(Some((i, NodeEvent::Error(e)))) => {
                     tracing::warn!(node = i, "protocol node error: {e}")

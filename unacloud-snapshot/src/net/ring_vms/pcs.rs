@@ -11,7 +11,7 @@ pub(super) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 pub(super) fn hv_err(what: String) -> impl FnOnce(unacloud_core::Error) -> Error {
     move |e| Error::Rcpbt {
-        reason: format!("{what}: {}", crate::error::error_chain(&e)),
+        reason: format!("{what}: {}", crate::net::error::error_chain(&e)),
     }
 }
 

@@ -26,7 +26,7 @@ use super::host::{
 use super::ids::{ActionId, GlobalSnapshotId, ParticipantId, ResumeAttempt};
 use super::message::{Envelope, LocalTime, Message};
 use super::output::{ActionOutcome, FailureReason, HostAction, Output, ProtocolEvent};
-use crate::error::{Error, Operation, Result};
+use crate::protocol::error::{Error, Operation, Result};
 
 const ROLE: &str = "coordinator";
 

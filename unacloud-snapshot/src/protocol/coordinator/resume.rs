@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::{Coordinator, Phase, Purpose, ResumeStage};
-use crate::error::{Error, Result};
+use crate::protocol::error::{Error, Result};
 use crate::protocol::ids::{GlobalSnapshotId, ParticipantId, ResumeAttempt};
 use crate::protocol::message::Message;
 use crate::protocol::output::{ActionOutcome, FailureReason, HostAction, Output, ProtocolEvent};

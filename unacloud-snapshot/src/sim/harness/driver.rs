@@ -6,12 +6,13 @@ use std::time::Duration;
 use rand::Rng;
 
 use super::{vm_name, Cluster, Ev, LocalSnapshot, Machine};
-use crate::error::{Error, Result};
+use crate::protocol::Error as ProtocolError;
 use crate::protocol::{
     ActionId, ActionOutcome, Colour, GlobalSnapshotId, HostAction, ProtocolEvent,
 };
 use crate::sim::checker::check_global_snapshot;
 use crate::sim::config::RestoreFrom;
+use crate::sim::error::Result;
 use crate::sim::vm::Vm;
 
 impl Cluster {
@@ -275,15 +276,15 @@ impl Cluster {
                 self.resume.running = true;
                 self.stats.resumes_started += 1;
             }
-            Some(Err(Error::Busy { .. })) => self.resume.retry_at = Some(retry),
-            Some(Err(Error::NoRestorableSnapshot)) => {
+            Some(Err(ProtocolError::Busy { .. })) => self.resume.retry_at = Some(retry),
+            Some(Err(ProtocolError::NoRestorableSnapshot)) => {
                 if self.hosts.iter().all(|h| h.up) {
                     self.restart_from_scratch();
                 } else {
                     self.resume.retry_at = Some(retry);
                 }
             }
-            Some(Err(e)) => return Err(e),
+            Some(Err(e)) => return Err(e.into()),
         }
         self.drain(0);
         Ok(())

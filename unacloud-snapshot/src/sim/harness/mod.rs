@@ -45,12 +45,12 @@ use super::checker::{check_durability, DurabilityVerdict, SnapshotVerdict};
 use super::config::RingConfig;
 use super::transport::Segment;
 use super::vm::{Vm, VmOutput};
-use crate::error::{Error, Result};
 use crate::protocol::{
-    decode_frame, encode_frame, ActionId, ActionOutcome, Catalog, ClusterId, Colour, Coordinator,
-    CoordinatorConfig, Envelope, GlobalSnapshotId, HostAction, Message, Output, Participant,
-    ParticipantConfig, ParticipantId,
+    self, decode_frame, encode_frame, ActionId, ActionOutcome, Catalog, ClusterId, Colour,
+    Coordinator, CoordinatorConfig, Envelope, GlobalSnapshotId, HostAction, Message, Output,
+    Participant, ParticipantConfig, ParticipantId,
 };
+use crate::sim::error::{Error, Result};
 
 /// A VM state captured by a local snapshot, as stored on its host's disk.
 #[derive(Clone, Debug)]
@@ -74,7 +74,7 @@ enum Machine {
 }
 
 impl Machine {
-    fn handle_message(&mut self, now: Instant, env: Envelope) -> Result<()> {
+    fn handle_message(&mut self, now: Instant, env: Envelope) -> protocol::Result<()> {
         match self {
             Machine::Coordinator(c) => c.handle_message(now, env),
             Machine::Participant(p) => p.handle_message(now, env),
@@ -85,7 +85,7 @@ impl Machine {
         now: Instant,
         id: ActionId,
         outcome: ActionOutcome,
-    ) -> Result<()> {
+    ) -> protocol::Result<()> {
         match self {
             Machine::Coordinator(c) => c.handle_action_complete(now, id, outcome),
             Machine::Participant(p) => p.handle_action_complete(now, id, outcome),
@@ -359,9 +359,9 @@ impl Cluster {
     fn boot_machine(&self, id: usize) -> Result<Machine> {
         if id == 0 {
             let catalog = match &self.catalog_file {
-                Some(bytes) => Catalog::from_json(bytes).map_err(|e| Error::InvalidConfig {
-                    reason: format!("the simulated catalog file does not parse: {e}"),
-                })?,
+                Some(bytes) => {
+                    Catalog::from_json(bytes).map_err(|source| Error::CatalogCorrupt { source })?
+                }
                 None => Catalog::new(self.cluster_id),
             };
             let mut config = CoordinatorConfig::new(
