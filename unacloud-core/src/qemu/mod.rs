@@ -87,7 +87,9 @@ use tokio::sync::Mutex;
 
 pub use img::{parse_info, ImageInfo, ImageSnapshot, QemuImg};
 pub use qmp::Qmp;
-pub use run::{kill_all_under, last_heartbeat, mac_for, Accel, QemuSystem, SYSTEM_PACKAGE};
+pub use run::{
+    kill_all_under, last_heartbeat, mac_for, vm_processes_under, Accel, QemuSystem, SYSTEM_PACKAGE,
+};
 pub use settings::{
     BaseRef, BootFiles, DiskSlot, FrozenDisk, NetConfig, PendingOp, SavedState, SnapshotMeta,
     VmSettings,

@@ -242,6 +242,13 @@ pub(crate) fn kill_and_wait(pid: i32, uuid: &str, within: Duration) -> bool {
     !is_vm_process(pid, uuid)
 }
 
+/// The live `qemu-system-x86_64` processes one of whose arguments names a path under
+/// `root`: what still runs of the VMs of a backend rooted there (clean-up checks after
+/// a lab or a test). Zombies are not counted.
+pub fn vm_processes_under(root: &Path) -> Vec<i32> {
+    processes_under(b"qemu-system-x86_64", root)
+}
+
 /// SIGKILLs every VM process under `root` — a pulled plug for every VM of a host.
 /// Synchronous, for clean-up guards; returns how many processes were killed.
 ///

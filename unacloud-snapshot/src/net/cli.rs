@@ -859,8 +859,7 @@ fn launcher(a: LauncherArgs) -> Result<()> {
             print_event(&ev, json);
         };
         if a.control.is_etcd() {
-            let control = etcd_control(&a.control)?;
-            launcher_etcd(&cfg, &control, opts, token, on_event).await
+            launcher_etcd(&cfg, &etcd_control(&a.control)?, opts, token, on_event).await
         } else {
             run_launcher(&cfg, opts, token, on_event).await
         }

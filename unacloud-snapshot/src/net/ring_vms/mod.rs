@@ -590,10 +590,10 @@ pub async fn run_ring_vms(cfg: RingVmsConfig) -> Result<RingVmsReport> {
     let root = dir.path().to_path_buf();
     report.vms_left = blocking(move || {
         let until = Instant::now() + Duration::from_secs(10);
-        let mut n = qemu_processes_under(&root);
+        let mut n = unacloud_core::qemu::vm_processes_under(&root).len();
         while n > 0 && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(50));
-            n = qemu_processes_under(&root);
+            n = unacloud_core::qemu::vm_processes_under(&root).len();
         }
         n
     })

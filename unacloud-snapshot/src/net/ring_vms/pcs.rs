@@ -179,24 +179,6 @@ pub(super) async fn console_tail(hv: &QemuHypervisor, vm: &VmId) -> String {
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
-/// QEMU processes still running under `root`.
-pub(super) fn qemu_processes_under(root: &Path) -> usize {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    let needle = root.as_os_str().as_encoded_bytes().to_vec();
-    rd.flatten()
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
-                c.starts_with(b"qemu-system")
-                    && c.windows(needle.len().max(1))
-                        .any(|w| w == needle.as_slice())
-            })
-        })
-        .count()
-}
-
 /// Copies the minimal file set of `vm` for `snapshot` from `from` to `to`'s root and
 /// registers it there, on `to_ns`'s tap; returns the bytes copied.
 pub(super) async fn relocate_vm(
