@@ -4,6 +4,9 @@
 //! ends, also when it fails). Without the `etcd` program the tests say so and return.
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,9 +34,7 @@ const CLUSTER: ClusterId = ClusterId(7);
 
 async fn cluster() -> Option<(EtcdCluster, EtcdConfig)> {
     if !etcd_available() {
-        eprintln!(
-            "SKIPPED: the etcd program is not installed (scripts/setup installs etcd-server)"
-        );
+        skip::skipped("the etcd program is not installed (scripts/setup installs etcd-server)");
         return None;
     }
     let c = EtcdCluster::start(EtcdClusterConfig::loopback(3))

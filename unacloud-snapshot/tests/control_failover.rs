@@ -10,6 +10,9 @@
 #![cfg(all(feature = "etcd", feature = "cli"))]
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -188,9 +191,7 @@ fn incomplete(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinators_die_and_pause_and_the_catalog_stays_consistent() {
     if !etcd_available() {
-        eprintln!(
-            "SKIPPED: the etcd program is not installed (scripts/setup installs etcd-server)"
-        );
+        skip::skipped("the etcd program is not installed (scripts/setup installs etcd-server)");
         return;
     }
     let cluster = EtcdCluster::start(EtcdClusterConfig::loopback(3))

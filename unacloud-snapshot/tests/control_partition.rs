@@ -8,6 +8,9 @@
 #![cfg(all(feature = "etcd", feature = "cli"))]
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -109,11 +112,11 @@ impl Drop for Island {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_host_is_reconnecting_then_failed() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED a_partitioned_host_is_reconnecting_then_failed: needs root (network namespaces, iptables)");
+        skip::skipped("needs root (network namespaces, iptables)");
         return;
     }
     if !etcd_available() {
-        eprintln!("SKIPPED a_partitioned_host_is_reconnecting_then_failed: the etcd program is not installed");
+        skip::skipped("the etcd program is not installed (scripts/setup installs etcd-server)");
         return;
     }
     let mut island = Island::create().expect("a namespace with a veth pair");

@@ -6,6 +6,9 @@
 #![cfg(feature = "tokio")]
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -140,7 +143,7 @@ fn operator(command: &str, key: &str, ms: &str) {
 #[test]
 fn the_python_participant_works_with_the_shipped_daemons() {
     if let Err(e) = netns::probe() {
-        eprintln!("skipping: {e}");
+        skip::skipped(e);
         return;
     }
     let lab = NetnsLab::create(1).unwrap();

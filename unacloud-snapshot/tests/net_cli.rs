@@ -8,6 +8,9 @@
 #![cfg(feature = "tokio")]
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
@@ -41,7 +44,7 @@ fn text(b: &[u8]) -> String {
 /// Root and network namespaces, or a printed reason to skip.
 fn lab() -> Option<NetnsLab> {
     if let Err(e) = netns::probe() {
-        eprintln!("skipping: {e}");
+        skip::skipped(e);
         return None;
     }
     Some(NetnsLab::create(1).unwrap())

@@ -6,6 +6,9 @@
 #![cfg(feature = "tokio")]
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::io::IoSliceMut;
 use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
@@ -21,7 +24,7 @@ use unacloud_snapshot::netns::{self, NetnsLab};
 
 fn lab() -> Option<NetnsLab> {
     if let Err(e) = netns::probe() {
-        eprintln!("skipping: {e}");
+        skip::skipped(e);
         return None;
     }
     Some(NetnsLab::create(2).unwrap())
@@ -257,7 +260,7 @@ fn guard_removes_rules_when_dropped_and_session_errors_are_reported() {
 #[test]
 fn lab_cleans_leftovers_of_crashed_runs_only() {
     if let Err(e) = netns::probe() {
-        eprintln!("skipping: {e}");
+        skip::skipped(e);
         return;
     }
     // A namespace of a "crashed" run (its pid does not exist) and one of a live run.
@@ -366,7 +369,7 @@ impl PcTopology {
                 std::env::var_os("CI").is_none() || !nix::unistd::geteuid().is_root(),
                 "CI runs as root but cannot create namespaces: {e}"
             );
-            eprintln!("skipping: {e}");
+            skip::skipped(e);
             return None;
         }
         netns::cleanup_stale().unwrap();

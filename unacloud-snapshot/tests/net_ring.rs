@@ -5,6 +5,9 @@
 #![cfg(feature = "tokio")]
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,7 +19,7 @@ fn privileged() -> bool {
     match netns::probe() {
         Ok(()) => true,
         Err(e) => {
-            eprintln!("skipping: {e}");
+            skip::skipped(e);
             false
         }
     }
@@ -144,7 +147,7 @@ async fn the_etcd_control_plane_survives_the_coordinator_and_the_etcd_leader() {
         return;
     }
     if !unacloud_snapshot::control::cluster::etcd_available() {
-        eprintln!("SKIPPED the_etcd_control_plane_survives_…: the etcd program is not installed");
+        skip::skipped("the etcd program is not installed (scripts/setup installs etcd-server)");
         return;
     }
     let mut cfg = config(4, 20_000, 4, 20);

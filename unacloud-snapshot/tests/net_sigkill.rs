@@ -4,6 +4,9 @@
 #![cfg(feature = "tokio")]
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -14,7 +17,7 @@ fn privileged() -> bool {
     match netns::probe() {
         Ok(()) => true,
         Err(e) => {
-            eprintln!("skipping: {e}");
+            skip::skipped(e);
             false
         }
     }

@@ -12,6 +12,9 @@
 #![cfg(feature = "hypervisor")]
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -36,14 +39,14 @@ fn prerequisites() -> Option<GuestImage> {
         (Ok(()), true, Ok(g)) => return Some(g),
         (Err(e), _, _) => {
             // Not root: the namespace tests skip everywhere, CI included.
-            eprintln!("skipped: {e}");
+            skip::skipped(e);
             return None;
         }
         (_, false, _) => "qemu-system-x86_64 is missing".to_string(),
         (_, _, Err(e)) => e.to_string(),
     };
     assert!(std::env::var_os("CI").is_none(), "{why}");
-    eprintln!("skipped: {why}");
+    skip::skipped(why);
     None
 }
 
