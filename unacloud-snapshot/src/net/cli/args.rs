@@ -64,7 +64,6 @@ pub(super) enum Command {
     /// One row per completed global snapshot: its id, its participants, its global time
     /// and every participant's local time. Only these can be resumed from.
     Catalog(CatalogArgs),
-    /// RCPBT test manager (used by the ring scenarios).
     /// Run a coordinator candidate, on every host (control plane on etcd)
     ///
     /// It campaigns for the coordinator role in etcd; while elected it coordinates the
@@ -72,6 +71,7 @@ pub(super) enum Command {
     /// --control etcd` from any host) and records them in etcd. When it dies another
     /// candidate takes over within its lease TTL. Stops on SIGINT/SIGTERM, resigning.
     Candidate(CandidateArgs),
+    /// RCPBT test manager (used by the ring scenarios).
     #[command(hide = true)]
     RcpbtManager(RcpbtManagerArgs),
     /// RCPBT ring peer (used by the ring scenarios).
