@@ -266,20 +266,6 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
             cluster.0.to_string(),
             "--ms".into(),
             ms_addr.to_string(),
-            "--advertise".into(),
-            "127.0.0.1".into(),
-            "--cluster-size".into(),
-            cfg.peers.to_string(),
-            "--backend".into(),
-            cfg.backend.name().into(),
-            "--vm".into(),
-            format!("vm{i}"),
-            "--netns".into(),
-            p.name.clone(),
-            "--freeze-pid".into(),
-            peer_pids[i].to_string(),
-            "--hold-ms".into(),
-            cfg.snapshot_delay.as_millis().to_string(),
             "--snapshot-timeout-ms".into(),
             cfg.snapshot_timeout.as_millis().to_string(),
             "--precheck-timeout-ms".into(),
@@ -295,6 +281,7 @@ pub async fn run_ring_netns(cfg: RingNetnsConfig) -> Result<RingNetnsReport> {
             dir.path().display().to_string(),
             "--events-json".into(),
         ];
+        args.extend(host_args(&cfg, i, &p.name, peer_pids[i]));
         if let Some(c) = cfg.crash {
             if c.namespace == i {
                 args.push("--crash-after-step".into());
@@ -447,6 +434,28 @@ fn read_events(
 }
 
 /// Starts one ring peer per namespace; returns their process ids.
+/// The launcher flags both control planes share: the host's address and cluster size,
+/// the colouring backend, and the VM it runs (`vm<i>`, the ring peer `freeze_pid` in
+/// namespace `netns`, frozen for the configured hold time).
+fn host_args(cfg: &RingNetnsConfig, i: usize, netns: &str, freeze_pid: i32) -> [String; 14] {
+    [
+        "--advertise".into(),
+        "127.0.0.1".into(),
+        "--cluster-size".into(),
+        cfg.peers.to_string(),
+        "--backend".into(),
+        cfg.backend.name().into(),
+        "--vm".into(),
+        format!("vm{i}"),
+        "--netns".into(),
+        netns.to_owned(),
+        "--freeze-pid".into(),
+        freeze_pid.to_string(),
+        "--hold-ms".into(),
+        cfg.snapshot_delay.as_millis().to_string(),
+    ]
+}
+
 fn start_ring_peers(
     cfg: &RingNetnsConfig,
     lab: &NetnsLab,
