@@ -40,6 +40,7 @@
 //! | `qemu` | yes | the QEMU backend (QMP, qcow2 overlays, live snapshots with memory) |
 //! | `provision` | yes | template catalog, preloading, Multiattach Manager, deployments (blake3, sha2, tokio-util) |
 //! | `conformance` | yes | the conformance suite for `Hypervisor` implementations |
+//! | `__testing` | no | **unstable**: the QEMU backend's fault-injection hooks for this project's crash tests |
 //!
 //! With `default-features = false` the crate is the domain, the trait, the in-memory
 //! double, placement, the life cycle and the cost model.

@@ -187,7 +187,9 @@ impl QemuHypervisor {
     /// Test hook: the `step`-th side effect from now fails (0: none). With `crash`,
     /// every side effect after it fails too, as if the process had died there; the
     /// backend should then be dropped and the root opened again.
-    #[doc(hidden)]
+    ///
+    /// Unstable (feature `__testing`): a hook of this project's crash tests.
+    #[cfg(feature = "__testing")]
     pub fn __fault_at(&self, step: u64, crash: bool) {
         let f = &self.fault;
         f.steps.store(0, Ordering::SeqCst);
@@ -197,7 +199,9 @@ impl QemuHypervisor {
     }
 
     /// Test hook: side effects counted since the last [`QemuHypervisor::__fault_at`].
-    #[doc(hidden)]
+    ///
+    /// Unstable (feature `__testing`).
+    #[cfg(feature = "__testing")]
     pub fn __fault_steps(&self) -> u64 {
         self.fault.steps.load(Ordering::SeqCst)
     }

@@ -103,23 +103,10 @@ pub(super) async fn run(cfg: RingNetnsConfig, e: EtcdLabConfig) -> Result<RingNe
             "etcd".into(),
             "--etcd".into(),
             endpoints.clone(),
-            "--advertise".into(),
-            "127.0.0.1".into(),
-            "--cluster-size".into(),
-            cfg.peers.to_string(),
-            "--backend".into(),
-            cfg.backend.name().into(),
-            "--vm".into(),
-            format!("vm{i}"),
-            "--netns".into(),
-            p.name.clone(),
-            "--freeze-pid".into(),
-            peer_pids[i].to_string(),
-            "--hold-ms".into(),
-            cfg.snapshot_delay.as_millis().to_string(),
             "--run-dir".into(),
             dir.path().display().to_string(),
         ];
+        args.extend(host_args(&cfg, i, &p.name, peer_pids[i]));
         common(&mut args);
         let mut c = command(&cfg, None, "launcher", &args);
         c.stdout(Stdio::piped())
