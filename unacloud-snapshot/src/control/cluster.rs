@@ -110,6 +110,30 @@ impl EtcdCluster {
                 source: None,
             });
         }
+        // Loopback ports are picked free and released before etcd binds them, so another
+        // process (any outgoing connection takes an ephemeral port) can take one in
+        // between: a member that exits with "address already in use" is a lost race,
+        // and the cluster is started again on other ports, at most three times.
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(&config).await {
+                Err(ControlError::Cluster { what, .. })
+                    if attempt < 3
+                        && config.netns.is_none()
+                        && what.contains("address already in use") =>
+                {
+                    tracing::debug!(
+                        attempt,
+                        "etcd lost a race for a port; starting again: {what}"
+                    );
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(config: &EtcdClusterConfig) -> Result<Self> {
         let dir = match &config.dir {
             Some(d) => d.clone(),
             None => std::env::temp_dir().join(format!(
