@@ -322,6 +322,7 @@ impl Default for Timeouts {
     }
 }
 
+#[cfg(feature = "tokio")]
 /// Wraps any [`Hypervisor`] so that every call is bounded by a [`Timeouts`] limit and
 /// fails with [`Error::Timeout`] naming the operation.
 ///
@@ -342,6 +343,7 @@ pub struct WithTimeouts<H> {
     limits: Timeouts,
 }
 
+#[cfg(feature = "tokio")]
 impl<H> WithTimeouts<H> {
     /// Wraps `inner`.
     pub fn new(inner: H, limits: Timeouts) -> Self {
@@ -357,6 +359,7 @@ impl<H> WithTimeouts<H> {
     }
 }
 
+#[cfg(feature = "tokio")]
 /// Runs `fut`, failing with [`Error::Timeout`] naming `operation` once `after` has passed.
 pub(crate) async fn bounded<T>(
     operation: &'static str,
@@ -369,6 +372,7 @@ pub(crate) async fn bounded<T>(
     }
 }
 
+#[cfg(feature = "tokio")]
 #[async_trait]
 impl<H: Hypervisor> Hypervisor for WithTimeouts<H> {
     fn backend(&self) -> &str {

@@ -37,13 +37,15 @@
 //!
 //! | feature | default | brings |
 //! |---|---|---|
+//! | `tokio` | yes | time limits on any backend (`hypervisor::WithTimeouts`, tokio's timer) |
 //! | `qemu` | yes | the QEMU backend (QMP, qcow2 overlays, live snapshots with memory) |
 //! | `provision` | yes | template catalog, preloading, Multiattach Manager, deployments (blake3, sha2, tokio-util) |
 //! | `conformance` | yes | the conformance suite for `Hypervisor` implementations |
 //! | `__testing` | no | **unstable**: the QEMU backend's fault-injection hooks for this project's crash tests |
 //!
 //! With `default-features = false` the crate is the domain, the trait, the in-memory
-//! double, placement, the life cycle and the cost model.
+//! double, placement, the life cycle and the cost model, with no async runtime among
+//! its dependencies (the trait is runtime-agnostic; `async-trait` only boxes futures).
 //!
 //! ## Example
 //!
@@ -79,6 +81,7 @@ pub mod cost;
 pub mod error;
 pub mod files;
 // Atomic writes and allocated sizes, for provisioning and the QEMU backend.
+#[cfg(feature = "tokio")]
 #[cfg_attr(not(all(feature = "qemu", feature = "provision")), allow(dead_code))]
 mod fsutil;
 pub mod hypervisor;
