@@ -2,11 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::files::{FileRole, MigrationSet, VmFile};
 use crate::model::{DiskType, Uuid, VmId};
 
-use super::{add_missing_warnings, len, snapshot_tag};
+use super::{add_missing_warnings, len, snapshot_meta};
 use crate::qemu::{find, QemuHypervisor};
 
 impl QemuHypervisor {
@@ -25,16 +25,7 @@ impl QemuHypervisor {
                 st.registry.disks.clone(),
             )
         };
-        let tag = snapshot_tag(&settings, snapshot)?;
-        let meta = settings
-            .snapshots
-            .iter()
-            .find(|m| m.tag == tag)
-            .cloned()
-            .ok_or_else(|| Error::NotFound {
-                kind: "snapshot",
-                id: snapshot.to_owned(),
-            })?;
+        let meta = snapshot_meta(&settings, snapshot)?;
         let mut set = MigrationSet::default();
         set.push(VmFile::new(
             settings_file.clone(),

@@ -370,6 +370,21 @@ pub(crate) fn snapshot_tag(settings: &VmSettings, selector: &str) -> Result<Stri
     Ok(tree.get(node).map(|s| s.id.clone()).unwrap_or_default())
 }
 
+/// The recorded snapshot `selector` names (a tag, a name or a path, as
+/// [`SnapshotTree::resolve`] reads them), with its tag.
+pub(crate) fn snapshot_meta(settings: &VmSettings, selector: &str) -> Result<SnapshotMeta> {
+    let tag = snapshot_tag(settings, selector)?;
+    settings
+        .snapshots
+        .iter()
+        .find(|m| m.tag == tag)
+        .cloned()
+        .ok_or_else(|| Error::NotFound {
+            kind: "snapshot",
+            id: selector.to_owned(),
+        })
+}
+
 /// The snapshot tree the settings record.
 pub(crate) fn tree_from_settings(s: &VmSettings) -> SnapshotTree {
     let mut tree = SnapshotTree::new();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::model::{Uuid, VmId};
 
-use super::{rel_backing, snapshot_tag};
+use super::{rel_backing, snapshot_meta, snapshot_tag};
 use crate::qemu::img::BACKEND;
 use crate::qemu::settings::{FrozenDisk, PendingOp, SavedState};
 use crate::qemu::vm::{self, RuntimeGuard};
@@ -19,16 +19,8 @@ impl QemuHypervisor {
     pub(crate) async fn restore_snapshot_vm(&self, vm: &VmId, selector: &str) -> Result<()> {
         let (guard, name, folder, settings) = self.lock_vm(vm).await?;
         guard.refuse_running("restore a snapshot of", &name, "running")?;
-        let tag = snapshot_tag(&settings, selector)?;
-        let meta = settings
-            .snapshots
-            .iter()
-            .find(|m| m.tag == tag)
-            .cloned()
-            .ok_or_else(|| Error::NotFound {
-                kind: "snapshot",
-                id: selector.to_owned(),
-            })?;
+        let meta = snapshot_meta(&settings, selector)?;
+        let tag = meta.tag.clone();
         if let Some(state) = &meta.state_file {
             if !folder.join(state).exists() {
                 return Err(Error::NotFound {
