@@ -117,23 +117,12 @@ fn real(args: &Args, backend: BackendKind) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let outcome = match signals::run_until_signal(run_ring_netns(cfg)) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let report = match outcome {
-        None => {
-            eprintln!("interrupted: namespaces, rules and processes removed");
-            return ExitCode::from(130);
-        }
-        Some(Err(e)) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-        Some(Ok(r)) => r,
+    let report = match signals::run_lab(
+        run_ring_netns(cfg),
+        "namespaces, rules and processes removed",
+    ) {
+        Ok(r) => r,
+        Err(code) => return code,
     };
     if args.json {
         println!("{}", report.json_summary());

@@ -198,23 +198,12 @@ fn real(args: &Args, backend: BackendKind, accel: unacloud::cloud::qemu::Accel) 
             return ExitCode::from(2);
         }
     }
-    let outcome = match signals::run_until_signal(run_ring_vms(cfg)) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let report = match outcome {
-        None => {
-            eprintln!("interrupted: VMs, namespaces, rules and files removed");
-            return ExitCode::from(130);
-        }
-        Some(Err(e)) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-        Some(Ok(r)) => r,
+    let report = match signals::run_lab(
+        run_ring_vms(cfg),
+        "VMs, namespaces, rules and files removed",
+    ) {
+        Ok(r) => r,
+        Err(code) => return code,
     };
     if args.json {
         match serde_json::to_string(&report) {

@@ -38,3 +38,28 @@ pub fn run_until_signal<F: std::future::Future>(scenario: F) -> std::io::Result<
         }
     }))
 }
+
+/// Runs a lab with [`run_until_signal`] and turns how it ended into what the example
+/// prints and exits with: its report, or the exit code after a line on stderr (1: the
+/// runtime or the lab failed, 130: interrupted, after which `removed` says what the lab
+/// tore down).
+pub fn run_lab<T, E: std::fmt::Display>(
+    lab: impl std::future::Future<Output = Result<T, E>>,
+    removed: &str,
+) -> Result<T, std::process::ExitCode> {
+    match run_until_signal(lab) {
+        Ok(Some(Ok(report))) => Ok(report),
+        Ok(Some(Err(e))) => {
+            eprintln!("error: {e}");
+            Err(std::process::ExitCode::FAILURE)
+        }
+        Ok(None) => {
+            eprintln!("interrupted: {removed}");
+            Err(std::process::ExitCode::from(130))
+        }
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            Err(std::process::ExitCode::FAILURE)
+        }
+    }
+}
