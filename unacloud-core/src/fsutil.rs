@@ -54,21 +54,6 @@ pub(crate) fn write_atomic_with(path: &Path, bytes: &[u8], durable: bool) -> Res
     result
 }
 
-/// Runs blocking file work (reads, writes, `fsync`) on tokio's blocking threads and
-/// waits for it, so the async caller's worker thread stays free. The work runs to its
-/// end even when the waiting future is dropped. A panic in `work` is passed on.
-pub(crate) async fn unblock<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(r) => r,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => Err(Error::Cancelled {
-            operation: "file system work (the runtime is shutting down)".to_owned(),
-        }),
-    }
-}
-
 /// Bytes a file really occupies on disk (`st_blocks × 512`), not its apparent length.
 #[cfg_attr(
     feature = "provision",

@@ -359,6 +359,33 @@ impl<H> WithTimeouts<H> {
     }
 }
 
+/// Runs blocking work (parsing a settings file, copying images, `fsync`) on tokio's
+/// blocking threads and waits for it, so that an async [`Hypervisor`] method never holds
+/// an executor thread on the disk. Every backend of this family uses it; a third-party
+/// backend can too. The work runs to its end even when the waiting future is dropped; a
+/// panic in `work` is passed on, and a runtime that is shutting down gives
+/// [`Error::Cancelled`].
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// use unacloud_core::hypervisor::run_blocking;
+/// let len = run_blocking(|| Ok(std::fs::read_dir(".").map(|d| d.count()).unwrap_or(0))).await;
+/// assert!(len.is_ok());
+/// # });
+/// ```
+#[cfg(feature = "tokio")]
+pub async fn run_blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(Error::Cancelled {
+            operation: "blocking work (the runtime is shutting down)".to_owned(),
+        }),
+    }
+}
+
 #[cfg(feature = "tokio")]
 /// Runs `fut`, failing with [`Error::Timeout`] naming `operation` once `after` has passed.
 pub(crate) async fn bounded<T>(

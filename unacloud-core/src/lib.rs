@@ -37,7 +37,7 @@
 //!
 //! | feature | default | brings |
 //! |---|---|---|
-//! | `tokio` | yes | time limits on any backend (`hypervisor::WithTimeouts`, tokio's timer) |
+//! | `tokio` | yes | time limits on any backend (`hypervisor::WithTimeouts`) and `hypervisor::run_blocking`, on tokio |
 //! | `qemu` | yes | the QEMU backend (QMP, qcow2 overlays, live snapshots with memory) |
 //! | `provision` | yes | template catalog, preloading, Multiattach Manager, deployments (blake3, sha2, tokio-util) |
 //! | `conformance` | yes | the conformance suite for `Hypervisor` implementations |
@@ -81,7 +81,7 @@ pub mod cost;
 pub mod error;
 pub mod files;
 // Atomic writes and allocated sizes, for provisioning and the QEMU backend.
-#[cfg(feature = "tokio")]
+#[cfg(any(feature = "qemu", feature = "provision"))]
 #[cfg_attr(not(all(feature = "qemu", feature = "provision")), allow(dead_code))]
 mod fsutil;
 pub mod hypervisor;

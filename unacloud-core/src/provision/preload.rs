@@ -256,7 +256,7 @@ pub async fn preload(
         .await
         .map_err(|e| Error::io(&dest, e))?;
     let dir = store.clone();
-    crate::fsutil::unblock(move || crate::fsutil::sync_dir(&dir)).await?;
+    crate::hypervisor::run_blocking(move || crate::fsutil::sync_dir(&dir)).await?;
     let disk = MultiattachManager::new(hv).register_template(&dest).await?;
     Ok(PreloadOutcome::Copied {
         disk,

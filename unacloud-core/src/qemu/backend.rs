@@ -94,7 +94,7 @@ impl Hypervisor for QemuHypervisor {
         let res = async {
             self.fx("create VM folder")?;
             let f = folder.clone();
-            crate::fsutil::unblock(move || {
+            crate::hypervisor::run_blocking(move || {
                 std::fs::create_dir_all(&f).map_err(|e| Error::io(&f, e))
             })
             .await?;

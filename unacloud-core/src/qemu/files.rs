@@ -22,7 +22,7 @@ impl QemuHypervisor {
     /// without copying data, and the template's boot files here are used.
     pub(crate) async fn register_vm_files(&self, settings_path: &Path) -> Result<VmInfo> {
         let path = settings_path.to_path_buf();
-        let (settings_file, mut settings) = crate::fsutil::unblock(move || {
+        let (settings_file, mut settings) = crate::hypervisor::run_blocking(move || {
             let file = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
             let settings = VmSettings::load(&file)?;
             Ok((file, settings))
@@ -299,7 +299,7 @@ impl QemuHypervisor {
             let backing = PathBuf::from("..").join(frozen);
             self.fx("create overlay")?;
             let (dir, f) = (folder.join("Snapshots"), folder.to_path_buf());
-            crate::fsutil::unblock(move || {
+            crate::hypervisor::run_blocking(move || {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(&f, e))
             })
             .await?;
@@ -493,7 +493,7 @@ impl QemuHypervisor {
         let result = async {
             self.fx("create VM folder")?;
             let f = folder.clone();
-            crate::fsutil::unblock(move || {
+            crate::hypervisor::run_blocking(move || {
                 std::fs::create_dir_all(&f).map_err(|e| Error::io(&f, e))
             })
             .await?;

@@ -240,7 +240,7 @@ impl QemuHypervisor {
         let bytes = serde_json::to_vec_pretty(&guard.intent)
             .map_err(|e| Error::InvalidInput(e.to_string()))?;
         let (path, durable) = (self.intent_path(guard.intent.id), self.durable);
-        crate::fsutil::unblock(move || {
+        crate::hypervisor::run_blocking(move || {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
             crate::fsutil::write_atomic_with(&path, &bytes, durable)
         })
@@ -255,7 +255,7 @@ impl QemuHypervisor {
         let (dir, durable) = (self.intent_dir(), self.durable);
         let res = match self.fx("remove intent") {
             Ok(()) => {
-                crate::fsutil::unblock(move || {
+                crate::hypervisor::run_blocking(move || {
                     std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
                     if durable {
                         crate::fsutil::sync_dir(&dir)?;

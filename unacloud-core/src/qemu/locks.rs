@@ -184,7 +184,7 @@ impl QemuHypervisor {
     ) -> Result<T> {
         self.fx("write registry")?;
         let (root, durable) = (self.root.clone(), self.durable);
-        crate::fsutil::unblock(move || {
+        crate::hypervisor::run_blocking(move || {
             write_registry(&root, durable, &mut st, change)?;
             Ok(then(&mut st))
         })
@@ -211,7 +211,7 @@ impl QemuHypervisor {
     ) -> Result<VmSettings> {
         let (state, durable) = (Arc::clone(&self.state), self.durable);
         let (name, file) = (name.to_owned(), settings_file.to_path_buf());
-        crate::fsutil::unblock(move || {
+        crate::hypervisor::run_blocking(move || {
             settings.save(&file, durable)?;
             let mut st = state.blocking_lock();
             match st.vms.get_mut(&name) {
@@ -237,7 +237,7 @@ impl QemuHypervisor {
     ) -> Result<()> {
         let (settings, file, durable) =
             (settings.clone(), settings_file.to_path_buf(), self.durable);
-        crate::fsutil::unblock(move || settings.save(&file, durable)).await
+        crate::hypervisor::run_blocking(move || settings.save(&file, durable)).await
     }
 
     /// The registered VMs' settings files, as of now.

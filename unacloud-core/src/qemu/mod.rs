@@ -206,7 +206,7 @@ impl QemuHypervisor {
         let root = root.as_ref().to_path_buf();
         // Creating the root, taking its lock and reading every VM's settings is file
         // work: it runs on the blocking pool, not on the caller's executor thread.
-        let (root, lock, registry, vms) = crate::fsutil::unblock(move || {
+        let (root, lock, registry, vms) = crate::hypervisor::run_blocking(move || {
             std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
             let root = std::fs::canonicalize(&root).map_err(|e| Error::io(&root, e))?;
             // One backend per root: the registry is rewritten in place.

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use unacloud_core::hypervisor::{
-    AttachSpec, CloneSpec, DiskRef, GuestCommand, GuestOutput, Hypervisor, SnapshotRef, StartMode,
-    Timeouts,
+    run_blocking, AttachSpec, CloneSpec, DiskRef, GuestCommand, GuestOutput, Hypervisor,
+    SnapshotRef, StartMode, Timeouts,
 };
 use unacloud_core::model::{DiskInfo, DiskType, VmId, VmInfo, VmSpec};
 use unacloud_core::tree::SnapshotTree;
@@ -291,7 +291,7 @@ impl Hypervisor for VBoxManageHypervisor {
         }
         let machine = {
             let settings = settings.to_path_buf();
-            super::unblock(move || crate::settings::MachineSettings::load(&settings)).await?
+            run_blocking(move || Ok(crate::settings::MachineSettings::load(&settings)?)).await?
         };
         self.exec(&command::register_vm(settings)?).await?;
         Ok(self.details(&machine.uuid.to_string()).await?.to_vm_info())
@@ -387,7 +387,7 @@ impl Hypervisor for VBoxManageHypervisor {
         Ok(match details.settings_file.as_deref() {
             Some(cfg) if cfg.is_file() => {
                 let cfg = cfg.to_path_buf();
-                super::unblock(move || Ok::<_, Error>(enrich_from_settings(&tree, &cfg))).await?
+                run_blocking(move || Ok(enrich_from_settings(&tree, &cfg))).await?
             }
             _ => tree,
         })

@@ -59,25 +59,6 @@ pub mod resume;
 pub mod runner;
 mod secret;
 
-/// Runs blocking file work (parsing a settings file, copying images) on tokio's blocking
-/// pool and waits for it, so that an async caller's executor thread never waits on the
-/// disk. A panicking or cancelled task becomes [`unacloud_core::Error::Generic`] with the
-/// join error as its source.
-pub(crate) async fn unblock<T, E, F>(f: F) -> unacloud_core::Result<T>
-where
-    F: FnOnce() -> std::result::Result<T, E> + Send + 'static,
-    T: Send + 'static,
-    E: Into<unacloud_core::Error> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(Into::into),
-        Err(e) => Err(unacloud_core::Error::Generic {
-            backend: "virtualbox",
-            source: Box::new(e),
-        }),
-    }
-}
-
 pub use backend::{create_vm_commands, guest_exit, GuestExit, VBoxManageHypervisor};
 pub use command::{shell_quote, VBoxCommand};
 pub use failure::{ErrorReport, Failure, FailureKind};

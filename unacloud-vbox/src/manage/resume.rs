@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use unacloud_core::files::MigrationSet;
-use unacloud_core::hypervisor::{Hypervisor, StartMode};
+use unacloud_core::hypervisor::{run_blocking, Hypervisor, StartMode};
 use unacloud_core::model::{PowerState, Uuid, VmId};
 use unacloud_core::{Error, Result};
 
@@ -216,7 +216,7 @@ pub async fn restore_elsewhere(
     let machine = {
         let settings = settings.to_path_buf();
         let global = options.global_registry.clone();
-        super::unblock(move || Machine::load(&settings, global.as_deref())).await?
+        run_blocking(move || Ok(Machine::load(&settings, global.as_deref())?)).await?
     };
     let snap = match selector.map(|s| machine.select(s)).transpose()? {
         Some(StateRef::Snapshot(i)) => machine.snapshots()[i].clone(),
@@ -284,9 +284,15 @@ pub async fn restore_elsewhere(
 
     let copy_options = options.copy.clone().checksum(true);
     let dest = dest_root.to_path_buf();
-    let copied: CopyReport =
-        super::unblock(move || crate::copy::copy_files(&pairs, &dest, &copy_options, |_| {}))
-            .await?;
+    let copied: CopyReport = run_blocking(move || {
+        Ok(crate::copy::copy_files(
+            &pairs,
+            &dest,
+            &copy_options,
+            |_| {},
+        )?)
+    })
+    .await?;
     report.copied_bytes = Some(copied.bytes);
     report.step(
         ResumeAction::Copy,

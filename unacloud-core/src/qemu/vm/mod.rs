@@ -304,7 +304,7 @@ impl QemuHypervisor {
         };
         let saved_rec = {
             let (rec, folder) = (rec.clone(), folder.clone());
-            crate::fsutil::unblock(move || rec.save(&folder)).await
+            crate::hypervisor::run_blocking(move || rec.save(&folder)).await
         };
         saved_rec.map_err(kill)?;
         let mut qmp = match connect_qmp(&paths.qmp, self.system.qmp_timeout, pid, &uuid).await {

@@ -241,7 +241,7 @@ pub(super) async fn migrate_to_file(qmp: &mut Qmp, file: &Path, limit: Duration)
 /// `fsync` of a file and of its folder: the state is durable once this returns.
 pub(crate) async fn sync_file_async(file: &Path) -> Result<()> {
     let file = file.to_path_buf();
-    crate::fsutil::unblock(move || sync_file(&file)).await
+    crate::hypervisor::run_blocking(move || sync_file(&file)).await
 }
 
 /// Flushes a file and its folder to stable storage.
