@@ -183,7 +183,10 @@ fn clean_crashed(ns: &str, backend: BackendKind) -> u64 {
     dropped
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+/// Runs `f` on tokio's blocking threads (the labs' namespace and rule clean-ups).
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Rcpbt {

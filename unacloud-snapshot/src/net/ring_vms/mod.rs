@@ -50,7 +50,7 @@ use super::conn::TransportConfig;
 use super::frame::ClusterKey;
 use super::host::{local_snapshot_name, HostActions, LocalSnapshot, VmHost};
 use super::node::{spawn_coordinator, spawn_participant, NodeEvent, NodeHandle};
-use super::ring::{LabGuard, Procs};
+use super::ring::{blocking, LabGuard, Procs};
 use crate::colour::exec::{check, run_argv};
 use crate::colour::netlink::NftNetlink;
 use crate::colour::{ColourBackend, Scope};
@@ -95,14 +95,6 @@ impl Drop for Reaper {
     fn drop(&mut self) {
         kill_all_under(&self.0);
     }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Rcpbt {
-            reason: format!("blocking task failed: {e}"),
-        })
 }
 
 /// Runs the experiment. Needs root (see [`crate::netns::probe`]) and QEMU.
