@@ -96,6 +96,13 @@ pub fn etcd_available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Whether a start-up failure is a member that could not bind its port: what etcd
+/// logs when another process took a port between picking it and etcd binding it.
+fn lost_port_race(e: &ControlError) -> bool {
+    matches!(e, ControlError::Cluster { what, .. }
+        if what.contains("exited during start-up") && what.contains("address already in use"))
+}
+
 impl EtcdCluster {
     /// Starts the cluster and waits until it is healthy.
     pub async fn start(config: EtcdClusterConfig) -> Result<Self> {
@@ -117,15 +124,8 @@ impl EtcdCluster {
         let mut attempt = 1;
         loop {
             match Self::start_once(&config).await {
-                Err(ControlError::Cluster { what, .. })
-                    if attempt < 3
-                        && config.netns.is_none()
-                        && what.contains("address already in use") =>
-                {
-                    tracing::debug!(
-                        attempt,
-                        "etcd lost a race for a port; starting again: {what}"
-                    );
+                Err(e) if attempt < 3 && config.netns.is_none() && lost_port_race(&e) => {
+                    tracing::debug!(attempt, "etcd lost a race for a port; starting again: {e}");
                     attempt += 1;
                 }
                 other => return other,
@@ -415,5 +415,35 @@ fn keeper(argvs: Vec<(Vec<String>, PathBuf)>, rx: std_mpsc::Receiver<Cmd>) {
     for ch in children.iter_mut().flatten() {
         let _ = ch.kill();
         let _ = ch.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exited(log: &str) -> ControlError {
+        ControlError::Cluster {
+            what: format!("etcd member m2 exited during start-up: {log}"),
+            source: None,
+        }
+    }
+
+    #[test]
+    fn only_a_member_that_lost_its_port_counts_as_a_lost_race() {
+        // The line etcd logged when the race was lost.
+        let lost = "2026-12-03 09:29:14.734851 C | etcdmain: listen tcp 127.0.0.1:41723: bind: address already in use";
+        assert!(lost_port_race(&exited(lost)));
+        // Other start-up failures are not retried.
+        assert!(!lost_port_race(&exited(
+            "etcdmain: cannot access data directory: permission denied"
+        )));
+        assert!(!lost_port_race(&ControlError::Cluster {
+            what: "2 of 3 etcd members healthy after 10s, no leader".to_string(),
+            source: None,
+        }));
+        assert!(!lost_port_race(&ControlError::InvalidConfig {
+            reason: "address already in use".to_string(),
+        }));
     }
 }
