@@ -95,10 +95,7 @@ fn provision_vm(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let template = dir.path().join("base.qcow2");
-    rt.block_on(QemuImg::new().create(&template, "qcow2", 1 << 30))
-        .expect("qemu-img must be installed (qemu-utils)");
+    let (dir, template) = template_1g(&rt);
     let mut g = c.benchmark_group("provision_vm");
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(8));
@@ -138,6 +135,15 @@ fn provision_vm(c: &mut Criterion) {
     g.finish();
 }
 
+/// A temporary folder holding a 1 GiB qcow2 template made with the real qemu-img.
+fn template_1g(rt: &tokio::runtime::Runtime) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let template = dir.path().join("base.qcow2");
+    rt.block_on(QemuImg::new().create(&template, "qcow2", 1 << 30))
+        .expect("qemu-img must be installed (qemu-utils)");
+    (dir, template)
+}
+
 fn provision_concurrent(c: &mut Criterion) {
     const VMS: usize = 8;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -145,10 +151,7 @@ fn provision_concurrent(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let template = dir.path().join("base.qcow2");
-    rt.block_on(QemuImg::new().create(&template, "qcow2", 1 << 30))
-        .expect("qemu-img must be installed (qemu-utils)");
+    let (dir, template) = template_1g(&rt);
     let hv = Arc::new(
         rt.block_on(QemuHypervisor::open(dir.path().join("host")))
             .expect("backend"),
