@@ -7,6 +7,8 @@
 
 #[path = "../../testsupport/skip.rs"]
 mod skip;
+#[path = "../../testsupport/tmpfs.rs"]
+mod tmpfs;
 
 mod provision_support;
 
@@ -517,56 +519,22 @@ async fn qemu_img_failures_are_typed_with_their_reason() {
 }
 
 /// A small file system that is then filled (needs root for the mount).
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
-fn fill(dir: &Path) -> PathBuf {
-    use std::io::Write;
-    let p = dir.join("filler");
-    let mut f = std::fs::File::create(&p).unwrap();
-    let buf = vec![0u8; 1 << 16];
-    while f.write_all(&buf).is_ok() {}
-    let _ = f.write_all(&[0u8; 512]);
-    let _ = f.sync_all();
-    p
-}
-
 #[tokio::test]
 async fn a_full_disk_leaves_no_vm_without_disk_and_no_temporary_file() {
     require_qemu_img();
-    if !nix::unistd::geteuid().is_root() {
-        skip::skipped("mounting a small file system needs root");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    let image = make_template(dir.path(), "t", 4 << 20, 64 << 10).await;
     let small = dir.path().join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    if !st.success() {
-        skip::skipped("tmpfs cannot be mounted here");
+    let Some(_mount) = tmpfs::SmallFs::mount(&small, "2m") else {
         return;
-    }
-    let _mount = Tmpfs(small.clone());
+    };
+    let image = make_template(dir.path(), "t", 4 << 20, 64 << 10).await;
     let root = small.join("host");
     let hv = QemuHypervisor::open(&root).await.unwrap();
     let t = MultiattachManager::new(&hv)
         .register_template(&image)
         .await
         .unwrap();
-    let filler = fill(&small);
+    let filler = tmpfs::fill(&small);
     let m = MultiattachManager::new(&hv);
     let mut errors = Vec::new();
     for i in 0..3 {
@@ -681,24 +649,12 @@ async fn a_deployment_killed_half_way_is_finished_by_resuming_the_same_plan() {
 #[tokio::test]
 async fn a_vm_whose_disk_cannot_be_made_on_a_full_disk_can_still_be_deleted() {
     require_qemu_img();
-    if !nix::unistd::geteuid().is_root() {
-        skip::skipped("mounting a small file system needs root");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    let image = make_template(dir.path(), "t", 4 << 20, 64 << 10).await;
     let small = dir.path().join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    if !st.success() {
-        skip::skipped("tmpfs cannot be mounted here");
+    let Some(_mount) = tmpfs::SmallFs::mount(&small, "2m") else {
         return;
-    }
-    let _mount = Tmpfs(small.clone());
+    };
+    let image = make_template(dir.path(), "t", 4 << 20, 64 << 10).await;
     let root = small.join("host");
     let hv = QemuHypervisor::open(&root).await.unwrap();
     let t = MultiattachManager::new(&hv)
@@ -707,7 +663,7 @@ async fn a_vm_whose_disk_cannot_be_made_on_a_full_disk_can_still_be_deleted() {
         .unwrap();
     let v = VmId::from("v");
     hv.create_vm(&spec("v")).await.unwrap();
-    let filler = fill(&small);
+    let filler = tmpfs::fill(&small);
     let e = hv
         .attach_disk(&v, &AttachSpec::sata(DiskRef::Uuid(t.uuid)))
         .await

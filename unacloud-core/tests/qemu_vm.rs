@@ -11,6 +11,8 @@
 
 #[path = "../../testsupport/skip.rs"]
 mod skip;
+#[path = "../../testsupport/tmpfs.rs"]
+mod tmpfs;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -571,52 +573,15 @@ async fn the_running_vm_contract_holds_for_real_vms() {
     assert!(report.passed.contains(&"register vm"));
 }
 
-/// Fills the file system of `dir` as far as it goes; returns the filler file.
-fn fill(dir: &Path) -> PathBuf {
-    use std::io::Write;
-    let path = dir.join("filler");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let free = unacloud_core::model::disk_space(dir).unwrap().available as i64;
-    let mut chunk = free;
-    let mut at = 0i64;
-    while chunk >= 4096 {
-        match nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), at, chunk) {
-            Ok(()) => at += chunk,
-            Err(_) => chunk /= 2,
-        }
-    }
-    let block = [0u8; 4096];
-    while f.write_all(&block).is_ok() {}
-    path
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_that_fills_during_a_snapshot_fails_it_and_keeps_the_vm() {
     let Some(g) = guest() else { return };
-    if !nix::unistd::Uid::effective().is_root() {
-        skip::skipped("mounting a small tmpfs needs root");
-        return;
-    }
     let _one = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let small = dir.path().join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    struct Mount(PathBuf);
-    impl Drop for Mount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=320m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount tmpfs");
-    let _mount = Mount(small.clone());
+    let Some(_mount) = tmpfs::SmallFs::mount(&small, "320m") else {
+        return;
+    };
     let _reap = Reaper(dir.path().to_path_buf());
     let (hv, t) = host(dir.path(), "a", &g).await;
     let mut spec = VmSpec::new("full-1", HardwareProfile::Small)
@@ -640,7 +605,7 @@ async fn a_disk_that_fills_during_a_snapshot_fails_it_and_keeps_the_vm() {
             assert!(Instant::now() < until, "the snapshot never began");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        fill(&small)
+        tmpfs::fill(&small)
     };
     let (result, filler) = tokio::join!(snapshot, filler);
     assert!(
