@@ -7,6 +7,9 @@
 //! folder re-run this test binary as a child process in that folder.
 #![allow(clippy::unwrap_used)]
 
+#[path = "../testsupport/vbox_machine.rs"]
+mod vbox_machine;
+
 #[allow(dead_code)]
 #[path = "../examples/file_tracker.rs"]
 mod file_tracker;
@@ -21,48 +24,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-use unacloud::vbox::vdi::VdiHeader;
 
-const SNAP: &str = "22222222-2222-2222-2222-222222222222";
-const DISK: &str = "aaaaaaaa-0000-0000-0000-000000000001";
-
-fn machine_xml(snapshot_name: &str, state_file: &str) -> String {
-    format!(
-        r#"<?xml version="1.0"?>
-<VirtualBox xmlns="http://www.virtualbox.org/" version="1.19-linux">
-  <Machine uuid="{{11111111-1111-1111-1111-111111111111}}" name="TM" OSType="Ubuntu_64" currentSnapshot="{{{SNAP}}}">
-    <MediaRegistry><HardDisks>
-      <HardDisk uuid="{{{DISK}}}" location="TM.vdi" format="VDI" type="Normal"/>
-    </HardDisks></MediaRegistry>
-    <Snapshot uuid="{{{SNAP}}}" name="{snapshot_name}" timeStamp="2024-01-01T00:00:00Z" stateFile="{state_file}">
-      <Hardware><StorageControllers><StorageController name="SATA" type="AHCI" PortCount="1">
-        <AttachedDevice type="HardDisk" port="0" device="0"><Image uuid="{{{DISK}}}"/></AttachedDevice>
-      </StorageController></StorageControllers></Hardware>
-    </Snapshot>
-    <Hardware><StorageControllers><StorageController name="SATA" type="AHCI" PortCount="1">
-      <AttachedDevice type="HardDisk" port="0" device="0"><Image uuid="{{{DISK}}}"/></AttachedDevice>
-    </StorageController></StorageControllers></Hardware>
-  </Machine>
-</VirtualBox>
-"#
-    )
-}
-
-/// `dir/TM.vbox` with snapshot "installed", `dir/TM.vdi` and `dir/Snapshots/s1.sav`.
-fn machine_folder(dir: &Path) -> PathBuf {
-    fs::create_dir_all(dir.join("Snapshots")).unwrap();
-    let vbox = dir.join("TM.vbox");
-    fs::write(&vbox, machine_xml("installed", "Snapshots/s1.sav")).unwrap();
-    VdiHeader::new_base(1 << 20, uuid_of(DISK))
-        .write_empty_image(dir.join("TM.vdi"))
-        .unwrap();
-    fs::write(dir.join("Snapshots/s1.sav"), b"saved state").unwrap();
-    vbox
-}
-
-fn uuid_of(s: &str) -> unacloud::vbox::settings::Uuid {
-    unacloud::vbox::settings::Uuid::parse_str(s).unwrap()
-}
+use vbox_machine::{machine_folder, machine_xml, SNAP};
 
 /// Runs `file_tracker <args>`: (exit code, stdout, stderr).
 fn tracker(args: &[&str]) -> (u8, String, String) {
@@ -182,7 +145,11 @@ fn hostile_names_and_locations_cannot_forge_rows() {
     machine_folder(&vm);
     let vbox = vm.join("TM.vbox");
     let forged = "Snapshots/x&#10;saved-state        1 B  -  /etc/shadow\u{1b}[2K";
-    fs::write(&vbox, machine_xml("ok&#10;Machine:  forged", forged)).unwrap();
+    fs::write(
+        &vbox,
+        machine_xml("ok&#10;Machine:  forged", "TM.vdi", forged),
+    )
+    .unwrap();
     let (code, out, err) = tracker(&[s(&vbox), "--snapshot", SNAP]);
     assert_eq!(code, 0, "{err}");
     assert!(
@@ -231,7 +198,11 @@ fn outside_locations_are_listed_with_a_warning_and_exit_0() {
     let vm = tmp.path().join("vm");
     machine_folder(&vm);
     let vbox = vm.join("TM.vbox");
-    fs::write(&vbox, machine_xml("installed", "../../etc/cron.d/x.sav")).unwrap();
+    fs::write(
+        &vbox,
+        machine_xml("installed", "TM.vdi", "../../etc/cron.d/x.sav"),
+    )
+    .unwrap();
     let (code, out, err) = tracker(&[s(&vbox), "--snapshot", "installed"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("Warnings:"), "{out}");

@@ -3,6 +3,9 @@
 //! and error lines.
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../testsupport/vbox_machine.rs"]
+mod vbox_machine;
+
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -13,48 +16,9 @@ use std::time::Duration;
 use unacloud_vbox::copy::{copy_files, CopyOptions, CopyReport, RejectReason};
 use unacloud_vbox::settings::{MachineSettings, ParseLimits};
 use unacloud_vbox::tracker::{Machine, MigrationOptions};
-use unacloud_vbox::vdi::VdiHeader;
 use unacloud_vbox::Error;
 
-const MACHINE: &str = "11111111-1111-1111-1111-111111111111";
-const SNAP: &str = "22222222-2222-2222-2222-222222222222";
-const DISK: &str = "aaaaaaaa-0000-0000-0000-000000000001";
-
-/// A machine with one base disk at `location` and one snapshot "installed" whose
-/// saved state is `state_file`.
-fn machine_xml(location: &str, state_file: &str) -> String {
-    format!(
-        r#"<?xml version="1.0"?>
-<VirtualBox xmlns="http://www.virtualbox.org/" version="1.19-linux">
-  <Machine uuid="{{{MACHINE}}}" name="TM" OSType="Ubuntu_64" currentSnapshot="{{{SNAP}}}">
-    <MediaRegistry><HardDisks>
-      <HardDisk uuid="{{{DISK}}}" location="{location}" format="VDI" type="Normal"/>
-    </HardDisks></MediaRegistry>
-    <Snapshot uuid="{{{SNAP}}}" name="installed" timeStamp="2024-01-01T00:00:00Z" stateFile="{state_file}">
-      <Hardware><StorageControllers><StorageController name="SATA" type="AHCI" PortCount="1">
-        <AttachedDevice type="HardDisk" port="0" device="0"><Image uuid="{{{DISK}}}"/></AttachedDevice>
-      </StorageController></StorageControllers></Hardware>
-    </Snapshot>
-    <Hardware><StorageControllers><StorageController name="SATA" type="AHCI" PortCount="1">
-      <AttachedDevice type="HardDisk" port="0" device="0"><Image uuid="{{{DISK}}}"/></AttachedDevice>
-    </StorageController></StorageControllers></Hardware>
-  </Machine>
-</VirtualBox>
-"#
-    )
-}
-
-/// `dir/TM.vbox`, `dir/TM.vdi` (a valid empty VDI) and `dir/Snapshots/s1.sav`.
-fn machine_folder(dir: &Path) -> PathBuf {
-    fs::create_dir_all(dir.join("Snapshots")).unwrap();
-    let vbox = dir.join("TM.vbox");
-    fs::write(&vbox, machine_xml("TM.vdi", "Snapshots/s1.sav")).unwrap();
-    VdiHeader::new_base(1 << 20, uuid::Uuid::parse_str(DISK).unwrap())
-        .write_empty_image(dir.join("TM.vdi"))
-        .unwrap();
-    fs::write(dir.join("Snapshots/s1.sav"), b"saved state").unwrap();
-    vbox
-}
+use vbox_machine::{machine_folder, machine_xml};
 
 fn set_mode(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
@@ -337,7 +301,7 @@ fn a_sparse_file_larger_than_the_bound_is_refused_before_reading() {
     assert!(text.contains("TM.vbox"), "{text}");
     // The bound is configurable.
     let small = tmp.path().join("small.vbox");
-    fs::write(&small, machine_xml("TM.vdi", "s.sav")).unwrap();
+    fs::write(&small, machine_xml("installed", "TM.vdi", "s.sav")).unwrap();
     let limits = ParseLimits {
         max_input_bytes: 100,
         ..ParseLimits::default()
@@ -420,7 +384,7 @@ fn locations_outside_the_machine_folder_are_listed_with_a_warning() {
         ("TM.vdi", "../../elsewhere/s.sav"),
     ] {
         let vbox = vm.join("TM.vbox");
-        fs::write(&vbox, machine_xml(location, state)).unwrap();
+        fs::write(&vbox, machine_xml("installed", location, state)).unwrap();
         let m = Machine::load(&vbox, None).unwrap();
         let set = m
             .migration_set("installed", &MigrationOptions::default())
@@ -451,7 +415,7 @@ fn locations_outside_the_machine_folder_are_listed_with_a_warning() {
 
 #[test]
 fn entity_errors_report_their_own_line() {
-    let good = machine_xml("TM.vdi", "Snapshots/s.sav");
+    let good = machine_xml("installed", "TM.vdi", "Snapshots/s.sav");
     let lines: Vec<&str> = good.lines().collect();
     // An unknown entity in an attribute value on line 7 (the snapshot).
     let n = lines.iter().position(|l| l.contains("<Snapshot ")).unwrap();
