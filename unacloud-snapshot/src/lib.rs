@@ -139,12 +139,12 @@
 //!   restores and starts through an `Arc<dyn Hypervisor>` and checks in phase 1 that
 //!   each VM runs and has room for its snapshot. Without it the crate needs none of the
 //!   hypervisor layer.
-//! * With the `etcd` feature: [`control`], the control plane on an etcd cluster — host
-//!   registration under leases, coordinator election whose leader key fences every
-//!   catalog write, the catalog and the triggers in etcd, and a loopback etcd cluster
-//!   for labs and tests — so that no single PC's power switch stops global snapshots
-//!   (`PROTOCOL.md` §10.1).
-//! * With the `cli` feature: the `unacloud-gs` command line ([`net::cli`]).
+//! * With the `etcd` feature: the `control` module, the control plane on an etcd
+//!   cluster — host registration under leases, coordinator election whose leader key
+//!   fences every catalog write, the catalog and the triggers in etcd, and a loopback
+//!   etcd cluster for labs and tests — so that no single PC's power switch stops global
+//!   snapshots (`PROTOCOL.md` §10.1).
+//! * With the `cli` feature: the `unacloud-gs` command line (`net::cli`).
 //!
 //! Faults the original design left open are handled explicitly: a participant silent past a
 //! deadline fails that global snapshot (never offered for restore, ABORT tells the others to

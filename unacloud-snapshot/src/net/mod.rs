@@ -10,8 +10,8 @@
 //! * [`daemon`] — configuration (TOML and flags), the launcher, the metadata server and
 //!   the `start` trigger;
 //! * [`ring`] — the RCPBT ring across network namespaces with real packet colouring;
-//! * [`cli`] — the command line shared by the `unacloud-gs` binary and the `ring_netns`
-//!   example.
+//! * `cli` (feature `cli`) — the command line shared by the `unacloud-gs` binary and
+//!   the `ring_netns` example.
 //!
 //! A deployment runs `unacloud-gs metadata-server` once, `unacloud-gs launcher` on every
 //! host (it registers the host's VMs, one participant per VM; the first registered VM's

@@ -281,7 +281,7 @@ impl Failure {
     /// The failure as the core error a [`Hypervisor`](unacloud_core::hypervisor::Hypervisor)
     /// caller receives; `command` is the shell line. A failure of no known kind becomes
     /// [`unacloud_core::Error::Generic`] whose source is this crate's
-    /// [`Error::VBoxManage`](crate::Error::VBoxManage), with the verbatim output.
+    /// [`Error::VBoxManage`], with the verbatim output.
     pub fn to_core(&self, command: &str) -> unacloud_core::Error {
         let id = self.target.clone().unwrap_or_default();
         match &self.kind {
