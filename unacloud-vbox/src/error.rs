@@ -413,14 +413,8 @@ impl From<Error> for unacloud_core::Error {
         match e {
             Error::Core(c) => c,
             Error::Io { path, source } => unacloud_core::Error::Io { path, source },
-            // A failure of no known kind falls through to Generic below, moved whole
-            // rather than copied by Failure::to_core.
             #[cfg(feature = "manage")]
-            Error::VBoxManage { command, failure }
-                if failure.kind != crate::manage::failure::FailureKind::Other =>
-            {
-                failure.to_core(&command)
-            }
+            Error::VBoxManage { command, failure } => failure.into_core(command),
             #[cfg(feature = "manage")]
             Error::VBoxManageTimeout {
                 operation, after, ..

@@ -283,6 +283,12 @@ impl Failure {
     /// [`unacloud_core::Error::Generic`] whose source is this crate's
     /// [`Error::VBoxManage`], with the verbatim output.
     pub fn to_core(&self, command: &str) -> unacloud_core::Error {
+        self.clone().into_core(command.to_owned())
+    }
+
+    /// [`Failure::to_core`] without a copy: a failure of no known kind is moved whole
+    /// into the core error's source.
+    pub fn into_core(self, command: String) -> unacloud_core::Error {
         let id = self.target.clone().unwrap_or_default();
         match &self.kind {
             FailureKind::NotFound { kind, id } => unacloud_core::Error::NotFound {
@@ -314,8 +320,8 @@ impl Failure {
             FailureKind::Other => unacloud_core::Error::Generic {
                 backend: "virtualbox",
                 source: Box::new(crate::Error::VBoxManage {
-                    command: command.to_owned(),
-                    failure: Box::new(self.clone()),
+                    command,
+                    failure: Box::new(self),
                 }),
             },
         }
