@@ -44,11 +44,6 @@ impl SmallFs {
             }
         }
     }
-
-    /// Where it is mounted.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
 }
 
 impl Drop for SmallFs {
